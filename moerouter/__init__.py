@@ -1,0 +1,28 @@
+"""moerouter: Mixture-of-Experts routing written once, run on any array library.
+
+A policy turns router logits into a :class:`Routing`; :func:`make_plan` turns that into a
+:class:`Plan`; :func:`dispatch` and :func:`combine` move token rows to experts and back.
+Nothing here imports a framework: the backend is chosen per call from the arrays' type.
+"""
+
+from moerouter import losses, stats
+from moerouter._registry import BackendInfo
+from moerouter.policies import ExpertChoice, NullExperts, TopK
+from moerouter.routing import Plan, Routing, combine, dispatch, make_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendInfo",
+    "ExpertChoice",
+    "NullExperts",
+    "Plan",
+    "Routing",
+    "TopK",
+    "__version__",
+    "combine",
+    "dispatch",
+    "losses",
+    "make_plan",
+    "stats",
+]

@@ -1,0 +1,108 @@
+"""Plan, dispatch and combine on the array API: the reference every fast kernel must match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moerouter._agnostic.select import inverse_permutation
+
+Array = Any
+
+
+def plan_arrays(
+    token_ids: Array,
+    expert_ids: Array,
+    weights: Array,
+    *,
+    num_tokens: int,
+    num_experts: int,
+    fan_in: int,
+    token_layout: bool,
+    xp: Any,
+) -> dict[str, Array]:
+    """Every array of a :class:`moerouter.Plan`, from a routing's assignments.
+
+    Dispatch order is a stable sort by expert, with "no expert" (-1) sorting last, so rows are
+    grouped by expert and keep assignment order inside a group. Combine reads, for every token, the
+    dispatch rows of its assignments in assignment order (``combine_rows``, -1 where the token has
+    fewer than ``fan_in`` real assignments): a fixed-order gather-reduce, no scatter.
+    """
+    int32 = xp.int32
+    real = expert_ids >= 0
+    sort_key = xp.where(real, expert_ids, xp.asarray(num_experts, dtype=int32))
+    order = xp.argsort(sort_key, stable=True)
+    inverse = inverse_permutation(order, xp=xp)
+    sorted_key = xp.take(sort_key, order)
+    bounds = xp.searchsorted(sorted_key, xp.arange(num_experts + 1, dtype=int32), side="left")
+    group_sizes = xp.astype(bounds[1:] - bounds[:-1], int32)
+
+    masked_weights = xp.where(real, weights, xp.zeros_like(weights))
+    masked_rows = xp.where(real, xp.astype(inverse, int32), xp.asarray(-1, dtype=int32))
+    if token_layout:
+        # Assignments are already token-major: token t owns slots t*k .. t*k + k - 1.
+        combine_rows = xp.reshape(masked_rows, (num_tokens, fan_in))
+        combine_weights = xp.reshape(masked_weights, (num_tokens, fan_in))
+    else:
+        # Expert layout: sort assignments by token (stable, so expert order is kept inside a
+        # token) and read each token's run, padded to fan_in.
+        by_token = xp.argsort(token_ids, stable=True)
+        sorted_tokens = xp.take(token_ids, by_token)
+        tokens = xp.arange(num_tokens, dtype=int32)
+        starts = xp.searchsorted(sorted_tokens, tokens, side="left")
+        ends = xp.searchsorted(sorted_tokens, tokens, side="right")
+        slot = starts[:, None] + xp.arange(fan_in, dtype=starts.dtype)[None, :]
+        present = slot < ends[:, None]
+        last = token_ids.shape[0] - 1
+        assignment = xp.take(by_token, xp.reshape(xp.clip(slot, 0, last), (-1,)))
+        assignment = xp.reshape(assignment, (num_tokens, fan_in))
+        flat_rows = xp.take(masked_rows, xp.reshape(assignment, (-1,)))
+        flat_weights = xp.take(masked_weights, xp.reshape(assignment, (-1,)))
+        combine_rows = xp.where(
+            present, xp.reshape(flat_rows, (num_tokens, fan_in)), xp.asarray(-1, dtype=int32)
+        )
+        combine_weights = xp.where(
+            present,
+            xp.reshape(flat_weights, (num_tokens, fan_in)),
+            xp.zeros((num_tokens, fan_in), dtype=weights.dtype),
+        )
+    return {
+        "group_sizes": group_sizes,
+        "order": xp.astype(order, int32),
+        "inverse": xp.astype(inverse, int32),
+        "source_tokens": xp.astype(xp.take(token_ids, order), int32),
+        "num_valid": xp.astype(bounds[num_experts], int32),
+        "combine_rows": combine_rows,
+        "combine_weights": combine_weights,
+    }
+
+
+def dispatch(x: Array, source_tokens: Array, num_valid: Array, *, xp: Any) -> Array:
+    """Rows of ``x`` in dispatch order; rows past ``num_valid`` are zero."""
+    rows = xp.take(x, source_tokens, axis=0)
+    valid = xp.arange(rows.shape[0], dtype=num_valid.dtype) < num_valid
+    return xp.where(valid[:, None], rows, xp.zeros_like(rows))
+
+
+def combine(ye: Array, combine_rows: Array, combine_weights: Array, *, xp: Any) -> Array:
+    """``y[t] = sum_f w[t, f] * ye[rows[t, f]]``, accumulated in float32 in the order of ``f``.
+
+    Entries with ``rows == -1`` contribute exactly nothing, even when ``ye`` holds inf or NaN
+    in rows that belong to no expert.
+    """
+    num_tokens, fan_in = combine_rows.shape
+    total = xp.zeros((num_tokens, ye.shape[1]), dtype=xp.float32, device=_device(ye))
+    for f in range(fan_in):
+        rows = combine_rows[:, f]
+        present = rows >= 0
+        gathered = xp.astype(
+            xp.take(ye, xp.where(present, rows, xp.zeros_like(rows)), axis=0), xp.float32
+        )
+        term = combine_weights[:, f][:, None] * gathered
+        total = total + xp.where(present[:, None], term, xp.zeros_like(term))
+    return xp.astype(total, ye.dtype)
+
+
+def _device(array: Array) -> Any:
+    from array_api_compat import device
+
+    return device(array)

@@ -1,0 +1,153 @@
+"""Backend plugins: declared once, found lazily, chosen per call from the array's type.
+
+A plugin is a module exposing ``backend: BackendInfo``. The core knows the built-in plugins by name
+(:data:`BUILTIN_PLUGINS`) and finds third-party ones through the ``moerouter.backends`` entry point
+group, scanned only when an array of an unknown library arrives. The array's library is read from
+its type's module (``torch.Tensor`` -> ``"torch"``), never by importing anything.
+
+``MOEROUTER_BACKEND=reference`` forces the agnostic path everywhere; ``MOEROUTER_BACKEND=<name>``
+asks for one plugin by name, and then a plugin that fails to load raises instead of falling back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["KERNEL_NAMES", "BackendInfo", "array_library", "kernel_for", "known_plugins"]
+
+ENTRY_POINT_GROUP = "moerouter.backends"
+
+#: The kernels a plugin may provide; anything it leaves out runs on the agnostic path.
+KERNEL_NAMES = frozenset({"make_plan", "dispatch", "combine"})
+
+#: Array library -> plugin module, for the plugins that ship with moerouter.
+BUILTIN_PLUGINS: Mapping[str, str] = MappingProxyType(
+    {"torch": "moerouter_torch", "jax": "moerouter_jax", "cupy": "moerouter_cupy"}
+)
+
+# Libraries the core serves itself: never look for a plugin for them.
+_CORE_LIBRARIES = frozenset({"numpy", "array_api_strict"})
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend plugin declares about itself.
+
+    Parameters
+    ----------
+    name : str
+        Short name, used by ``MOEROUTER_BACKEND=<name>`` (``"torch"``).
+    array_library : str
+        Top-level module of the array type the plugin serves (``"torch"``, ``"jax"``, ``"cupy"``).
+    kernels : Mapping[str, Callable]
+        Fast implementations by name, a subset of :data:`KERNEL_NAMES`. Each takes the same
+        arguments as the public function of that name. Empty means: agnostic path only.
+    description : str
+        One line for ``python -m moerouter info``.
+    """
+
+    name: str
+    array_library: str
+    kernels: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"BackendInfo.name must be an identifier, got {self.name!r}")
+        if not self.array_library.isidentifier():
+            raise ValueError(
+                f"BackendInfo.array_library must be a module name, got {self.array_library!r}"
+            )
+        unknown = set(self.kernels) - KERNEL_NAMES
+        if unknown:
+            raise ValueError(
+                f"BackendInfo.kernels has unknown kernel names {sorted(unknown)}; "
+                f"known: {sorted(KERNEL_NAMES)}"
+            )
+        for kernel_name, kernel in self.kernels.items():
+            if not callable(kernel):
+                raise TypeError(f"BackendInfo.kernels[{kernel_name!r}] is not callable")
+        object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
+
+
+# array library -> loaded BackendInfo, or None once we know there is none (or it failed to load).
+_loaded: dict[str, BackendInfo | None] = {}
+
+
+def array_library(array: object) -> str:
+    """Top-level module of an array's type: ``"numpy"``, ``"torch"``, ``"jax"``, ..."""
+    return type(array).__module__.partition(".")[0]
+
+
+def _entry_point_plugins() -> dict[str, str]:
+    """Entry point name -> ``module:attribute`` for every installed third-party plugin."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_plugins() -> dict[str, str]:
+    """Every plugin moerouter could load: name -> ``module[:attribute]`` (built-ins first)."""
+    return {**BUILTIN_PLUGINS, **_entry_point_plugins()}
+
+
+def _import_plugin(target: str) -> BackendInfo:
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    info = getattr(module, attribute or "backend")
+    if not isinstance(info, BackendInfo):
+        raise TypeError(f"plugin {target!r} does not expose a moerouter.BackendInfo")
+    return info
+
+
+def _find(library: str) -> BackendInfo | None:
+    requested = os.environ.get("MOEROUTER_BACKEND", "")
+    candidates = []
+    if library in BUILTIN_PLUGINS:
+        candidates.append(BUILTIN_PLUGINS[library])
+    else:  # only now pay for the entry point scan
+        candidates.extend(_entry_point_plugins().values())
+    for target in candidates:
+        try:
+            info = _import_plugin(target)
+        except ImportError as error:
+            if requested and requested == library:
+                raise ImportError(
+                    f"MOEROUTER_BACKEND={requested!r} asks for plugin {target!r}, "
+                    f"which failed to load: {error}"
+                ) from error
+            if library in BUILTIN_PLUGINS and getattr(error, "name", None) == target:
+                return None  # the plugin is simply not installed: the agnostic path is the answer
+            warnings.warn(
+                f"moerouter plugin {target!r} failed to load ({error}); "
+                f"{library} arrays use the agnostic path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        if info.array_library == library:
+            return info
+    return None
+
+
+def backend_for(array: object) -> BackendInfo | None:
+    """The plugin serving ``array``, or None when the agnostic path should run."""
+    if os.environ.get("MOEROUTER_BACKEND") == "reference":
+        return None
+    library = array_library(array)
+    if library in _CORE_LIBRARIES:
+        return None
+    if library not in _loaded:
+        _loaded[library] = _find(library)
+    return _loaded[library]
+
+
+def kernel_for(name: str, array: object) -> Callable[..., Any] | None:
+    """The fast kernel ``name`` for ``array``'s library, or None for the agnostic path."""
+    info = backend_for(array)
+    return None if info is None else info.kernels.get(name)

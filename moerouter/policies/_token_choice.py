@@ -1,0 +1,105 @@
+"""The shared half of every token-choice policy: scores, top-k choice, weights, capacity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moerouter._agnostic.select import descending_rank, top_k
+from moerouter.policies._common import CleanLogits, capacity, drop_over_capacity
+from moerouter.routing import Routing
+
+Array = Any
+
+
+def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
+    """Top-k columns of each row (int32) and their logits."""
+    xp = clean.xp
+    choice = xp.astype(top_k(clean.values, k, xp=xp), xp.int32)
+    return choice, xp.take_along_axis(clean.values, choice, axis=-1)
+
+
+def softmax(values: Array, *, xp: Any) -> Array:
+    shifted = values - xp.max(values, axis=-1, keepdims=True)
+    exp = xp.exp(shifted)
+    return exp / xp.sum(exp, axis=-1, keepdims=True)
+
+
+def sigmoid(values: Array, *, xp: Any) -> Array:
+    return 1.0 / (1.0 + xp.exp(-values))
+
+
+def masked_softmax(values: Array, mask: Array, *, xp: Any) -> Array:
+    """Softmax over the masked-in entries of each row; all-zero for a row with none.
+
+    Masked-out entries never reach ``exp``, so they get no gradient (AdaMoE's null logits).
+    """
+    lowest = xp.asarray(-xp.inf, dtype=values.dtype)
+    row_max = xp.max(xp.where(mask, values, lowest), axis=-1, keepdims=True)
+    row_max = xp.where(row_max > -xp.inf, row_max, xp.zeros_like(row_max))
+    exp = xp.where(mask, xp.exp(xp.where(mask, values, row_max) - row_max), xp.zeros_like(values))
+    return renormalize(exp, mask, xp=xp)
+
+
+def renormalize(weights: Array, mask: Array, *, xp: Any) -> Array:
+    weights = xp.where(mask, weights, xp.zeros_like(weights))
+    total = xp.sum(weights, axis=-1, keepdims=True)
+    return weights / xp.where(total > 0, total, xp.ones_like(total))
+
+
+def token_choice_routing(
+    clean: CleanLogits,
+    probs: Array,
+    choice: Array,
+    routed: Array,
+    weights: Array,
+    *,
+    num_experts: int,
+    capacity_factor: float | None,
+    capacity_multiple_of: int,
+    drop_policy: str,
+) -> Routing:
+    """Apply capacity and flatten a token-choice decision into a token-layout Routing.
+
+    ``choice``, ``routed`` and ``weights`` are (G, S, k): chosen columns, whether each choice goes
+    to a real expert, and its combine weight.
+    """
+    xp = clean.xp
+    num_groups, group_size, k = choice.shape
+    no_expert = xp.asarray(-1, dtype=xp.int32)
+    expert_ids = xp.where(routed, choice, no_expert)
+    probs = xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs))
+    if capacity_factor is not None:
+        per_expert = capacity(capacity_factor, group_size, k, num_experts, capacity_multiple_of)
+        slot = xp.arange(k, dtype=xp.int32)[None, None, :]
+        if drop_policy == "position":
+            within_rank = xp.arange(group_size, dtype=xp.int32)[None, :, None]
+        else:
+            chosen_probs = xp.take_along_axis(probs, choice, axis=-1)
+            within_rank = xp.astype(descending_rank(chosen_probs, axis=1, xp=xp), xp.int32)
+        priority = slot * group_size + within_rank  # k-major
+        expert_ids = xp.reshape(
+            drop_over_capacity(
+                xp.reshape(expert_ids, (num_groups, -1)),
+                xp.reshape(priority, (num_groups, -1)),
+                num_experts=num_experts,
+                capacity=per_expert,
+                xp=xp,
+            ),
+            choice.shape,
+        )
+    weights = xp.where(expert_ids >= 0, weights, xp.zeros_like(weights))
+    num_tokens = num_groups * group_size
+    tokens = xp.arange(num_tokens, dtype=xp.int32)
+    return Routing(
+        token_ids=xp.reshape(xp.broadcast_to(tokens[:, None], (num_tokens, k)), (-1,)),
+        expert_ids=xp.reshape(expert_ids, (-1,)),
+        weights=xp.reshape(weights, (-1,)),
+        choice_ids=xp.reshape(choice, (-1,)),
+        probs=xp.reshape(probs, (num_tokens, -1)),
+        finite_rows=xp.reshape(clean.finite_rows, (-1,)),
+        num_tokens=num_tokens,
+        num_experts=num_experts,
+        layout="token",
+        slots=k,
+        num_groups=num_groups,
+    )

@@ -1,0 +1,121 @@
+"""Expert choice: every expert picks its top-C tokens (Zhou et al., NeurIPS 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moerouter.policies._common import (
+    capacity,
+    check_capacity_factor,
+    check_positive_int,
+    clean_logits,
+)
+from moerouter.policies._token_choice import softmax
+from moerouter.routing import Routing
+
+__all__ = ["ExpertChoice"]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class ExpertChoice:
+    r"""Expert choice routing (Zhou et al., "Mixture-of-Experts with Expert Choice Routing", 2022).
+
+    Per group of :math:`S` tokens, :math:`P = \mathrm{softmax}(\ell)` over experts for each token;
+    each expert :math:`e` takes the :math:`C = \lceil \mathrm{cf} \cdot S / E \rceil` tokens with
+    the largest :math:`P_{t,e}` (``C`` is capped at ``S``), and a chosen token's output is
+    :math:`y_t = \sum_{e : t \in \mathcal{C}_e} P_{t,e} \, f_e(x_t)`. A token may be taken by any
+    number of experts, zero included; every expert is exactly full, so no balancing loss is needed.
+
+    Equal computed probabilities go to the lower token index. Probabilities of different tokens are
+    normalised with each backend's own ``exp`` and ``sum``, so two tokens whose true probabilities
+    are equal may round differently per backend: decisions are identical across backends for
+    inputs without such float32 near-ties. Expert choice looks at the whole group, so it is not
+    causal: do not use it in an autoregressive decoder.
+
+    The routing has the "expert" layout: ``R = G * E * C`` assignments, reshaping to (G, E, C),
+    slot ``c`` of expert ``e`` holding its ``c``-th best token. Tokens with non-finite logits rank
+    last and, if still taken, get expert -1 and weight 0.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``; the logits' last dimension.
+    capacity_factor : float
+        ``cf`` > 0, the mean number of experts per token (the paper's main setting is 2).
+    capacity_multiple_of : int
+        Round ``C`` up to a multiple of this before capping at ``S``.
+    strict : bool
+        Raise on non-finite logits rows (concrete values only).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.ExpertChoice(num_experts=2, capacity_factor=1.0)
+    >>> routing = router(xp.asarray([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0], [0.0, 1.0]]))
+    >>> routing.token_ids
+    Array([0, 1, 2, 3], dtype=array_api_strict.int32)
+    """
+
+    num_experts: int
+    capacity_factor: float = 2.0
+    capacity_multiple_of: int = 1
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_experts, "num_experts")
+        if self.capacity_factor is None:
+            raise TypeError("capacity_factor must be a number, got None")
+        check_capacity_factor(self.capacity_factor)
+        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+
+    def capacity(self, group_size: int) -> int:
+        """Tokens each expert takes from a group of ``group_size`` tokens."""
+        full = capacity(
+            self.capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of
+        )
+        return min(full, group_size)
+
+    def __call__(self, logits: Array) -> Routing:
+        """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
+        clean = clean_logits(
+            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        )
+        xp = clean.xp
+        num_groups, group_size = clean.num_groups, clean.group_size
+        per_expert = self.capacity(group_size)
+        finite = clean.finite_rows[..., None]
+        probs = xp.where(finite, softmax(clean.values, xp=xp), xp.zeros_like(clean.values))
+        # Non-finite rows rank below every real probability (which is >= 0).
+        ranking = xp.where(finite, probs, xp.full_like(probs, -1.0))
+        best = xp.argsort(-ranking, axis=1, stable=True)[:, :per_expert, :]  # (G, C, E)
+        best = xp.astype(best, xp.int32)
+        weights = xp.take_along_axis(probs, best, axis=1)
+        taken_finite = xp.take_along_axis(xp.broadcast_to(finite, probs.shape), best, axis=1)
+        experts = xp.broadcast_to(
+            xp.arange(self.num_experts, dtype=xp.int32)[None, None, :], best.shape
+        )
+        expert_ids = xp.where(taken_finite, experts, xp.asarray(-1, dtype=xp.int32))
+        weights = xp.where(taken_finite, weights, xp.zeros_like(weights))
+        group_start = xp.arange(num_groups, dtype=xp.int32)[:, None, None] * group_size
+
+        def expert_major(a: Array) -> Array:
+            return xp.reshape(xp.permute_dims(a, (0, 2, 1)), (-1,))  # (G, C, E) -> (G*E*C,)
+
+        num_tokens = num_groups * group_size
+        return Routing(
+            token_ids=expert_major(best + group_start),
+            expert_ids=expert_major(expert_ids),
+            weights=expert_major(weights),
+            choice_ids=expert_major(experts),
+            probs=xp.reshape(probs, (num_tokens, self.num_experts)),
+            finite_rows=xp.reshape(clean.finite_rows, (-1,)),
+            num_tokens=num_tokens,
+            num_experts=self.num_experts,
+            layout="expert",
+            slots=per_expert,
+            num_groups=num_groups,
+        )

@@ -1,0 +1,113 @@
+"""AdaMoE: null experts let each token use an adaptive number of real experts (Zeng et al. 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from moerouter.policies._common import (
+    check_capacity_factor,
+    check_choice,
+    check_positive_int,
+    clean_logits,
+)
+from moerouter.policies._token_choice import choose, masked_softmax, softmax, token_choice_routing
+from moerouter.routing import Routing
+
+__all__ = ["NullExperts"]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class NullExperts:
+    r"""AdaMoE token-adaptive routing with null experts (Zeng et al., Findings of EMNLP 2024).
+
+    The router has :math:`E` real and :math:`m` null expert columns. With
+    :math:`p = \mathrm{softmax}(\ell)` over all :math:`E + m` columns, each token takes its
+    top-:math:`k'` columns over all of them; null choices cost nothing and output nothing, and the
+    real choices :math:`\mathcal{R}` are weighted
+
+    .. math::
+
+        w_j = \frac{p_j}{\sum_{i \in \mathcal{R}} p_i}
+            = \mathrm{softmax}(\ell_{\mathcal{R}})_j, \qquad j \in \mathcal{R},
+
+    so a token that picked only null experts gets zero output, and the null logits receive no
+    gradient from the task output (the partition function cancels): only a balancing loss such as
+    :func:`moerouter.losses.null_load_balancing` trains them. This matches the official code
+    (``CengZihao/AdaMoE``, ``CustomMixtralSparseMoeBlock`` and ``Linear_MoE.forward``). With
+    ``num_null = 0`` and the same ``k`` it equals :class:`TopK` with ``normalize=True``.
+
+    Null choices appear in ``Routing.choice_ids`` as columns ``>= num_experts`` and as
+    ``expert_ids == -1``. Capacity, when set, applies to real experts only, as in :class:`TopK`.
+
+    Parameters
+    ----------
+    num_experts : int
+        Real experts ``E``.
+    num_null : int
+        Null experts ``m >= 0`` (the AdaMoE Mixtral run used 16 with E = 8).
+    k : int
+        Choices per token over all columns, ``1 <= k <= E + m`` (4 in that run).
+    capacity_factor, capacity_multiple_of, drop_policy, strict
+        As in :class:`TopK`.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.NullExperts(num_experts=2, num_null=2, k=2)
+    >>> routing = router(xp.asarray([[5.0, 0.0, 4.0, 0.0], [0.0, 0.0, 3.0, 3.0]]))
+    >>> routing.expert_ids
+    Array([ 0, -1, -1, -1], dtype=array_api_strict.int32)
+    >>> routing.weights
+    Array([1., 0., 0., 0.], dtype=array_api_strict.float32)
+    """
+
+    num_experts: int
+    num_null: int
+    k: int
+    capacity_factor: float | None = None
+    capacity_multiple_of: int = 1
+    drop_policy: Literal["position", "probs"] = "position"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_experts, "num_experts")
+        check_positive_int(self.num_null, "num_null", minimum=0)
+        check_positive_int(self.k, "k")
+        if self.k > self.num_experts + self.num_null:
+            raise ValueError(
+                f"k must be <= num_experts + num_null = {self.num_experts + self.num_null}, "
+                f"got {self.k}"
+            )
+        check_capacity_factor(self.capacity_factor)
+        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+
+    def __call__(self, logits: Array) -> Routing:
+        """Route ``logits`` of shape (T, E + m) or (G, S, E + m); see the class docstring."""
+        clean = clean_logits(
+            logits,
+            self.num_experts + self.num_null,
+            columns_name="num_experts + num_null",
+            strict=self.strict,
+        )
+        xp = clean.xp
+        choice, chosen_logits = choose(clean, self.k)
+        routed = (
+            (choice < self.num_experts) & (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
+        )
+        weights = masked_softmax(chosen_logits, routed, xp=xp)
+        return token_choice_routing(
+            clean,
+            softmax(clean.values, xp=xp),
+            choice,
+            routed,
+            weights,
+            num_experts=self.num_experts,
+            capacity_factor=self.capacity_factor,
+            capacity_multiple_of=self.capacity_multiple_of,
+            drop_policy=self.drop_policy,
+        )

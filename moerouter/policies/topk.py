@@ -1,0 +1,141 @@
+"""Token choice: every token picks its k best experts (Shazeer 2017, GShard, Switch, Mixtral)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from moerouter.policies._common import (
+    check_capacity_factor,
+    check_choice,
+    check_positive_int,
+    clean_logits,
+)
+from moerouter.policies._token_choice import (
+    choose,
+    masked_softmax,
+    renormalize,
+    sigmoid,
+    softmax,
+    token_choice_routing,
+)
+from moerouter.routing import Routing
+
+__all__ = ["TopK"]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class TopK:
+    r"""Softmax or sigmoid top-k token choice, with optional capacity.
+
+    For a token with logits :math:`\ell \in \mathbb{R}^E`, scores are
+    :math:`p = \mathrm{softmax}(\ell)` (or :math:`\sigma(\ell)`), the token picks
+    :math:`\mathcal{K} = \mathrm{TopK}(\ell, k)` and its weights are
+
+    .. math::
+
+        w_j = \frac{p_j}{\sum_{i \in \mathcal{K}} p_i} \quad (\texttt{normalize=True}),
+        \qquad w_j = p_j \quad (\texttt{normalize=False}),
+        \qquad w_j = \mathrm{softmax}(\ell_{\mathcal{K}})_j \quad (\texttt{softmax\_after\_topk}).
+
+    For softmax scores the renormalised weights and ``softmax_after_topk`` are the same numbers
+    (the partition function cancels); both are computed as a softmax over the k selected logits.
+    Mixtral and Qwen (``norm_topk_prob``) renormalise; Switch (k=1) and GShard use raw
+    probabilities (``normalize=False``: with k=1 a renormalised weight is always 1 and the router
+    gets no gradient from the task loss).
+
+    Selection ranks the logits, which are monotone with the scores inside a row, so ties are exact
+    on every backend: equal logits go to the lower expert index, and the k slots of a token are in
+    descending order. A ``-inf`` logit is never routed to (its slot gets expert -1, weight 0).
+
+    Capacity (``capacity_factor`` set): each group of S tokens gives every expert
+    :math:`C = \lceil \mathrm{cf} \cdot S \cdot k / E \rceil` rows (rounded up to
+    ``capacity_multiple_of``). Priority is k-major: every token's first choice is served before any
+    second choice; within one choice rank, tokens go in order ("position") or by descending
+    probability ("probs", ties by position), as in GShard, V-MoE and Megatron-Core. Dropped choices
+    become expert -1 with weight 0; the remaining weights are not renormalised.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``; the logits' last dimension.
+    k : int
+        Experts per token, ``1 <= k <= E``.
+    score : {"softmax", "sigmoid"}
+        Score function (``"sigmoid"``: DeepSeek-V3).
+    normalize : bool
+        Renormalise the k weights to sum to 1.
+    softmax_after_topk : bool
+        Weights are the softmax of the k selected logits, whatever ``score`` is.
+    capacity_factor : float, optional
+        Turns capacity on; must be > 0.
+    capacity_multiple_of : int
+        Round the capacity up to a multiple of this (vmoe uses 4).
+    drop_policy : {"position", "probs"}
+        Who keeps their slot when an expert is full.
+    strict : bool
+        Raise on non-finite logits rows instead of routing them nowhere (concrete values only).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> routing = mr.TopK(num_experts=4, k=2)(xp.asarray([[1.0, 3.0, 3.0, 0.0]]))
+    >>> routing.expert_ids
+    Array([1, 2], dtype=array_api_strict.int32)
+    >>> routing.weights
+    Array([0.5, 0.5], dtype=array_api_strict.float32)
+    """
+
+    num_experts: int
+    k: int
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    normalize: bool = True
+    softmax_after_topk: bool = False
+    capacity_factor: float | None = None
+    capacity_multiple_of: int = 1
+    drop_policy: Literal["position", "probs"] = "position"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_experts, "num_experts")
+        check_positive_int(self.k, "k")
+        if self.k > self.num_experts:
+            raise ValueError(f"k must be <= num_experts = {self.num_experts}, got {self.k}")
+        check_choice(self.score, "score", ("softmax", "sigmoid"))
+        check_capacity_factor(self.capacity_factor)
+        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+
+    def __call__(self, logits: Array) -> Routing:
+        """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
+        clean = clean_logits(
+            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        )
+        xp = clean.xp
+        probs = (
+            softmax(clean.values, xp=xp)
+            if self.score == "softmax"
+            else sigmoid(clean.values, xp=xp)
+        )
+        choice, chosen_logits = choose(clean, self.k)
+        routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
+        if self.softmax_after_topk or (self.score == "softmax" and self.normalize):
+            weights = masked_softmax(chosen_logits, routed, xp=xp)
+        else:
+            weights = xp.take_along_axis(probs, choice, axis=-1)
+            if self.normalize:
+                weights = renormalize(weights, routed, xp=xp)
+        return token_choice_routing(
+            clean,
+            probs,
+            choice,
+            routed,
+            weights,
+            num_experts=self.num_experts,
+            capacity_factor=self.capacity_factor,
+            capacity_multiple_of=self.capacity_multiple_of,
+            drop_policy=self.drop_policy,
+        )

@@ -1,0 +1,258 @@
+"""Routing decisions and the plan that moves tokens to experts and back.
+
+A policy turns logits into a :class:`Routing`; :func:`make_plan` turns that into a :class:`Plan`;
+:func:`dispatch` gathers token rows into expert-grouped rows and :func:`combine` gathers them back,
+weighted. Each public function picks a backend plugin's fast kernel from the type of its arrays and
+otherwise runs the agnostic array-API version in :mod:`moerouter._agnostic.plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from array_api_compat import array_namespace, device
+
+from moerouter import _registry
+from moerouter._agnostic import plan as _plan
+
+__all__ = ["Plan", "Routing", "combine", "dispatch", "make_plan"]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which expert each token goes to, with what weight: the output of every policy.
+
+    All arrays belong to one backend and device. ``R`` (the number of assignments) depends only on
+    static sizes: ``R = T * k`` in the "token" layout (reshape to ``(T, k)``), ``R = G * E * C`` in
+    the "expert" layout (reshape to ``(G, E, C)``).
+
+    Attributes
+    ----------
+    token_ids : array (R,) int32
+        Token of each assignment, in ``[0, T)``.
+    expert_ids : array (R,) int32
+        Real expert in ``[0, E)``, or -1 where the assignment goes nowhere (null expert, dropped
+        by capacity, non-finite logits row, -inf logit).
+    weights : array (R,) float32
+        Combine weight; exactly 0 where ``expert_ids == -1``. Gradients flow to the logits.
+    choice_ids : array (R,) int32
+        The raw choice in ``[0, E')`` before dropping and null removal; losses and stats use it.
+    probs : array (T, E') float32
+        Router probabilities over all ``E' = E + num_null`` columns; 0 on non-finite rows.
+    finite_rows : array (T,) bool
+        False where a logits row held NaN or +inf, or only -inf: such a row routes nowhere.
+    num_tokens : int
+        ``T`` (groups flattened).
+    num_experts : int
+        ``E``, real experts only.
+    layout : {"token", "expert"}
+        How the ``R`` assignments are ordered.
+    slots : int
+        ``k`` in the token layout, the capacity ``C`` in the expert layout.
+    num_groups : int
+        ``G``; 1 for two-dimensional logits.
+    """
+
+    token_ids: Array
+    expert_ids: Array
+    weights: Array
+    choice_ids: Array
+    probs: Array
+    finite_rows: Array
+    num_tokens: int
+    num_experts: int
+    layout: Literal["token", "expert"]
+    slots: int
+    num_groups: int = 1
+
+    @property
+    def num_choices(self) -> int:
+        """``E'``: real plus null expert columns."""
+        return int(self.probs.shape[-1])
+
+    @property
+    def fan_in(self) -> int:
+        """Upper bound on the assignments of one token: ``k``, or ``E`` for the expert layout."""
+        return self.slots if self.layout == "token" else self.num_experts
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every assignment sits in the expert-grouped buffer, and how to read it back.
+
+    Rows of the dispatched buffer are grouped by expert (expert 0's rows first), then by assignment
+    order. Rows past ``num_valid = sum(group_sizes)`` belong to no expert: they are zero after
+    :func:`dispatch` and ignored by :func:`combine`, so experts may compute on the first
+    ``num_valid`` rows only.
+
+    Attributes
+    ----------
+    group_sizes : array (E,) int32
+        Rows per expert.
+    order : array (R,) int32
+        Dispatch row ``i`` holds assignment ``order[i]``.
+    inverse : array (R,) int32
+        Assignment ``r`` sits at dispatch row ``inverse[r]``.
+    source_tokens : array (R,) int32
+        Token read by dispatch row ``i`` (``token_ids[order[i]]``).
+    num_valid : array () int32
+        Rows that belong to an expert.
+    combine_rows : array (T, F) int32
+        Dispatch rows token ``t`` sums, in assignment order; -1 pads tokens with fewer than ``F``.
+    combine_weights : array (T, F) float32
+        Their weights; 0 where ``combine_rows`` is -1.
+    num_tokens : int
+        ``T``.
+    num_experts : int
+        ``E``.
+    """
+
+    group_sizes: Array
+    order: Array
+    inverse: Array
+    source_tokens: Array
+    num_valid: Array
+    combine_rows: Array
+    combine_weights: Array
+    num_tokens: int
+    num_experts: int
+
+    @property
+    def num_rows(self) -> int:
+        """``R``, the static length of the dispatched buffer."""
+        return int(self.order.shape[0])
+
+
+def array_fields(obj: Routing | Plan) -> list[Array]:
+    """The array attributes of a Routing or Plan, in field order."""
+    return [
+        getattr(obj, f.name) for f in fields(obj) if not isinstance(getattr(obj, f.name), int | str)
+    ]
+
+
+def make_plan(routing: Routing) -> Plan:
+    """Build the dispatch/combine plan of a routing.
+
+    Parameters
+    ----------
+    routing : Routing
+        Output of any policy.
+
+    Returns
+    -------
+    Plan
+        Static shapes: ``group_sizes`` (E,), ``order``/``inverse``/``source_tokens`` (R,),
+        ``combine_rows``/``combine_weights`` (T, F) with ``F = routing.fan_in``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> logits = xp.asarray([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+    >>> plan = mr.make_plan(mr.TopK(num_experts=3, k=1)(logits))
+    >>> plan.group_sizes
+    Array([1, 0, 1], dtype=array_api_strict.int32)
+    """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+    kernel = _registry.kernel_for("make_plan", routing.expert_ids)
+    if kernel is not None:
+        plan: Plan = kernel(routing)
+        return plan
+    xp = array_namespace(routing.token_ids, routing.expert_ids, routing.weights)
+    arrays = _plan.plan_arrays(
+        routing.token_ids,
+        routing.expert_ids,
+        routing.weights,
+        num_tokens=routing.num_tokens,
+        num_experts=routing.num_experts,
+        fan_in=routing.fan_in,
+        token_layout=routing.layout == "token",
+        xp=xp,
+    )
+    return Plan(**arrays, num_tokens=routing.num_tokens, num_experts=routing.num_experts)
+
+
+def _check_same_backend(array: Array, name: str, plan: Plan) -> Any:
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a moerouter.Plan, got {type(plan).__name__}")
+    try:
+        xp = array_namespace(array, plan.source_tokens)
+    except TypeError as error:
+        raise TypeError(
+            f"{name} is a {type(array).__module__}.{type(array).__name__} but the plan holds "
+            f"{type(plan.source_tokens).__module__} arrays: use one backend"
+        ) from error
+    if device(array) != device(plan.source_tokens):
+        raise ValueError(
+            f"{name} is on device {device(array)} but the plan is on {device(plan.source_tokens)}"
+        )
+    if array.ndim != 2:
+        raise ValueError(f"{name} must have shape (rows, features), got shape {tuple(array.shape)}")
+    return xp
+
+
+def dispatch(x: Array, plan: Plan) -> Array:
+    """Gather token rows into expert-grouped rows.
+
+    Parameters
+    ----------
+    x : array (T, d)
+        Token features, any float dtype; the backend of the plan.
+    plan : Plan
+        From :func:`make_plan`.
+
+    Returns
+    -------
+    array (R, d)
+        Row ``i`` is ``x[plan.source_tokens[i]]`` for ``i < num_valid``, zero after; dtype of ``x``.
+        Gradients flow back to ``x``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> plan = mr.make_plan(mr.TopK(num_experts=2, k=1)(xp.asarray([[0.0, 1.0], [1.0, 0.0]])))
+    >>> mr.dispatch(xp.asarray([[10.0], [20.0]]), plan)
+    Array([[20.],
+           [10.]], dtype=array_api_strict.float32)
+    """
+    xp = _check_same_backend(x, "x", plan)
+    if x.shape[0] != plan.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} rows but the plan routes {plan.num_tokens} tokens")
+    kernel = _registry.kernel_for("dispatch", x)
+    if kernel is not None:
+        return kernel(x, plan)
+    return _plan.dispatch(x, plan.source_tokens, plan.num_valid, xp=xp)
+
+
+def combine(ye: Array, plan: Plan) -> Array:
+    """Weighted gather-reduce of expert outputs back to tokens.
+
+    ``y[t] = sum_f combine_weights[t, f] * ye[combine_rows[t, f]]``, accumulated in float32 in a
+    fixed order (no atomics): bit-identical run to run, and a token's output does not depend on how
+    other tokens were routed.
+
+    Parameters
+    ----------
+    ye : array (R, d)
+        Expert outputs in dispatch order; rows past ``num_valid`` are ignored.
+    plan : Plan
+        From :func:`make_plan`.
+
+    Returns
+    -------
+    array (T, d)
+        dtype of ``ye``; zero for tokens routed nowhere. Gradients flow to ``ye`` and to the
+        routing weights (and through them to the logits).
+    """
+    xp = _check_same_backend(ye, "ye", plan)
+    if ye.shape[0] != plan.num_rows:
+        raise ValueError(f"ye has {ye.shape[0]} rows but the plan has {plan.num_rows}")
+    kernel = _registry.kernel_for("combine", ye)
+    if kernel is not None:
+        return kernel(ye, plan)
+    return _plan.combine(ye, plan.combine_rows, plan.combine_weights, xp=xp)
