@@ -12,9 +12,13 @@ Array = Any
 
 
 def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
-    """Top-k columns of each row (int32) and their logits."""
+    """Top-k columns of each row and their logits.
+
+    The columns keep the backend's index dtype (torch gathers only with int64); they become int32
+    when the Routing is built.
+    """
     xp = clean.xp
-    choice = xp.astype(top_k(clean.values, k, xp=xp), xp.int32)
+    choice = top_k(clean.values, k, xp=xp)
     return choice, xp.take_along_axis(clean.values, choice, axis=-1)
 
 
@@ -65,8 +69,8 @@ def token_choice_routing(
     """
     xp = clean.xp
     num_groups, group_size, k = choice.shape
-    no_expert = xp.asarray(-1, dtype=xp.int32)
-    expert_ids = xp.where(routed, choice, no_expert)
+    choice_ids = xp.astype(choice, xp.int32)
+    expert_ids = xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32))
     probs = xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs))
     if capacity_factor is not None:
         per_expert = capacity(capacity_factor, group_size, k, num_experts, capacity_multiple_of)
@@ -76,7 +80,7 @@ def token_choice_routing(
         else:
             chosen_probs = xp.take_along_axis(probs, choice, axis=-1)
             within_rank = xp.astype(descending_rank(chosen_probs, axis=1, xp=xp), xp.int32)
-        priority = slot * group_size + within_rank  # k-major
+        priority = xp.broadcast_to(slot * group_size + within_rank, choice.shape)  # k-major
         expert_ids = xp.reshape(
             drop_over_capacity(
                 xp.reshape(expert_ids, (num_groups, -1)),
@@ -94,7 +98,7 @@ def token_choice_routing(
         token_ids=xp.reshape(xp.broadcast_to(tokens[:, None], (num_tokens, k)), (-1,)),
         expert_ids=xp.reshape(expert_ids, (-1,)),
         weights=xp.reshape(weights, (-1,)),
-        choice_ids=xp.reshape(choice, (-1,)),
+        choice_ids=xp.reshape(choice_ids, (-1,)),
         probs=xp.reshape(probs, (num_tokens, -1)),
         finite_rows=xp.reshape(clean.finite_rows, (-1,)),
         num_tokens=num_tokens,

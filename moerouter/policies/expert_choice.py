@@ -92,7 +92,6 @@ class ExpertChoice:
         # Non-finite rows rank below every real probability (which is >= 0).
         ranking = xp.where(finite, probs, xp.full_like(probs, -1.0))
         best = xp.argsort(-ranking, axis=1, stable=True)[:, :per_expert, :]  # (G, C, E)
-        best = xp.astype(best, xp.int32)
         weights = xp.take_along_axis(probs, best, axis=1)
         taken_finite = xp.take_along_axis(xp.broadcast_to(finite, probs.shape), best, axis=1)
         experts = xp.broadcast_to(
@@ -107,7 +106,7 @@ class ExpertChoice:
 
         num_tokens = num_groups * group_size
         return Routing(
-            token_ids=expert_major(best + group_start),
+            token_ids=expert_major(xp.astype(best, xp.int32) + group_start),
             expert_ids=expert_major(expert_ids),
             weights=expert_major(weights),
             choice_ids=expert_major(experts),
