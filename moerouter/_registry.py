@@ -20,6 +20,8 @@ from importlib import metadata
 from types import MappingProxyType
 from typing import Any
 
+import array_api_compat
+
 __all__ = ["KERNEL_NAMES", "BackendInfo", "array_library", "kernel_for", "known_plugins"]
 
 ENTRY_POINT_GROUP = "moerouter.backends"
@@ -81,8 +83,24 @@ class BackendInfo:
 _loaded: dict[str, BackendInfo | None] = {}
 
 
+# array-api-compat's checks look at sys.modules only: they never import a framework.
+_LIBRARY_CHECKS: tuple[tuple[str, Callable[[object], bool]], ...] = (
+    ("numpy", array_api_compat.is_numpy_array),
+    ("torch", array_api_compat.is_torch_array),
+    ("jax", array_api_compat.is_jax_array),  # concrete arrays live in jaxlib, tracers in jax
+    ("cupy", array_api_compat.is_cupy_array),
+    ("array_api_strict", array_api_compat.is_array_api_strict_obj),
+)
+
+
 def array_library(array: object) -> str:
-    """Top-level module of an array's type: ``"numpy"``, ``"torch"``, ``"jax"``, ..."""
+    """Name of the library an array belongs to: ``"numpy"``, ``"torch"``, ``"jax"``, ...
+
+    Unknown types are named by the top-level module of their class.
+    """
+    for library, check in _LIBRARY_CHECKS:
+        if check(array):
+            return library
     return type(array).__module__.partition(".")[0]
 
 

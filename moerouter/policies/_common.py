@@ -8,6 +8,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter import _registry
 from moerouter._agnostic.select import position_in_bucket
 
 Array = Any
@@ -74,6 +75,9 @@ def clean_logits(
     if not is_array_api_obj(logits):
         raise TypeError(f"logits must be an array, got {type(logits).__name__}")
     xp = array_namespace(logits)
+    # Load the array library's plugin now, before a Routing is returned: the JAX plugin makes
+    # Routing a pytree so that a policy can run under jax.jit.
+    _registry.backend_for(logits)
     if logits.ndim not in (2, 3):
         raise ValueError(
             "logits must have shape (tokens, experts) or (groups, tokens, experts), "
