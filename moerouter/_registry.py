@@ -89,7 +89,6 @@ _LIBRARY_CHECKS: tuple[tuple[str, Callable[[object], bool]], ...] = (
     ("torch", array_api_compat.is_torch_array),
     ("jax", array_api_compat.is_jax_array),  # concrete arrays live in jaxlib, tracers in jax
     ("cupy", array_api_compat.is_cupy_array),
-    ("array_api_strict", array_api_compat.is_array_api_strict_obj),
 )
 
 

@@ -15,6 +15,9 @@ from moerouter import BackendInfo, Plan, Routing
 __all__ = ["backend"]
 
 
+STATIC = ("layout", "slots")  # besides the num_* sizes: Python values, not arrays
+
+
 def _register_pytree(cls: type) -> None:
     static = [
         f.name for f in fields(cls) if f.name.startswith("num_") or f.name in ("layout", "slots")
