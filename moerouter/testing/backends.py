@@ -52,7 +52,7 @@ class Backend(enum.Enum):
         return importlib.import_module(f"array_api_compat.{self.value}")
 
     def asarray(self, array: Any, dtype: str | None = None) -> Any:
-        """Copy a NumPy array onto this backend, optionally as ``dtype`` (a name, "bfloat16" too)."""
+        """Copy a NumPy array onto this backend, as ``dtype`` if given (a name, or "bfloat16")."""
         xp = self.namespace()
         array = np.asarray(array)
         if dtype is None:

@@ -1,0 +1,67 @@
+"""Every developer task, and the test matrix: ``nox -s <session>``.
+
+The README's two commands are ``nox -s demo`` and ``nox -s lint tests_core tests docs``.
+torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+"""
+
+import nox
+
+nox.options.sessions = ["lint", "tests_core", "tests", "docs"]
+nox.options.error_on_missing_interpreters = True
+
+TORCH = "torch==2.13.0"
+JAX = "jax[cpu]>=0.4.35"
+PLUGINS = ["-e", "backends/torch", "-e", "backends/jax", "-e", "backends/cupy"]
+PYTEST = ["pytest", "-p", "no:cacheprovider"]
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and mypy --strict on the core."""
+    session.install("ruff>=0.6", "mypy>=1.10", "-e", ".")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session
+def tests_core(session: nox.Session) -> None:
+    """The core with NumPy and array-api-strict only: proves it needs no framework."""
+    session.install("-e", ".[test]")
+    session.run(*PYTEST, "tests", "-m", "not gpu", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Every CPU backend: the equivalence matrix, plugin tests, jit and compile."""
+    session.install(TORCH, JAX, "-e", ".[test]", *PLUGINS)
+    session.run(*PYTEST, "tests", "backends", "-m", "not gpu", *session.posargs)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The gpu-marked tests (needs a CUDA GPU)."""
+    session.install("torch", "jax[cuda12]", "-e", ".[test]", *PLUGINS)
+    session.run(*PYTEST, "tests", "backends", "-m", "gpu", *session.posargs,
+                env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Sphinx, warnings as errors."""
+    session.install("-r", "docs/requirements.txt", TORCH, "-e", ".")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Quick benchmark table against the same-run copy roof (asv for history: asv_bench/)."""
+    session.install(TORCH, "-e", ".", "-e", "backends/torch")
+    session.run("python", "-m", "moerouter", "bench", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: ``python -m moerouter demo``."""
+    session.install(TORCH, JAX, "-e", ".", *PLUGINS)
+    session.run("python", "-m", "moerouter", "demo", *session.posargs)
