@@ -42,8 +42,15 @@ def tests(session: nox.Session) -> None:
 def gpu(session: nox.Session) -> None:
     """The gpu-marked tests (needs a CUDA GPU)."""
     session.install("torch", "jax[cuda12]", "-e", ".[test]", *PLUGINS)
-    session.run(*PYTEST, "tests", "backends", "-m", "gpu", *session.posargs,
-                env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    session.run(
+        *PYTEST,
+        "tests",
+        "backends",
+        "-m",
+        "gpu",
+        *session.posargs,
+        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+    )
 
 
 @nox.session

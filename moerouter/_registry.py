@@ -30,12 +30,18 @@ ENTRY_POINT_GROUP = "moerouter.backends"
 KERNEL_NAMES = frozenset({"make_plan", "dispatch", "combine"})
 
 #: Array library -> plugin module, for the plugins that ship with moerouter.
+#: NumPy's fast kernels ship inside the core; the others are separate distributions.
 BUILTIN_PLUGINS: Mapping[str, str] = MappingProxyType(
-    {"torch": "moerouter_torch", "jax": "moerouter_jax", "cupy": "moerouter_cupy"}
+    {
+        "numpy": "moerouter._numpy_backend",
+        "torch": "moerouter_torch",
+        "jax": "moerouter_jax",
+        "cupy": "moerouter_cupy",
+    }
 )
 
-# Libraries the core serves itself: never look for a plugin for them.
-_CORE_LIBRARIES = frozenset({"numpy", "array_api_strict"})
+# Libraries with no kernels of their own: never look for a plugin for them.
+_AGNOSTIC_ONLY = frozenset({"array_api_strict"})
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ def backend_for(array: object) -> BackendInfo | None:
     if os.environ.get("MOEROUTER_BACKEND") == "reference":
         return None
     library = array_library(array)
-    if library in _CORE_LIBRARIES:
+    if library in _AGNOSTIC_ONLY:
         return None
     if library not in _loaded:
         _loaded[library] = _find(library)
