@@ -43,9 +43,6 @@ class Backend(enum.Enum):
         if self is Backend.NUMPY:
             return np
         if self is Backend.JAX:
-            import jax
-
-            jax.config.update("jax_enable_x64", False)
             return importlib.import_module("jax.numpy")
         if self is Backend.ARRAY_API_STRICT:
             return importlib.import_module("array_api_strict")
@@ -84,9 +81,9 @@ def to_numpy(array: Any) -> np.ndarray:
 
         if array.dtype == torch.bfloat16:
             array = array.float()
-        return array.detach().cpu().numpy()
+        return np.asarray(array.detach().cpu().numpy())
     if module == "cupy":
-        return array.get()
+        return np.asarray(array.get())
     if module == "array_api_strict":
         return np.from_dlpack(array).copy()
     result = np.asarray(array)
