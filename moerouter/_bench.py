@@ -1,0 +1,420 @@
+"""``python -m moerouter bench``: routing, plan, dispatch and combine against the copy roof.
+
+Every number is relative to a device copy measured in the same run (``np.copyto``,
+``Tensor.copy_``) on a buffer far larger than the caches::
+
+    bw_efficiency = (minimal_bytes / time) / copy_bandwidth
+
+``minimal_bytes`` reads each input row once and writes each output row once, counting only the
+``R`` rows that reach a real expert (DESIGN.md "Performance yardsticks", reference/performance.md
+§1.1). Each op is also compared with the obvious library one-liner (``x[idx]`` for dispatch,
+``np.add.at`` / ``index_add_`` for combine), after checking that both give the same answer.
+
+Times are medians over ``--repeat`` runs after one warm-up run; inputs are built outside the timed
+region, outputs are allocated by the op itself (that is part of its cost). Frameworks are
+imported only when asked for: ``import moerouter`` stays framework-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+import moerouter as mr
+from moerouter import _registry
+
+__all__ = ["SHAPES", "Result", "Shape", "combine_bytes", "dispatch_bytes", "main"]
+
+Array = Any
+
+#: Bytes of one index (int32) and one routing weight (float32).
+INDEX_BYTES = 4
+WEIGHT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark problem: ``T`` tokens of width ``d`` routed to ``k`` of ``E`` experts."""
+
+    name: str
+    tokens: int
+    dim: int
+    experts: int
+    k: int
+
+
+#: reference/performance.md §10.2.
+SHAPES: dict[str, Shape] = {
+    "ci-tiny": Shape("ci-tiny", tokens=64, dim=256, experts=8, k=2),
+    "mixtral": Shape("mixtral", tokens=4096, dim=4096, experts=8, k=2),
+    "olmoe": Shape("olmoe", tokens=4096, dim=2048, experts=64, k=8),
+}
+
+
+def dispatch_bytes(*, tokens_read: int, rows: int, dim: int, itemsize: int) -> int:
+    """Minimal traffic of dispatch: each routed token read once, ``R`` rows written, ``R`` indices.
+
+    ``tokens_read`` is the number of distinct tokens with at least one real expert (``T`` for
+    top-k without drops): a token-centric kernel reads a token once and writes its copies.
+    """
+    return (tokens_read + rows) * dim * itemsize + rows * INDEX_BYTES
+
+
+def combine_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
+    """Minimal traffic of combine: ``R`` rows read, ``T`` rows written, ``R`` indices, weights."""
+    return (rows + tokens) * dim * itemsize + rows * (INDEX_BYTES + WEIGHT_BYTES)
+
+
+def plan_bytes(*, tokens: int, rows: int, fan_in: int) -> int:
+    """Minimal traffic of make_plan: read ids and weights, write order/inverse/sources and the
+    ``(T, F)`` combine table. Plan building is latency-bound; the figure is for scale only."""
+    reads = rows * (INDEX_BYTES + WEIGHT_BYTES)
+    writes = 3 * rows * INDEX_BYTES + tokens * fan_in * (INDEX_BYTES + WEIGHT_BYTES)
+    return reads + writes
+
+
+def router_bytes(*, tokens: int, columns: int, rows: int) -> int:
+    """Minimal traffic of a router: read the float32 logits once, write ``R`` ids and weights."""
+    return tokens * columns * 4 + rows * (INDEX_BYTES + WEIGHT_BYTES)
+
+
+# ------------------------------------------------------------------------------------ backends
+
+
+class _Library:
+    """What the bench needs from one array library, behind one small interface."""
+
+    name: str
+    version: str
+
+    def asarray(self, array: np.ndarray) -> Array:
+        raise NotImplementedError
+
+    def to_numpy(self, array: Array) -> np.ndarray:
+        raise NotImplementedError
+
+    def sync(self, array: Array) -> None:
+        """Wait until ``array`` is computed (asynchronous devices); no-op on CPU."""
+
+    def copy_seconds(self, nbytes: int, repeat: int) -> float:
+        raise NotImplementedError
+
+    def naive_dispatch(self, x: Array, sources: Array) -> Array:
+        raise NotImplementedError
+
+    def naive_combine(self, ye: Array, tokens: Array, weights: Array, num_tokens: int) -> Array:
+        raise NotImplementedError
+
+
+class _NumPy(_Library):
+    name = "numpy"
+    version = np.__version__
+
+    def asarray(self, array: np.ndarray) -> Array:
+        return array
+
+    def to_numpy(self, array: Array) -> np.ndarray:
+        return np.asarray(array)
+
+    def copy_seconds(self, nbytes: int, repeat: int) -> float:
+        source = np.ones(nbytes // 4, dtype=np.float32)
+        target = np.zeros_like(source)  # touched, so no page faults in the timed copies
+        return _median_seconds(lambda: np.copyto(target, source), lambda _: None, repeat)
+
+    def naive_dispatch(self, x: Array, sources: Array) -> Array:
+        return x[sources]
+
+    def naive_combine(self, ye: Array, tokens: Array, weights: Array, num_tokens: int) -> Array:
+        out = np.zeros((num_tokens, ye.shape[1]), dtype=ye.dtype)
+        np.add.at(out, tokens, ye * weights[:, None])
+        return out
+
+
+class _Torch(_Library):
+    name = "torch"
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.version = str(torch.__version__)
+        self.device = torch.device(device)
+
+    def asarray(self, array: np.ndarray) -> Array:
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def to_numpy(self, array: Array) -> np.ndarray:
+        return np.asarray(array.detach().cpu().numpy())
+
+    def sync(self, array: Array) -> None:
+        if getattr(array, "is_cuda", False):
+            self.torch.cuda.synchronize(array.device)
+
+    def copy_seconds(self, nbytes: int, repeat: int) -> float:
+        source = self.torch.ones(nbytes // 4, dtype=self.torch.float32, device=self.device)
+        target = self.torch.zeros_like(source)
+        return _median_seconds(lambda: target.copy_(source), self.sync, repeat)
+
+    def naive_dispatch(self, x: Array, sources: Array) -> Array:
+        return x[sources.long()]
+
+    def naive_combine(self, ye: Array, tokens: Array, weights: Array, num_tokens: int) -> Array:
+        out = self.torch.zeros((num_tokens, ye.shape[1]), dtype=ye.dtype, device=ye.device)
+        return out.index_add_(0, tokens.long(), ye * weights[:, None])
+
+
+def _libraries(choice: str, device: str) -> tuple[list[_Library], list[str]]:
+    """The requested libraries that can run here, and why the others were skipped."""
+    found: list[_Library] = []
+    skipped: list[str] = []
+    if choice in ("numpy", "all"):
+        found.append(_NumPy())
+    if choice in ("torch", "all"):
+        try:
+            found.append(_Torch(device))
+        except ImportError:
+            skipped.append("torch: not installed")
+    return found, skipped
+
+
+# -------------------------------------------------------------------------------------- timing
+
+
+def _median_seconds(
+    run: Callable[[], Any], sync: Callable[[Any], None], repeat: int, warmup: int = 1
+) -> float:
+    """Median wall time of ``run()`` (synchronised), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        sync(run())
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        sync(run())
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One row of the table."""
+
+    op: str
+    backend: str
+    shape: str
+    dtype: str
+    path: str
+    median_ms: float
+    bytes: int
+    gb_per_s: float
+    bw_efficiency: float
+    vs_naive: float | None
+
+
+def _path(kernel: str, array: Array) -> str:
+    return "kernel" if _registry.kernel_for(kernel, array) is not None else "agnostic"
+
+
+def _bench_shape(
+    lib: _Library, shape: Shape, repeat: int, copy_bytes_per_s: float, seed: int
+) -> tuple[list[Result], list[str]]:
+    """Every op at one shape on one library; returns the rows and any correctness failures."""
+    rng = np.random.default_rng(seed)
+    tokens, dim, experts, k = shape.tokens, shape.dim, shape.experts, shape.k
+    x_host = rng.standard_normal((tokens, dim), dtype=np.float32)
+    logits_host = rng.standard_normal((tokens, experts), dtype=np.float32)
+    num_null = max(1, experts // 2)
+    null_logits_host = rng.standard_normal((tokens, experts + num_null), dtype=np.float32)
+    x, logits, null_logits = (lib.asarray(a) for a in (x_host, logits_host, null_logits_host))
+    itemsize = x_host.itemsize
+    dtype = str(x_host.dtype)
+    results: list[Result] = []
+    failures: list[str] = []
+
+    def record(op: str, path: str, seconds: float, nbytes: int, naive: float | None) -> None:
+        rate = nbytes / seconds
+        results.append(
+            Result(
+                op=op,
+                backend=lib.name,
+                shape=shape.name,
+                dtype=dtype,
+                path=path,
+                median_ms=1e3 * seconds,
+                bytes=nbytes,
+                gb_per_s=rate / 1e9,
+                bw_efficiency=rate / copy_bytes_per_s,
+                vs_naive=None if naive is None else naive / seconds,
+            )
+        )
+
+    def real_rows(routing: mr.Routing) -> int:
+        return int(np.count_nonzero(lib.to_numpy(routing.expert_ids) >= 0))
+
+    routers: list[tuple[str, Callable[[], mr.Routing], int]] = [
+        ("route TopK", lambda: mr.TopK(experts, k)(logits), experts),
+        (
+            f"route NullExperts(+{num_null})",
+            lambda: mr.NullExperts(experts, num_null, k)(null_logits),
+            experts + num_null,
+        ),
+        ("route ExpertChoice", lambda: mr.ExpertChoice(experts, float(k))(logits), experts),
+    ]
+    for op, route, columns in routers:
+        seconds = _median_seconds(route, lambda r: lib.sync(r.weights), repeat)
+        nbytes = router_bytes(tokens=tokens, columns=columns, rows=real_rows(route()))
+        record(op, "agnostic", seconds, nbytes, None)
+
+    routing = mr.TopK(experts, k)(logits)
+    rows = real_rows(routing)
+    seconds = _median_seconds(
+        lambda: mr.make_plan(routing), lambda p: lib.sync(p.combine_rows), repeat
+    )
+    nbytes = plan_bytes(tokens=tokens, rows=rows, fan_in=routing.fan_in)
+    record("make_plan", _path("make_plan", routing.expert_ids), seconds, nbytes, None)
+
+    plan = mr.make_plan(routing)
+    num_valid = int(lib.to_numpy(plan.num_valid))
+    sources = plan.source_tokens[:num_valid]
+    tokens_read = int(np.unique(lib.to_numpy(sources)).size)
+
+    # Dispatch, checked against the one-liner before either is timed.
+    expected = lib.to_numpy(lib.naive_dispatch(x, sources))
+    dispatched = mr.dispatch(x, plan)
+    if not np.array_equal(lib.to_numpy(dispatched)[:num_valid], expected):
+        failures.append(f"dispatch {lib.name} {shape.name}: differs from x[idx]")
+    nbytes = dispatch_bytes(tokens_read=tokens_read, rows=rows, dim=dim, itemsize=itemsize)
+    naive = _median_seconds(lambda: lib.naive_dispatch(x, sources), lib.sync, repeat)
+    fast = _median_seconds(lambda: mr.dispatch(x, plan), lib.sync, repeat)
+    record("dispatch", _path("dispatch", x), fast, nbytes, naive)
+    record("dispatch naive x[idx]", "baseline", naive, nbytes, naive)
+
+    # Combine of the dispatched rows (identity experts): y[t] = sum of t's weights * x[t].
+    order = lib.to_numpy(plan.order)[:num_valid]
+    weights = lib.asarray(lib.to_numpy(routing.weights)[order])
+    ye = lib.asarray(lib.to_numpy(dispatched))
+    combined = lib.to_numpy(mr.combine(ye, plan))
+    expected = lib.to_numpy(lib.naive_combine(ye[:num_valid], sources, weights, tokens))
+    if not np.allclose(combined, expected, rtol=1e-5, atol=1e-5):
+        failures.append(f"combine {lib.name} {shape.name}: differs from the scatter-add")
+    nbytes = combine_bytes(tokens=tokens, rows=rows, dim=dim, itemsize=itemsize)
+    naive_name = "np.add.at" if lib.name == "numpy" else "index_add_"
+    valid_ye = ye[:num_valid]
+    naive = _median_seconds(
+        lambda: lib.naive_combine(valid_ye, sources, weights, tokens), lib.sync, repeat
+    )
+    fast = _median_seconds(lambda: mr.combine(ye, plan), lib.sync, repeat)
+    record("combine", _path("combine", ye), fast, nbytes, naive)
+    record(f"combine naive {naive_name}", "baseline", naive, nbytes, naive)
+    return results, failures
+
+
+# --------------------------------------------------------------------------------------- table
+
+
+def _format_table(results: Sequence[Result]) -> str:
+    header = (
+        f"{'op':<28} {'backend':<8} {'shape':<8} {'dtype':<8} {'path':<9} "
+        f"{'median ms':>10} {'GB/s':>8} {'bw_eff':>7} {'vs naive':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        speedup = "-" if r.vs_naive is None else f"{r.vs_naive:.2f}x"
+        lines.append(
+            f"{r.op:<28} {r.backend:<8} {r.shape:<8} {r.dtype:<8} {r.path:<9} "
+            f"{r.median_ms:>10.3f} {r.gb_per_s:>8.2f} {r.bw_efficiency:>7.3f} {speedup:>9}"
+        )
+    return "\n".join(lines)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m moerouter bench",
+        description="Routing, plan, dispatch and combine timings against the same-run copy roof.",
+        epilog="bw_efficiency = (minimal_bytes / time) / copy bandwidth; "
+        "'vs naive' = naive time / op time. Use asv (asv_bench/) for history.",
+    )
+    parser.add_argument("--shape", choices=[*SHAPES, "all"], default="ci-tiny")
+    parser.add_argument("--backend", choices=["numpy", "torch", "all"], default="all")
+    parser.add_argument("--repeat", type=_positive, default=5, help="timed runs per op (median)")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--roof-mib", type=_positive, default=256, help="copy roof buffer size (MiB)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark table; 0 on success, 1 if an op disagreed with its naive baseline."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["--"]:  # ``python -m moerouter bench -- --shape olmoe``
+        arguments = arguments[1:]
+    args = _parser().parse_args(arguments)
+    shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
+    libraries, skipped = _libraries(args.backend, args.device)
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(
+        f"moerouter {mr.__version__} bench: python {platform.python_version()}, "
+        f"numpy {np.__version__}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}"
+    )
+    for reason in skipped:
+        print(f"skipped {reason}")
+    if not libraries:
+        print("no backend to benchmark", file=sys.stderr)
+        return 1
+
+    results: list[Result] = []
+    failures: list[str] = []
+    roofs: dict[str, float] = {}
+    for lib in libraries:
+        roof_bytes = args.roof_mib * 2**20
+        seconds = lib.copy_seconds(roof_bytes, args.repeat)
+        roofs[lib.name] = 2 * roof_bytes / seconds  # a copy reads and writes every byte
+        print(
+            f"copy roof {lib.name} {lib.version}: {roofs[lib.name] / 1e9:.2f} GB/s "
+            f"({args.roof_mib} MiB, read + write, median of {args.repeat})"
+        )
+        for shape in shapes:
+            rows, failed = _bench_shape(lib, shape, args.repeat, roofs[lib.name], args.seed)
+            results.extend(rows)
+            failures.extend(failed)
+    print()
+    print(_format_table(results))
+    print(
+        "\nbw_eff = (minimal bytes / time) / copy roof of the same backend; minimal bytes: each "
+        "routed token read once, R rows written (dispatch), R rows read, T written (combine)."
+    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(
+                {"copy_roof_bytes_per_s": roofs, "results": [asdict(r) for r in results]},
+                handle,
+                indent=1,
+            )
+    for failure in failures:
+        print(f"MISMATCH: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
