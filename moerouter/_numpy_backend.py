@@ -1,0 +1,395 @@
+"""NumPy kernels for make_plan, dispatch and combine: the built-in plugin for ``numpy.ndarray``.
+
+They return what the agnostic path (:mod:`moerouter._agnostic.plan`) returns, faster:
+
+* ``make_plan`` sorts expert ids with NumPy's stable sort on the narrowest integer type that holds
+  them (8 or 16 bits: a radix sort, 10-20x faster than sorting int32), inverts the order with one
+  1-D assignment instead of a second sort, and counts with ``bincount``. Every integer array is
+  identical to the agnostic path's.
+* ``dispatch`` is ``np.take(x, source_tokens, axis=0, out=buffer, mode="clip")``: with ``out=``
+  and ``mode="clip"`` NumPy copies rows straight into the buffer (the default ``mode="raise"``
+  buffers the whole output first). Large gathers are split over a few threads (``np.take``
+  releases the GIL). The output is bit-identical to the agnostic path.
+* ``combine`` is a token-major gather-reduce. For float32 rows with SciPy installed it is a CSR
+  product ``C @ ye`` whose row ``t`` holds token ``t``'s weights at its dispatch rows, in slot
+  order: SciPy's loop accumulates ``y[t] += w * ye[row]`` in float32, in that order, which is
+  exactly the agnostic path's arithmetic. Otherwise (other dtypes, or no SciPy) blocks of tokens
+  gather their rows into a small float32 buffer and reduce them with a batched matmul; that
+  agrees with the agnostic path within float32 rounding. Either way there are no atomics or
+  scatter-adds: the result is the same run to run and does not depend on other tokens' routing.
+
+Output buffers
+--------------
+Every call returns an array that nothing else refers to, exactly as a fresh ``np.empty`` would.
+Large outputs come from a small cache, because on a CPU a fresh multi-hundred-megabyte array
+pays a page fault per page on first touch (about halving dispatch bandwidth). A cached buffer is
+handed out again only when its reference count shows that nothing refers to it any more: the
+caller dropped the returned array and every view of it (a view, a ``memoryview``, a DLPack or
+``torch.from_numpy`` export each hold a reference). A later call can therefore never overwrite an
+array the caller still holds. The cache keeps at most ``MOEROUTER_NUMPY_CACHE_MB`` megabytes
+(default 1024; 0 turns it off); :func:`clear_cache` frees it. Callers who manage memory
+themselves can pass ``out=`` to :func:`dispatch` and :func:`combine` here.
+
+``MOEROUTER_NUM_THREADS`` caps the threads a large dispatch uses (default: the CPUs this process
+may run on, at most 8). Copies are exact, so the thread count never changes a result.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from moerouter._registry import BackendInfo
+from moerouter.routing import Plan, Routing
+
+__all__ = ["backend", "clear_cache", "combine", "dispatch", "make_plan"]
+
+IntArray = npt.NDArray[np.int32]
+
+# Below this many output bytes a gather is not split over threads (thread hand-off costs ~50 us).
+_THREADED_MIN_BYTES = 8 << 20
+# Outputs smaller than this are plain np.empty: the cache only pays off for page-faulting sizes.
+_CACHED_MIN_BYTES = 1 << 20
+# Tokens per block in the matmul combine: a block's gathered rows stay in the L2 cache.
+_COMBINE_BLOCK_BYTES = 512 << 10
+
+
+# --------------------------------------------------------------------------------------------
+# make_plan
+
+
+def _narrow_sort_keys(keys: IntArray, largest: int) -> npt.NDArray[np.integer[Any]]:
+    """``keys`` in the narrowest integer type holding ``0 .. largest``: NumPy's stable sort is a
+    radix sort for types of 16 bits or fewer."""
+    if largest <= np.iinfo(np.uint8).max:
+        return keys.astype(np.uint8)
+    if largest <= np.iinfo(np.uint16).max:
+        return keys.astype(np.uint16)
+    return keys
+
+
+def _stable_argsort(keys: IntArray, largest: int) -> IntArray:
+    order = np.argsort(_narrow_sort_keys(keys, largest), kind="stable")
+    return order.astype(np.int32, copy=False)
+
+
+def make_plan(routing: Routing) -> Plan:
+    """:func:`moerouter.make_plan` for NumPy arrays; integer fields equal the agnostic path's."""
+    token_ids = np.asarray(routing.token_ids)
+    expert_ids = np.asarray(routing.expert_ids)
+    weights = np.asarray(routing.weights)
+    num_tokens, num_experts, fan_in = routing.num_tokens, routing.num_experts, routing.fan_in
+    num_rows = int(expert_ids.shape[0])
+
+    real = expert_ids >= 0
+    # "No expert" sorts last, after every real expert, as in the agnostic path.
+    sort_key = np.where(real, expert_ids, np.int32(num_experts)).astype(np.int32, copy=False)
+    largest = max(num_experts, int(sort_key.max())) if num_rows else num_experts
+    order = _stable_argsort(sort_key, largest)
+    inverse = np.empty(num_rows, dtype=np.int32)
+    inverse[order] = np.arange(num_rows, dtype=np.int32)  # 1-D assignment: the inverse permutation
+    counts = np.bincount(sort_key, minlength=num_experts + 1)
+    group_sizes = counts[:num_experts].astype(np.int32)
+    num_valid = np.int32(group_sizes.sum(dtype=np.int64))
+
+    masked_rows = np.where(real, inverse, np.int32(-1)).astype(np.int32, copy=False)
+    masked_weights = np.where(real, weights, np.zeros((), dtype=weights.dtype))
+    if routing.layout == "token":
+        # Assignments are already token-major: token t owns slots t*k .. t*k + k - 1.
+        combine_rows = masked_rows.reshape(num_tokens, fan_in)
+        combine_weights = masked_weights.reshape(num_tokens, fan_in)
+    else:
+        combine_rows, combine_weights = _token_major(
+            token_ids, masked_rows, masked_weights, num_tokens=num_tokens, fan_in=fan_in
+        )
+    return Plan(
+        group_sizes=group_sizes,
+        order=order,
+        inverse=inverse,
+        source_tokens=np.take(token_ids, order).astype(np.int32, copy=False),
+        num_valid=num_valid,
+        combine_rows=combine_rows,
+        combine_weights=combine_weights,
+        num_tokens=num_tokens,
+        num_experts=num_experts,
+    )
+
+
+def _token_major(
+    token_ids: IntArray,
+    masked_rows: IntArray,
+    masked_weights: npt.NDArray[Any],
+    *,
+    num_tokens: int,
+    fan_in: int,
+) -> tuple[IntArray, npt.NDArray[Any]]:
+    """Each token's assignments in assignment order, left-aligned in ``(T, fan_in)``, -1 padded.
+
+    A stable sort by token keeps assignment order inside a token; an assignment's slot is its
+    position in the sorted order minus where its token's run starts (a counting sort).
+    """
+    by_token = _stable_argsort(token_ids, num_tokens - 1)
+    sorted_tokens = token_ids[by_token]
+    counts = np.bincount(token_ids, minlength=num_tokens)
+    starts = np.cumsum(counts) - counts
+    slot = np.arange(token_ids.shape[0]) - starts[sorted_tokens]
+    keep = slot < fan_in
+    combine_rows = np.full((num_tokens, fan_in), -1, dtype=np.int32)
+    combine_weights = np.zeros((num_tokens, fan_in), dtype=masked_weights.dtype)
+    where = (sorted_tokens[keep], slot[keep])
+    combine_rows[where] = masked_rows[by_token[keep]]
+    combine_weights[where] = masked_weights[by_token[keep]]
+    return combine_rows, combine_weights
+
+
+# --------------------------------------------------------------------------------------------
+# Output buffers: fresh to the caller, recycled only once nothing refers to them.
+
+
+def _cache_limit_bytes() -> int:
+    return int(float(os.environ.get("MOEROUTER_NUMPY_CACHE_MB", "1024")) * (1 << 20))
+
+
+_cache: list[npt.NDArray[Any]] = []
+_cache_lock = threading.Lock()
+
+
+def _references(buffers: list[npt.NDArray[Any]], index: int) -> int:
+    return sys.getrefcount(buffers[index])
+
+
+# What _references reports for a cached buffer that only the cache holds, measured on this
+# interpreter (reference counting details differ between Python versions).
+_UNREFERENCED = _references([np.empty(0)], 0)
+
+
+def clear_cache() -> None:
+    """Drop every cached output buffer that nothing refers to (held ones stay with their owner)."""
+    with _cache_lock:
+        _cache[:] = [
+            buffer for i, buffer in enumerate(_cache) if _references(_cache, i) > _UNREFERENCED
+        ]
+
+
+def _empty(shape: tuple[int, int], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """Like ``np.empty``, but large buffers are recycled once no one refers to them any more."""
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    limit = _cache_limit_bytes()
+    if nbytes < _CACHED_MIN_BYTES or nbytes > limit:
+        return np.empty(shape, dtype=dtype)
+    with _cache_lock:
+        free = [i for i in range(len(_cache)) if _references(_cache, i) == _UNREFERENCED]
+        for i in free:
+            if _cache[i].shape == shape and _cache[i].dtype == dtype:
+                # A view, so that no caller can reshape the cached array object itself.
+                return _cache[i].view()
+        held = sum(buffer.nbytes for buffer in _cache)
+        for i in reversed(free):  # make room by dropping buffers no one uses
+            if held + nbytes <= limit:
+                break
+            held -= _cache.pop(i).nbytes
+        buffer = np.empty(shape, dtype=dtype)
+        if held + nbytes <= limit:
+            _cache.append(buffer)
+            return buffer.view()
+        return buffer
+
+
+# --------------------------------------------------------------------------------------------
+# Threads for large gathers
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _num_threads() -> int:
+    requested = os.environ.get("MOEROUTER_NUM_THREADS")
+    if requested:
+        return max(1, int(requested))
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(available, 8))
+
+
+def _run_split(
+    work: Callable[[int, int], None], num_items: int, item_bytes: int, threads: int
+) -> None:
+    """Run ``work(lo, hi)`` over ``range(num_items)``, split over up to ``threads`` threads."""
+    global _executor
+    parts = min(threads, max(1, num_items * item_bytes // _THREADED_MIN_BYTES), num_items)
+    if parts <= 1:
+        work(0, num_items)
+        return
+    with _executor_lock:
+        if _executor is None or _executor._max_workers < parts - 1:
+            _executor = ThreadPoolExecutor(parts - 1, thread_name_prefix="moerouter")
+        executor = _executor
+    bounds = [num_items * p // parts for p in range(parts + 1)]
+    futures: list[Future[None]] = [
+        executor.submit(work, bounds[p], bounds[p + 1]) for p in range(1, parts)
+    ]
+    work(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+def dispatch(
+    x: npt.NDArray[Any], plan: Plan, *, out: npt.NDArray[Any] | None = None
+) -> npt.NDArray[Any]:
+    """:func:`moerouter.dispatch` for NumPy arrays; bit-identical to the agnostic path.
+
+    ``out``, if given, is a C-contiguous ``(R, d)`` array of ``x``'s dtype that receives the rows
+    and is returned; by default the result is a new array (see the module docstring).
+    """
+    num_rows, features = plan.num_rows, int(x.shape[1])
+    if out is None:
+        out = _empty((num_rows, features), x.dtype)
+    elif out.shape != (num_rows, features) or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous ({num_rows}, {features}) {x.dtype} array, got "
+            f"{out.dtype} {tuple(out.shape)}"
+        )
+    num_valid = int(plan.num_valid)
+    source_tokens = np.asarray(plan.source_tokens)
+
+    def gather(lo: int, hi: int) -> None:
+        np.take(x, source_tokens[lo:hi], axis=0, out=out[lo:hi], mode="clip")
+
+    _run_split(gather, num_valid, features * x.dtype.itemsize, _num_threads())
+    out[num_valid:] = 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# combine
+
+
+def _scipy_sparse() -> Any:
+    """``scipy.sparse``, or None when SciPy is not installed (it is an optional extra)."""
+    try:
+        import scipy.sparse
+    except ImportError:
+        return None
+    return scipy.sparse
+
+
+def _packed_entries(plan: Plan) -> tuple[IntArray, npt.NDArray[np.float32], IntArray]:
+    """Each token's real entries (``combine_rows >= 0``) in slot order, CSR style.
+
+    Returns ``(rows, weights, counts)``: the concatenated dispatch rows and weights of token 0's
+    entries, then token 1's, ..., and how many each token has.
+    """
+    combine_rows = np.asarray(plan.combine_rows)
+    combine_weights = np.asarray(plan.combine_weights, dtype=np.float32)
+    present = combine_rows >= 0
+    if present.all():
+        num_tokens, fan_in = combine_rows.shape
+        return (
+            combine_rows.reshape(-1),
+            combine_weights.reshape(-1),
+            np.full(num_tokens, fan_in, dtype=np.int32),
+        )
+    counts = present.sum(axis=1, dtype=np.int32)
+    return combine_rows[present], combine_weights[present], counts
+
+
+def combine(
+    ye: npt.NDArray[Any], plan: Plan, *, out: npt.NDArray[Any] | None = None
+) -> npt.NDArray[Any]:
+    """:func:`moerouter.combine` for NumPy arrays; float32 accumulation in slot order.
+
+    ``out``, if given, is a ``(T, d)`` array of ``ye``'s dtype that receives the result and is
+    returned; by default the result is a new array.
+    """
+    num_tokens, features = plan.num_tokens, int(ye.shape[1])
+    if out is not None and (out.shape != (num_tokens, features) or out.dtype != ye.dtype):
+        raise ValueError(
+            f"out must be a ({num_tokens}, {features}) {ye.dtype} array, got "
+            f"{out.dtype} {tuple(out.shape)}"
+        )
+    rows, weights, counts = _packed_entries(plan)
+    sparse = _scipy_sparse() if ye.dtype == np.float32 else None
+    if sparse is not None:
+        indptr = np.zeros(num_tokens + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        index_type = np.int32 if max(ye.shape[0], rows.shape[0]) < 2**31 else np.int64
+        matrix = sparse.csr_array(
+            (weights, rows.astype(index_type), indptr.astype(index_type)),
+            shape=(num_tokens, int(ye.shape[0])),
+        )
+        result: npt.NDArray[np.float32] = matrix @ ye
+        if out is None:
+            return result
+        np.copyto(out, result)
+        return out
+    if out is None:
+        out = _empty((num_tokens, features), ye.dtype)
+    _combine_blocked(ye, rows, weights, counts, out)
+    return out
+
+
+def _combine_blocked(
+    ye: npt.NDArray[Any],
+    rows: IntArray,
+    weights: npt.NDArray[np.float32],
+    counts: IntArray,
+    out: npt.NDArray[Any],
+) -> None:
+    """Blocks of tokens gather their rows into a float32 buffer and reduce them with a matmul."""
+    num_tokens, features = out.shape
+    starts = np.zeros(num_tokens + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    max_fan_in = int(counts.max()) if num_tokens else 0
+    block = max(1, _COMBINE_BLOCK_BYTES // max(1, max_fan_in * features * 4))
+    gathered = np.empty((block * max(1, max_fan_in), features), dtype=ye.dtype)
+    gathered32 = gathered if ye.dtype == np.float32 else np.empty(gathered.shape, np.float32)
+    accumulator = out if out.dtype == np.float32 else np.empty((block, features), np.float32)
+    for lo in range(0, num_tokens, block):
+        hi = min(lo + block, num_tokens)
+        size = hi - lo
+        fan_in = int(counts[lo:hi].max())
+        target = accumulator[lo:hi] if accumulator is out else accumulator[:size]
+        if fan_in == 0:
+            target[...] = 0
+        else:
+            # Left-align each token's entries into (size, fan_in) slots; empty slots read row
+            # 0 and are zeroed after the gather, so rows past num_valid never reach the sum.
+            slot = np.arange(fan_in)
+            filled = slot[None, :] < counts[lo:hi, None]
+            entry = starts[lo:hi, None] + slot[None, :]
+            entry = np.where(filled, entry, starts[lo])
+            block_rows = np.where(filled, rows[entry] if rows.size else 0, 0)
+            block_weights = np.where(filled, weights[entry] if rows.size else 0, 0)
+            flat = gathered[: size * fan_in]
+            np.take(ye, block_rows.reshape(-1), axis=0, out=flat, mode="clip")
+            values = gathered32[: size * fan_in]
+            if values is not flat:
+                np.copyto(values, flat)
+            values = values.reshape(size, fan_in, features)
+            if not filled.all():
+                np.copyto(values, 0, where=~filled[:, :, None])
+            np.matmul(block_weights.astype(np.float32)[:, None, :], values, out=target[:, None, :])
+        if accumulator is not out:
+            np.copyto(out[lo:hi], target, casting="unsafe")
+
+
+backend = BackendInfo(
+    name="numpy",
+    array_library="numpy",
+    kernels={"make_plan": make_plan, "dispatch": dispatch, "combine": combine},
+    description="NumPy (radix-sort plan, np.take dispatch, CSR or batched-matmul combine)",
+)
