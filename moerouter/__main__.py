@@ -177,9 +177,9 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Delegate to :mod:`moerouter._bench`."""
-    from moerouter import _bench
+    from moerouter._bench import main as bench_main
 
-    result: int = _bench.main(list(args.bench_args))
+    result: int = bench_main(list(args.bench_args))
     return result
 
 
