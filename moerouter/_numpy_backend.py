@@ -173,9 +173,8 @@ _UNREFERENCED = _references([np.empty(0)], 0)
 def clear_cache() -> None:
     """Drop every cached output buffer that nothing refers to (held ones stay with their owner)."""
     with _cache_lock:
-        _cache[:] = [
-            buffer for i, buffer in enumerate(_cache) if _references(_cache, i) > _UNREFERENCED
-        ]
+        held = [i for i in range(len(_cache)) if _references(_cache, i) > _UNREFERENCED]
+        _cache[:] = [_cache[i] for i in held]
 
 
 def _empty(shape: tuple[int, int], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
