@@ -220,12 +220,48 @@ class Result:
     vs_naive: float | None
 
 
-def _path(kernel: str, array: Array) -> str:
-    return "kernel" if _registry.kernel_for(kernel, array) is not None else "agnostic"
+class _Variant:
+    """A way to run a public op: as the registry chooses, or forced onto the agnostic path.
+
+    ``MOEROUTER_BACKEND=reference`` is read on every call, so setting it for the duration of a
+    ``with`` block is enough to force the agnostic path.
+    """
+
+    def __init__(self, name: str, force_reference: bool) -> None:
+        self.name = name
+        self.force_reference = force_reference
+        self._saved: str | None = None
+
+    def __enter__(self) -> _Variant:
+        self._saved = os.environ.get(_BACKEND_VARIABLE)
+        if self.force_reference:
+            os.environ[_BACKEND_VARIABLE] = "reference"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._saved is None:
+            os.environ.pop(_BACKEND_VARIABLE, None)
+        else:
+            os.environ[_BACKEND_VARIABLE] = self._saved
+
+
+_BACKEND_VARIABLE = "MOEROUTER_BACKEND"
+
+
+def _variants(kernel: str, array: Array, paths: str) -> list[_Variant]:
+    """The paths of ``kernel`` to time: the registry's choice and/or the agnostic reference."""
+    has_kernel = _registry.kernel_for(kernel, array) is not None
+    chosen = _Variant("kernel" if has_kernel else "agnostic", force_reference=False)
+    reference = _Variant("agnostic", force_reference=True)
+    if paths == "auto" or (paths == "both" and not has_kernel):
+        return [chosen]
+    if paths == "agnostic":
+        return [reference]
+    return [chosen, reference]
 
 
 def _bench_shape(
-    lib: _Library, shape: Shape, repeat: int, copy_bytes_per_s: float, seed: int
+    lib: _Library, shape: Shape, repeat: int, copy_bytes_per_s: float, seed: int, paths: str
 ) -> tuple[list[Result], list[str]]:
     """Every op at one shape on one library; returns the rows and any correctness failures."""
     rng = np.random.default_rng(seed)
@@ -276,44 +312,49 @@ def _bench_shape(
 
     routing = mr.TopK(experts, k)(logits)
     rows = real_rows(routing)
-    seconds = _median_seconds(
-        lambda: mr.make_plan(routing), lambda p: lib.sync(p.combine_rows), repeat
-    )
-    nbytes = plan_bytes(tokens=tokens, rows=rows, fan_in=routing.fan_in)
-    record("make_plan", _path("make_plan", routing.expert_ids), seconds, nbytes, None)
-
     plan = mr.make_plan(routing)
     num_valid = int(lib.to_numpy(plan.num_valid))
     sources = plan.source_tokens[:num_valid]
     tokens_read = int(np.unique(lib.to_numpy(sources)).size)
+    order = lib.to_numpy(plan.order)[:num_valid]
+    weights = lib.asarray(lib.to_numpy(routing.weights)[order])
+    ye = lib.asarray(lib.to_numpy(mr.dispatch(x, plan)))
+    valid_ye = ye[:num_valid]
 
-    # Dispatch, checked against the one-liner before either is timed.
+    nbytes = plan_bytes(tokens=tokens, rows=rows, fan_in=routing.fan_in)
+    for variant in _variants("make_plan", routing.expert_ids, paths):
+        with variant:
+            seconds = _median_seconds(
+                lambda: mr.make_plan(routing), lambda p: lib.sync(p.combine_rows), repeat
+            )
+        record("make_plan", variant.name, seconds, nbytes, None)
+
+    # Each variant is checked against the one-liner before either is timed.
     expected = lib.to_numpy(lib.naive_dispatch(x, sources))
-    dispatched = mr.dispatch(x, plan)
-    if not np.array_equal(lib.to_numpy(dispatched)[:num_valid], expected):
-        failures.append(f"dispatch {lib.name} {shape.name}: differs from x[idx]")
     nbytes = dispatch_bytes(tokens_read=tokens_read, rows=rows, dim=dim, itemsize=itemsize)
     naive = _median_seconds(lambda: lib.naive_dispatch(x, sources), lib.sync, repeat)
-    fast = _median_seconds(lambda: mr.dispatch(x, plan), lib.sync, repeat)
-    record("dispatch", _path("dispatch", x), fast, nbytes, naive)
+    for variant in _variants("dispatch", x, paths):
+        with variant:
+            if not np.array_equal(lib.to_numpy(mr.dispatch(x, plan))[:num_valid], expected):
+                failures.append(f"dispatch {variant.name} {lib.name} {shape.name}: != x[idx]")
+            seconds = _median_seconds(lambda: mr.dispatch(x, plan), lib.sync, repeat)
+        record("dispatch", variant.name, seconds, nbytes, naive)
     record("dispatch naive x[idx]", "baseline", naive, nbytes, naive)
 
     # Combine of the dispatched rows (identity experts): y[t] = sum of t's weights * x[t].
-    order = lib.to_numpy(plan.order)[:num_valid]
-    weights = lib.asarray(lib.to_numpy(routing.weights)[order])
-    ye = lib.asarray(lib.to_numpy(dispatched))
-    combined = lib.to_numpy(mr.combine(ye, plan))
-    expected = lib.to_numpy(lib.naive_combine(ye[:num_valid], sources, weights, tokens))
-    if not np.allclose(combined, expected, rtol=1e-5, atol=1e-5):
-        failures.append(f"combine {lib.name} {shape.name}: differs from the scatter-add")
+    expected = lib.to_numpy(lib.naive_combine(valid_ye, sources, weights, tokens))
     nbytes = combine_bytes(tokens=tokens, rows=rows, dim=dim, itemsize=itemsize)
-    naive_name = "np.add.at" if lib.name == "numpy" else "index_add_"
-    valid_ye = ye[:num_valid]
     naive = _median_seconds(
         lambda: lib.naive_combine(valid_ye, sources, weights, tokens), lib.sync, repeat
     )
-    fast = _median_seconds(lambda: mr.combine(ye, plan), lib.sync, repeat)
-    record("combine", _path("combine", ye), fast, nbytes, naive)
+    for variant in _variants("combine", ye, paths):
+        with variant:
+            combined = lib.to_numpy(mr.combine(ye, plan))
+            if not np.allclose(combined, expected, rtol=1e-5, atol=1e-5):
+                failures.append(f"combine {variant.name} {lib.name} {shape.name}: != scatter-add")
+            seconds = _median_seconds(lambda: mr.combine(ye, plan), lib.sync, repeat)
+        record("combine", variant.name, seconds, nbytes, naive)
+    naive_name = "np.add.at" if lib.name == "numpy" else "index_add_"
     record(f"combine naive {naive_name}", "baseline", naive, nbytes, naive)
     return results, failures
 
@@ -359,6 +400,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--roof-mib", type=_positive, default=256, help="copy roof buffer size (MiB)"
     )
+    parser.add_argument(
+        "--path",
+        choices=["auto", "agnostic", "both"],
+        default="both",
+        help="auto: the kernel the registry picks; agnostic: force the array-API reference "
+        "(MOEROUTER_BACKEND=reference); both: each, where a backend has a kernel "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return parser
@@ -395,7 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({args.roof_mib} MiB, read + write, median of {args.repeat})"
         )
         for shape in shapes:
-            rows, failed = _bench_shape(lib, shape, args.repeat, roofs[lib.name], args.seed)
+            rows, failed = _bench_shape(
+                lib, shape, args.repeat, roofs[lib.name], args.seed, args.path
+            )
             results.extend(rows)
             failures.extend(failed)
     print()
