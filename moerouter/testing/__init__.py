@@ -1,9 +1,52 @@
 """moerouter's public conformance kit: float64 references, assertion helpers, the backend enum.
 
 Backend plugins test themselves with it: ``pytest_plugins = ["moerouter.testing.fixtures"]``
-gives the ``backend`` and ``xp`` fixtures.
+gives the ``backend`` and ``xp`` fixtures; :mod:`moerouter.testing.reference` holds the float64
+loop references every kernel is compared with, and :mod:`moerouter.testing.asserts` the
+comparisons (integers identical, floats within derived tolerances).
 """
 
+from moerouter.testing.asserts import (
+    ROUTER_ATOL,
+    ROUTER_RTOL,
+    assert_close,
+    assert_plan_equal,
+    assert_plan_valid,
+    assert_routing_equal,
+)
 from moerouter.testing.backends import Backend, to_numpy
+from moerouter.testing.reference import (
+    edge_case_logits,
+    reference_combine,
+    reference_dispatch,
+    reference_expert_choice,
+    reference_load_balancing,
+    reference_make_plan,
+    reference_null_experts,
+    reference_null_load_balancing,
+    reference_summary,
+    reference_topk,
+    reference_z_loss,
+)
 
-__all__ = ["Backend", "to_numpy"]
+__all__ = [
+    "ROUTER_ATOL",
+    "ROUTER_RTOL",
+    "Backend",
+    "assert_close",
+    "assert_plan_equal",
+    "assert_plan_valid",
+    "assert_routing_equal",
+    "edge_case_logits",
+    "reference_combine",
+    "reference_dispatch",
+    "reference_expert_choice",
+    "reference_load_balancing",
+    "reference_make_plan",
+    "reference_null_experts",
+    "reference_null_load_balancing",
+    "reference_summary",
+    "reference_topk",
+    "reference_z_loss",
+    "to_numpy",
+]
