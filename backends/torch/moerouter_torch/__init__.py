@@ -1,16 +1,24 @@
-"""PyTorch backend plugin for moerouter.
+"""PyTorch backend plugin for moerouter: fast, deterministic plan, dispatch and combine.
 
-Registers itself for ``torch.Tensor`` inputs. It provides no fast kernels yet: plan, dispatch and
-combine run on the agnostic array-API path, which already supports autograd and ``torch.compile``.
+Registers itself for ``torch.Tensor`` inputs. The kernels are ``torch.library`` custom ops
+(``torch.ops.moerouter_torch.*``) with autograd and fake implementations, so a whole MoE layer
+traces under ``torch.compile(fullgraph=True)``. On CPU they gather into reused workspaces and
+reduce with FBGEMM's ``embedding_bag``; on CUDA they run Triton kernels when Triton is installed.
 """
 
 from moerouter import BackendInfo
+from moerouter_torch import _backend
+from moerouter_torch._workspace import release_workspaces
 
-__all__ = ["backend"]
+__all__ = ["backend", "release_workspaces"]
 
 backend = BackendInfo(
     name="torch",
     array_library="torch",
-    kernels={},
-    description="PyTorch (agnostic path; fast kernels not yet provided)",
+    kernels={
+        "make_plan": _backend.make_plan,
+        "dispatch": _backend.dispatch,
+        "combine": _backend.combine,
+    },
+    description="PyTorch (custom ops: CPU gather/embedding_bag kernels, Triton on CUDA)",
 )
