@@ -1,16 +1,24 @@
-"""CuPy backend plugin for moerouter.
+"""CuPy backend plugin for moerouter: CUDA kernels loaded with ``cupy.RawModule``.
 
-Registers itself for ``cupy.ndarray`` inputs. It provides no fast kernels yet: plan, dispatch and
-combine run on the agnostic array-API path.
+Registers itself for ``cupy.ndarray`` inputs with fast ``make_plan`` (counting sort),
+``dispatch`` (16-byte vector row copies) and ``combine`` (float32 gather-reduce, no atomics),
+and offers a fused top-k router, :func:`topk_router`. The kernels live in ``kernels/*.cu``.
+
+Importing this package does not import CuPy: the kernels do, when first called. The functions
+here also accept torch and JAX CUDA arrays through DLPack, without a copy.
+
+.. warning:: As of this version the CUDA kernels have been compiled (nvcc, sm_80 and sm_90) but
+   have not yet run on a GPU; the GPU tests (marked ``gpu``) are written and wait for one.
 """
 
 from moerouter import BackendInfo
+from moerouter_cupy._kernels import combine, dispatch, make_plan, topk_router
 
-__all__ = ["backend"]
+__all__ = ["backend", "combine", "dispatch", "make_plan", "topk_router"]
 
 backend = BackendInfo(
     name="cupy",
     array_library="cupy",
-    kernels={},
-    description="CuPy (agnostic path; CUDA kernels not yet provided)",
+    kernels={"make_plan": make_plan, "dispatch": dispatch, "combine": combine},
+    description="CuPy (CUDA RawModule kernels: counting-sort plan, vector dispatch, combine)",
 )
