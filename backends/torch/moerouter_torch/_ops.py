@@ -80,7 +80,10 @@ def _(rows, combine_rows):  # type: ignore[no-untyped-def]
 
 @torch.library.custom_op(f"{_LIB}::dispatch", mutates_args=())
 def dispatch(
-    x: torch.Tensor, source_tokens: torch.Tensor, num_valid: torch.Tensor, combine_rows: torch.Tensor
+    x: torch.Tensor,
+    source_tokens: torch.Tensor,
+    num_valid: torch.Tensor,
+    combine_rows: torch.Tensor,
 ) -> torch.Tensor:
     """Rows of ``x`` in dispatch order, zero past ``num_valid``.
 
