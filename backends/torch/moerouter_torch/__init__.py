@@ -8,9 +8,11 @@ reduce with FBGEMM's ``embedding_bag``; on CUDA they run Triton kernels when Tri
 
 from moerouter import BackendInfo
 from moerouter_torch import _backend
+from moerouter_torch._grouped import grouped_mm
 from moerouter_torch._workspace import release_workspaces
+from moerouter_torch.nn import GroupedMLP, MoE
 
-__all__ = ["backend", "release_workspaces"]
+__all__ = ["GroupedMLP", "MoE", "backend", "grouped_mm", "release_workspaces"]
 
 backend = BackendInfo(
     name="torch",

@@ -1,0 +1,115 @@
+"""GroupedMLP and MoE equal a dense per-expert loop, and null experts really skip work."""
+
+import moerouter_torch
+import pytest
+import torch
+from moerouter_torch import GroupedMLP, MoE, _grouped
+
+import moerouter as mr
+
+T, D, H = 20, 8, 12
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def expert_of_rows(group_sizes, num_rows):
+    experts = torch.repeat_interleave(torch.arange(len(group_sizes)), group_sizes.long())
+    return torch.cat([experts, torch.full((num_rows - len(experts),), -1)])
+
+
+def dense_expert(mlp, expert, row):
+    hidden = row @ mlp.w_in[expert]
+    return moerouter_torch.nn._activate(hidden, mlp.activation) @ mlp.w_out[expert]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu", "silu"])
+def test_grouped_mlp_equals_per_expert_loop(activation):
+    torch.manual_seed(0)
+    mlp = GroupedMLP(4, D, H, activation=activation)
+    group_sizes = torch.tensor([3, 0, 5, 2], dtype=torch.int32)  # an empty expert, 4 spare rows
+    xe = randn(14, D)
+    out = mlp(xe, group_sizes)
+    experts = expert_of_rows(group_sizes, 14)
+    for row in range(14):
+        want = torch.zeros(D) if experts[row] < 0 else dense_expert(mlp, experts[row], xe[row])
+        torch.testing.assert_close(out[row], want)
+
+
+def test_grouped_mm_gradcheck_float64():
+    group_sizes = torch.tensor([2, 0, 3], dtype=torch.int32)
+    x = randn(7, 3, dtype=torch.float64).requires_grad_()
+    weight = randn(3, 3, 4, seed=1, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, w: _grouped.grouped_mm(x, w, group_sizes), (x, weight)
+    )
+
+
+def test_null_experts_compute_fewer_rows(monkeypatch):
+    # Rows that go to null experts never reach a matmul: FLOPs are saved for real.
+    seen = []
+
+    def counting(rows, weight):
+        seen.append(rows.shape[0])
+        return rows @ weight
+
+    monkeypatch.setattr(_grouped, "_expert_matmul", counting)
+    torch.manual_seed(0)
+    layer = MoE(D, H, mr.NullExperts(num_experts=4, num_null=4, k=2))
+    with torch.no_grad():
+        layer.gate.weight[4:] += 1.0  # make null experts popular
+    x = randn(T, D, seed=2)
+    plan = mr.make_plan(layer.router(layer.gate(x)))
+    valid = int(plan.num_valid)
+    assert valid < plan.num_rows
+    y, _ = layer(x)
+    forward_rows = sum(seen[: len(seen) // 2]), sum(seen[len(seen) // 2 :])
+    assert forward_rows == (valid, valid)  # both expert matmuls see only the valid rows
+    y.sum().backward()
+    assert layer.experts.w_in.grad is not None
+
+
+@pytest.mark.parametrize(
+    "router",
+    [
+        mr.TopK(num_experts=4, k=2),  # Mixtral-style
+        mr.NullExperts(num_experts=4, num_null=2, k=2),  # adaptive number of experts
+        mr.ExpertChoice(num_experts=4, capacity_factor=1.0),  # variable fan-in
+    ],
+    ids=["topk", "null", "expert-choice"],
+)
+@pytest.mark.parametrize("shared", [None, 6], ids=["routed-only", "shared-expert"])
+def test_moe_equals_dense_reference(router, shared):
+    torch.manual_seed(0)
+    layer = MoE(D, H, router, shared_intermediate_size=shared)
+    x = randn(2, T // 2, D, seed=3)
+    y, losses = layer(x)
+    assert y.shape == x.shape
+    assert set(losses) == {"load_balancing", "z_loss"}
+    routing = router(layer.gate(x.reshape(-1, D)))
+    want = torch.zeros(T, D)
+    for token, expert, weight in zip(
+        routing.token_ids.tolist(), routing.expert_ids.tolist(), routing.weights, strict=True
+    ):
+        if expert >= 0:
+            want[token] += weight * dense_expert(layer.experts, expert, x.reshape(-1, D)[token])
+    if shared is not None:
+        want += dense_expert(layer.shared, 0, x.reshape(-1, D))
+    torch.testing.assert_close(y.reshape(-1, D), want, rtol=1e-5, atol=1e-5)
+    (y.sum() + losses["load_balancing"] + losses["z_loss"]).backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_moe_compiles_fullgraph(use_backend):
+    use_backend("torch")
+    torch.manual_seed(0)
+    layer = MoE(D, H, mr.TopK(num_experts=4, k=2), shared_intermediate_size=6)
+    x = randn(T, D, seed=4)
+    eager, _ = layer(x)
+    torch._dynamo.reset()
+    compiled, losses = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+    (compiled.sum() + losses["load_balancing"]).backward()
+    assert layer.gate.weight.grad is not None
