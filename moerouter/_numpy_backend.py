@@ -57,8 +57,9 @@ IntArray = npt.NDArray[np.int32]
 _THREADED_MIN_BYTES = 8 << 20
 # Outputs smaller than this are plain np.empty: the cache only pays off for page-faulting sizes.
 _CACHED_MIN_BYTES = 1 << 20
-# Tokens per block in the matmul combine: a block's gathered rows stay in the L2 cache.
-_COMBINE_BLOCK_BYTES = 512 << 10
+# Gathered bytes per block in the matmul combine: a block stays in the L2 cache (1 MiB here)
+# or close to it; smaller blocks pay more Python overhead per token.
+_COMBINE_BLOCK_BYTES = 2 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,39 +351,46 @@ def _combine_blocked(
 ) -> None:
     """Blocks of tokens gather their rows into a float32 buffer and reduce them with a matmul."""
     num_tokens, features = out.shape
-    starts = np.zeros(num_tokens + 1, dtype=np.int64)
-    np.cumsum(counts, out=starts[1:])
     max_fan_in = int(counts.max()) if num_tokens else 0
-    block = max(1, _COMBINE_BLOCK_BYTES // max(1, max_fan_in * features * 4))
-    gathered = np.empty((block * max(1, max_fan_in), features), dtype=ye.dtype)
+    if max_fan_in == 0:
+        out[...] = 0
+        return
+    if rows.shape[0] == num_tokens * max_fan_in and bool(np.all(counts == max_fan_in)):
+        filled = None  # every token has the same number of entries: no padding anywhere
+        token_rows = rows.reshape(num_tokens, max_fan_in)
+        token_weights = weights.reshape(num_tokens, max_fan_in)
+    else:
+        # Left-align each token's entries into (T, max_fan_in) slots; empty slots read row 0 and
+        # are zeroed after the gather, so rows past num_valid never reach the sum.
+        starts = np.cumsum(counts, dtype=np.int64) - counts
+        slot = np.arange(max_fan_in)
+        filled = slot[None, :] < counts[:, None]
+        entry = np.where(filled, starts[:, None] + slot[None, :], 0)
+        token_rows = np.where(filled, rows[entry], 0).astype(np.int32, copy=False)
+        token_weights = np.where(filled, weights[entry], 0).astype(np.float32, copy=False)
+    block = max(1, _COMBINE_BLOCK_BYTES // (max_fan_in * features * 4))
+    gathered = np.empty((block * max_fan_in, features), dtype=ye.dtype)
     gathered32 = gathered if ye.dtype == np.float32 else np.empty(gathered.shape, np.float32)
-    accumulator = out if out.dtype == np.float32 else np.empty((block, features), np.float32)
+    direct = out.dtype == np.float32
+    accumulator = out if direct else np.empty((block, features), np.float32)
     for lo in range(0, num_tokens, block):
         hi = min(lo + block, num_tokens)
         size = hi - lo
-        fan_in = int(counts[lo:hi].max())
-        target = accumulator[lo:hi] if accumulator is out else accumulator[:size]
+        fan_in = max_fan_in if filled is None else int(counts[lo:hi].max())
+        target = out[lo:hi] if direct else accumulator[:size]
         if fan_in == 0:
             target[...] = 0
         else:
-            # Left-align each token's entries into (size, fan_in) slots; empty slots read row
-            # 0 and are zeroed after the gather, so rows past num_valid never reach the sum.
-            slot = np.arange(fan_in)
-            filled = slot[None, :] < counts[lo:hi, None]
-            entry = starts[lo:hi, None] + slot[None, :]
-            entry = np.where(filled, entry, starts[lo])
-            block_rows = np.where(filled, rows[entry] if rows.size else 0, 0)
-            block_weights = np.where(filled, weights[entry] if rows.size else 0, 0)
             flat = gathered[: size * fan_in]
-            np.take(ye, block_rows.reshape(-1), axis=0, out=flat, mode="clip")
+            np.take(ye, token_rows[lo:hi, :fan_in].reshape(-1), axis=0, out=flat, mode="clip")
             values = gathered32[: size * fan_in]
             if values is not flat:
                 np.copyto(values, flat)
             values = values.reshape(size, fan_in, features)
-            if not filled.all():
-                np.copyto(values, 0, where=~filled[:, :, None])
-            np.matmul(block_weights.astype(np.float32)[:, None, :], values, out=target[:, None, :])
-        if accumulator is not out:
+            if filled is not None and not filled[lo:hi, :fan_in].all():
+                np.copyto(values, 0, where=~filled[lo:hi, :fan_in, None])
+            np.matmul(token_weights[lo:hi, None, :fan_in], values, out=target[:, None, :])
+        if not direct:
             np.copyto(out[lo:hi], target, casting="unsafe")
 
 
