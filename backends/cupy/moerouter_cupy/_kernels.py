@@ -23,7 +23,11 @@ from moerouter.routing import Plan, Routing
 __all__ = ["NAME_EXPRESSIONS", "combine", "dispatch", "make_plan", "topk_router"]
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-COMPILE_OPTIONS = ("--std=c++17", f"--include-path={KERNEL_DIR}")
+#: The same macros go to nvcc in the compile test. CuPy bundles its own cuda_fp16.h while
+#: cuda_bf16.h comes from the local CUDA toolkit; without the implicit conversions between the two
+#: types their versions need not match (cupy/cupy#8146). The kernels convert explicitly.
+NO_IMPLICIT_CONVERSIONS = ("-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__")
+COMPILE_OPTIONS = ("--std=c++17", f"--include-path={KERNEL_DIR}", *NO_IMPLICIT_CONVERSIONS)
 
 #: Experts per lane the router is instantiated for: num_experts <= 32 * per_lane.
 ROUTER_PER_LANE = (1, 2, 4, 8, 16)

@@ -30,6 +30,7 @@ def nvcc_command(source: str, architecture: str, output: Path) -> list[str]:
         "-Werror",
         "all-warnings",
         f"-I{KERNEL_DIR}",
+        *_kernels.NO_IMPLICIT_CONVERSIONS,  # as cupy.RawModule compiles them
         "-o",
         str(output),
         str(KERNEL_DIR / source),
