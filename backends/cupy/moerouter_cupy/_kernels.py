@@ -138,6 +138,7 @@ def from_cupy(result: Any, like: Any, dtype_name: str) -> Any:
         return tensor.view(torch.bfloat16) if dtype_name == "bfloat16" else tensor
     if library in ("jax", "jaxlib"):
         import jax
+        import jax.dlpack
 
         array = jax.dlpack.from_dlpack(result)
         if dtype_name == "bfloat16":
