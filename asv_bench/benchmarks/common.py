@@ -13,6 +13,7 @@ for ``python -m moerouter bench``).
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +32,10 @@ WEIGHT_BYTES = 4
 COPY_ROOF_BYTES = 256 * 2**20
 
 BACKENDS = ["numpy", "torch"]
+
+#: "auto": the kernel moerouter's registry picks for the array type (the agnostic path where a
+#: backend has none); "agnostic": the array-API reference, forced with MOEROUTER_BACKEND.
+PATHS = ["auto", "agnostic"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,14 @@ def skip_unless_installed(backend: str) -> None:
     """asv skips a parameter combination whose setup raises NotImplementedError."""
     if importlib.util.find_spec(backend) is None:
         raise NotImplementedError(f"{backend} is not installed")
+
+
+def choose_path(path: str) -> None:
+    """Route this process's public calls to the registry's kernels or to the agnostic path."""
+    if path == "agnostic":
+        os.environ["MOEROUTER_BACKEND"] = "reference"
+    else:
+        os.environ.pop("MOEROUTER_BACKEND", None)
 
 
 def asarray(backend: str, array: np.ndarray) -> Any:
