@@ -1,0 +1,166 @@
+"""Backend registry: declared plugins, lazy discovery; requests raise, auto-selection falls back."""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from types import MappingProxyType
+
+import numpy as np
+import pytest
+
+import moerouter as mr
+from moerouter import _registry
+
+
+class FakeArray:
+    """An array type of a library moerouter has never heard of."""
+
+
+FakeArray.__module__ = "fakelib.core"
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch):
+    # Every test starts with nothing loaded and no MOEROUTER_BACKEND, and leaves no trace.
+    monkeypatch.setattr(_registry, "_loaded", {})
+    monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
+
+
+def noop(*args):
+    return args
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        # MOEROUTER_BACKEND=<name> must be able to name it.
+        pytest.param({"name": "my plugin"}, ValueError, "name must be an identifier"),
+        # The array library is a top-level module name.
+        pytest.param({"array_library": "torch.Tensor"}, ValueError, "must be a module name"),
+        # A misspelt kernel would silently never run.
+        pytest.param({"kernels": {"dispath": noop}}, ValueError, "unknown kernel names"),
+        # A kernel must be callable.
+        pytest.param({"kernels": {"combine": 3}}, TypeError, "is not callable"),
+    ],
+)
+def test_backend_info_validation(options, error, match):
+    fields = {"name": "fake", "array_library": "fakelib", **options}
+    with pytest.raises(error, match=match):
+        mr.BackendInfo(**fields)
+
+
+def test_backend_info_is_read_only():
+    # Frozen, and its kernel table cannot be changed behind the registry's back.
+    kernels = {"dispatch": noop}
+    info = mr.BackendInfo(name="fake", array_library="fakelib", kernels=kernels)
+    kernels["combine"] = noop
+    assert set(info.kernels) == {"dispatch"}
+    with pytest.raises(TypeError):
+        info.kernels["combine"] = noop
+    with pytest.raises(AttributeError):
+        info.name = "other"
+
+
+def test_array_library_is_read_from_the_type():
+    assert _registry.array_library(np.zeros(1)) == "numpy"
+    assert _registry.array_library(FakeArray()) == "fakelib"
+
+
+def spy_plugin(monkeypatch, calls):
+    def dispatch(x, plan):
+        calls.append("dispatch")
+        return np.zeros((plan.num_rows, x.shape[1]), x.dtype)
+
+    info = mr.BackendInfo(name="numpy", array_library="numpy", kernels={"dispatch": dispatch})
+    monkeypatch.setitem(_registry._loaded, "numpy", info)
+
+
+def test_plugin_kernel_is_used(monkeypatch):
+    # A loaded plugin's kernel runs instead of the agnostic path.
+    calls = []
+    spy_plugin(monkeypatch, calls)
+    plan = mr.make_plan(mr.TopK(num_experts=2, k=1)(np.eye(2, dtype=np.float32)))
+    mr.dispatch(np.ones((2, 3), np.float32), plan)
+    assert calls == ["dispatch"]
+
+
+def test_reference_forces_the_agnostic_path(monkeypatch):
+    # MOEROUTER_BACKEND=reference: no plugin kernel runs, even one already loaded.
+    calls = []
+    spy_plugin(monkeypatch, calls)
+    monkeypatch.setenv("MOEROUTER_BACKEND", "reference")
+    plan = mr.make_plan(mr.TopK(num_experts=2, k=1)(np.eye(2, dtype=np.float32)))
+    xe = mr.dispatch(np.ones((2, 3), np.float32), plan)
+    assert calls == []
+    assert np.all(xe == 1)
+    assert _registry.kernel_for("combine", np.zeros(1)) is None
+
+
+def broken_import(target):
+    # A plugin that is installed but whose own dependency is missing.
+    raise ImportError(f"{target} needs libfake", name="libfake")
+
+
+def use_fake_builtin(monkeypatch):
+    plugins = {**_registry.BUILTIN_PLUGINS, "fakelib": "moerouter_fakelib"}
+    monkeypatch.setattr(_registry, "BUILTIN_PLUGINS", MappingProxyType(plugins))
+
+
+def test_requested_plugin_that_fails_raises(monkeypatch):
+    use_fake_builtin(monkeypatch)
+    monkeypatch.setattr(_registry, "_import_plugin", broken_import)
+    monkeypatch.setenv("MOEROUTER_BACKEND", "fakelib")
+    with pytest.raises(ImportError, match="MOEROUTER_BACKEND='fakelib' asks for plugin"):
+        _registry.backend_for(FakeArray())
+
+
+def test_auto_selected_plugin_that_fails_warns_once(monkeypatch):
+    use_fake_builtin(monkeypatch)
+    monkeypatch.setattr(_registry, "_import_plugin", broken_import)
+    with pytest.warns(RuntimeWarning, match="moerouter_fakelib' failed to load") as record:
+        assert _registry.backend_for(FakeArray()) is None
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call must be silent
+        assert _registry.kernel_for("dispatch", FakeArray()) is None
+
+
+def test_builtin_plugin_not_installed_is_silent(monkeypatch):
+    # moerouter_fakelib is simply absent: the agnostic path, no warning.
+    use_fake_builtin(monkeypatch)
+    monkeypatch.setitem(sys.modules, "moerouter_fakelib", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _registry.backend_for(FakeArray()) is None
+
+
+def test_entry_point_plugin_is_found_lazily(monkeypatch):
+    # An unknown array library: only now are entry points scanned, and the plugin is used.
+    module = types.ModuleType("fake_moerouter_plugin")
+    module.backend = mr.BackendInfo(name="fake", array_library="fakelib", kernels={"combine": noop})
+    monkeypatch.setitem(sys.modules, "fake_moerouter_plugin", module)
+    scans = []
+
+    def entry_points():
+        scans.append(1)
+        return {"fake": "fake_moerouter_plugin:backend"}
+
+    monkeypatch.setattr(_registry, "_entry_point_plugins", entry_points)
+    _registry.backend_for(np.zeros(1))  # a built-in library: no scan
+    assert scans == []
+    assert _registry.kernel_for("combine", FakeArray()) is noop
+    assert _registry.kernel_for("dispatch", FakeArray()) is None
+    _registry.backend_for(FakeArray())  # cached: no second scan
+    assert scans == [1]
+    assert "fake" in _registry.known_plugins()
+
+
+def test_plugin_must_expose_backend_info(monkeypatch):
+    # A module whose "backend" is something else is a broken plugin, said plainly.
+    module = types.ModuleType("fake_moerouter_plugin")
+    module.backend = {"name": "fake"}
+    monkeypatch.setitem(sys.modules, "fake_moerouter_plugin", module)
+    with pytest.raises(TypeError, match=r"does not expose a moerouter\.BackendInfo"):
+        _registry._import_plugin("fake_moerouter_plugin")
