@@ -175,14 +175,6 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench(args: argparse.Namespace) -> int:
-    """Delegate to :mod:`moerouter._bench`."""
-    from moerouter._bench import main as bench_main
-
-    result: int = bench_main(list(args.bench_args))
-    return result
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -202,13 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_parser.add_argument("--experts", type=_positive, default=8)
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.set_defaults(run=demo)
-    bench_parser = commands.add_parser("bench", help="kernel timings against the copy roof")
-    bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench_parser.set_defaults(run=bench)
+    commands.add_parser("bench", help="kernel timings against the copy roof (bench --help)")
     commands.add_parser("info", help="backends, versions, devices").set_defaults(run=info)
     args = parser.parse_args(argv)
-    result: int = args.run(args)
-    return result
+    status: int = args.run(args)
+    return status
 
 
 if __name__ == "__main__":
