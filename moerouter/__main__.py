@@ -184,9 +184,14 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(
-        prog="python -m moerouter", description=__doc__.splitlines()[0]
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own options: hand them over untouched
+        from moerouter._bench import main as bench_main
+
+        result: int = bench_main(argv[1:])
+        return result
+    description = "moerouter: demo, benchmarks and environment report"
+    parser = argparse.ArgumentParser(prog="python -m moerouter", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="route a synthetic batch with every policy")
     demo_parser.add_argument("--tokens", type=_positive, default=4096)
