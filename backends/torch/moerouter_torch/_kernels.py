@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from moerouter_torch._workspace import workspace
 
-# Rows of one chunk of the low-precision combine: small enough to stay in L2 as float32.
-_CHUNK_BYTES = 1 << 20
+# float32 = hi + mid + lo in bfloat16 (8 significant bits each); float16 needs no more.
+_WEIGHT_PARTS = 3
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -114,33 +114,35 @@ def gather_reduce(
     Accumulates in float32 (float64 for float64 ``ye``). Without weights, a plain sum: the
     gradient of dispatch.
     """
-    num_tokens = combine_rows.shape[0]
     rows, offsets, weights = _csr(combine_rows, combine_weights)
     accumulate = torch.float64 if ye.dtype == torch.float64 else torch.float32
-    if weights is not None:
+    if weights is not None and ye.dtype != accumulate:
+        rows, offsets, weights = _split_weights(rows, offsets, weights, ye.dtype)
+    elif weights is not None:
         weights = weights.to(accumulate)
-    if ye.dtype == accumulate:
-        # embedding_bag "sum" is the token-major gather-reduce: one thread per token, entries in
-        # order, multiply-add into a float32 register row (FBGEMM on CPU).
-        return F.embedding_bag(rows, ye, offsets, mode="sum", per_sample_weights=weights)
-    # Low precision: widen a chunk of gathered rows to float32 while it sits in cache, then reduce.
-    out = _empty((num_tokens, ye.shape[1]), ye.dtype, ye.device)
-    chunk = max(1, _CHUNK_BYTES // max(1, 4 * ye.shape[1] * combine_rows.shape[1]))
-    bounds = torch.cat([offsets, offsets.new_tensor([rows.shape[0]])]).tolist()
-    for start in range(0, num_tokens, chunk):
-        stop = min(num_tokens, start + chunk)
-        first, last = bounds[start], bounds[stop]
-        wide = ye.index_select(0, rows[first:last]).to(accumulate)
-        local = torch.arange(last - first, device=ye.device)
-        part = F.embedding_bag(
-            local,
-            wide,
-            offsets[start:stop] - first,
-            mode="sum",
-            per_sample_weights=None if weights is None else weights[first:last],
-        )
-        out[start:stop].copy_(part)
-    return out
+    # embedding_bag "sum" is the token-major gather-reduce: one thread per token, entries in
+    # order, multiply-add into a float32 register row (FBGEMM on CPU), one rounding at the end.
+    return F.embedding_bag(rows, ye, offsets, mode="sum", per_sample_weights=weights)
+
+
+def _split_weights(
+    rows: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact float32 weights for a low-precision ``embedding_bag``.
+
+    ``embedding_bag`` wants weights in the dtype of the table, but accumulates bfloat16 and float16
+    in float32. A float32 weight is the exact sum of three bfloat16 parts (8 + 8 + 8 significant
+    bits), so each entry is repeated three times with its parts as weights: the repeats hit L1,
+    memory traffic is unchanged, and the sum is the float32 one up to float32 rounding.
+    """
+    weights = weights.float()
+    parts = []
+    for _ in range(_WEIGHT_PARTS):
+        part = weights.to(dtype)
+        parts.append(part)
+        weights = weights - part.float()
+    split = torch.stack(parts, dim=1).reshape(-1)
+    return rows.repeat_interleave(_WEIGHT_PARTS), offsets * _WEIGHT_PARTS, split
 
 
 def combine_backward(
