@@ -186,10 +186,10 @@ def _check_same_backend(array: Array, name: str, plan: Plan) -> Any:
             f"{name} is a {type(array).__module__}.{type(array).__name__} but the plan holds "
             f"{type(plan.source_tokens).__module__} arrays: use one backend"
         ) from error
-    if device(array) != device(plan.source_tokens):
-        raise ValueError(
-            f"{name} is on device {device(array)} but the plan is on {device(plan.source_tokens)}"
-        )
+    array_device, plan_device = device(array), device(plan.source_tokens)
+    # A traced JAX array (under grad or jit) reports no device: there is nothing to compare.
+    if array_device is not None and plan_device is not None and array_device != plan_device:
+        raise ValueError(f"{name} is on device {array_device} but the plan is on {plan_device}")
     if array.ndim != 2:
         raise ValueError(f"{name} must have shape (rows, features), got shape {tuple(array.shape)}")
     return xp
