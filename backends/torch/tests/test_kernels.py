@@ -5,7 +5,7 @@ from dataclasses import fields
 import moerouter_torch
 import pytest
 import torch
-from moerouter_torch import _ops
+from moerouter_torch import _kernels, _ops
 
 import moerouter as mr
 
@@ -89,6 +89,20 @@ def test_dtypes_and_run_to_run_identity(use_backend, router, columns, dtype):
     valid = int(plan.num_valid)
     assert torch.equal(xe[:valid], x[plan.source_tokens[:valid].long()])
     assert not xe[valid:].any()
+
+
+def test_low_precision_weights_split_exactly():
+    # bfloat16 embedding_bag takes bfloat16 weights; three bfloat16 parts carry a float32 weight
+    # exactly, so the low-precision combine multiplies by the true float32 weight.
+    weights = torch.rand(1000, generator=torch.Generator().manual_seed(20)) * 3 - 1
+    rows = torch.arange(1000)
+    offsets = torch.arange(0, 1000, 4)
+    split_rows, split_offsets, parts = _kernels._split_weights(
+        rows, offsets, weights, torch.bfloat16
+    )
+    assert torch.equal(parts.float().reshape(-1, 3).sum(1), weights)
+    assert torch.equal(split_rows, rows.repeat_interleave(3))
+    assert torch.equal(split_offsets, offsets * 3)
 
 
 def test_combine_ignores_rows_past_num_valid(use_backend):
