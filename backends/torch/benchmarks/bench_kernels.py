@@ -27,7 +27,8 @@ SHAPES = {
 
 
 def median_seconds(fn, reps: int) -> float:
-    for _ in range(2):
+    # The first few calls of a process pay one-off costs (thread pools, allocator growth).
+    for _ in range(5):
         fn()
     times = []
     for _ in range(reps):
