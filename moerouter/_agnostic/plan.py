@@ -77,10 +77,16 @@ def plan_arrays(
 
 
 def dispatch(x: Array, source_tokens: Array, num_valid: Array, *, xp: Any) -> Array:
-    """Rows of ``x`` in dispatch order; rows past ``num_valid`` are zero."""
-    rows = xp.take(x, source_tokens, axis=0)
-    valid = xp.arange(rows.shape[0], dtype=num_valid.dtype) < num_valid
-    return xp.where(valid[:, None], rows, xp.zeros_like(rows))
+    """Rows of ``x`` in dispatch order; rows past ``num_valid`` are zero.
+
+    Those rows read an appended zero row, so one gather writes the whole output (masking a
+    gathered copy afterwards would pass over all ``R`` rows a second time).
+    """
+    num_tokens = x.shape[0]
+    padded = xp.concat([x, xp.zeros((1, x.shape[1]), dtype=x.dtype, device=_device(x))], axis=0)
+    valid = xp.arange(source_tokens.shape[0], dtype=num_valid.dtype) < num_valid
+    rows = xp.where(valid, source_tokens, xp.asarray(num_tokens, dtype=source_tokens.dtype))
+    return xp.take(padded, rows, axis=0)
 
 
 def combine(ye: Array, combine_rows: Array, combine_weights: Array, *, xp: Any) -> Array:
@@ -90,16 +96,15 @@ def combine(ye: Array, combine_rows: Array, combine_weights: Array, *, xp: Any) 
     in rows that belong to no expert.
     """
     num_tokens, fan_in = combine_rows.shape
+    zero = xp.zeros((), dtype=xp.float32, device=_device(ye))
     total = xp.zeros((num_tokens, ye.shape[1]), dtype=xp.float32, device=_device(ye))
     for f in range(fan_in):
         rows = combine_rows[:, f]
         present = rows >= 0
-        gathered = xp.astype(
-            xp.take(ye, xp.where(present, rows, xp.zeros_like(rows)), axis=0), xp.float32
-        )
-        term = combine_weights[:, f][:, None] * gathered
-        total = total + xp.where(present[:, None], term, xp.zeros_like(term))
-    return xp.astype(total, ye.dtype)
+        gathered = xp.take(ye, xp.where(present, rows, xp.zeros_like(rows)), axis=0)
+        gathered = xp.where(present[:, None], xp.astype(gathered, xp.float32, copy=False), zero)
+        total = total + combine_weights[:, f][:, None] * gathered
+    return xp.astype(total, ye.dtype, copy=False)
 
 
 def _device(array: Array) -> Any:
