@@ -8,6 +8,7 @@ exactly and narrower dtypes within one rounding of their own.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -26,7 +27,12 @@ PLAN_INTEGERS = ("group_sizes", "order", "inverse", "source_tokens", "num_valid"
 
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
+    # The kernels are opt-in until they have passed here; reload the plugin to opt in.
+    import moerouter_cupy
+
     monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
+    monkeypatch.setenv("MOEROUTER_CUPY_KERNELS", "1")
+    importlib.reload(moerouter_cupy)
     _registry._loaded.clear()
     yield
     _registry._loaded.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -10,10 +11,17 @@ import moerouter_cupy
 from moerouter import BackendInfo
 
 
-def test_backend_declares_kernels():
+def test_backend_declares_kernels(monkeypatch):
+    # Unvalidated kernels are opt-in: none by default, all three with MOEROUTER_CUPY_KERNELS=1.
     assert isinstance(moerouter_cupy.backend, BackendInfo)
     assert moerouter_cupy.backend.array_library == "cupy"
-    assert set(moerouter_cupy.backend.kernels) == {"make_plan", "dispatch", "combine"}
+    monkeypatch.delenv("MOEROUTER_CUPY_KERNELS", raising=False)
+    assert dict(importlib.reload(moerouter_cupy).backend.kernels) == {}
+    monkeypatch.setenv("MOEROUTER_CUPY_KERNELS", "1")
+    kernels = importlib.reload(moerouter_cupy).backend.kernels
+    assert set(kernels) == {"make_plan", "dispatch", "combine"}
+    monkeypatch.delenv("MOEROUTER_CUPY_KERNELS")
+    importlib.reload(moerouter_cupy)
 
 
 def test_import_does_not_import_cupy():
