@@ -87,17 +87,22 @@ def _row_is_finite(row: np.ndarray) -> bool:
     return ok and any(v > -math.inf for v in row.tolist())
 
 
+def _descending(values: list[float]) -> list[int]:
+    """Indices of ``values`` from largest to smallest value, ties to the lower index."""
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
 def _ranked_columns(row: np.ndarray) -> list[int]:
     """Columns of a float32 row from largest to smallest value, ties to the lower column."""
-    values = row.tolist()
-    return sorted(range(len(values)), key=lambda j: (-values[j], j))
+    return _descending(row.tolist())
 
 
 def _softmax(row: np.ndarray) -> np.ndarray:
     values = row.astype(np.float64)
     top = max(v for v in values if v > -math.inf)
     exps = np.array([0.0 if v == -math.inf else math.exp(v - top) for v in values])
-    return exps / exps.sum()
+    probs: np.ndarray = exps / exps.sum()
+    return probs
 
 
 def _sigmoid(row: np.ndarray) -> np.ndarray:
@@ -168,8 +173,7 @@ def _token_choice(
             for slot in range(k):  # k-major: every first choice before any second choice
                 tokens = list(range(group_size))
                 if drop_policy == "probs":
-                    chosen = [probs[g, s, choice[g, s, slot]] for s in tokens]
-                    tokens.sort(key=lambda s, chosen=chosen: (-chosen[s], s))
+                    tokens = _descending([probs[g, s, choice[g, s, slot]] for s in tokens])
                 for s in tokens:
                     e = expert[g, s, slot]
                     if e < 0:
@@ -345,7 +349,7 @@ def reference_expert_choice(
     for g in range(num_groups):
         for e in range(num_experts):
             ranking = [probs[g, s, e] if finite[g, s] else -1.0 for s in range(group_size)]
-            best = sorted(range(group_size), key=lambda s, r=ranking: (-r[s], s))[:per_expert]
+            best = _descending(ranking)[:per_expert]
             for s in best:
                 token_ids.append(g * group_size + s)
                 expert_ids.append(e if finite[g, s] else -1)
@@ -479,7 +483,7 @@ def _balance(routing: Any, convention: str, pool_null: bool) -> float:
     losses = []
     for g in range(num_groups):
         tokens = range(g * group_size, (g + 1) * group_size)
-        finite_tokens = [t for t in tokens if r["finite_rows"][t]]
+        finite_tokens = {t for t in tokens if r["finite_rows"][t]}
         counts = np.zeros(num_columns)
         for token, column in zip(r["token_ids"], r["choice_ids"], strict=True):
             if token in finite_tokens:
