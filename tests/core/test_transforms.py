@@ -55,11 +55,6 @@ def test_jax_jit_equals_eager(reference_backend, router, num_columns):
         assert_close(jitted[3][name], value, name, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="moerouter_jax registers every num_* field as static pytree metadata, so the array "
-    "Plan.num_valid leaks out of jax.jit as a tracer",
-)
 def test_jax_jit_returns_a_plan(reference_backend):
     # A Plan made inside jit and returned from it must be the eager plan.
     jax = pytest.importorskip("jax")

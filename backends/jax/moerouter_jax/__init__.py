@@ -15,14 +15,14 @@ from moerouter import BackendInfo, Plan, Routing
 __all__ = ["backend"]
 
 
-STATIC = ("layout", "slots")  # besides the num_* sizes: Python values, not arrays
+# Python values, not arrays: they become static metadata of the pytree (Plan.num_valid is an array).
+STATIC = frozenset({"num_tokens", "num_experts", "layout", "slots", "num_groups"})
 
 
 def _register_pytree(cls: type) -> None:
-    static = [
-        f.name for f in fields(cls) if f.name.startswith("num_") or f.name in ("layout", "slots")
-    ]
-    data = [f.name for f in fields(cls) if f.name not in static]
+    names = [f.name for f in fields(cls)]
+    static = [name for name in names if name in STATIC]
+    data = [name for name in names if name not in STATIC]
     jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=static)
 
 
