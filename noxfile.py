@@ -34,7 +34,7 @@ def tests_core(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Every CPU backend: the equivalence matrix, plugin tests, jit and compile."""
-    session.install(TORCH, JAX, "-e", ".[test]", *PLUGINS)
+    session.install(TORCH, JAX, "scipy", "-e", ".[test]", *PLUGINS)  # scipy: CSR combine path
     session.run(*PYTEST, "tests", "backends", "-m", "not gpu", *session.posargs)
 
 
