@@ -8,7 +8,7 @@ otherwise runs the agnostic array-API version in :mod:`moerouter._agnostic.plan`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from array_api_compat import array_namespace, device
@@ -124,13 +124,6 @@ class Plan:
     def num_rows(self) -> int:
         """``R``, the static length of the dispatched buffer."""
         return int(self.order.shape[0])
-
-
-def array_fields(obj: Routing | Plan) -> list[Array]:
-    """The array attributes of a Routing or Plan, in field order."""
-    return [
-        getattr(obj, f.name) for f in fields(obj) if not isinstance(getattr(obj, f.name), int | str)
-    ]
 
 
 def make_plan(routing: Routing) -> Plan:
