@@ -310,7 +310,8 @@ def _packed_entries(plan: Plan) -> tuple[IntArray, npt.NDArray[np.float32], IntA
 def combine(
     ye: npt.NDArray[Any], plan: Plan, *, out: npt.NDArray[Any] | None = None
 ) -> npt.NDArray[Any]:
-    """:func:`moerouter.combine` for NumPy arrays; float32 accumulation in slot order.
+    """:func:`moerouter.combine` for NumPy arrays; float32 (float64 for float64 rows) accumulation
+    in slot order.
 
     ``out``, if given, is a ``(T, d)`` array of ``ye``'s dtype that receives the result and is
     returned; by default the result is a new array.
@@ -322,7 +323,8 @@ def combine(
             f"{out.dtype} {tuple(out.shape)}"
         )
     rows, weights, counts = _packed_entries(plan)
-    sparse = _scipy_sparse() if ye.dtype == np.float32 else None
+    # SciPy accumulates in the result type: float32 rows in float32, float64 rows in float64.
+    sparse = _scipy_sparse() if ye.dtype in (np.float32, np.float64) else None
     if sparse is not None:
         indptr = np.zeros(num_tokens + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
@@ -331,7 +333,7 @@ def combine(
             (weights, rows.astype(index_type), indptr.astype(index_type)),
             shape=(num_tokens, int(ye.shape[0])),
         )
-        result: npt.NDArray[np.float32] = matrix @ ye
+        result: npt.NDArray[Any] = matrix @ ye
         if out is None:
             return result
         np.copyto(out, result)
@@ -349,8 +351,10 @@ def _combine_blocked(
     counts: IntArray,
     out: npt.NDArray[Any],
 ) -> None:
-    """Blocks of tokens gather their rows into a float32 buffer and reduce them with a matmul."""
+    """Blocks of tokens gather their rows into a float32 (or float64) buffer and reduce them with
+    a matmul."""
     num_tokens, features = out.shape
+    accumulate = np.promote_types(ye.dtype, np.float32)
     max_fan_in = int(counts.max()) if num_tokens else 0
     if max_fan_in == 0:
         out[...] = 0
@@ -367,12 +371,13 @@ def _combine_blocked(
         filled = slot[None, :] < counts[:, None]
         entry = np.where(filled, starts[:, None] + slot[None, :], 0)
         token_rows = np.where(filled, rows[entry], 0).astype(np.int32, copy=False)
-        token_weights = np.where(filled, weights[entry], 0).astype(np.float32, copy=False)
+        token_weights = np.where(filled, weights[entry], 0).astype(accumulate, copy=False)
     block = max(1, _COMBINE_BLOCK_BYTES // (max_fan_in * features * 4))
     gathered = np.empty((block * max_fan_in, features), dtype=ye.dtype)
-    gathered32 = gathered if ye.dtype == np.float32 else np.empty(gathered.shape, np.float32)
-    direct = out.dtype == np.float32
-    accumulator = out if direct else np.empty((block, features), np.float32)
+    gathered32 = gathered if ye.dtype == accumulate else np.empty(gathered.shape, accumulate)
+    direct = out.dtype == accumulate
+    accumulator = out if direct else np.empty((block, features), accumulate)
+    token_weights = token_weights.astype(accumulate, copy=False)
     for lo in range(0, num_tokens, block):
         hi = min(lo + block, num_tokens)
         size = hi - lo

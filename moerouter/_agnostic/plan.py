@@ -90,19 +90,21 @@ def dispatch(x: Array, source_tokens: Array, num_valid: Array, *, xp: Any) -> Ar
 
 
 def combine(ye: Array, combine_rows: Array, combine_weights: Array, *, xp: Any) -> Array:
-    """``y[t] = sum_f w[t, f] * ye[rows[t, f]]``, accumulated in float32 in the order of ``f``.
+    """``y[t] = sum_f w[t, f] * ye[rows[t, f]]``, accumulated in float32 (float64 for float64
+    rows) in the order of ``f``.
 
     Entries with ``rows == -1`` contribute exactly nothing, even when ``ye`` holds inf or NaN
     in rows that belong to no expert.
     """
     num_tokens, fan_in = combine_rows.shape
-    zero = xp.zeros((), dtype=xp.float32, device=_device(ye))
-    total = xp.zeros((num_tokens, ye.shape[1]), dtype=xp.float32, device=_device(ye))
+    accumulate = xp.result_type(ye.dtype, xp.float32)  # float32, or float64 for float64 rows
+    zero = xp.zeros((), dtype=accumulate, device=_device(ye))
+    total = xp.zeros((num_tokens, ye.shape[1]), dtype=accumulate, device=_device(ye))
     for f in range(fan_in):
         rows = combine_rows[:, f]
         present = rows >= 0
         gathered = xp.take(ye, xp.where(present, rows, xp.zeros_like(rows)), axis=0)
-        gathered = xp.where(present[:, None], xp.astype(gathered, xp.float32, copy=False), zero)
+        gathered = xp.where(present[:, None], xp.astype(gathered, accumulate, copy=False), zero)
         total = total + combine_weights[:, f][:, None] * gathered
     return xp.astype(total, ye.dtype, copy=False)
 
