@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from types import MappingProxyType
 from typing import Any
 
 import array_api_compat
 
-__all__ = ["KERNEL_NAMES", "BackendInfo", "array_library", "kernel_for", "known_plugins"]
+__all__ = [
+    "KERNEL_NAMES",
+    "BackendInfo",
+    "array_library",
+    "kernel_for",
+    "known_plugins",
+    "register",
+]
 
 ENTRY_POINT_GROUP = "moerouter.backends"
 
@@ -31,14 +38,12 @@ KERNEL_NAMES = frozenset({"make_plan", "dispatch", "combine"})
 
 #: Array library -> plugin module, for the plugins that ship with moerouter.
 #: NumPy's fast kernels ship inside the core; the others are separate distributions.
-BUILTIN_PLUGINS: Mapping[str, str] = MappingProxyType(
-    {
-        "numpy": "moerouter._numpy_backend",
-        "torch": "moerouter_torch",
-        "jax": "moerouter_jax",
-        "cupy": "moerouter_cupy",
-    }
-)
+BUILTIN_PLUGINS: Mapping[str, str] = {
+    "numpy": "moerouter._numpy_backend",
+    "torch": "moerouter_torch",
+    "jax": "moerouter_jax",
+    "cupy": "moerouter_cupy",
+}
 
 # Libraries with no kernels of their own: never look for a plugin for them.
 _AGNOSTIC_ONLY = frozenset({"array_api_strict"})
@@ -82,7 +87,9 @@ class BackendInfo:
         for kernel_name, kernel in self.kernels.items():
             if not callable(kernel):
                 raise TypeError(f"BackendInfo.kernels[{kernel_name!r}] is not callable")
-        object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
+        # A private copy; a plain dict, because torch.compile refuses to read a mappingproxy in a
+        # function that also fills the registry's cache.
+        object.__setattr__(self, "kernels", dict(self.kernels))
 
 
 # array library -> loaded BackendInfo, or None once we know there is none (or it failed to load).
@@ -121,7 +128,8 @@ def known_plugins() -> dict[str, str]:
 
 def _import_plugin(target: str) -> BackendInfo:
     module_name, _, attribute = target.partition(":")
-    module = importlib.import_module(module_name)
+    # An imported plugin is read from sys.modules: torch.compile cannot trace import_module.
+    module = sys.modules.get(module_name) or importlib.import_module(module_name)
     info = getattr(module, attribute or "backend")
     if not isinstance(info, BackendInfo):
         raise TypeError(f"plugin {target!r} does not expose a moerouter.BackendInfo")
@@ -156,6 +164,18 @@ def _find(library: str) -> BackendInfo | None:
         if info.array_library == library:
             return info
     return None
+
+
+def register(info: BackendInfo) -> BackendInfo:
+    """Make ``info`` the plugin for its array library now, instead of at its first array.
+
+    Built-in plugins call this when imported, so that after ``import moerouter_torch`` a function
+    traced by ``torch.compile`` never reaches the lazy import (which cannot be traced).
+    """
+    if not isinstance(info, BackendInfo):
+        raise TypeError(f"info must be a moerouter.BackendInfo, got {type(info).__name__}")
+    _loaded[info.array_library] = info
+    return info
 
 
 def backend_for(array: object) -> BackendInfo | None:

@@ -15,7 +15,7 @@ here also accept torch and JAX CUDA arrays through DLPack, without a copy.
 
 import os
 
-from moerouter import BackendInfo
+from moerouter import BackendInfo, _registry
 from moerouter_cupy._kernels import combine, dispatch, make_plan, topk_router
 
 __all__ = ["backend", "combine", "dispatch", "make_plan", "topk_router"]
@@ -23,12 +23,17 @@ __all__ = ["backend", "combine", "dispatch", "make_plan", "topk_router"]
 # Kernels that never ran on a GPU are not the default: a wrong result must not be silent.
 _OPTED_IN = os.environ.get("MOEROUTER_CUPY_KERNELS") == "1"
 
-backend = BackendInfo(
-    name="cupy",
-    array_library="cupy",
-    kernels={"make_plan": make_plan, "dispatch": dispatch, "combine": combine} if _OPTED_IN else {},
-    description="CuPy (CUDA RawModule kernels, opt-in with MOEROUTER_CUPY_KERNELS=1 until "
-    "validated on a GPU)"
-    if not _OPTED_IN
-    else "CuPy (CUDA RawModule kernels: counting-sort plan, vector dispatch, combine)",
+# Registered on import, so torch.compile/jax.jit never trace the registry's lazy import.
+backend = _registry.register(
+    BackendInfo(
+        name="cupy",
+        array_library="cupy",
+        kernels={"make_plan": make_plan, "dispatch": dispatch, "combine": combine}
+        if _OPTED_IN
+        else {},
+        description="CuPy (CUDA RawModule kernels, opt-in with MOEROUTER_CUPY_KERNELS=1 until "
+        "validated on a GPU)"
+        if not _OPTED_IN
+        else "CuPy (CUDA RawModule kernels: counting-sort plan, vector dispatch, combine)",
+    )
 )

@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import jax
 
-from moerouter import BackendInfo, Plan, Routing
+from moerouter import BackendInfo, Plan, Routing, _registry
 
 __all__ = ["backend"]
 
@@ -32,9 +32,12 @@ for _cls in (Routing, Plan):
     except ValueError:  # already registered (module reloaded)
         pass
 
-backend = BackendInfo(
-    name="jax",
-    array_library="jax",
-    kernels={},
-    description="JAX (agnostic path; fast kernels not yet provided)",
+# Registered on import, so torch.compile/jax.jit never trace the registry's lazy import.
+backend = _registry.register(
+    BackendInfo(
+        name="jax",
+        array_library="jax",
+        kernels={},
+        description="JAX (agnostic path; fast kernels not yet provided)",
+    )
 )

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import moerouter as mr
-from moerouter import _registry
 from moerouter_torch._grouped import grouped_mm
 
 __all__ = ["GroupedMLP", "MoE"]
@@ -139,8 +138,6 @@ class MoE(nn.Module):
         self.experts = GroupedMLP(
             num_experts, hidden_size, intermediate_size, activation=activation, **factory
         )
-        # Resolve the backend plugin now: its lazy import cannot run inside torch.compile.
-        _registry.backend_for(self.gate.weight)
         self.shared = None
         if shared_intermediate_size is not None:
             self.shared = GroupedMLP(
