@@ -11,6 +11,7 @@ nox.options.error_on_missing_interpreters = True
 
 TORCH = "torch==2.13.0"
 JAX = "jax[cpu]>=0.4.35"
+TRITON = "triton==3.9.0"
 PLUGINS = ["-e", "backends/torch", "-e", "backends/jax", "-e", "backends/cupy"]
 PYTEST = ["pytest", "-p", "no:cacheprovider"]
 
@@ -35,6 +36,7 @@ def tests_core(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Every CPU backend: the equivalence matrix, plugin tests, jit and compile."""
     session.install(TORCH, JAX, "scipy", "-e", ".[test]", *PLUGINS)  # scipy: CSR combine path
+    session.install("--no-deps", TRITON)  # the Triton kernels run in its CPU interpreter
     session.run(*PYTEST, "tests", "backends", "-m", "not gpu", *session.posargs)
 
 
