@@ -9,8 +9,8 @@ and the ratio of dispatch+combine time against (a) naive ``x[idx]`` + ``index_ad
 per-expert loop as in transformers' ``MixtralSparseMoeBlock`` (identity experts: data movement
 only) and (c) GShard's dense one-hot dispatch and combine, ``einsum("tec,td->ecd")`` and
 ``einsum("tec,ecd->td")`` with (T, E, C) masks, C = capacity (``--capacity-factor``). The one-hot
-einsums are matmuls of 2*T*E*C*d FLOPs each: a 32-token probe estimates their time first, and
-a shape whose estimate exceeds ``--einsum-budget`` seconds is skipped with the estimate printed;
+einsums are matmuls of 2*T*E*C*d FLOPs each: probes on a few tokens estimate their time first,
+and a shape whose estimate exceeds ``--einsum-budget`` seconds is skipped with the estimate printed;
 one whose masks do not fit in half the available memory falls back to capacity factor 1.0, then
 is skipped. Timings are benchmarks, never assertions.
 """
@@ -33,8 +33,8 @@ SHAPES = {
 }
 
 
-#: Tokens of the one-hot einsum probe that estimates the full einsums' time.
-PROBE_TOKENS = 32
+#: Tokens of the first one-hot einsum probe, which estimates the full einsums' time.
+PROBE_TOKENS = 8
 
 
 def median_seconds(fn, reps: int, warmup: int = 5) -> float:
@@ -158,14 +158,20 @@ def one_hot_baseline(x, routing, num_experts, k, capacity_factor, budget, reps):
         return None, None, "; ".join(notes)
     notes.append(f"C={capacity} (capacity factor {capacity_factor})")
     try:
-        # The einsums are linear in T at fixed C: time a slice of tokens, then scale.
-        probe = min(PROBE_TOKENS, tokens)
-        probe_masks = one_hot_masks(
-            expert_ids[:probe], weights[:probe], num_experts, capacity, x.dtype
-        )[:2]
-        probe_seconds = median_seconds(one_hot_einsum(x[:probe], *probe_masks), 1, warmup=0)
-        estimate = probe_seconds * tokens / probe
+        # The einsums are linear in T at fixed C: time a slice of tokens, then scale. A small
+        # slice runs the matmul less efficiently, so its estimate is high: the slice doubles
+        # while the estimate is over budget and one probe stays cheap.
         calls = 1 + reps
+        probe = min(PROBE_TOKENS, tokens)
+        while True:
+            probe_masks = one_hot_masks(
+                expert_ids[:probe], weights[:probe], num_experts, capacity, x.dtype
+            )[:2]
+            probe_seconds = median_seconds(one_hot_einsum(x[:probe], *probe_masks), 1, warmup=0)
+            estimate = probe_seconds * tokens / probe
+            if estimate * calls <= budget or probe == tokens or probe_seconds > budget / 20:
+                break
+            probe = min(2 * probe, tokens)
         if estimate * calls > budget:
             flops = 4 * tokens * num_experts * capacity * width
             notes.append(
