@@ -5,7 +5,7 @@ A policy turns router logits into a :class:`Routing`; :func:`make_plan` turns th
 Nothing here imports a framework: the backend is chosen per call from the arrays' type.
 """
 
-from moerouter import losses, stats
+from moerouter import confidence, distillation, losses, multitask, stats
 from moerouter._registry import BackendInfo
 from moerouter.policies import ExpertChoice, NullExperts, TopK
 from moerouter.routing import Plan, Routing, combine, dispatch, make_plan
@@ -21,8 +21,11 @@ __all__ = [
     "TopK",
     "__version__",
     "combine",
+    "confidence",
     "dispatch",
+    "distillation",
     "losses",
     "make_plan",
+    "multitask",
     "stats",
 ]

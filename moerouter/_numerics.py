@@ -1,0 +1,107 @@
+"""Argument checks and stable float32 primitives shared by the method modules.
+
+:mod:`moerouter.confidence`, :mod:`moerouter.distillation` and :mod:`moerouter.multitask` take plain
+arrays (logits, labels, expert outputs, masks) rather than a :class:`~moerouter.Routing`; these
+helpers give every one of them the same checks and the same numerically stable building blocks.
+Private helpers require ``xp``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+Array = Any
+
+
+def namespace(*arrays: Any, xp: Any) -> Any:
+    """``xp`` if given, else the common namespace of ``arrays`` (mixed backends raise)."""
+    if xp is not None:
+        return xp
+    try:
+        return array_namespace(*arrays)
+    except TypeError as error:  # mixed backends, or a non-array
+        raise TypeError(f"all arrays must come from one array library: {error}") from None
+
+
+def check_array(value: object, name: str) -> None:
+    if not is_array_api_obj(value):
+        raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+
+
+def float_array(value: Any, name: str, *, ndim: tuple[int, ...], xp: Any) -> Array:
+    """``value`` checked to be a real floating array of one of ``ndim`` ranks, as float32."""
+    check_array(value, name)
+    if value.ndim not in ndim:
+        ranks = " or ".join(str(n) for n in ndim)
+        raise ValueError(f"{name} must have {ranks} dimensions, got shape {tuple(value.shape)}")
+    if not xp.isdtype(value.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating dtype, got {value.dtype}")
+    return xp.astype(value, xp.float32)
+
+
+def bool_array(value: Any, name: str, *, shape: tuple[int, ...], xp: Any) -> Array:
+    """``value`` checked to be a bool array of ``shape``."""
+    check_array(value, name)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    if value.dtype != xp.bool:
+        raise TypeError(f"{name} must be a bool array, got {value.dtype}")
+    return value
+
+
+def check_shape(value: Any, name: str, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+
+
+def class_labels(labels: Any, name: str, *, num_rows: int, num_classes: int, xp: Any) -> Array:
+    """Integer labels of shape ``(num_rows,)``; out-of-range values raise when concrete."""
+    check_array(labels, name)
+    if tuple(labels.shape) != (num_rows,):
+        raise ValueError(f"{name} must have shape ({num_rows},), got {tuple(labels.shape)}")
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"{name} must be an integer array, got {labels.dtype}")
+    try:
+        bad = bool(xp.any((labels < 0) | (labels >= num_classes)))
+    except Exception:  # traced (jax.jit): nothing concrete to check
+        bad = False
+    if bad:
+        raise ValueError(f"{name} must lie in [0, {num_classes}), the number of classes")
+    return labels
+
+
+def check_real(value: object, name: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        condition = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{name} must be {condition}, got {value}")
+    return float(value)
+
+
+def log_softmax(values: Array, *, xp: Any) -> Array:
+    """Row-wise log-softmax over the last axis, max-shifted so no ``exp`` overflows."""
+    shifted = values - xp.max(values, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
+def log_sigmoid(values: Array, *, xp: Any) -> Array:
+    r""":math:`\log\sigma(x) = \min(x, 0) - \log(1 + e^{-|x|})`, finite for every finite x."""
+    return xp.minimum(values, xp.zeros_like(values)) - xp.log1p(xp.exp(-xp.abs(values)))
+
+
+def sigmoid(values: Array, *, xp: Any) -> Array:
+    """:math:`1 / (1 + e^{-x})` without overflow for large negative x."""
+    return xp.exp(log_sigmoid(values, xp=xp))
+
+
+def pick_columns(values: Array, columns: Array, *, xp: Any) -> Array:
+    """``values[n, columns[n]]`` for a ``(N, K)`` array, as ``(N,)``."""
+    # A one-hot mask rather than a gather: no index dtype to negotiate (torch gathers int64 only,
+    # JAX without x64 has no int64), and the gradient is a plain masked copy.
+    classes = xp.arange(values.shape[-1], dtype=columns.dtype)
+    hit = classes[None, :] == columns[:, None]
+    return xp.sum(xp.where(hit, values, xp.zeros_like(values)), axis=-1)
