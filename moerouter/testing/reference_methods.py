@@ -272,8 +272,8 @@ def reference_hierarchy_mask(
     for task, category in enumerate(categories):
         for expert, (kind, owner) in enumerate(owners):
             mine = kind == "task" and owner == task
-            visible[task, expert] = kind == "global" or mine or (
-                kind == "category" and owner == category
+            visible[task, expert] = (
+                kind == "global" or mine or (kind == "category" and owner == category)
             )
             specific[task, expert] = mine
     return visible, specific
