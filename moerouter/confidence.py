@@ -267,7 +267,7 @@ def weighted_loss(
     weak_logits, strong_logits : array (N, K)
         Class logits of the weak and the strong expert.
     labels : array (N,)
-        Integer classes in ``[0, K)``.
+        Integer classes in ``[0, K)``; one outside it makes the loss NaN.
     confidence : array (N,)
         :math:`C`, from :func:`power_confidence` or :func:`mlp_confidence`.
     xp : namespace, optional
@@ -289,9 +289,7 @@ def weighted_loss(
     """
     xp = namespace(weak_logits, strong_logits, labels, confidence, xp=xp)
     weak, strong, gate = _experts(weak_logits, strong_logits, confidence, xp=xp)
-    labels = class_labels(
-        labels, "labels", num_rows=int(weak.shape[0]), num_classes=int(weak.shape[1]), xp=xp
-    )
+    labels = class_labels(labels, "labels", num_rows=int(weak.shape[0]), xp=xp)
     weak_nll = -pick_columns(log_softmax(weak, xp=xp), labels, xp=xp)
     strong_nll = -pick_columns(log_softmax(strong, xp=xp), labels, xp=xp)
     return xp.mean(gate * weak_nll + (1.0 - gate) * strong_nll)
@@ -316,7 +314,7 @@ def mixed_logits_loss(
     weak_logits, strong_logits : array (N, K)
         Class logits of the weak and the strong expert.
     labels : array (N,)
-        Integer classes in ``[0, K)``.
+        Integer classes in ``[0, K)``; one outside it makes the loss NaN.
     confidence : array (N,)
         :math:`C`.
     xp : namespace, optional
@@ -338,9 +336,7 @@ def mixed_logits_loss(
     """
     xp = namespace(weak_logits, strong_logits, labels, confidence, xp=xp)
     weak, strong, gate = _experts(weak_logits, strong_logits, confidence, xp=xp)
-    labels = class_labels(
-        labels, "labels", num_rows=int(weak.shape[0]), num_classes=int(weak.shape[1]), xp=xp
-    )
+    labels = class_labels(labels, "labels", num_rows=int(weak.shape[0]), xp=xp)
     mixed = gate[:, None] * weak + (1.0 - gate[:, None]) * strong
     return -xp.mean(pick_columns(log_softmax(mixed, xp=xp), labels, xp=xp))
 

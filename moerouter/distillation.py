@@ -54,7 +54,8 @@ def cross_entropy(logits: Array, labels: Array, *, xp: Any = None) -> Array:
     logits : array (N, K)
         Class logits, any real floating dtype.
     labels : array (N,)
-        Integer class of each row, in ``[0, K)``.
+        Integer class of each row, in ``[0, K)``; a label outside it makes the loss NaN (a
+        range check would cost a host synchronisation on every call).
     xp : namespace, optional
         Array namespace; inferred from the arrays when None.
 
@@ -73,10 +74,10 @@ def cross_entropy(logits: Array, labels: Array, *, xp: Any = None) -> Array:
     """
     xp = namespace(logits, labels, xp=xp)
     values = float_array(logits, "logits", ndim=(2,), xp=xp)
-    num_rows, num_classes = int(values.shape[0]), int(values.shape[1])
+    num_rows = int(values.shape[0])
     if num_rows == 0:
         raise ValueError("logits must hold at least one row")
-    labels = class_labels(labels, "labels", num_rows=num_rows, num_classes=num_classes, xp=xp)
+    labels = class_labels(labels, "labels", num_rows=num_rows, xp=xp)
     return -xp.mean(pick_columns(log_softmax(values, xp=xp), labels, xp=xp))
 
 
@@ -214,7 +215,7 @@ def dual_head_loss(
     teacher_logits : array (N, K)
         Teacher logits, passed without a gradient.
     labels : array (N,)
-        Integer classes in ``[0, K)``.
+        Integer classes in ``[0, K)``; one outside it makes the loss NaN.
     ce_weight : float
         :math:`\gamma`; the CIFAR-100 recipe uses 1.
     kd_weight : float

@@ -82,7 +82,8 @@ def multi_gate(
     gate_logits : array (N, tasks, E)
         Gate logits of every task over every expert, any real floating dtype.
     visible : array (tasks, E) of bool, optional
-        Which experts each task sees; all when None. Every task must see at least one expert.
+        Which experts each task sees; all when None. A task that sees no expert gets NaN gates
+        (not checked, to avoid a host synchronisation per call).
     single_expert : {"softmax", "sigmoid"}
         Weight of a task's only visible expert: 1, or the sigmoid of its logit.
     xp : namespace, optional
@@ -113,13 +114,9 @@ def multi_gate(
         mask = xp.ones((num_tasks, num_experts), dtype=xp.bool)
     else:
         mask = bool_array(visible, "visible", shape=(num_tasks, num_experts), xp=xp)
+    # A task that sees no expert gets NaN gates (0 / 0) rather than an error: checking the mask's
+    # values would cost a host synchronisation on every call. hierarchy_mask never builds one.
     seen = xp.sum(xp.astype(mask, xp.int32), axis=1)
-    try:
-        blind = bool(xp.any(seen == 0))
-    except Exception:  # traced: nothing concrete to check
-        blind = False
-    if blind:
-        raise ValueError("visible must give every task at least one expert")
     shown = mask[None, :, :]
     # Hidden logits are replaced before the max and the exp, so they reach neither the value nor
     # (through a where) the gradient, and an inf there cannot produce NaN.
@@ -127,7 +124,8 @@ def multi_gate(
     floor = xp.full_like(values, -xp.inf)
     row_max = xp.max(xp.where(shown, values, floor), axis=2, keepdims=True)
     exp = xp.where(shown, xp.exp(values - row_max), xp.zeros_like(values))
-    gates = exp / xp.sum(exp, axis=2, keepdims=True)
+    total = xp.sum(exp, axis=2, keepdims=True)
+    gates = exp / xp.where(total > 0, total, xp.full_like(total, xp.nan))  # NaN, not 0 / 0
     if single_expert == "sigmoid":
         alone = (seen == 1)[None, :, None] & shown
         gates = xp.where(alone, sigmoid(values, xp=xp), gates)
