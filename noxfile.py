@@ -12,6 +12,7 @@ nox.options.error_on_missing_interpreters = True
 TORCH = "torch==2.13.0"
 JAX = "jax[cpu]>=0.4.35"
 TRITON = "triton==3.9.0"
+TRANSFORMERS = "transformers==5.23.0"  # moerouter_torch.integrations.transformers
 PLUGINS = ["-e", "backends/torch", "-e", "backends/jax", "-e", "backends/cupy"]
 PYTEST = ["pytest", "-p", "no:cacheprovider"]
 
@@ -35,7 +36,8 @@ def tests_core(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Every CPU backend: the equivalence matrix, plugin tests, jit and compile."""
-    session.install(TORCH, JAX, "scipy", "-e", ".[test]", *PLUGINS)  # scipy: CSR combine path
+    # scipy: the CSR combine path; transformers: the transformers integration tests
+    session.install(TORCH, JAX, "scipy", TRANSFORMERS, "-e", ".[test]", *PLUGINS)
     session.install("--no-deps", TRITON)  # the Triton kernels run in its CPU interpreter
     session.run(*PYTEST, "tests", "backends", "-m", "not gpu", *session.posargs)
 

@@ -1,0 +1,839 @@
+"""Route a pretrained Hugging Face ``transformers`` MoE model through moerouter, in one call.
+
+transformers 5 builds every sparse MoE block from two modules: a router (``block.gate`` or
+``block.router``) whose forward returns ``(router_logits, top_k_weights, top_k_index)``, and an
+experts module (``block.experts``) holding all experts' weights as 3-D parameters and called as
+``experts(hidden_states, top_k_index, top_k_weights)``. :func:`route_with_moerouter` replaces
+those two forwards on each block instance, and nothing else:
+
+- the router still computes its logits with its own code (so their dtype and any float32
+  up-cast are the model's), then a moerouter policy turns them into a :class:`moerouter.Routing`;
+- the experts run :func:`moerouter.make_plan`, :func:`moerouter.dispatch`, a grouped matrix
+  product on the block's own expert parameters (views, never copies; only the rows that reach
+  an expert are multiplied) and :func:`moerouter.combine`;
+- the block's own forward (jitter noise, shared experts and their gates, reshapes) is untouched,
+  so are the hooks transformers uses to return ``router_logits`` and compute its auxiliary loss.
+
+By default each block gets the policy that reproduces its original routing, found from the
+router's attributes and checked on a probe input: softmax top-k with or without renormalising
+(Mixtral, Qwen2-MoE and Qwen3-MoE with ``norm_topk_prob``, OLMoE, gpt-oss, any other router of
+that form) or DeepSeek-V3's sigmoid, group-limited selection with correction bias and scaling
+(:class:`DeepSeekV3TopK`). A router the probe cannot reproduce raises ``TypeError`` naming the
+block class.
+
+:func:`to_adamoe` turns the model into AdaMoE (null experts, Zeng et al. 2024) and
+:func:`from_adamoe` back; :func:`routing_statistics` collects :func:`moerouter.stats.summary`
+per layer from forward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+import moerouter as mr
+from moerouter_torch._grouped import grouped_mm
+
+__all__ = [
+    "DeepSeekV3TopK",
+    "RoutingStats",
+    "from_adamoe",
+    "remove_moerouter",
+    "route_with_moerouter",
+    "routing_statistics",
+    "to_adamoe",
+]
+
+_ROUTER_NAMES = ("gate", "router")
+_SHARED_NAMES = ("shared_expert", "shared_expert_gate", "shared_experts", "shared_mlp")
+_STATE = "_moerouter_state"
+_PROBE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class DeepSeekV3TopK:
+    r"""DeepSeek-V3 routing: sigmoid scores, group-limited top-k on biased scores, scaled weights.
+
+    With :math:`s = \sigma(\ell)` and the per-expert correction bias :math:`b` (selection only),
+    experts are split into ``num_groups`` equal groups; a group scores the sum of its two best
+    :math:`s + b`; each token keeps its ``topk_groups`` best groups and picks its top-``k``
+    experts there by :math:`s + b`. The weights are
+
+    .. math::
+
+        w_j = \gamma \, \frac{s_j}{\sum_{i \in \mathcal{K}} s_i + 10^{-20}}
+        \quad (\texttt{normalize=True}), \qquad w_j = \gamma \, s_j \quad \text{otherwise},
+
+    with :math:`\gamma` the ``scaling_factor`` (``routed_scaling_factor``, 2.5 in DeepSeek-V3).
+    This is ``DeepseekV3TopkRouter`` of transformers and ``Gate.forward`` of
+    ``deepseek-ai/DeepSeek-V3`` (reference/algorithms.md §12.5). Ties go to the lower group and
+    expert index. ``Routing.probs`` holds the sigmoid scores. Rows with non-finite logits route
+    nowhere. The bias update rule (auxiliary-loss-free balancing) is not part of this policy.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``; must be a multiple of ``num_groups``.
+    k : int
+        Experts per token, at most ``topk_groups * E / num_groups``.
+    num_groups : int
+        ``n_group``.
+    topk_groups : int
+        ``topk_group``: groups kept per token.
+    normalize : bool
+        ``norm_topk_prob``: divide the k scores by their sum.
+    scaling_factor : float
+        ``routed_scaling_factor``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> router = DeepSeekV3TopK(num_experts=4, k=1, num_groups=2, topk_groups=1)
+    >>> routing = router(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), correction_bias=torch.zeros(4))
+    >>> routing.expert_ids
+    tensor([1], dtype=torch.int32)
+    """
+
+    num_experts: int
+    k: int
+    num_groups: int = 1
+    topk_groups: int = 1
+    normalize: bool = True
+    scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "k", "num_groups", "topk_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.num_experts % self.num_groups:
+            raise ValueError(
+                f"num_experts = {self.num_experts} must be a multiple of num_groups = "
+                f"{self.num_groups}"
+            )
+        if self.topk_groups > self.num_groups:
+            raise ValueError(
+                f"topk_groups must be <= num_groups = {self.num_groups}, got {self.topk_groups}"
+            )
+        reachable = self.topk_groups * (self.num_experts // self.num_groups)
+        if self.k > reachable:
+            raise ValueError(f"k must be <= topk_groups * experts per group = {reachable}")
+
+    def __call__(self, logits: torch.Tensor, correction_bias: torch.Tensor | None = None) -> Any:
+        """Route ``logits`` (T, E); ``correction_bias`` (E,) shifts the selection scores only."""
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+            raise ValueError("logits must be a torch.Tensor of shape (tokens, experts)")
+        if logits.shape[-1] != self.num_experts:
+            raise ValueError(
+                f"logits have {logits.shape[-1]} columns, but num_experts = {self.num_experts}"
+            )
+        num_tokens = logits.shape[0]
+        values = logits.float()
+        finite = torch.isfinite(values).all(dim=-1)
+        values = torch.where(finite[:, None], values, torch.zeros_like(values))
+        scores = torch.sigmoid(values)
+        choice = scores.detach()
+        if correction_bias is not None:
+            choice = choice + correction_bias.detach().float()
+        if self.num_groups > 1:
+            per_group = self.num_experts // self.num_groups
+            grouped = choice.view(num_tokens, self.num_groups, per_group)
+            group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+            kept = _stable_top_k(group_scores, self.topk_groups)
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool)
+            group_mask.scatter_(1, kept, True)
+            expert_mask = group_mask.repeat_interleave(per_group, dim=1)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        chosen = _stable_top_k(choice, self.k)
+        weights = scores.gather(1, chosen)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.scaling_factor
+        chosen32 = chosen.to(torch.int32)
+        expert_ids = torch.where(finite[:, None], chosen32, torch.full_like(chosen32, -1))
+        weights = torch.where(finite[:, None], weights, torch.zeros_like(weights))
+        tokens = torch.arange(num_tokens, dtype=torch.int32, device=logits.device)
+        return mr.Routing(
+            token_ids=tokens.repeat_interleave(self.k),
+            expert_ids=expert_ids.reshape(-1),
+            weights=weights.reshape(-1),
+            choice_ids=chosen32.reshape(-1),
+            probs=torch.where(finite[:, None], scores, torch.zeros_like(scores)),
+            finite_rows=finite,
+            num_tokens=num_tokens,
+            num_experts=self.num_experts,
+            layout="token",
+            slots=self.k,
+        )
+
+
+def _stable_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of each row, descending, ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+class RoutingStats:
+    """Per-layer routing statistics gathered by :func:`routing_statistics`.
+
+    ``records[name]`` lists, for every forward pass of the MoE block ``name``, the number of
+    tokens and :func:`moerouter.stats.summary` of its routing (detached tensors).
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+
+    def _add(self, name: str, routing: Any) -> None:
+        with torch.no_grad():
+            summary = {key: value.detach() for key, value in mr.stats.summary(routing).items()}
+        self.records.setdefault(name, []).append((int(routing.num_tokens), summary))
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Every layer's statistics over all recorded passes, as Python numbers.
+
+        Per layer: ``tokens``; ``tokens_per_expert`` (list, summed over passes);
+        ``real_experts_per_token``, ``dropped_fraction``, ``null_fraction`` and
+        ``router_entropy`` (token-weighted means over passes); ``load_cv`` and
+        ``load_max_over_mean`` of the summed ``tokens_per_expert``.
+        """
+        table: dict[str, dict[str, Any]] = {}
+        for name, passes in self.records.items():
+            tokens = sum(count for count, _ in passes)
+            load = sum(stats["tokens_per_expert"].double().cpu() for _, stats in passes)
+            assert isinstance(load, torch.Tensor)
+            mean_load = max(float(load.mean()), 1e-30)
+            row: dict[str, Any] = {
+                "tokens": tokens,
+                "tokens_per_expert": [int(value) for value in load.tolist()],
+                "load_cv": float(load.std(unbiased=False)) / mean_load,
+                "load_max_over_mean": float(load.max()) / mean_load,
+            }
+            for key in ("real_experts_per_token", "dropped_fraction", "null_fraction"):
+                row[key] = sum(count * float(stats[key]) for count, stats in passes) / tokens
+            row["router_entropy"] = (
+                sum(count * float(stats["router_entropy"]) for count, stats in passes) / tokens
+            )
+            table[name] = row
+        return table
+
+    def real_experts_per_token(self) -> float:
+        """Mean over layers of the real experts a token reaches (expert FLOPs scale with it)."""
+        rows = self.summary().values()
+        return sum(row["real_experts_per_token"] for row in rows) / max(len(rows), 1)
+
+
+@dataclass
+class _AdaMoE:
+    num_null: int
+    k: int
+    null_mode: str
+    convention: str
+    aux_loss_coef: float | None
+    output_router_logits_before: Any
+    hooks: list[Any]
+    wants_loss: bool = False
+    records: list[Any] | None = None
+
+
+@dataclass
+class _Block:
+    """One routed MoE block: its modules, the reproducing policy and the policy in use."""
+
+    name: str
+    block: nn.Module = field(repr=False)
+    router: nn.Module = field(repr=False)
+    experts: nn.Module = field(repr=False)
+    num_experts: int
+    default_policy: Any
+    policy: Any
+    model: _Model = field(repr=False)
+
+
+@dataclass
+class _Model:
+    blocks: dict[str, _Block] = field(default_factory=dict)
+    stats: list[RoutingStats] = field(default_factory=list)
+    adamoe: _AdaMoE | None = None
+
+    def record(self, block: _Block, logits: torch.Tensor, routing: Any) -> None:
+        for collector in self.stats:
+            collector._add(block.name, routing)
+        adamoe = self.adamoe
+        if adamoe is not None and adamoe.records is not None:
+            adamoe.records.append((logits, routing))
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and checking the MoE blocks
+
+
+def _router_of(block: nn.Module) -> nn.Module | None:
+    for name in _ROUTER_NAMES:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _candidate_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules with an ``experts`` child: every MoE block, supported or not."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "experts", None), nn.Module):
+            yield name, module
+
+
+def _unsupported(block: nn.Module, name: str, why: str) -> TypeError:
+    return TypeError(
+        f"cannot route {type(block).__name__} (module {name!r}) through moerouter: {why}"
+    )
+
+
+def _check_experts(block: nn.Module, name: str, experts: nn.Module, hidden_size: int) -> int:
+    """Validate the fused 3-D expert layout and return the number of experts."""
+    if getattr(experts, "_is_expert_parallel", False):
+        raise _unsupported(block, name, "expert-parallel experts are not supported")
+    has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
+    up = getattr(experts, "gate_up_proj" if has_gate else "up_proj", None)
+    down = getattr(experts, "down_proj", None)
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        raise _unsupported(
+            block,
+            name,
+            f"its experts module {type(experts).__name__} does not hold fused 3-D "
+            "'gate_up_proj'/'up_proj' and 'down_proj' parameters",
+        )
+    if up.ndim != 3 or down.ndim != 3 or up.shape[0] != down.shape[0]:
+        raise _unsupported(block, name, "its expert parameters are not (experts, ., .) tensors")
+    transposed = getattr(experts, "is_transposed", False)
+    if up.shape[1 if transposed else 2] != hidden_size:
+        raise _unsupported(
+            block, name, f"expert input width does not match the router's {hidden_size}"
+        )
+    if has_gate and not (hasattr(experts, "_apply_gate") or hasattr(experts, "act_fn")):
+        raise _unsupported(block, name, "its experts have no gating function")
+    return int(up.shape[0])
+
+
+def _softmax_candidates(router: nn.Module, num_experts: int, k: int) -> list[Any]:
+    renormalise = getattr(router, "norm_topk_prob", None)
+    order = [True, False] if renormalise is None or renormalise else [False, True]
+    return [mr.TopK(num_experts=num_experts, k=k, normalize=flag) for flag in order]
+
+
+def _group_limited(router: nn.Module, num_experts: int, k: int) -> DeepSeekV3TopK | None:
+    if not isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
+        return None
+    groups = getattr(router, "num_group", getattr(router, "n_group", None))
+    return DeepSeekV3TopK(
+        num_experts=num_experts,
+        k=k,
+        num_groups=int(groups) if groups else 1,
+        topk_groups=int(getattr(router, "topk_group", 1) or 1),
+        normalize=bool(getattr(router, "norm_topk_prob", True)),
+        scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
+    )
+
+
+def _run_policy(policy: Any, logits: torch.Tensor, router: nn.Module) -> Any:
+    if isinstance(policy, DeepSeekV3TopK):
+        return policy(logits, correction_bias=getattr(router, "e_score_correction_bias", None))
+    return policy(logits)
+
+
+def _token_slots(routing: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A routing as the (T, F) ``top_k_index`` (int64, -1 = none) and ``top_k_weights``.
+
+    Token layout: ``F = k``. Expert layout (expert choice): ``F = E``, slot ``e`` of a token
+    holds expert ``e`` when that expert took the token.
+    """
+    tokens = routing.num_tokens
+    if routing.layout == "token":
+        shape = (tokens, routing.slots)
+        return routing.expert_ids.reshape(shape).long(), routing.weights.reshape(shape)
+    experts = routing.num_experts
+    valid = routing.expert_ids >= 0
+    spill = tokens * experts  # one extra slot collects the assignments that go nowhere
+    position = torch.where(
+        valid, routing.token_ids.long() * experts + routing.expert_ids.long(), spill
+    )
+    index = torch.full((spill + 1,), -1, dtype=torch.long, device=position.device)
+    index = index.scatter(0, position, routing.expert_ids.long())
+    weights = routing.weights.new_zeros(spill + 1).index_put((position,), routing.weights)
+    return index[:spill].reshape(tokens, experts), weights[:spill].reshape(tokens, experts)
+
+
+def _probe(router: nn.Module, candidates: list[Any], hidden_size: int) -> Any | None:
+    """The first candidate policy that gives the router's own choices and weights on a probe.
+
+    Rows whose logits are all equal (an uninitialised router) say nothing and are skipped; if
+    every row is such, the first candidate (read from the router's attributes) is trusted.
+    """
+    weight = router.weight
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
+    probe = probe.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        outputs = type(router).forward(router, probe)
+        if not (isinstance(outputs, tuple) and len(outputs) >= 3):
+            return None
+        logits, their_weights, their_index = outputs[0], outputs[1], outputs[2]
+        if their_index.ndim != 2 or their_weights.shape != their_index.shape:
+            return None
+        informative = (logits.amax(dim=-1) - logits.amin(dim=-1)) > 0
+        if not bool(informative.any()):
+            return candidates[0]
+        their_index, order = their_index.sort(dim=-1)
+        their_weights = their_weights.float().gather(1, order)
+        tolerance = 1e-5 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+        for candidate in candidates:
+            try:
+                index, weights = _token_slots(_run_policy(candidate, logits, router))
+            except (TypeError, ValueError):
+                continue
+            if index.shape != their_index.shape:
+                continue
+            index, order = index.sort(dim=-1)
+            weights = weights.gather(1, order)
+            same_index = (index == their_index).all(dim=-1)
+            close = torch.isclose(weights, their_weights, rtol=tolerance, atol=tolerance).all(-1)
+            agree = (same_index & close) | ~informative
+            # Low precision can tie two logits; let a few rows disagree there.
+            needed = 1.0 if tolerance < 1e-3 else 0.9
+            if float(agree.float().mean()) >= needed:
+                return candidate
+    return None
+
+
+def _reproducing_policy(block: nn.Module, name: str, router: nn.Module, num_experts: int) -> Any:
+    k = getattr(router, "top_k", getattr(block, "top_k", None))
+    if not isinstance(k, int):
+        raise _unsupported(block, name, f"its router {type(router).__name__} has no int top_k")
+    hidden_size = int(router.weight.shape[1])
+    group_limited = _group_limited(router, num_experts, k)
+    candidates = (
+        [group_limited]
+        if group_limited is not None
+        else _softmax_candidates(router, num_experts, k)
+    )
+    policy = _probe(router, candidates, hidden_size)
+    if policy is None:
+        raise _unsupported(
+            block,
+            name,
+            f"its router {type(router).__name__} is neither a top-k softmax router (with or "
+            "without renormalising) nor DeepSeek-V3's group-limited sigmoid router: moerouter "
+            "could not reproduce its choices on a probe input",
+        )
+    return policy
+
+
+def _policy_columns(policy: Any) -> int:
+    return int(policy.num_experts) + int(getattr(policy, "num_null", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# The two replaced forwards
+
+
+def _routed_router_forward(
+    block: _Block, hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The router's own code computes the logits (dtype, float32 up-cast and bias as the model
+    # does); its own top-k is recomputed below by the policy.
+    logits = type(block.router).forward(block.router, hidden_states)[0]
+    routing = _run_policy(block.policy, logits, block.router)
+    block.model.record(block, logits, routing)
+    index, weights = _token_slots(routing)
+    return logits, weights, index
+
+
+def _routed_experts_forward(
+    block: _Block,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    num_tokens, fan_in = top_k_index.shape
+    num_experts = block.num_experts
+    device = hidden_states.device
+    expert_ids = top_k_index.reshape(-1).to(torch.int32)
+    # Index -1 (moerouter) and num_experts (transformers' sentinel) both mean "no expert".
+    valid = (expert_ids >= 0) & (expert_ids < num_experts)
+    expert_ids = torch.where(valid, expert_ids, torch.full_like(expert_ids, -1))
+    weights = top_k_weights.reshape(-1).float()
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    routing = mr.Routing(
+        token_ids=torch.arange(num_tokens, dtype=torch.int32, device=device).repeat_interleave(
+            fan_in
+        ),
+        expert_ids=expert_ids,
+        weights=weights,
+        choice_ids=expert_ids,
+        probs=weights.new_zeros(()).expand(num_tokens, num_experts),
+        finite_rows=torch.ones(num_tokens, dtype=torch.bool, device=device),
+        num_tokens=num_tokens,
+        num_experts=num_experts,
+        layout="token",
+        slots=fan_in,
+    )
+    plan = mr.make_plan(routing)
+    expert_rows = mr.dispatch(hidden_states, plan)
+    return mr.combine(_grouped_experts(block.experts, expert_rows, plan.group_sizes), plan)
+
+
+def _grouped_experts(
+    experts: nn.Module, rows: torch.Tensor, group_sizes: torch.Tensor
+) -> torch.Tensor:
+    """The experts module's own computation on expert-grouped rows, with its own parameters."""
+    transposed = getattr(experts, "is_transposed", False)
+    has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
+    has_bias = getattr(experts, "has_bias", False)
+
+    def as_in_out(weight: torch.Tensor) -> torch.Tensor:
+        # transformers stores (E, out, in) unless transposed; grouped_mm wants (E, in, out).
+        return weight if transposed else weight.transpose(1, 2)
+
+    def expert_of_rows() -> torch.Tensor:
+        ends = torch.cumsum(group_sizes, 0)
+        positions = torch.arange(rows.shape[0], device=rows.device, dtype=ends.dtype)
+        return torch.searchsorted(ends, positions, right=True).clamp(max=group_sizes.shape[0] - 1)
+
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    hidden = grouped_mm(rows, as_in_out(getattr(experts, up_name)), group_sizes)
+    owner = expert_of_rows() if has_bias else None
+    if owner is not None:
+        hidden = hidden + getattr(experts, f"{up_name}_bias")[owner]
+    if has_gate and hasattr(experts, "_apply_gate"):
+        hidden = experts._apply_gate(hidden)
+    elif has_gate:
+        gate, up = hidden.chunk(2, dim=-1)
+        hidden = experts.act_fn(gate) * up
+    else:
+        hidden = experts.act_fn(hidden)
+    out = grouped_mm(hidden, as_in_out(experts.down_proj), group_sizes)
+    if owner is not None:
+        out = out + experts.down_proj_bias[owner]
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _state(model: nn.Module) -> _Model | None:
+    state = model.__dict__.get(_STATE)
+    return state if isinstance(state, _Model) else None
+
+
+def _require_state(model: nn.Module, caller: str) -> _Model:
+    state = _state(model)
+    if state is None:
+        raise ValueError(f"{caller}: call route_with_moerouter(model) first")
+    return state
+
+
+PolicyChoice = Any | Callable[[str, Any], Any] | None
+
+
+def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Module:
+    """Route every MoE block of a transformers model through moerouter.
+
+    Replaces, on each block instance, the forward of its router and of its experts module (see
+    the module docstring); parameters, buffers, the state dict and the block's own forward are
+    unchanged. Calling it again changes the policy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers model (or any module) holding MoE blocks: a module with an ``experts``
+        child and a ``gate`` or ``router`` child.
+    policy : moerouter policy, callable or None
+        None: each block's reproducing policy (outputs equal the original model's within float32
+        rounding). A policy (:class:`moerouter.TopK`, :class:`moerouter.ExpertChoice`, ...): used
+        by every block; its ``num_experts`` (plus ``num_null``) must match the router's rows. A
+        callable ``policy(name, reproducing_policy) -> policy``: chooses per block.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
+
+    Raises
+    ------
+    TypeError
+        A block whose router or experts moerouter cannot reproduce (the message names its class),
+        or a model with no MoE block.
+    ValueError
+        A policy whose columns do not match a router's rows.
+
+    Examples
+    --------
+    >>> import moerouter as mr
+    >>> from transformers import MixtralConfig, MixtralForCausalLM
+    >>> config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16,
+    ...                        num_hidden_layers=2, num_attention_heads=4,
+    ...                        num_key_value_heads=2, num_local_experts=4)
+    >>> model = route_with_moerouter(MixtralForCausalLM(config))
+    >>> route_with_moerouter(model, mr.TopK(num_experts=4, k=1))  # doctest: +ELLIPSIS
+    MixtralForCausalLM(...)
+    """
+    state = _state(model)
+    if state is None:
+        state = _Model()
+        for name, module in _candidate_blocks(model):
+            router = _router_of(module)
+            if router is None:
+                raise _unsupported(module, name, "it has no 'gate' or 'router' submodule")
+            weight = getattr(router, "weight", None)
+            if not (isinstance(weight, torch.Tensor) and weight.ndim == 2):
+                raise _unsupported(
+                    module,
+                    name,
+                    f"its router {type(router).__name__} has no 2-D 'weight' (experts, hidden)",
+                )
+            num_experts = _check_experts(module, name, module.experts, int(weight.shape[1]))
+            if weight.shape[0] != num_experts:
+                raise _unsupported(
+                    module,
+                    name,
+                    f"its router has {weight.shape[0]} rows for {num_experts} experts",
+                )
+            default = _reproducing_policy(module, name, router, num_experts)
+            state.blocks[name] = _Block(
+                name, module, router, module.experts, num_experts, default, default, state
+            )
+        if not state.blocks:
+            raise TypeError(f"{type(model).__name__} has no MoE block (a module with 'experts')")
+        for block in state.blocks.values():
+            block.router.forward = functools.partial(_routed_router_forward, block)
+            block.experts.forward = functools.partial(_routed_experts_forward, block)
+        model.__dict__[_STATE] = state
+    for block in state.blocks.values():
+        block.policy = _choose(policy, block)
+    return model
+
+
+def _choose(policy: PolicyChoice, block: _Block) -> Any:
+    if policy is None:
+        chosen = block.default_policy
+    elif hasattr(policy, "num_experts"):
+        chosen = policy
+    elif callable(policy):
+        chosen = policy(block.name, block.default_policy)
+    else:
+        raise TypeError(f"policy must be a moerouter policy, a callable or None, got {policy!r}")
+    rows = int(block.router.weight.shape[0])
+    if getattr(chosen, "num_experts", None) != block.num_experts or _policy_columns(chosen) != rows:
+        raise ValueError(
+            f"policy {chosen!r} does not fit {type(block.block).__name__} ({block.name!r}): "
+            f"it has {block.num_experts} experts and its router {rows} rows"
+            + ("; use to_adamoe() to add null-expert rows" if hasattr(chosen, "num_null") else "")
+        )
+    return chosen
+
+
+def remove_moerouter(model: nn.Module) -> nn.Module:
+    """Undo :func:`route_with_moerouter` (and :func:`to_adamoe`): the original forwards return."""
+    state = _require_state(model, "remove_moerouter")
+    if state.adamoe is not None:
+        from_adamoe(model)
+    for block in state.blocks.values():
+        del block.router.forward
+        del block.experts.forward
+    del model.__dict__[_STATE]
+    return model
+
+
+def to_adamoe(
+    model: nn.Module,
+    num_null: int,
+    k: int,
+    *,
+    null_mode: Literal["pooled", "per_expert"] = "pooled",
+    convention: Literal["megatron", "mixtral", "gshard"] = "megatron",
+    aux_loss_coef: float | None = None,
+) -> nn.Module:
+    r"""Convert a softmax top-k MoE model to AdaMoE routing with null experts (Zeng et al. 2024).
+
+    Each router gets ``num_null`` extra rows, initialised as the official AdaMoE code does, by
+    tiling the real rows (null row ``j`` starts as a copy of real row ``j mod E``); routing
+    switches to :class:`moerouter.NullExperts` with ``k`` choices per token; and the model's
+    auxiliary loss becomes the mean over layers of :func:`moerouter.losses.null_load_balancing`
+    (``null_mode="pooled"``: the nulls balanced as one bucket, as in the AdaMoE code's ``exp_1``
+    and the authors' blog). The loss is attached as transformers attaches its own: when
+    ``output_router_logits`` is on (this function turns it on in ``model.config``), the output's
+    ``aux_loss`` holds it, ``router_logits`` holds every layer's ``E + m`` logits, and ``loss``
+    (when labels are given) gains ``aux_loss_coef * aux_loss``. Padding tokens are counted like
+    any other token (transformers' loss masks them).
+
+    AdaMoE renormalises the weights of the real experts a token picked, so with ``num_null=0``
+    and the model's own ``k`` the model is unchanged for renormalising routers (Mixtral,
+    Qwen with ``norm_topk_prob``); for the others (OLMoE) the weights become renormalised.
+
+    Convert before building the optimizer: the routers' weights become new parameters. To load a
+    converted state dict, build the model, call ``route_with_moerouter`` and ``to_adamoe`` with
+    the same ``num_null``, then ``load_state_dict``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers MoE model; routed first if :func:`route_with_moerouter` was not called.
+    num_null : int
+        Null experts ``m >= 0`` per layer (16 with 8 real experts in the AdaMoE Mixtral run).
+    k : int
+        Choices per token over real and null experts (4 in that run, where Mixtral had 2).
+    null_mode : {"pooled", "per_expert"}
+        Passed to :func:`moerouter.losses.null_load_balancing`.
+    convention : {"megatron", "mixtral", "gshard"}
+        Normalisation of the loss; ``"megatron"`` is 1.0 at uniform routing.
+    aux_loss_coef : float, optional
+        Weight of the loss in ``loss``; ``model.config.router_aux_loss_coef`` when omitted.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
+    """
+    state = _state(model) or _require_state(route_with_moerouter(model), "to_adamoe")
+    if state.adamoe is not None:
+        raise ValueError("to_adamoe: the model is already AdaMoE; call from_adamoe first")
+    if isinstance(num_null, bool) or not isinstance(num_null, int) or num_null < 0:
+        raise ValueError(f"num_null must be an int >= 0, got {num_null!r}")
+    if null_mode not in ("pooled", "per_expert"):
+        raise ValueError(f"null_mode must be 'pooled' or 'per_expert', got {null_mode!r}")
+    policies = {}
+    for name, block in state.blocks.items():
+        if not isinstance(block.default_policy, mr.TopK):
+            raise ValueError(
+                f"to_adamoe needs softmax top-k routers, but {type(block.block).__name__} "
+                f"({name!r}) routes with {block.default_policy!r}"
+            )
+        policies[name] = mr.NullExperts(num_experts=block.num_experts, num_null=num_null, k=k)
+    for name, block in state.blocks.items():
+        _resize_router(block.router, block.num_experts + num_null)
+        block.policy = policies[name]
+    config = getattr(model, "config", None)
+    adamoe = _AdaMoE(
+        num_null=num_null,
+        k=k,
+        null_mode=null_mode,
+        convention=convention,
+        aux_loss_coef=aux_loss_coef,
+        output_router_logits_before=getattr(config, "output_router_logits", None),
+        hooks=[],
+    )
+    if config is not None:
+        config.output_router_logits = True
+    adamoe.hooks = [
+        model.register_forward_pre_hook(
+            functools.partial(_adamoe_before, adamoe), with_kwargs=True
+        ),
+        model.register_forward_hook(functools.partial(_adamoe_after, adamoe), with_kwargs=True),
+    ]
+    state.adamoe = adamoe
+    return model
+
+
+def from_adamoe(model: nn.Module) -> nn.Module:
+    """Undo :func:`to_adamoe`: drop the null rows, route as the original model, restore its loss."""
+    state = _require_state(model, "from_adamoe")
+    adamoe = state.adamoe
+    if adamoe is None:
+        raise ValueError("from_adamoe: the model is not AdaMoE (to_adamoe was not called)")
+    for hook in adamoe.hooks:
+        hook.remove()
+    for block in state.blocks.values():
+        _resize_router(block.router, block.num_experts)
+        block.policy = block.default_policy
+    config = getattr(model, "config", None)
+    if config is not None and adamoe.output_router_logits_before is not None:
+        config.output_router_logits = adamoe.output_router_logits_before
+    state.adamoe = None
+    return model
+
+
+def _resize_router(router: nn.Module, rows: int) -> None:
+    """Give the router ``rows`` rows: truncate, or append rows tiled from the existing ones."""
+    for name in ("weight", "bias"):
+        old = getattr(router, name, None)
+        if not isinstance(old, nn.Parameter):
+            continue
+        with torch.no_grad():
+            if rows <= old.shape[0]:
+                data = old[:rows].clone()
+            else:
+                real = old.shape[0]
+                tiled = old.repeat(math.ceil(rows / real), *([1] * (old.ndim - 1)))
+                data = torch.cat([old, tiled[: rows - real]])
+        setattr(router, name, nn.Parameter(data, requires_grad=old.requires_grad))
+
+
+def _adamoe_before(
+    adamoe: _AdaMoE, module: nn.Module, args: Any, kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    wanted = kwargs.get("output_router_logits")
+    if wanted is None:
+        wanted = getattr(getattr(module, "config", None), "output_router_logits", False)
+    adamoe.wants_loss = bool(wanted)
+    adamoe.records = [] if wanted else None
+    # transformers' own loss counts E columns; ours replaces it.
+    kwargs["output_router_logits"] = False
+    return args, kwargs
+
+
+def _adamoe_after(
+    adamoe: _AdaMoE, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any
+) -> Any:
+    records, adamoe.records = adamoe.records, None
+    if not (adamoe.wants_loss and records) or not hasattr(output, "keys"):
+        return output
+    aux = torch.stack(
+        [
+            mr.losses.null_load_balancing(
+                routing,
+                null_mode=adamoe.null_mode,  # type: ignore[arg-type]
+                convention=adamoe.convention,  # type: ignore[arg-type]
+            )
+            for _, routing in records
+        ]
+    ).mean()
+    output["router_logits"] = tuple(logits for logits, _ in records)
+    fields = {item.name for item in dataclasses.fields(output)}
+    if "aux_loss" in fields:
+        output["aux_loss"] = aux
+        loss = output.get("loss")
+        if loss is not None:
+            coef = adamoe.aux_loss_coef
+            if coef is None:
+                coef = float(getattr(module.config, "router_aux_loss_coef", 0.001))
+            output["loss"] = loss + coef * aux.to(loss.device)
+    return output
+
+
+@contextlib.contextmanager
+def routing_statistics(model: nn.Module) -> Iterator[RoutingStats]:
+    """Collect :func:`moerouter.stats.summary` of every routed block during the ``with`` body.
+
+    Examples
+    --------
+    >>> with routing_statistics(model) as stats:  # doctest: +SKIP
+    ...     model(input_ids)
+    >>> stats.summary()["model.layers.0.mlp"]["real_experts_per_token"]  # doctest: +SKIP
+    2.0
+    """
+    state = _require_state(model, "routing_statistics")
+    collector = RoutingStats()
+    state.stats.append(collector)
+    try:
+        yield collector
+    finally:
+        state.stats.remove(collector)
