@@ -320,7 +320,7 @@ def test_adamoe_fine_tuning_lowers_the_loss_and_changes_experts_per_token():
     with torch.no_grad(), routing_statistics(model) as before:
         first = model(ids, labels=ids).loss
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(8):
+    for _ in range(5):
         optimizer.zero_grad()
         loss = model(ids, labels=ids).loss
         loss.backward()
@@ -329,8 +329,27 @@ def test_adamoe_fine_tuning_lowers_the_loss_and_changes_experts_per_token():
         last = model(ids, labels=ids).loss
     assert float(last) < float(first)
     assert after.real_experts_per_token() != before.real_experts_per_token()
-    histograms = [row["null_fraction"] for row in after.summary().values()]
-    assert all(0 < fraction < 1 for fraction in histograms)
+    null_fractions = [row["null_fraction"] for row in after.summary().values()]
+    assert all(0 < fraction < 1 for fraction in null_fractions)
+
+
+def test_null_choices_cost_no_expert_rows(monkeypatch):
+    from moerouter_torch import _grouped
+
+    seen = []
+
+    def counting(rows, weight):
+        seen.append(rows.shape[0])
+        return rows @ weight
+
+    monkeypatch.setattr(_grouped, "_expert_matmul", counting)
+    model = to_adamoe(_build("mixtral"), num_null=8, k=4)
+    ids = _tokens()
+    with torch.no_grad(), routing_statistics(model) as stats:
+        model(ids)
+    real_rows = sum(sum(row["tokens_per_expert"]) for row in stats.summary().values())
+    assert real_rows < 2 * 24 * 4  # some of the 4 choices of each token went to null experts
+    assert sum(seen) == 2 * real_rows  # both expert matmuls of each layer: real rows only
 
 
 def test_null_gate_rows_get_gradient_only_from_the_balancing_loss():
