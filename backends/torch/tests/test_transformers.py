@@ -203,6 +203,21 @@ def test_router_logits_and_transformers_aux_loss_are_unchanged():
     torch.testing.assert_close(actual.loss, expected.loss)
 
 
+def test_routing_keeps_every_parameter_and_copies_follow_their_own_weights():
+    reference = _build("qwen2_moe")
+    before = {name: tensor.data_ptr() for name, tensor in reference.state_dict().items()}
+    routed = route_with_moerouter(reference)
+    after = {name: tensor.data_ptr() for name, tensor in routed.state_dict().items()}
+    assert after == before  # same keys, same storage: no weight was copied or added
+    clone = copy.deepcopy(routed)
+    with torch.no_grad():
+        clone.model.layers[0].mlp.experts.down_proj.zero_()
+    ids = _tokens()
+    assert _relative_error(clone(ids).logits, routed(ids).logits) > 1e-3
+    remove_moerouter(clone)
+    assert "forward" not in clone.model.layers[0].mlp.gate.__dict__
+
+
 def test_a_policy_replaces_the_routing_and_remove_restores_it():
     reference = _build("mixtral")
     model = route_with_moerouter(copy.deepcopy(reference), mr.TopK(num_experts=4, k=1))

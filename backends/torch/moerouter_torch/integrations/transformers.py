@@ -261,6 +261,8 @@ class _Model:
     blocks: dict[str, _Block] = field(default_factory=dict)
     stats: list[RoutingStats] = field(default_factory=list)
     adamoe: _AdaMoE | None = None
+    # (module, attribute, what it held before): undone by remove_moerouter
+    patches: list[tuple[nn.Module, str, Any]] = field(default_factory=list, repr=False)
 
     def record(self, block: _Block, logits: torch.Tensor, routing: Any) -> None:
         for collector in self.stats:
@@ -529,6 +531,18 @@ def _grouped_experts(
 # Public functions
 
 
+def _patch_forward(module: nn.Module, forward: Any) -> tuple[nn.Module, str, Any]:
+    """Give one module instance a new forward, keeping hooks others installed on it.
+
+    accelerate's dispatch hooks (``device_map=...``) replace ``forward`` on the instance and
+    call the original through ``_old_forward``: that is the one to replace then.
+    """
+    attribute = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+    previous = module.__dict__.get(attribute)
+    module.__dict__[attribute] = forward
+    return module, attribute, previous
+
+
 def _state(model: nn.Module) -> _Model | None:
     state = model.__dict__.get(_STATE)
     return state if isinstance(state, _Model) else None
@@ -614,8 +628,12 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
         if not state.blocks:
             raise TypeError(f"{type(model).__name__} has no MoE block (a module with 'experts')")
         for block in state.blocks.values():
-            block.router.forward = functools.partial(_routed_router_forward, block)
-            block.experts.forward = functools.partial(_routed_experts_forward, block)
+            state.patches.append(
+                _patch_forward(block.router, functools.partial(_routed_router_forward, block))
+            )
+            state.patches.append(
+                _patch_forward(block.experts, functools.partial(_routed_experts_forward, block))
+            )
         model.__dict__[_STATE] = state
     for block in state.blocks.values():
         block.policy = _choose(policy, block)
@@ -646,9 +664,11 @@ def remove_moerouter(model: nn.Module) -> nn.Module:
     state = _require_state(model, "remove_moerouter")
     if state.adamoe is not None:
         from_adamoe(model)
-    for block in state.blocks.values():
-        del block.router.forward
-        del block.experts.forward
+    for module, attribute, previous in reversed(state.patches):
+        if previous is None:
+            del module.__dict__[attribute]
+        else:
+            module.__dict__[attribute] = previous
     del model.__dict__[_STATE]
     return model
 
