@@ -1,43 +1,145 @@
 r"""Balancing losses, each a pure function of a :class:`~moerouter.Routing` (or of logits).
 
-Notation: :math:`E'` router columns (real plus null experts), :math:`T` tokens with finite logits,
-:math:`c_e` the number of choices of column :math:`e` (before capacity drops, as Megatron-Core and
-transformers count), and :math:`P_e = \frac{1}{T}\sum_t p_{t,e}` the mean router probability.
-Every loss returns a float32 scalar array of the routing's backend; rows with non-finite logits
-are left out of every mean.
+Notation: :math:`E'` router columns (real plus null experts), :math:`T` valid tokens (finite
+logits and, when a ``mask`` is given, not padding), :math:`c_e` the number of choices of column
+:math:`e` (before capacity drops, as Megatron-Core and transformers count),
+:math:`\hat p_{t,e} = p_{t,e} / \sum_j p_{t,j}` the router scores normalised per token (softmax
+probabilities are unchanged; sigmoid scores are normalised as Megatron-Core does for its
+auxiliary losses) and :math:`P_e = \frac{1}{T}\sum_t \hat p_{t,e}`.
+
+Every loss returns a float32 scalar array of the routing's backend. Every loss takes an optional
+``mask`` of valid tokens, shape (T,) or (G, S), bool: masked tokens and rows with non-finite logits
+contribute nothing, and every mean counts valid tokens only, so a padded batch gives the loss of
+the batch without its padding. There is no registry of losses: add them to your objective with
+your own coefficients, per layer, and use :func:`aggregate` to combine layers.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount
-from moerouter.policies._common import finite_rows
+from moerouter.policies._common import check_choice, check_positive_int, finite_rows
 from moerouter.routing import Routing
 
-__all__ = ["load_balancing", "null_load_balancing", "z_loss"]
+__all__ = [
+    "BalanceState",
+    "accumulate",
+    "aggregate",
+    "balance_state_init",
+    "entropy",
+    "importance_loss",
+    "load_balancing",
+    "load_balancing_from_state",
+    "load_loss",
+    "null_load_balancing",
+    "sequence_load_balancing",
+    "z_loss",
+]
 
 Array = Any
 Convention = Literal["megatron", "mixtral", "gshard"]
 _CONVENTIONS = ("megatron", "mixtral", "gshard")
+# t2t's cv_squared adds this to the squared mean so that an all-zero vector gives 0, not NaN.
+_CV_EPSILON = 1e-10
 
 
-def load_balancing(routing: Routing, *, convention: Convention = "megatron") -> Array:
+# --------------------------------------------------------------------------------------------
+# Shared pieces: argument checks, valid tokens, per-token normalised scores.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_routing(routing: object) -> Routing:
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+    return routing
+
+
+def _flat_mask(mask: Array, shapes: tuple[tuple[int, ...], ...], xp: Any) -> Array | None:
+    """``mask`` checked against the accepted token shapes and flattened to (T,); None stays None."""
+    if mask is None:
+        return None
+    if not is_array_api_obj(mask):
+        raise TypeError(f"mask must be a bool array, got {type(mask).__name__}")
+    if mask.dtype != xp.bool:
+        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    if tuple(mask.shape) not in shapes:
+        accepted = " or ".join(str(s) for s in dict.fromkeys(shapes))
+        raise ValueError(f"mask must have shape {accepted}, got shape {tuple(mask.shape)}")
+    return xp.reshape(mask, (-1,))
+
+
+def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
+    """(T,) bool: finite logits rows that the mask (if any) keeps."""
+    group_size = routing.num_tokens // routing.num_groups
+    shapes = ((routing.num_tokens,), (routing.num_groups, group_size))
+    flat = _flat_mask(mask, shapes, xp)
+    return routing.finite_rows if flat is None else routing.finite_rows & flat
+
+
+def _normalised_scores(probs: Array, valid: Array, xp: Any) -> Array:
+    """``p / sum_j p`` per token, zero on invalid tokens (and on rows summing to 0)."""
+    total = xp.sum(probs, axis=-1, keepdims=True)
+    scores = probs / xp.where(total > 0, total, xp.ones_like(total))
+    return xp.where(valid[:, None], scores, xp.zeros_like(scores))
+
+
+def _cv_squared(values: Array, xp: Any) -> Array:
+    """Squared coefficient of variation, population variance: ``var / (mean**2 + 1e-10)``."""
+    mean = xp.mean(values)
+    variance = xp.mean((values - mean) ** 2)
+    return variance / (mean**2 + _CV_EPSILON)
+
+
+def _choice_counts(routing: Routing, valid: Array, num_groups: int, xp: Any) -> Array:
+    """(G, E') float32 raw choices of valid tokens per group (G = 1 pools every group)."""
+    num_columns = routing.num_choices
+    tokens_per_group = routing.num_tokens // num_groups
+    chose = xp.take(valid, routing.token_ids)
+    group = routing.token_ids // tokens_per_group
+    # Choices of invalid tokens are not choices: give them an out-of-range id.
+    bucket = xp.where(
+        chose, group * num_columns + routing.choice_ids, xp.asarray(-1, dtype=xp.int32)
+    )
+    counts = xp.astype(bincount(bucket, num_groups * num_columns, xp=xp), xp.float32)
+    return xp.reshape(counts, (num_groups, num_columns))
+
+
+# --------------------------------------------------------------------------------------------
+# Switch-style losses: load_balancing, null_load_balancing, sequence_load_balancing.
+# --------------------------------------------------------------------------------------------
+
+
+def load_balancing(
+    routing: Routing, *, convention: Convention = "megatron", mask: Array | None = None
+) -> Array:
     r"""Switch-style load-balancing loss :math:`E' \sum_e f_e P_e`.
 
     Conventions differ in how :math:`f_e` is normalised (reference/algorithms.md §12.2):
 
     - ``"megatron"`` (default, Megatron-Core's ``switch_load_balancing_loss_func``):
       :math:`f_e = c_e / \sum_{e'} c_{e'}`, the share of the :math:`T k` routed slots.
-      1.0 at uniform routing, for any ``k``.
-    - ``"mixtral"`` (transformers' ``load_balancing_loss_func``): :math:`f_e = c_e / T`.
-      Equals ``k`` at uniform routing.
-    - ``"gshard"`` (GShard, Flaxformer, V-MoE): per group,
-      :math:`E'^2 \cdot \mathrm{mean}_e(f_e P_e)` with :math:`f_e` the share of the group's tokens
-      that chose :math:`e` (a token counted once per expert), then averaged over groups.
-      Equals ``k`` at uniform routing; with one group it equals ``"mixtral"``.
+      1.0 at uniform routing, for any ``k``. DeepSpeed's top-k gate (``mean(me·ce)·E²/k``) and
+      MegaBlocks' ``batched_load_balancing_loss`` (one layer) have the same normalisation.
+    - ``"mixtral"`` (transformers' ``load_balancing_loss_func``: Mixtral, Qwen-MoE, OLMoE, ...):
+      :math:`f_e = c_e / T`, so a token's ``k`` choices each count. Equals ``k`` at uniform
+      routing. With ``mask`` it is transformers' ``attention_mask`` form.
+    - ``"gshard"`` (Flaxformer ``_load_balancing_loss``, the T5X/Switch code): per group,
+      :math:`E'^2 \cdot \mathrm{mean}_e(f_e P_e)` with :math:`f_e` the share of the group's
+      tokens that chose :math:`e` among their ``k`` (a token counted once per expert), then
+      averaged over the groups that hold a valid token. Equals ``k`` at uniform routing; with
+      one group it equals ``"mixtral"``. For ``k = 1`` it is also GShard's ``l_aux`` as lingvo,
+      V-MoE (``_gshard_auxiliary_loss``), DeepSpeed's top-1/top-2 gates and Tutel's
+      ``gshard_loss`` compute it: those count only each token's *first* choice, which for
+      ``k > 1`` differs from every convention here.
+
+    :math:`P_e` averages the per-token normalised scores :math:`\hat p` (module docstring): for
+    softmax routers these are the probabilities; for sigmoid routers (DeepSeek-V3) it is the
+    normalisation Megatron-Core applies for its auxiliary losses (Megatron-LM issue #1438).
 
     Parameters
     ----------
@@ -45,6 +147,8 @@ def load_balancing(routing: Routing, *, convention: Convention = "megatron") -> 
         Any policy's output. For expert choice every expert is full, so ``f`` is uniform.
     convention : {"megatron", "mixtral", "gshard"}
         Normalisation of :math:`f_e`.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens; masked tokens count neither in :math:`f` nor in :math:`P`.
 
     Returns
     -------
@@ -59,7 +163,7 @@ def load_balancing(routing: Routing, *, convention: Convention = "megatron") -> 
     >>> float(mr.losses.load_balancing(routing))
     1.0
     """
-    return _balance(routing, convention=convention, pool_null=False)
+    return _balance(routing, convention=convention, pool_null=False, mask=mask)
 
 
 def null_load_balancing(
@@ -67,6 +171,7 @@ def null_load_balancing(
     *,
     null_mode: Literal["pooled", "per_expert"] = "pooled",
     convention: Convention = "megatron",
+    mask: Array | None = None,
 ) -> Array:
     r"""AdaMoE's load-balancing loss over real and null experts (Zeng et al. 2024).
 
@@ -88,67 +193,630 @@ def null_load_balancing(
         How null experts are counted.
     convention : {"megatron", "mixtral", "gshard"}
         As in :func:`load_balancing`.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
 
     Returns
     -------
     array ()
         float32 scalar.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.NullExperts(num_experts=2, num_null=2, k=1)
+    >>> routing = router(xp.asarray([[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]]))
+    >>> round(float(mr.losses.null_load_balancing(routing)), 4)
+    1.4134
     """
     if null_mode not in ("pooled", "per_expert"):
         raise ValueError(f"null_mode must be 'pooled' or 'per_expert', got {null_mode!r}")
-    return _balance(routing, convention=convention, pool_null=null_mode == "pooled")
+    return _balance(routing, convention=convention, pool_null=null_mode == "pooled", mask=mask)
 
 
-def _balance(routing: Routing, *, convention: str, pool_null: bool) -> Array:
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    if convention not in _CONVENTIONS:
-        raise ValueError(f"convention must be one of {_CONVENTIONS}, got {convention!r}")
+def sequence_load_balancing(
+    routing: Routing, *, alpha: float = 1.0, mask: Array | None = None
+) -> Array:
+    r"""DeepSeek's sequence-wise auxiliary loss (DeepSeek-V2/V3; algorithms.md §12.6).
+
+    For each sequence (group) :math:`g` of a (G, S, E') routing, with :math:`T_g` valid tokens:
+
+    .. math::
+
+        f_{g,i} = \frac{E'}{k\,T_g} \sum_{t \in g} \mathbb{1}\{i \in \mathrm{TopK}(s_t)\},
+        \qquad
+        P_{g,i} = \frac{1}{T_g} \sum_{t \in g} \hat p_{t,i},
+        \qquad
+        L = \alpha \cdot \mathrm{mean}_g \sum_i f_{g,i} P_{g,i},
+
+    the mean running over sequences that hold a valid token. It equals :func:`load_balancing`'s
+    ``"megatron"`` form computed per sequence and averaged: 1.0 (times ``alpha``) at uniform
+    routing. Megatron-Core's ``sequence_load_balancing_loss_func`` (``seq_aux_loss``) uses this
+    normalisation, with sigmoid scores normalised per token (:math:`\hat p`). DeepSeek-V3's
+    :math:`\alpha = 10^{-4}` is **UNVERIFIED** against the paper.
+
+    Parameters
+    ----------
+    routing : Routing
+        A token-choice routing of (G, S, E') logits: one group per sequence.
+    alpha : float
+        Coefficient :math:`\alpha` the loss is multiplied by.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array ()
+        float32 scalar.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> logits = xp.asarray([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])
+    >>> routing = mr.TopK(num_experts=2, k=1)(logits)  # sequence 1 balanced, sequence 2 not
+    >>> round(float(mr.losses.sequence_load_balancing(routing)), 4)
+    1.2311
+    """
+    routing = _check_routing(routing)
+    if routing.layout != "token":
+        raise ValueError(
+            "sequence_load_balancing needs a token-choice routing (layout 'token'), "
+            f"got layout {routing.layout!r}"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise TypeError(f"alpha must be a finite number, got {alpha!r}")
+    loss = _balance(routing, convention="megatron", pool_null=False, mask=mask, per_group=True)
+    return loss * alpha if alpha != 1.0 else loss
+
+
+def _balance(
+    routing: Routing,
+    *,
+    convention: str,
+    pool_null: bool,
+    mask: Array | None,
+    per_group: bool = False,
+) -> Array:
+    routing = _check_routing(routing)
+    check_choice(convention, "convention", _CONVENTIONS)
     xp = array_namespace(routing.probs)
+    valid = _valid_tokens(routing, mask, xp)
     num_columns = routing.num_choices
-    num_groups = routing.num_groups if convention == "gshard" else 1
+    num_groups = routing.num_groups if per_group or convention == "gshard" else 1
     tokens_per_group = routing.num_tokens // num_groups
 
-    # Choices of non-finite rows are not choices: give them an out-of-range id.
-    chose = xp.take(routing.finite_rows, routing.token_ids)
-    group = routing.token_ids // tokens_per_group
-    bucket = xp.where(
-        chose, group * num_columns + routing.choice_ids, xp.asarray(-1, dtype=xp.int32)
-    )
-    counts = xp.astype(bincount(bucket, num_groups * num_columns, xp=xp), xp.float32)
-    counts = xp.reshape(counts, (num_groups, num_columns))
+    counts = _choice_counts(routing, valid, num_groups, xp)
     if pool_null and num_columns > routing.num_experts:
         real, null = counts[:, : routing.num_experts], counts[:, routing.num_experts :]
         pooled = xp.broadcast_to(xp.mean(null, axis=1, keepdims=True), null.shape)
         counts = xp.concat([real, pooled], axis=1)
 
-    probs = xp.reshape(routing.probs, (num_groups, tokens_per_group, num_columns))
-    finite = xp.astype(xp.reshape(routing.finite_rows, (num_groups, tokens_per_group)), xp.float32)
-    tokens = xp.clip(xp.sum(finite, axis=1, keepdims=True), min=1.0)
-    mean_probs = xp.sum(probs, axis=1) / tokens
+    scores = _normalised_scores(routing.probs, valid, xp)
+    scores = xp.reshape(scores, (num_groups, tokens_per_group, num_columns))
+    valid_float = xp.astype(xp.reshape(valid, (num_groups, tokens_per_group)), xp.float32)
+    tokens = xp.sum(valid_float, axis=1, keepdims=True)
+    safe_tokens = xp.clip(tokens, min=1.0)
+    mean_probs = xp.sum(scores, axis=1) / safe_tokens
     if convention == "megatron":
         total = xp.sum(counts, axis=1, keepdims=True)
         share = counts / xp.where(total > 0, total, xp.ones_like(total))
     else:
+        share = counts / safe_tokens
+    per_group_loss = num_columns * xp.sum(share * mean_probs, axis=1)
+    # Average over the groups holding a valid token: a group of padding adds nothing.
+    occupied = xp.astype(tokens[:, 0] > 0, xp.float32)
+    return xp.sum(per_group_loss * occupied) / xp.clip(xp.sum(occupied), min=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Global-batch accumulation: state in, state out.
+# --------------------------------------------------------------------------------------------
+
+
+class BalanceState(NamedTuple):
+    """What :func:`load_balancing` needs from a batch, summed over micro-batches (or layers).
+
+    A named tuple of arrays, so it is a pytree under ``jax.jit`` / ``jax.lax.scan`` and passes
+    through ``torch.compile``. Build it with :func:`balance_state_init`, update it with
+    :func:`accumulate`, read the loss with :func:`load_balancing_from_state`.
+
+    Attributes
+    ----------
+    counts : array (E',) int32
+        Raw choices :math:`c_e` of valid tokens (before capacity drops).
+    prob_sums : array (E',) float32
+        :math:`\\sum_t \\hat p_{t,e}` over valid tokens (normalised scores).
+    tokens : array () int32
+        Valid tokens :math:`T`.
+    """
+
+    counts: Array
+    prob_sums: Array
+    tokens: Array
+
+
+def balance_state_init(num_choices: int, *, xp: Any, device: Any = None) -> BalanceState:
+    """An empty :class:`BalanceState` for routings with ``num_choices`` (E') columns.
+
+    Parameters
+    ----------
+    num_choices : int
+        :math:`E'`, the router's columns (real plus null experts).
+    xp : namespace
+        Array namespace of the routings that will be accumulated (``numpy``, ``torch``,
+        ``jax.numpy``, ...). Required: there is no array to infer it from.
+    device : optional
+        Device of those routings.
+
+    Returns
+    -------
+    BalanceState
+        Zero counts, zero probability sums, zero tokens.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> mr.losses.balance_state_init(4, xp=xp).counts
+    Array([0, 0, 0, 0], dtype=array_api_strict.int32)
+    """
+    check_positive_int(num_choices, "num_choices")
+    if xp is None or not hasattr(xp, "zeros"):
+        raise TypeError(f"xp must be an array namespace, got {xp!r}")
+    return BalanceState(
+        counts=xp.zeros((num_choices,), dtype=xp.int32, device=device),
+        prob_sums=xp.zeros((num_choices,), dtype=xp.float32, device=device),
+        tokens=xp.zeros((), dtype=xp.int32, device=device),
+    )
+
+
+def _check_state(state: object) -> BalanceState:
+    if not isinstance(state, BalanceState):
+        raise TypeError(
+            f"state must be a moerouter.losses.BalanceState, got {type(state).__name__}"
+        )
+    return state
+
+
+def accumulate(state: BalanceState, routing: Routing, *, mask: Array | None = None) -> BalanceState:
+    r"""Add one routing (a micro-batch, or a layer) to a :class:`BalanceState`.
+
+    ``counts += c``, ``prob_sums += sum_t p̂_t``, ``tokens += T`` over the routing's valid
+    tokens. A pure function: the old state is unchanged. After accumulating micro-batches
+    :math:`B_1, \dots, B_n`, :func:`load_balancing_from_state` equals :func:`load_balancing` of
+    the concatenated batch (for token-independent routings such as top-k without capacity).
+
+    Parameters
+    ----------
+    state : BalanceState
+        From :func:`balance_state_init` or a previous :func:`accumulate`.
+    routing : Routing
+        Any policy's output with ``E'`` columns; the backend of the state.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    BalanceState
+        The new state.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.TopK(num_experts=2, k=1)
+    >>> state = mr.losses.balance_state_init(2, xp=xp)
+    >>> state = mr.losses.accumulate(state, router(xp.asarray([[1.0, 0.0]])))
+    >>> state = mr.losses.accumulate(state, router(xp.asarray([[0.0, 1.0]])))
+    >>> state.counts, float(mr.losses.load_balancing_from_state(state))
+    (Array([1, 1], dtype=array_api_strict.int32), 1.0)
+    """
+    state = _check_state(state)
+    routing = _check_routing(routing)
+    if int(state.counts.shape[0]) != routing.num_choices:
+        raise ValueError(
+            f"state has {state.counts.shape[0]} columns but the routing has "
+            f"{routing.num_choices} (E')"
+        )
+    xp = array_namespace(routing.probs, state.counts)
+    valid = _valid_tokens(routing, mask, xp)
+    counts = _choice_counts(routing, valid, 1, xp)[0, :]
+    prob_sums = xp.sum(_normalised_scores(routing.probs, valid, xp), axis=0)
+    tokens = xp.sum(xp.astype(valid, xp.int32))
+    return BalanceState(
+        counts=state.counts + xp.astype(counts, xp.int32),
+        prob_sums=state.prob_sums + prob_sums,
+        tokens=state.tokens + xp.astype(tokens, xp.int32),
+    )
+
+
+def load_balancing_from_state(
+    state: BalanceState,
+    *,
+    convention: Literal["megatron", "mixtral"] = "megatron",
+    routing: Routing | None = None,
+    mask: Array | None = None,
+) -> Array:
+    r"""The Switch loss :math:`E' \sum_e f_e P_e` of everything accumulated in ``state``.
+
+    :math:`f_e` comes from the accumulated counts (``"megatron"``: share of all counted choices;
+    ``"mixtral"``: counts over accumulated tokens), :math:`P_e` from the accumulated probability
+    sums over accumulated tokens. The result equals :func:`load_balancing` on the concatenation
+    of the accumulated routings. Two uses:
+
+    - **Global-batch loss** (Qiu et al. 2025, "Demons in the Detail", arXiv:2501.11873;
+      Megatron-Core's ``global_aux_loss``): with ``routing`` given, :math:`f_e` comes from the
+      state (global counts over the micro-batches seen so far, which should include
+      ``routing``'s) and :math:`P_e` from ``routing`` alone, so the gradient flows to this
+      micro-batch's router only, as in Megatron-Core.
+    - **Loss over concatenated layers** (transformers' Mixtral ``load_balancing_loss_func``
+      concatenates every layer's router logits): accumulate each layer's routing into one
+      state and read it with ``convention="mixtral"``.
+
+    ``"gshard"`` is a per-group form and has no global-batch meaning; with one group it equals
+    ``"mixtral"``.
+
+    Parameters
+    ----------
+    state : BalanceState
+        Accumulated with :func:`accumulate`.
+    convention : {"megatron", "mixtral"}
+        Normalisation of :math:`f_e`, as in :func:`load_balancing`.
+    routing : Routing, optional
+        Take :math:`P_e` from this routing instead of the state.
+    mask : array (T,) or (G, S) bool, optional
+        Valid tokens of ``routing`` (only with ``routing``).
+
+    Returns
+    -------
+    array ()
+        float32 scalar; 0 for an empty state.
+    """
+    state = _check_state(state)
+    check_choice(convention, "convention", ("megatron", "mixtral"))
+    xp = array_namespace(state.counts, state.prob_sums)
+    counts = xp.astype(state.counts, xp.float32)
+    num_columns = int(counts.shape[0])
+    tokens = xp.clip(xp.astype(state.tokens, xp.float32), min=1.0)
+    if routing is None:
+        if mask is not None:
+            raise ValueError("mask applies to routing, which was not given")
+        mean_probs = state.prob_sums / tokens
+    else:
+        routing = _check_routing(routing)
+        if routing.num_choices != num_columns:
+            raise ValueError(
+                f"state has {num_columns} columns but the routing has {routing.num_choices} (E')"
+            )
+        valid = _valid_tokens(routing, mask, xp)
+        local_tokens = xp.clip(xp.sum(xp.astype(valid, xp.float32)), min=1.0)
+        mean_probs = xp.sum(_normalised_scores(routing.probs, valid, xp), axis=0) / local_tokens
+    if convention == "megatron":
+        total = xp.sum(counts)
+        share = counts / xp.where(total > 0, total, xp.ones_like(total))
+    else:
         share = counts / tokens
-    per_group = num_columns * xp.sum(share * mean_probs, axis=1)
-    return xp.mean(per_group)
+    return num_columns * xp.sum(share * mean_probs)
 
 
-def z_loss(logits: Array, *, xp: Any = None) -> Array:
+# --------------------------------------------------------------------------------------------
+# Shazeer et al. 2017: importance and load losses; the normal CDF they need.
+# --------------------------------------------------------------------------------------------
+
+
+def importance_loss(
+    routing: Routing,
+    *,
+    source: Literal["weights", "probs"] = "weights",
+    mask: Array | None = None,
+) -> Array:
+    r"""Importance loss: squared coefficient of variation of the per-expert importance.
+
+    .. math::
+
+        \mathrm{Importance}_e = \sum_t g_{t,e}, \qquad
+        L_{\mathrm{imp}} = \mathrm{CV}(\mathrm{Importance})^2
+        = \frac{\mathrm{Var}_e(\mathrm{Importance})}{\mathrm{Mean}_e(\mathrm{Importance})^2
+        + 10^{-10}},
+
+    with the population variance over experts (Shazeer et al., "Outrageously Large Neural
+    Networks", ICLR 2017; tensor2tensor ``cv_squared``). 0 when every expert is equally important;
+    :math:`E - 1` when one expert takes everything. The gate :math:`g` is
+
+    - ``source="weights"`` (default; tensor2tensor ``NoisyTopKGating``): the combine weights,
+      i.e. the gate after top-k (zero outside the chosen experts, and after capacity drops),
+      over the :math:`E` real experts.
+    - ``source="probs"`` (V-MoE ``_importance_auxiliary_loss``, Tutel ``load_importance_loss``):
+      the full router probabilities :math:`p_{t,e}` over all :math:`E'` columns.
+
+    V-MoE computes it per group and averages over groups; Tutel uses the unbiased variance
+    (:math:`E - 1` in the denominator), which is :math:`E/(E-1)` times this value.
+
+    Parameters
+    ----------
+    routing : Routing
+        Any policy's output.
+    source : {"weights", "probs"}
+        Which gate values make the importance.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array ()
+        float32 scalar, differentiable with respect to the gate values.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> routing = mr.TopK(num_experts=2, k=1)(xp.asarray([[1.0, 0.0], [2.0, 0.0]]))
+    >>> float(mr.losses.importance_loss(routing))  # all the importance on expert 0: E - 1
+    1.0
+    """
+    routing = _check_routing(routing)
+    check_choice(source, "source", ("weights", "probs"))
+    xp = array_namespace(routing.probs)
+    valid = _valid_tokens(routing, mask, xp)
+    if source == "probs":
+        probs = xp.where(valid[:, None], routing.probs, xp.zeros_like(routing.probs))
+        importance = xp.sum(probs, axis=0)
+    else:
+        counted = xp.take(valid, routing.token_ids) & (routing.expert_ids >= 0)
+        weights = xp.where(counted, routing.weights, xp.zeros_like(routing.weights))
+        experts = xp.arange(routing.num_experts, dtype=xp.int32)
+        one_hot = xp.astype(routing.expert_ids[:, None] == experts[None, :], xp.float32)
+        importance = xp.sum(weights[:, None] * one_hot, axis=0)
+    return _cv_squared(importance, xp)
+
+
+def load_loss(
+    logits: Array,
+    noisy_logits: Array,
+    noise_std: Array | float,
+    *,
+    k: int,
+    threshold: Literal["shazeer", "vmoe"] = "shazeer",
+    mask: Array | None = None,
+    xp: Any = None,
+) -> Array:
+    r"""Shazeer's smooth load loss: CV² of the expected number of tokens per expert under noise.
+
+    With clean logits :math:`\ell`, the noisy logits :math:`h = \ell + \sigma \cdot
+    \mathcal{N}(0, 1)` the router selected its top-k from, and the standard normal CDF
+    :math:`\Phi`:
+
+    .. math::
+
+        P(t, e) = \Phi\Bigl(\frac{\ell_{t,e} - \theta_{t,e}}{\sigma_{t,e}}\Bigr), \qquad
+        \mathrm{Load}_e = \sum_t P(t, e), \qquad
+        L_{\mathrm{load}} = \frac{\mathrm{Var}_e(\mathrm{Load})}{\mathrm{Mean}_e(\mathrm{Load})^2
+        + 10^{-10}},
+
+    :math:`P(t, e)` being the probability that expert :math:`e` stays in token :math:`t`'s top-k
+    when only its own noise is drawn again. The threshold :math:`\theta` is
+
+    - ``"shazeer"`` (default; Shazeer et al. 2017, tensor2tensor ``_prob_in_top_k``): the
+      :math:`(k+1)`-th largest noisy logit of the token when :math:`h_{t,e}` is above it (the
+      expert is in the top-k), else the :math:`k`-th largest. Needs :math:`k < E`.
+    - ``"vmoe"`` (V-MoE ``_load_auxiliary_loss``; Tutel's ``load_importance_loss`` does the same
+      on softmax scores): the :math:`k`-th largest noisy logit for every expert.
+
+    Where :math:`\sigma_{t,e} = 0` the probability is the indicator :math:`\ell_{t,e} >
+    \theta_{t,e}`. :math:`\Phi(x) = \frac{1}{2}\operatorname{erfc}(-x/\sqrt{2})`; the array API
+    has no ``erf``, so ``erfc`` is the Chebyshev fit of Press et al. (*Numerical Recipes*, §6.2,
+    ``erfcc``), fractional error below :math:`1.2 \cdot 10^{-7}` everywhere, evaluated in
+    float32 (tests check it against :func:`math.erfc`).
+
+    Parameters
+    ----------
+    logits : array (T, E) or (G, S, E)
+        Clean router logits, real floating dtype.
+    noisy_logits : array
+        The noisy logits the router used, same shape.
+    noise_std : array or float
+        :math:`\sigma`: a number, a 0-d array, or an array of the logits' shape (Shazeer's
+        per-(token, expert) ``softplus(x W_noise) + eps``; V-MoE's ``noise_std / E``).
+    k : int
+        Experts per token.
+    threshold : {"shazeer", "vmoe"}
+        How :math:`\theta` is chosen.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens. Rows whose logits are not finite are left out too.
+    xp : namespace, optional
+        Inferred from the arrays when None.
+
+    Returns
+    -------
+    array ()
+        float32 scalar, differentiable with respect to the logits, the noisy logits and
+        ``noise_std``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> logits = xp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    >>> float(mr.losses.load_loss(logits, logits, 1.0, k=1))  # symmetric: balanced
+    0.0
+    """
+    if not is_array_api_obj(logits):
+        raise TypeError(f"logits must be an array, got {type(logits).__name__}")
+    if not is_array_api_obj(noisy_logits):
+        raise TypeError(f"noisy_logits must be an array, got {type(noisy_logits).__name__}")
+    arrays = [logits, noisy_logits] + ([noise_std] if is_array_api_obj(noise_std) else [])
+    xp = array_namespace(*arrays) if xp is None else xp
+    if logits.ndim not in (2, 3):
+        raise ValueError(
+            "logits must have shape (tokens, experts) or (groups, tokens, experts), "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if tuple(noisy_logits.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"noisy_logits must have the shape of logits {tuple(logits.shape)}, "
+            f"got {tuple(noisy_logits.shape)}"
+        )
+    for name, value in (("logits", logits), ("noisy_logits", noisy_logits)):
+        if not xp.isdtype(value.dtype, "real floating"):
+            raise TypeError(f"{name} must be a real floating dtype, got {value.dtype}")
+    num_experts = int(logits.shape[-1])
+    check_choice(threshold, "threshold", ("shazeer", "vmoe"))
+    check_positive_int(k, "k")
+    largest_k = num_experts - 1 if threshold == "shazeer" else num_experts
+    if k > largest_k:
+        raise ValueError(
+            f"k must be <= {largest_k} for threshold={threshold!r} with {num_experts} experts, "
+            f"got {k}"
+        )
+    std_array: Any = noise_std
+    if is_array_api_obj(std_array):
+        if tuple(std_array.shape) not in ((), tuple(logits.shape)):
+            raise ValueError(
+                f"noise_std must be a number, a 0-d array or an array of shape "
+                f"{tuple(logits.shape)}, got shape {tuple(std_array.shape)}"
+            )
+        if not xp.isdtype(std_array.dtype, "real floating"):
+            raise TypeError(f"noise_std must be a real floating dtype, got {std_array.dtype}")
+        std = xp.astype(std_array, xp.float32)
+    elif isinstance(noise_std, int | float) and not isinstance(noise_std, bool):
+        if not noise_std >= 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        std = xp.asarray(float(noise_std), dtype=xp.float32)
+    else:
+        raise TypeError(f"noise_std must be a number or an array, got {type(noise_std).__name__}")
+
+    clean = xp.reshape(xp.astype(logits, xp.float32), (-1, num_experts))
+    noisy = xp.reshape(xp.astype(noisy_logits, xp.float32), (-1, num_experts))
+    std = xp.reshape(std, (-1, num_experts)) if std.ndim > 0 else std
+    shapes = (tuple(logits.shape[:-1]), (int(clean.shape[0]),))
+    flat = _flat_mask(mask, shapes, xp)
+    valid = finite_rows(clean, xp=xp) & finite_rows(noisy, xp=xp)
+    valid = valid if flat is None else valid & flat
+    clean = xp.where(valid[:, None], clean, xp.zeros_like(clean))
+    noisy = xp.where(valid[:, None], noisy, xp.zeros_like(noisy))
+
+    ranked = xp.sort(noisy, axis=-1, descending=True)
+    kth = ranked[:, k - 1 : k]
+    if threshold == "shazeer":
+        next_one = ranked[:, k : k + 1]
+        theta = xp.where(noisy > next_one, next_one, kth)
+    else:
+        theta = kth
+    positive = std > 0
+    safe_std = xp.where(positive, std, xp.ones_like(std))
+    smooth = _normal_cdf((clean - theta) / safe_std, xp=xp)
+    hard = xp.astype(clean > theta, xp.float32)
+    prob = xp.where(positive, smooth, hard)
+    prob = xp.where(valid[:, None], prob, xp.zeros_like(prob))
+    return _cv_squared(xp.sum(prob, axis=0), xp)
+
+
+# Numerical Recipes' erfcc Chebyshev coefficients, innermost last (fractional error < 1.2e-7).
+_ERFC_COEFFICIENTS = (
+    -1.26551223,
+    1.00002368,
+    0.37409196,
+    0.09678418,
+    -0.18628806,
+    0.27886807,
+    -1.13520398,
+    1.48851587,
+    -0.82215223,
+    0.17087277,
+)
+
+
+def _erfc(x: Array, *, xp: Any) -> Array:
+    """Complementary error function in float32 (Press et al., Numerical Recipes §6.2)."""
+    # where, not abs: at x == 0 the gradient must come from one side, not be zeroed by sign(0).
+    z = xp.where(x >= 0, x, -x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = xp.full_like(z, _ERFC_COEFFICIENTS[-1])
+    for coefficient in reversed(_ERFC_COEFFICIENTS[1:-1]):
+        poly = coefficient + t * poly
+    poly = _ERFC_COEFFICIENTS[0] + t * poly
+    tail = t * xp.exp(-z * z + poly)
+    return xp.where(x >= 0, tail, 2.0 - tail)
+
+
+def _normal_cdf(x: Array, *, xp: Any) -> Array:
+    r"""Standard normal CDF :math:`\Phi(x) = \frac{1}{2}\operatorname{erfc}(-x/\sqrt{2})`."""
+    return 0.5 * _erfc(-x * (1.0 / math.sqrt(2.0)), xp=xp)
+
+
+# --------------------------------------------------------------------------------------------
+# Entropy regulariser and z-loss.
+# --------------------------------------------------------------------------------------------
+
+
+def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
+    r"""Mean entropy (nats) of the router's per-token distribution.
+
+    .. math::
+
+        H = \frac{1}{T} \sum_t \Bigl( -\sum_e \hat p_{t,e} \log \hat p_{t,e} \Bigr),
+
+    over valid tokens, with :math:`\hat p` the scores normalised per token (softmax probabilities
+    as they are) and :math:`0 \log 0 = 0`. Between 0 (every token certain) and :math:`\log E'`
+    (uniform). :func:`moerouter.stats.summary`'s ``router_entropy`` is the same number.
+
+    **Sign convention:** this returns :math:`H \geq 0`. Adding ``+ coefficient * H`` to a loss
+    that is minimised sharpens each token's routing (confident, specialised choices, as entropy
+    penalties on gates do); adding ``- coefficient * H`` spreads it (exploration). It is a
+    per-token quantity: it says nothing about balance across tokens, which the balancing losses
+    measure.
+
+    Parameters
+    ----------
+    routing : Routing
+        Any policy's output.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array ()
+        float32 scalar, differentiable with respect to the router probabilities (an entry that
+        is exactly 0 gets gradient 0).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> routing = mr.TopK(num_experts=2, k=1)(xp.zeros((3, 2)))
+    >>> round(float(mr.losses.entropy(routing)), 4)  # log 2
+    0.6931
+    """
+    routing = _check_routing(routing)
+    xp = array_namespace(routing.probs)
+    valid = _valid_tokens(routing, mask, xp)
+    scores = _normalised_scores(routing.probs, valid, xp)
+    positive = scores > 0
+    safe = xp.where(positive, scores, xp.ones_like(scores))
+    plogp = xp.where(positive, scores * xp.log(safe), xp.zeros_like(scores))
+    tokens = xp.clip(xp.sum(xp.astype(valid, xp.float32)), min=1.0)
+    return -xp.sum(plogp) / tokens
+
+
+def z_loss(logits: Array, *, mask: Array | None = None, xp: Any = None) -> Array:
     r"""Router z-loss (Zoph et al., ST-MoE, 2022).
 
-    :math:`L_z = \frac{1}{T}\sum_t (\log\sum_j e^{\ell_{t,j}})^2`.
+    :math:`L_z = \frac{1}{T}\sum_t (\log\sum_j e^{\ell_{t,j}})^2` over valid tokens.
 
     Penalises large router logits to keep the softmax numerically tame. Computed in float32;
     rows holding NaN or +inf, or only -inf, are left out of the mean (as every policy routes them
-    nowhere). Megatron-Core's ``z_loss_func`` and Flaxformer's ``_router_z_loss`` use the same
-    normalisation.
+    nowhere), and so are masked rows. Megatron-Core's ``z_loss_func`` (padding-mask aware),
+    Flaxformer's ``_router_z_loss`` (sum over groups and tokens divided by their number) and
+    transformers' Switch ``router_z_loss_func`` use the same normalisation.
 
     Parameters
     ----------
     logits : array (T, E') or (G, S, E')
         Router logits, any real floating dtype.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens: ``logits.shape[:-1]`` or flattened to (G·S,).
     xp : namespace, optional
         Array namespace; inferred from ``logits`` when None.
 
@@ -173,10 +841,107 @@ def z_loss(logits: Array, *, xp: Any = None) -> Array:
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"logits must be a real floating dtype, got {logits.dtype}")
     values = xp.reshape(xp.astype(logits, xp.float32), (-1, logits.shape[-1]))
+    shapes = (tuple(logits.shape[:-1]), (int(values.shape[0]),))
+    flat = _flat_mask(mask, shapes, xp)
     finite = finite_rows(values, xp=xp)
+    finite = finite if flat is None else finite & flat
     values = xp.where(finite[:, None], values, xp.zeros_like(values))
     row_max = xp.max(values, axis=-1, keepdims=True)
     logsumexp = xp.log(xp.sum(xp.exp(values - row_max), axis=-1)) + row_max[:, 0]
     squares = xp.where(finite, logsumexp**2, xp.zeros_like(logsumexp))
     count = xp.clip(xp.sum(xp.astype(finite, xp.float32)), min=1.0)
     return xp.sum(squares) / count
+
+
+# --------------------------------------------------------------------------------------------
+# Combining layers.
+# --------------------------------------------------------------------------------------------
+
+
+def aggregate(
+    per_layer: Sequence[Mapping[str, Array]] | Sequence[Array],
+    *,
+    weights: Sequence[float] | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> Any:
+    r"""Combine per-layer losses (or per-layer dicts of losses) into one.
+
+    ``reduction="sum"``: :math:`\sum_l w_l L_l`; ``reduction="mean"``:
+    :math:`\sum_l w_l L_l / \sum_l w_l` (the plain mean when ``weights`` is None). Dicts are
+    combined key by key and must all have the same keys.
+
+    Peers differ here: Megatron-Core's tracker averages each loss over layers, MegaBlocks'
+    ``batched_load_balancing_loss`` scales by :math:`1/L` over the layers of a pipeline stage,
+    AdaMoE's ``exp_1`` sums layers (``reduction="sum"``), and transformers' Mixtral loss is taken
+    over the *concatenated* layers, which is not a per-layer combination at all: use
+    :func:`accumulate` over layers with :func:`load_balancing_from_state` for that.
+
+    Parameters
+    ----------
+    per_layer : sequence of arrays, or sequence of dicts of str to array
+        One entry per layer; arrays of one backend and shape (usually scalars).
+    weights : sequence of float, optional
+        One non-negative weight per layer; default all 1.
+    reduction : {"mean", "sum"}
+        Weighted mean or weighted sum.
+
+    Returns
+    -------
+    array, or dict of str to array
+        Same kind as the entries of ``per_layer``; gradients flow to every layer's loss.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> layers = [{"aux": xp.asarray(1.0), "z": xp.asarray(2.0)},
+    ...           {"aux": xp.asarray(3.0), "z": xp.asarray(4.0)}]
+    >>> {name: float(v) for name, v in mr.losses.aggregate(layers).items()}
+    {'aux': 2.0, 'z': 3.0}
+    >>> float(mr.losses.aggregate([xp.asarray(1.0), xp.asarray(3.0)], reduction="sum"))
+    4.0
+    """
+    check_choice(reduction, "reduction", ("mean", "sum"))
+    if isinstance(per_layer, Mapping) or is_array_api_obj(per_layer):
+        raise TypeError("per_layer must be a sequence with one entry per layer")
+    entries = list(per_layer)
+    if not entries:
+        raise ValueError("per_layer must hold at least one layer")
+    if weights is None:
+        factors = [1.0] * len(entries)
+    else:
+        factors = [float(w) for w in weights]
+        if len(factors) != len(entries):
+            raise ValueError(
+                f"weights has {len(factors)} entries but per_layer has {len(entries)} layers"
+            )
+        if not all(math.isfinite(w) and w >= 0 for w in factors):
+            raise ValueError(f"weights must be finite and >= 0, got {factors}")
+    divisor = sum(factors) if reduction == "mean" else 1.0
+    if reduction == "mean" and divisor <= 0:
+        raise ValueError("weights must not all be 0 for reduction='mean'")
+
+    def combine(values: list[Array], name: str) -> Array:
+        for value in values:
+            if not is_array_api_obj(value):
+                raise TypeError(f"{name} must hold arrays, got {type(value).__name__}")
+        array_namespace(*values)  # one backend, or a clear TypeError
+        total = values[0] * factors[0]
+        for value, factor in zip(values[1:], factors[1:], strict=True):
+            total = total + value * factor
+        return total / divisor if divisor != 1.0 else total
+
+    if all(isinstance(entry, Mapping) for entry in entries):
+        keys = list(entries[0])
+        for index, entry in enumerate(entries):
+            if set(entry) != set(keys):
+                raise ValueError(
+                    f"per_layer[{index}] has keys {sorted(entry)}, per_layer[0] has {sorted(keys)}"
+                )
+        return {
+            key: combine([entry[key] for entry in entries], f"per_layer[*][{key!r}]")
+            for key in keys
+        }
+    if any(isinstance(entry, Mapping) for entry in entries):
+        raise TypeError("per_layer must hold only arrays or only dicts, not both")
+    return combine(entries, "per_layer")

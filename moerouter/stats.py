@@ -1,15 +1,20 @@
-"""Routing diagnostics as plain arrays of the routing's backend (no host sync, jit-safe)."""
+"""Routing diagnostics as plain arrays of the routing's backend (no host sync, jit-safe).
+
+Every function is pure and has static output shapes, so it runs inside ``jax.jit`` and
+``torch.compile``; copy the values to the host when you choose to log them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount
 from moerouter.routing import Routing
 
-__all__ = ["summary"]
+__all__ = ["co_occurrence", "processed_by_at_least", "summary"]
 
 Array = Any
 
@@ -39,6 +44,8 @@ def summary(routing: Routing) -> dict[str, Array]:
         - ``null_fraction`` () float32: share of choices that picked a null expert.
         - ``router_entropy`` () float32: mean entropy (nats) of each token's normalised scores.
         - ``nonfinite_rows`` () int32: tokens whose logits held NaN or +inf, or only -inf.
+        - ``processed_by_at_least`` (F + 1,) float32: share of tokens reaching at least
+          0, 1, ..., F real experts (:func:`processed_by_at_least`).
 
     Examples
     --------
@@ -48,8 +55,7 @@ def summary(routing: Routing) -> dict[str, Array]:
     >>> mr.stats.summary(routing)["tokens_per_expert"]
     Array([2, 0], dtype=array_api_strict.int32)
     """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+    routing = _check_routing(routing)
     xp = array_namespace(routing.probs)
     float32 = xp.float32
     finite = routing.finite_rows
@@ -71,6 +77,7 @@ def summary(routing: Routing) -> dict[str, Array]:
     per_token = bincount(real_token_ids, routing.num_tokens, xp=xp)
     per_token_finite = xp.where(finite, per_token, xp.asarray(-1, dtype=xp.int32))
     histogram = bincount(per_token_finite, routing.fan_in + 1, xp=xp)
+    at_least = _at_least_from_histogram(histogram, tokens, xp)
 
     scores = routing.probs
     total = xp.sum(scores, axis=-1, keepdims=True)
@@ -92,4 +99,157 @@ def summary(routing: Routing) -> dict[str, Array]:
         "null_fraction": xp.sum(xp.astype(chose_null, float32)) / num_choices,
         "router_entropy": xp.sum(xp.where(finite, entropy, xp.zeros_like(entropy))) / tokens,
         "nonfinite_rows": xp.astype(xp.sum(xp.astype(~finite, xp.int32)), xp.int32),
+        "processed_by_at_least": at_least,
     }
+
+
+def _check_routing(routing: object) -> Routing:
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+    return routing
+
+
+def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
+    """(T,) bool: finite logits rows that the mask (if any) keeps."""
+    if mask is None:
+        return routing.finite_rows
+    if not is_array_api_obj(mask):
+        raise TypeError(f"mask must be a bool array, got {type(mask).__name__}")
+    if mask.dtype != xp.bool:
+        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    group_size = routing.num_tokens // routing.num_groups
+    shapes = ((routing.num_tokens,), (routing.num_groups, group_size))
+    if tuple(mask.shape) not in shapes:
+        accepted = " or ".join(str(s) for s in dict.fromkeys(shapes))
+        raise ValueError(f"mask must have shape {accepted}, got shape {tuple(mask.shape)}")
+    return routing.finite_rows & xp.reshape(mask, (-1,))
+
+
+def _reached(routing: Routing, valid: Array, xp: Any) -> Array:
+    """(T, E) int32: 1 where valid token t reaches real expert e (after drops), else 0."""
+    num_experts = routing.num_experts
+    counted = xp.take(valid, routing.token_ids) & (routing.expert_ids >= 0)
+    pair = xp.where(
+        counted,
+        routing.token_ids * num_experts + routing.expert_ids,
+        xp.asarray(-1, dtype=xp.int32),
+    )
+    counts = bincount(pair, routing.num_tokens * num_experts, xp=xp)
+    return xp.reshape(xp.minimum(counts, xp.asarray(1, dtype=xp.int32)), (-1, num_experts))
+
+
+def _at_least_from_histogram(histogram: Array, tokens: Array, xp: Any) -> Array:
+    """Share of tokens reaching at least t experts, t = 0 .. F, from the (F + 1,) histogram."""
+    # at_least[t] = sum_{j >= t} histogram[j]: a reversed cumulative sum.
+    reversed_cumsum = xp.cumulative_sum(xp.flip(xp.astype(histogram, xp.float32)))
+    return xp.flip(reversed_cumsum) / tokens
+
+
+def co_occurrence(routing: Routing, *, mask: Array | None = None) -> Array:
+    r"""How often each pair of real experts processes the same token.
+
+    .. math::
+
+        C_{i,j} = \bigl|\{t : t \text{ reaches } i \text{ and } t \text{ reaches } j\}\bigr|,
+
+    counted over valid tokens (finite logits, and ``mask`` when given) and real experts after
+    capacity drops (null experts and dropped choices excluded). ``C`` is symmetric; its diagonal
+    is the number of tokens each expert processes. In the token layout these are the experts a
+    token chose together (top-k pairs); in the expert layout, the experts that picked the same
+    token. Merging methods (MC-SMoE) and expert-placement heuristics read it; a strongly
+    clustered ``C`` says some experts are rarely used apart.
+
+    Parameters
+    ----------
+    routing : Routing
+        Any policy's output.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array (E, E) int32
+        Exact counts (built as a float32 product of 0/1 matrices, exact below 2**24 tokens).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> routing = mr.TopK(num_experts=3, k=2)(xp.asarray([[2.0, 1.0, 0.0], [2.0, 0.0, 1.0]]))
+    >>> mr.stats.co_occurrence(routing)
+    Array([[2, 1, 1],
+           [1, 1, 0],
+           [1, 0, 1]], dtype=array_api_strict.int32)
+    """
+    routing = _check_routing(routing)
+    xp = array_namespace(routing.probs)
+    reached = xp.astype(_reached(routing, _valid_tokens(routing, mask, xp), xp), xp.float32)
+    pairs = xp.matmul(xp.matrix_transpose(reached), reached)
+    return xp.astype(xp.round(pairs), xp.int32)
+
+
+def processed_by_at_least(
+    routing: Routing, *, thresholds: Sequence[int] | None = None, mask: Array | None = None
+) -> Array:
+    r"""Share of tokens processed by at least :math:`t` real experts, for each threshold :math:`t`.
+
+    .. math::
+
+        r_t = \frac{1}{T} \bigl|\{t' : n_{t'} \geq t\}\bigr|,
+
+    with :math:`n_{t'}` the real experts token :math:`t'` reaches (after drops) and :math:`T`
+    the valid tokens. The Expert Choice paper (Zhou et al. 2022) reports this distribution, and
+    V-MoE's expert-choice dispatcher logs it as ``ratio_processed_items_by_at_least_{t}_experts``
+    for :math:`t = 1, 2, 4, \dots, E` (per group, averaged over groups; here over all valid
+    tokens at once). :math:`r_0 = 1`; :math:`1 - r_1` is the share of tokens no expert
+    processes. Also meaningful for token choice (``t`` up to ``k``), where it shows drops and
+    null experts.
+
+    Parameters
+    ----------
+    routing : Routing
+        Any policy's output.
+    thresholds : sequence of int, optional
+        The :math:`t` to report, each in ``[0, F]`` with ``F = routing.fan_in`` (``k``, or ``E``
+        for expert choice). Default ``0, 1, ..., F``.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array (len(thresholds),) float32
+        Non-increasing in :math:`t` when the thresholds are increasing.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.ExpertChoice(num_experts=2, capacity_factor=1.0)
+    >>> routing = router(xp.asarray([[3.0, 3.0], [3.0, 0.0], [0.0, 3.0], [0.0, 0.0]]))
+    >>> mr.stats.processed_by_at_least(routing)  # token 0: both experts; token 3: none
+    Array([1.  , 0.75, 0.25], dtype=array_api_strict.float32)
+    """
+    routing = _check_routing(routing)
+    xp = array_namespace(routing.probs)
+    fan_in = routing.fan_in
+    if thresholds is None:
+        chosen = list(range(fan_in + 1))
+    else:
+        if isinstance(thresholds, str) or not isinstance(thresholds, Sequence):
+            raise TypeError(f"thresholds must be a sequence of int, got {thresholds!r}")
+        chosen = []
+        for t in thresholds:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"thresholds must hold ints, got {t!r}")
+            if not 0 <= t <= fan_in:
+                raise ValueError(f"thresholds must lie in [0, {fan_in}] (fan_in), got {t}")
+            chosen.append(t)
+    valid = _valid_tokens(routing, mask, xp)
+    per_token = xp.sum(_reached(routing, valid, xp), axis=1)
+    per_token = xp.where(valid, per_token, xp.asarray(-1, dtype=per_token.dtype))
+    histogram = bincount(per_token, fan_in + 1, xp=xp)
+    tokens = xp.clip(xp.sum(xp.astype(valid, xp.float32)), min=1.0)
+    at_least = _at_least_from_histogram(histogram, tokens, xp)
+    if thresholds is None:
+        return at_least
+    return xp.take(at_least, xp.asarray(chosen, dtype=xp.int32))

@@ -28,6 +28,16 @@ from moerouter.testing.reference import (
     reference_topk,
     reference_z_loss,
 )
+from moerouter.testing.reference_losses import (
+    reference_co_occurrence,
+    reference_concatenated_load_balancing,
+    reference_entropy,
+    reference_importance_loss,
+    reference_load_loss,
+    reference_normal_cdf,
+    reference_processed_by_at_least,
+    reference_sequence_load_balancing,
+)
 
 __all__ = [
     "ROUTER_ATOL",
@@ -38,13 +48,21 @@ __all__ = [
     "assert_plan_valid",
     "assert_routing_equal",
     "edge_case_logits",
+    "reference_co_occurrence",
     "reference_combine",
+    "reference_concatenated_load_balancing",
     "reference_dispatch",
+    "reference_entropy",
     "reference_expert_choice",
+    "reference_importance_loss",
     "reference_load_balancing",
+    "reference_load_loss",
     "reference_make_plan",
+    "reference_normal_cdf",
     "reference_null_experts",
     "reference_null_load_balancing",
+    "reference_processed_by_at_least",
+    "reference_sequence_load_balancing",
     "reference_summary",
     "reference_topk",
     "reference_z_loss",

@@ -474,55 +474,80 @@ def reference_combine(ye: Any, plan: Any) -> np.ndarray:
     return out
 
 
-def _balance(routing: Any, convention: str, pool_null: bool) -> float:
+def _flat_mask(mask: Any, num_tokens: int) -> np.ndarray:
+    """A (T,) bool NumPy copy of a token mask of shape (T,) or (G, S); all True for None."""
+    if mask is None:
+        return np.ones(num_tokens, bool)
+    flat = to_numpy(mask).astype(bool).reshape(-1)
+    if flat.shape != (num_tokens,):
+        raise ValueError(f"mask has {flat.size} entries for {num_tokens} tokens")
+    return flat
+
+
+def _normalised_row(row: np.ndarray) -> np.ndarray:
+    """``p / sum(p)`` in float64 (a row summing to 0 stays 0)."""
+    row = row.astype(np.float64)
+    total = float(row.sum())
+    return row / total if total > 0 else row
+
+
+def _balance(
+    routing: Any,
+    convention: str,
+    pool_null: bool,
+    mask: Any = None,
+    per_group: bool = False,
+) -> float:
     r = _routing(routing)
     num_columns = r["probs"].shape[-1]
-    num_groups = r["num_groups"] if convention == "gshard" else 1
+    num_groups = r["num_groups"] if per_group or convention == "gshard" else 1
     group_size = r["num_tokens"] // num_groups
-    probs = r["probs"].astype(np.float64)
+    keep = _flat_mask(mask, r["num_tokens"])
     losses = []
     for g in range(num_groups):
         tokens = range(g * group_size, (g + 1) * group_size)
-        finite_tokens = {t for t in tokens if r["finite_rows"][t]}
+        valid_tokens = {t for t in tokens if r["finite_rows"][t] and keep[t]}
+        if not valid_tokens:
+            continue  # a group without valid tokens is left out of the mean over groups
         counts = np.zeros(num_columns)
         for token, column in zip(r["token_ids"], r["choice_ids"], strict=True):
-            if token in finite_tokens:
+            if token in valid_tokens:
                 counts[column] += 1
         if pool_null and num_columns > r["num_experts"]:
             counts[r["num_experts"] :] = counts[r["num_experts"] :].mean()
-        num_finite = max(len(finite_tokens), 1)
-        mean_probs = np.array(
-            [sum(probs[t, e] for t in finite_tokens) / num_finite for e in range(num_columns)]
-        )
+        num_valid = len(valid_tokens)
+        mean_probs = sum(_normalised_row(r["probs"][t]) for t in sorted(valid_tokens)) / num_valid
         if convention == "megatron":
             share = counts / counts.sum() if counts.sum() > 0 else counts
         else:
-            share = counts / num_finite
+            share = counts / num_valid
         losses.append(num_columns * float(np.sum(share * mean_probs)))
-    return float(np.mean(losses))
+    return float(np.mean(losses)) if losses else 0.0
 
 
-def reference_load_balancing(routing: Any, convention: str = "megatron") -> float:
+def reference_load_balancing(routing: Any, convention: str = "megatron", mask: Any = None) -> float:
     """:func:`moerouter.losses.load_balancing` in float64: ``E' * sum_e f_e * P_e``.
 
-    ``f_e`` counts raw choices (``choice_ids``, before drops) of finite rows, normalised by all
-    counted choices ("megatron") or by the finite tokens ("mixtral", and per group "gshard",
-    averaged over groups); ``P_e`` is the mean probability over finite rows.
+    ``f_e`` counts raw choices (``choice_ids``, before drops) of valid tokens (finite rows that
+    ``mask`` keeps), normalised by all counted choices ("megatron") or by the valid tokens
+    ("mixtral", and per group "gshard", averaged over groups holding a valid token); ``P_e`` is
+    the mean over valid tokens of the probabilities normalised to sum 1 per token.
 
     Parameters
     ----------
     routing : Routing or dict
     convention : {"megatron", "mixtral", "gshard"}
+    mask : array (T,) or (G, S) bool, optional
 
     Returns
     -------
     float
     """
-    return _balance(routing, convention, pool_null=False)
+    return _balance(routing, convention, pool_null=False, mask=mask)
 
 
 def reference_null_load_balancing(
-    routing: Any, null_mode: str = "pooled", convention: str = "megatron"
+    routing: Any, null_mode: str = "pooled", convention: str = "megatron", mask: Any = None
 ) -> float:
     """:func:`moerouter.losses.null_load_balancing` in float64.
 
@@ -534,31 +559,35 @@ def reference_null_load_balancing(
     routing : Routing or dict
     null_mode : {"pooled", "per_expert"}
     convention : {"megatron", "mixtral", "gshard"}
+    mask : array (T,) or (G, S) bool, optional
 
     Returns
     -------
     float
     """
-    return _balance(routing, convention, pool_null=null_mode == "pooled")
+    return _balance(routing, convention, pool_null=null_mode == "pooled", mask=mask)
 
 
-def reference_z_loss(logits: Any) -> float:
-    """ST-MoE z-loss in float64: mean over finite rows of ``logsumexp(row)**2``.
+def reference_z_loss(logits: Any, mask: Any = None) -> float:
+    """ST-MoE z-loss in float64: mean over valid rows of ``logsumexp(row)**2``.
 
     Parameters
     ----------
     logits : array (T, E') or (G, S, E')
         Rounded to float32 first, as :func:`moerouter.losses.z_loss` does.
+    mask : array of ``logits.shape[:-1]`` (or flattened) bool, optional
+        Valid tokens; finite rows outside it are left out too.
 
     Returns
     -------
     float
-        0 when no row is finite.
+        0 when no row is valid.
     """
     values = _grouped_float32(logits).reshape(-1, np.shape(to_numpy(logits))[-1])
+    keep = _flat_mask(mask, values.shape[0])
     squares = []
-    for row in values:
-        if _row_is_finite(row):
+    for row, kept in zip(values, keep, strict=True):
+        if kept and _row_is_finite(row):
             finite = [float(v) for v in row if v > -math.inf]
             top = max(finite)
             squares.append((top + math.log(sum(math.exp(v - top) for v in finite))) ** 2)
@@ -617,6 +646,7 @@ def reference_summary(routing: Any) -> dict[str, Any]:
         "null_fraction": null_choices / max(choices, 1),
         "router_entropy": sum(entropies) / max(num_finite, 1),
         "nonfinite_rows": num_tokens - num_finite,
+        "processed_by_at_least": np.cumsum(histogram[::-1])[::-1] / max(num_finite, 1),
     }
 
 
