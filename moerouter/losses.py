@@ -605,8 +605,10 @@ def load_loss(
       on softmax scores): the :math:`k`-th largest noisy logit for every expert.
 
     Where :math:`\sigma_{t,e} = 0` the probability is the indicator :math:`\ell_{t,e} >
-    \theta_{t,e}`. :math:`\Phi(x) = \frac{1}{2}\operatorname{erfc}(-x/\sqrt{2})`; the array API
-    has no ``erf``, so ``erfc`` is the Chebyshev fit of Press et al. (*Numerical Recipes*, §6.2,
+    \theta_{t,e}`; a :math:`-\infty` logit has probability 0, and a :math:`-\infty` threshold
+    gives every finite logit probability 1.
+    :math:`\Phi(x) = \frac{1}{2}\operatorname{erfc}(-x/\sqrt{2})`; the array API has no
+    ``erf``, so ``erfc`` is the Chebyshev fit of Press et al. (*Numerical Recipes*, §6.2,
     ``erfcc``), fractional error below :math:`1.2 \cdot 10^{-7}` everywhere, evaluated in
     float32 (tests check it against :func:`math.erfc`).
 
@@ -706,10 +708,19 @@ def load_loss(
         theta = kth
     positive = std > 0
     safe_std = xp.where(positive, std, xp.ones_like(std))
-    smooth = _normal_cdf((clean - theta) / safe_std, xp=xp)
-    hard = xp.astype(clean > theta, xp.float32)
+    # A -inf logit is never selected (P = 0); a -inf threshold admits every finite logit
+    # (P = 1). Both are set apart before subtracting so that no inf - inf NaN (or its
+    # gradient) appears.
+    never = clean == -xp.inf
+    always = (theta == -xp.inf) & ~never
+    finite_clean = xp.where(never, xp.zeros_like(clean), clean)
+    finite_theta = xp.where(theta == -xp.inf, xp.zeros_like(theta), theta)
+    gap = finite_clean - finite_theta
+    smooth = _normal_cdf(gap / safe_std, xp=xp)
+    hard = xp.astype(gap > 0, xp.float32)
     prob = xp.where(positive, smooth, hard)
-    prob = xp.where(valid[:, None], prob, xp.zeros_like(prob))
+    prob = xp.where(always, xp.ones_like(prob), prob)
+    prob = xp.where(valid[:, None] & ~never, prob, xp.zeros_like(prob))
     return _cv_squared(xp.sum(prob, axis=0), xp)
 
 

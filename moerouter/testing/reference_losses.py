@@ -122,7 +122,11 @@ def reference_load_loss(
             theta = ranked[k - 1]
             if threshold == "shazeer" and noisy[t, e] > ranked[k]:
                 theta = ranked[k]
-            if std[t, e] > 0:
+            if clean[t, e] == -math.inf:
+                continue  # never selected
+            if theta == -math.inf:
+                load[e] += 1.0  # every finite logit clears a -inf threshold
+            elif std[t, e] > 0:
                 load[e] += reference_normal_cdf((clean[t, e] - theta) / std[t, e])
             else:
                 load[e] += float(clean[t, e] > theta)
