@@ -164,7 +164,9 @@ def reference_sequence_load_balancing(routing: Any, alpha: float = 1.0, mask: An
             if token in tokens:
                 counts[column] += 1
         f = [columns * c / (k * len(tokens)) for c in counts]
-        p = sum(_normalised_row(r["probs"][t]) for t in tokens) / len(tokens)
+        p = np.zeros(columns)
+        for t in tokens:
+            p += _normalised_row(r["probs"][t]) / len(tokens)
         losses.append(sum(f[i] * float(p[i]) for i in range(columns)))
     return alpha * (sum(losses) / len(losses)) if losses else 0.0
 
@@ -218,11 +220,11 @@ def reference_entropy(routing: Any, mask: Any = None) -> float:
     """
     r = _routing(routing)
     valid = _valid(r, mask)
-    entropies = []
+    entropies: list[float] = []
     for t in range(r["num_tokens"]):
         if valid[t]:
-            p = _normalised_row(r["probs"][t])
-            entropies.append(-sum(v * math.log(v) for v in p.tolist() if v > 0))
+            p: list[float] = _normalised_row(r["probs"][t]).tolist()
+            entropies.append(-sum(v * math.log(v) for v in p if v > 0))
     return sum(entropies) / max(len(entropies), 1)
 
 
