@@ -669,3 +669,27 @@ def test_errors():
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+# --------------------------------------------------------------------------------------------
+# The Examples sections run and print what they say (on array-api-strict).
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        # Every loss, the global-batch state and aggregate.
+        pytest.param(mr.losses, id="losses"),
+        # summary, co_occurrence, processed_by_at_least.
+        pytest.param(mr.stats, id="stats"),
+    ],
+)
+def test_docstring_examples(module):
+    pytest.importorskip("array_api_strict")
+    import doctest
+
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testmod(module, optionflags=flags, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0
