@@ -355,6 +355,26 @@ DIFFERENTIABLE = {
         lambda logits: mr.losses.load_balancing(ROUTER(logits)),
         lambda v: NUM_EXPERTS * np.sum(COUNTS / COUNTS.sum() * softmax64(v).mean(axis=0)),
     ),
+    # The state's loss: the gradient flows through the accumulated probability sums.
+    "load_balancing_from_state": (
+        lambda logits: mr.losses.load_balancing_from_state(
+            mr.losses.accumulate(
+                mr.losses.balance_state_init(NUM_EXPERTS, xp=_namespace(logits)), ROUTER(logits)
+            )
+        ),
+        lambda v: NUM_EXPERTS * np.sum(COUNTS / COUNTS.sum() * softmax64(v).mean(axis=0)),
+    ),
+    # Megatron's global form: counts from the state, P (and the gradient) from the routing.
+    "load_balancing_from_state_local": (
+        lambda logits: mr.losses.load_balancing_from_state(
+            mr.losses.accumulate(
+                mr.losses.balance_state_init(NUM_EXPERTS, xp=_namespace(logits)),
+                ROUTER(logits),
+            ),
+            routing=ROUTER(logits),
+        ),
+        lambda v: NUM_EXPERTS * np.sum(COUNTS / COUNTS.sum() * softmax64(v).mean(axis=0)),
+    ),
     # Two sequences of three tokens: per-sequence f and P.
     "sequence_load_balancing": (
         lambda logits: mr.losses.sequence_load_balancing(
