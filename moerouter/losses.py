@@ -532,7 +532,9 @@ def importance_loss(
       the full router probabilities :math:`p_{t,e}` over all :math:`E'` columns.
 
     V-MoE computes it per group and averages over groups; Tutel uses the unbiased variance
-    (:math:`E - 1` in the denominator), which is :math:`E/(E-1)` times this value.
+    (:math:`E - 1` in the denominator), which is :math:`E/(E-1)` times this value. With
+    ``source="weights"`` the per-expert sum compares every assignment with every expert:
+    memory :math:`O(T k E)` float32, ``k`` times the router probabilities.
 
     Parameters
     ----------
