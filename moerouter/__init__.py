@@ -5,16 +5,35 @@ A policy turns router logits into a :class:`Routing`; :func:`make_plan` turns th
 Nothing here imports a framework: the backend is chosen per call from the arrays' type.
 """
 
-from moerouter import confidence, distillation, losses, multitask, stats
+from moerouter import (
+    confidence,
+    distillation,
+    ensemble,
+    losses,
+    merging,
+    multitask,
+    policies,
+    stats,
+)
 from moerouter._registry import BackendInfo
-from moerouter.policies import ExpertChoice, NullExperts, TopK
+from moerouter.policies import (
+    AffinityRouting,
+    AnchorRouting,
+    ExpertChoice,
+    LocalityTopK,
+    NullExperts,
+    TopK,
+)
 from moerouter.routing import Plan, Routing, combine, dispatch, make_plan
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffinityRouting",
+    "AnchorRouting",
     "BackendInfo",
     "ExpertChoice",
+    "LocalityTopK",
     "NullExperts",
     "Plan",
     "Routing",
@@ -24,8 +43,11 @@ __all__ = [
     "confidence",
     "dispatch",
     "distillation",
+    "ensemble",
     "losses",
     "make_plan",
+    "merging",
     "multitask",
+    "policies",
     "stats",
 ]

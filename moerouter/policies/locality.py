@@ -1,0 +1,443 @@
+r"""LocMoE and LocMoE+: locality-aware routing and affinity-based token rearrangement.
+
+Li et al., "LocMoE: A Low-Overhead MoE for Large Language Model Training" (IJCAI 2024,
+arXiv 2401.13920) and "LocMoE+: Enhanced Router with Token Feature Awareness for Efficient LLM
+Pre-Training" (arXiv 2406.00023). No code was released and the paper bodies could not be read:
+only the abstracts are verified. What is here, and how sure it is:
+
+* :class:`LocalityTopK` (the abstract's "converting partial inter-node communication to that of
+  intra-node", made concrete as node-limited routing): experts live on ``N`` nodes in contiguous
+  blocks (expert parallelism's layout); a token may use only its own node plus the
+  ``max_nodes - 1`` other nodes with the highest scores, ranked as DeepSeek-V3's group-limited
+  routing ranks groups (sum of the top-2 probabilities in the group). ``max_nodes=1`` keeps every
+  token on its own node. This is a design, not the paper's exact rule.
+* :func:`locality_loss`: :math:`\mathrm{KL}(p_{\text{local}} \,\|\, p)` with
+  :math:`p_{\text{local}}` uniform over the token's node, from a third-party implementation;
+  UNVERIFIED.
+* :func:`grouped_average_pooling`: the parameter-free GrAP gate, :math:`h_e(x) = (E/d)
+  \sum_{j \in \text{block } e} x_j`, from a third-party implementation; UNVERIFIED.
+* :func:`affinity_scores` and :class:`AffinityRouting` (LocMoE+): affinity
+  :math:`\delta_{t,i} = \cos(x_t, w_i)`; a token goes to its top-1 expert only if it is among
+  that expert's ``C`` highest-affinity tokens (token choice, then expert choice). From a
+  third-party implementation; UNVERIFIED.
+* Not implemented: LocMoE's lower bound on expert capacity ("calculated through the maximal
+  angular deviation between the gating weights of the experts and the assigned tokens") and
+  LocMoE+'s re-estimated bound. The abstracts state that the bounds exist but not the formulas,
+  and no source gives them, so the capacity here is the usual
+  :math:`C = \lceil \mathrm{cf} \cdot S / E \rceil`, chosen by the user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+from moerouter._agnostic.select import descending_rank, top_k
+from moerouter.policies._common import (
+    CleanLogits,
+    capacity,
+    check_capacity_factor,
+    check_choice,
+    check_positive_int,
+    clean_logits,
+    drop_over_capacity,
+)
+from moerouter.policies._token_choice import (
+    choose,
+    masked_softmax,
+    softmax,
+    token_choice_routing,
+)
+from moerouter.routing import Routing
+
+__all__ = [
+    "AffinityRouting",
+    "LocalityTopK",
+    "affinity_scores",
+    "grouped_average_pooling",
+    "locality_loss",
+]
+
+Array = Any
+
+
+def _is_array(value: object) -> bool:
+    # A plain bool, not array-api-compat's TypeGuard, so mypy keeps Array as Any.
+    return bool(is_array_api_obj(value))
+
+
+def _grouped_nodes(token_nodes: Array, clean: CleanLogits, num_nodes: int) -> Array:
+    xp = clean.xp
+    if not _is_array(token_nodes):
+        raise TypeError(f"token_nodes must be an array, got {type(token_nodes).__name__}")
+    num_tokens = clean.num_groups * clean.group_size
+    if token_nodes.ndim != 1 or token_nodes.shape[0] != num_tokens:
+        raise ValueError(
+            f"token_nodes must have shape ({num_tokens},), got {tuple(token_nodes.shape)}"
+        )
+    if not xp.isdtype(token_nodes.dtype, "integral"):
+        raise TypeError(f"token_nodes must be integers, got {token_nodes.dtype}")
+    nodes = xp.astype(token_nodes, xp.int32)
+    try:
+        in_range = bool(xp.all((nodes >= 0) & (nodes < num_nodes)))
+    except Exception:  # traced (jax.jit): nothing concrete to check
+        in_range = True
+    if not in_range:
+        raise ValueError(f"token_nodes must lie in [0, num_nodes = {num_nodes})")
+    return xp.reshape(nodes, (clean.num_groups, clean.group_size))
+
+
+@dataclass(frozen=True)
+class LocalityTopK:
+    r"""Top-k routing limited to the token's own node and a few others (LocMoE-style locality).
+
+    Experts ``[m E/N, (m+1) E/N)`` live on node ``m``. For a token on node :math:`n_t` with
+    probabilities :math:`p = \mathrm{softmax}(\ell)`, node :math:`m` scores
+    :math:`s_m = \sum \mathrm{top}_2(p_{\text{node } m})` (top-1 when a node holds one expert);
+    the token keeps its own node and the ``max_nodes - 1`` other nodes with the largest
+    :math:`s_m` (ties to the lower node), then picks its top-k experts among the kept nodes'
+    experts. Weights are the selected probabilities, renormalised over the k chosen when
+    ``normalize`` (a softmax of their logits). ``probs`` in the routing are the unmasked
+    :math:`p`, so the balancing losses see the router's real distribution.
+
+    Node ranking mirrors DeepSeek-V3's group-limited routing; always keeping the own node is the
+    locality preference. The exact LocMoE rule is UNVERIFIED (see the module docstring).
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``, a multiple of ``num_nodes``.
+    k : int
+        Experts per token, ``k <= max_nodes * E / N``.
+    num_nodes : int
+        ``N``.
+    max_nodes : int
+        Nodes a token may use, its own included (1: purely local).
+    normalize : bool
+        Renormalise the k weights to sum to 1.
+    capacity_factor, capacity_multiple_of, drop_policy, strict
+        As in :class:`moerouter.TopK`.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.policies.LocalityTopK(num_experts=4, k=1, num_nodes=2)
+    >>> logits = xp.asarray([[0.0, 1.0, 5.0, 0.0], [0.0, 1.0, 5.0, 0.0]])
+    >>> router(logits, xp.asarray([0, 1])).expert_ids    # token 0 must stay on node 0
+    Array([1, 2], dtype=array_api_strict.int32)
+    """
+
+    num_experts: int
+    k: int
+    num_nodes: int
+    max_nodes: int = 1
+    normalize: bool = True
+    capacity_factor: float | None = None
+    capacity_multiple_of: int = 1
+    drop_policy: Literal["position", "probs"] = "position"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_experts, "num_experts")
+        check_positive_int(self.k, "k")
+        check_positive_int(self.num_nodes, "num_nodes")
+        check_positive_int(self.max_nodes, "max_nodes")
+        if self.num_experts % self.num_nodes:
+            raise ValueError(
+                f"num_experts = {self.num_experts} must be a multiple of "
+                f"num_nodes = {self.num_nodes}"
+            )
+        if self.max_nodes > self.num_nodes:
+            raise ValueError(f"max_nodes must be <= num_nodes = {self.num_nodes}")
+        reachable = self.max_nodes * (self.num_experts // self.num_nodes)
+        if self.k > reachable:
+            raise ValueError(
+                f"k must be <= max_nodes * experts per node = {reachable}, got {self.k}"
+            )
+        check_capacity_factor(self.capacity_factor)
+        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+
+    def __call__(self, logits: Array, token_nodes: Array) -> Routing:
+        """Route ``logits`` (T, E) or (G, S, E) of tokens on nodes ``token_nodes`` (T,)."""
+        clean = clean_logits(
+            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        )
+        xp = clean.xp
+        nodes = _grouped_nodes(token_nodes, clean, self.num_nodes)
+        probs = softmax(clean.values, xp=xp)
+        per_node = self.num_experts // self.num_nodes
+        by_node = xp.reshape(probs, (*probs.shape[:-1], self.num_nodes, per_node))
+        best_first = -xp.sort(-by_node, axis=-1)
+        node_score = xp.sum(best_first[..., : min(2, per_node)], axis=-1)  # (G, S, N)
+        node_index = xp.arange(self.num_nodes, dtype=xp.int32)
+        own = node_index == nodes[..., None]
+        node_score = xp.where(own, xp.asarray(xp.inf, dtype=node_score.dtype), node_score)
+        kept_nodes = top_k(node_score, self.max_nodes, xp=xp)  # (G, S, max_nodes)
+        keep_node = xp.any(
+            kept_nodes[..., None] == xp.astype(node_index, kept_nodes.dtype), axis=-2
+        )
+        keep = xp.reshape(
+            xp.broadcast_to(keep_node[..., None], (*keep_node.shape, per_node)), probs.shape
+        )
+        lowest = xp.asarray(-xp.inf, dtype=clean.values.dtype)
+        masked = CleanLogits(
+            xp.where(keep, clean.values, lowest),
+            clean.finite_rows,
+            clean.num_groups,
+            clean.group_size,
+            xp,
+        )
+        choice, chosen_logits = choose(masked, self.k)
+        routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
+        if self.normalize:
+            weights = masked_softmax(chosen_logits, routed, xp=xp)
+        else:
+            weights = xp.take_along_axis(probs, choice, axis=-1)
+        return token_choice_routing(
+            clean,
+            probs,
+            choice,
+            routed,
+            weights,
+            num_experts=self.num_experts,
+            capacity_factor=self.capacity_factor,
+            capacity_multiple_of=self.capacity_multiple_of,
+            drop_policy=self.drop_policy,
+        )
+
+
+def locality_loss(routing: Routing, token_nodes: Array, *, num_nodes: int, xp: Any = None) -> Array:
+    r"""LocMoE's locality loss (UNVERIFIED form): :math:`\mathrm{KL}(p_{\text{local}} \| p)`.
+
+    :math:`L = \frac{1}{T}\sum_t \sum_{e \in \text{node}(t)} \frac{1}{m}
+    \big(\log\frac{1}{m} - \log p_{t,e}\big)`, ``m = E / N`` experts per node, averaged over
+    tokens with finite logits (probabilities are clamped at the smallest normal float32 before
+    the log). Zero when every token spreads its probability evenly over its own node. The form
+    comes from a third-party implementation (``F.kl_div(router_probs.log(), local_dist)``); the
+    paper's weight :math:`\mu` is not known and is left to the caller.
+
+    Parameters
+    ----------
+    routing : Routing
+        From any policy over ``E`` real experts (only ``probs`` and ``finite_rows`` are read).
+    token_nodes : array (T,) int
+        Node of each token.
+    num_nodes : int
+        ``N``; ``E`` must be a multiple.
+    xp : namespace, optional
+        Inferred from the routing.
+
+    Returns
+    -------
+    array () float32
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> routing = mr.TopK(num_experts=4, k=1)(xp.asarray([[2.0, 2.0, -50.0, -50.0]]))
+    >>> round(float(mr.policies.locality_loss(routing, xp.asarray([0]), num_nodes=2)), 6)
+    0.0
+    """
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+    xp = array_namespace(routing.probs) if xp is None else xp
+    check_positive_int(num_nodes, "num_nodes")
+    num_experts = routing.num_experts
+    if num_experts % num_nodes:
+        raise ValueError(f"num_experts = {num_experts} must be a multiple of num_nodes")
+    if not _is_array(token_nodes) or tuple(token_nodes.shape) != (routing.num_tokens,):
+        raise ValueError(f"token_nodes must be an int array of shape ({routing.num_tokens},)")
+    per_node = num_experts // num_nodes
+    nodes = xp.astype(token_nodes, xp.int32)
+    expert_node = xp.arange(num_experts, dtype=xp.int32) // per_node
+    local = xp.astype(expert_node[None, :] == nodes[:, None], xp.float32) / per_node
+    tiny = xp.asarray(xp.finfo(xp.float32).smallest_normal, dtype=xp.float32)
+    log_p = xp.log(xp.maximum(routing.probs[:, :num_experts], tiny))
+    log_local = xp.log(xp.asarray(1.0 / per_node, dtype=xp.float32))
+    per_token = xp.sum(local * (log_local - log_p), axis=-1)
+    finite = xp.astype(routing.finite_rows, xp.float32)
+    count = xp.sum(finite)
+    return xp.sum(per_token * finite) / xp.where(count > 0, count, xp.ones_like(count))
+
+
+def grouped_average_pooling(x: Array, num_experts: int, *, xp: Any = None) -> Array:
+    r"""LocMoE's parameter-free GrAP gate (UNVERIFIED): mean of each expert's block of features.
+
+    :math:`h_e(x) = \frac{E}{d}\sum_{j = e d/E}^{(e+1) d/E - 1} x_j`, i.e. ``x @ W.T`` with
+    orthogonal rows ``W[e, block e] = E / d``.
+
+    Parameters
+    ----------
+    x : array (..., d)
+        Token features; ``d`` a multiple of ``num_experts``.
+    num_experts : int
+        ``E``.
+    xp : namespace, optional
+        Inferred from ``x``.
+
+    Returns
+    -------
+    array (..., E)
+        Router logits.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> mr.policies.grouped_average_pooling(xp.asarray([[1.0, 3.0, 5.0, 7.0]]), 2)
+    Array([[2., 6.]], dtype=array_api_strict.float64)
+    """
+    if not _is_array(x):
+        raise TypeError(f"x must be an array, got {type(x).__name__}")
+    xp = array_namespace(x) if xp is None else xp
+    check_positive_int(num_experts, "num_experts")
+    if x.ndim < 1 or x.shape[-1] % num_experts:
+        raise ValueError(
+            f"x's last dimension must be a multiple of num_experts = {num_experts}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    blocks = xp.reshape(x, (*x.shape[:-1], num_experts, x.shape[-1] // num_experts))
+    return xp.mean(blocks, axis=-1)
+
+
+def affinity_scores(x: Array, gate_weight: Array, *, xp: Any = None) -> Array:
+    r"""LocMoE+'s token-expert affinity (UNVERIFIED): :math:`\delta_{t,i} = \cos(x_t, w_i)`.
+
+    Parameters
+    ----------
+    x : array (T, d)
+        Token features.
+    gate_weight : array (E, d)
+        Router rows :math:`w_i`.
+    xp : namespace, optional
+        Inferred from the arrays.
+
+    Returns
+    -------
+    array (T, E) float32
+        In ``[-1, 1]``; 0 where a token or a row is all zeros.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> mr.policies.affinity_scores(xp.asarray([[3.0, 4.0]]), xp.asarray([[1.0, 0.0], [0.0, 2.0]]))
+    Array([[0.6, 0.8]], dtype=array_api_strict.float32)
+    """
+    for value, name in ((x, "x"), (gate_weight, "gate_weight")):
+        if not _is_array(value) or value.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D array")
+    xp = array_namespace(x, gate_weight) if xp is None else xp
+    if x.shape[1] != gate_weight.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[1]} features but gate_weight {gate_weight.shape[1]} (second axis)"
+        )
+    tokens = xp.astype(x, xp.float32)
+    rows = xp.astype(gate_weight, xp.float32)
+    dots = xp.matmul(tokens, xp.permute_dims(rows, (1, 0)))
+    token_norm = xp.sqrt(xp.sum(tokens * tokens, axis=1))[:, None]
+    row_norm = xp.sqrt(xp.sum(rows * rows, axis=1))[None, :]
+    norms = token_norm * row_norm
+    return xp.clip(dots / xp.where(norms > 0, norms, xp.ones_like(norms)), -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class AffinityRouting:
+    r"""LocMoE+'s affinity-based rearrangement (UNVERIFIED): top-1, then experts keep top-C.
+
+    Each token picks its top-1 expert from the logits; each expert then keeps, among the tokens
+    of a group that picked it, the :math:`C = \lceil \mathrm{cf} \cdot S / E \rceil` with the
+    highest affinity (ties to the lower token index), and the rest are dropped (expert -1,
+    weight 0). The weight of a kept token is its router probability :math:`p_{t,i}` (Switch
+    style). Affinities are usually :func:`affinity_scores`; without them the probabilities rank
+    the tokens, which is ``TopK(k=1, capacity_factor=cf, drop_policy="probs")``. LocMoE+ adapts
+    ``C`` during training from its capacity bound, which is not known (module docstring).
+
+    Affinity ranks tokens against each other, so as with expert choice, decisions are identical
+    across backends for inputs without float32 near-ties between tokens.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``.
+    capacity_factor : float
+        ``cf`` > 0.
+    capacity_multiple_of : int
+        Round ``C`` up to a multiple of this.
+    strict : bool
+        Raise on non-finite logits rows (concrete values only).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.policies.AffinityRouting(num_experts=2, capacity_factor=1.0)
+    >>> logits = xp.asarray([[2.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
+    >>> affinity = xp.asarray([[0.9, 0.1], [0.95, 0.0], [0.2, 0.1], [0.0, 0.5]])
+    >>> router(logits, affinity).expert_ids      # C = 2: token 2 has the lowest affinity
+    Array([ 0,  0, -1,  1], dtype=array_api_strict.int32)
+    """
+
+    num_experts: int
+    capacity_factor: float
+    capacity_multiple_of: int = 1
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_experts, "num_experts")
+        if self.capacity_factor is None:
+            raise TypeError("capacity_factor must be a number, got None")
+        check_capacity_factor(self.capacity_factor)
+        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+
+    def __call__(self, logits: Array, affinity: Array | None = None) -> Routing:
+        """Route ``logits`` (T, E) or (G, S, E), ranking tokens by ``affinity`` (same shape)."""
+        clean = clean_logits(
+            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        )
+        xp = clean.xp
+        probs = softmax(clean.values, xp=xp)
+        choice, chosen_logits = choose(clean, 1)
+        routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
+        if affinity is None:
+            scores = probs
+        else:
+            if not _is_array(affinity) or tuple(affinity.shape) != tuple(logits.shape):
+                raise ValueError(
+                    f"affinity must be an array of the logits' shape {tuple(logits.shape)}"
+                )
+            scores = xp.astype(xp.reshape(affinity, probs.shape), xp.float32)
+        chosen_scores = xp.take_along_axis(scores, choice, axis=-1)  # (G, S, 1)
+        # Unroutable tokens rank last so they never take a slot from a real one.
+        chosen_scores = xp.where(routed, chosen_scores, xp.asarray(-xp.inf, dtype=xp.float32))
+        priority = xp.astype(descending_rank(chosen_scores, axis=1, xp=xp), xp.int32)
+        per_expert = capacity(
+            self.capacity_factor, clean.group_size, 1, self.num_experts, self.capacity_multiple_of
+        )
+        expert_ids = xp.where(routed, xp.astype(choice, xp.int32), xp.asarray(-1, dtype=xp.int32))
+        kept = drop_over_capacity(
+            expert_ids[..., 0],
+            priority[..., 0],
+            num_experts=self.num_experts,
+            capacity=per_expert,
+            xp=xp,
+        )
+        routed = routed & (kept >= 0)[..., None]
+        weights = xp.take_along_axis(probs, choice, axis=-1)
+        weights = xp.where(routed, weights, xp.zeros_like(weights))
+        return token_choice_routing(
+            clean,
+            probs,
+            choice,
+            routed,
+            weights,
+            num_experts=self.num_experts,
+            capacity_factor=None,
+            capacity_multiple_of=1,
+            drop_policy="position",
+        )
