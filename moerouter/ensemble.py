@@ -128,8 +128,9 @@ def domain_posterior(
         check_positive_int(window, "window")
     values = xp.astype(log_likelihoods, xp.float32)
     num_positions = values.shape[-2]
-    allowed = xp.astype(prior, xp.float32) > 0
-    log_prior = xp.where(allowed, xp.log(xp.astype(prior, xp.float32)), -xp.inf)[..., None, :]
+    prior = xp.astype(prior, xp.float32)
+    allowed = prior > 0
+    log_prior = xp.where(allowed, xp.log(xp.where(allowed, prior, 1.0)), -xp.inf)[..., None, :]
     # evidence[t] = sum of log-likelihoods of positions [t - W, t - 1]: static slices, so the
     # window sum has a fixed order (no cumulative-sum differences) and traces under jit.
     zero_row = xp.zeros_like(values[..., :1, :])
@@ -190,7 +191,8 @@ def ensemble_log_likelihood(log_likelihoods: Array, weights: Array, *, xp: Any =
             f"weights have {weights.shape[-1]} experts, log_likelihoods {log_likelihoods.shape[-1]}"
         )
     weights = xp.astype(weights, xp.float32)
-    log_weights = xp.where(weights > 0, xp.log(weights), -xp.inf)
+    positive = weights > 0
+    log_weights = xp.where(positive, xp.log(xp.where(positive, weights, 1.0)), -xp.inf)
     terms = log_weights + xp.astype(log_likelihoods, xp.float32)
     peak = xp.max(terms, axis=-1, keepdims=True)
     peak = xp.where(peak > -xp.inf, peak, xp.zeros_like(peak))

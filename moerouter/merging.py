@@ -459,15 +459,15 @@ def align_experts(
         head = int(heads[groups[expert]])
         if head != expert:
             permutations[expert] = weight_matching_permutation(
-                {name: value[head] for name, value in checked.items()},
-                {name: value[expert] for name, value in checked.items()},
+                {name: value[head, ...] for name, value in checked.items()},
+                {name: value[expert, ...] for name, value in checked.items()},
                 neuron_axis,
             )
     aligned: dict[str, Array] = {}
     for name, value in checked.items():
         axis = neuron_axis[name] % (value.ndim - 1)
         rows = [
-            xp.take(value[e], xp.asarray(permutations[e], dtype=xp.int64), axis=axis)
+            xp.take(value[e, ...], xp.asarray(permutations[e], dtype=xp.int32), axis=axis)
             for e in range(num_experts)
         ]
         aligned[name] = xp.stack(rows, axis=0)
