@@ -301,13 +301,12 @@ def reference_locality_topk(
     for g in range(num_groups):
         for s in range(group_size):
             row = values[g, s]
-            if not _row_is_finite(row):
-                choice[g, s] = np.arange(k)
-                continue
-            finite[g, s] = True
-            row64 = [float(v) for v in row]
+            finite[g, s] = _row_is_finite(row)
+            # A non-finite row routes nowhere; its raw choices are those of an all-zero row.
+            row64 = [float(v) for v in row] if finite[g, s] else [0.0] * num_experts
             p = _softmax(row64)
-            probs[g, s] = p
+            if finite[g, s]:
+                probs[g, s] = p
             own = int(nodes[g, s])
             scores = []
             for m in range(num_nodes):
@@ -317,8 +316,10 @@ def reference_locality_topk(
             masked = [v if e // per_node in kept else -math.inf for e, v in enumerate(row64)]
             picked = _descending(masked)[:k]
             choice[g, s] = picked
-            routed = [masked[e] > -math.inf for e in picked]
-            if normalize:
+            routed = [bool(finite[g, s]) and masked[e] > -math.inf for e in picked]
+            if not any(routed):  # every allowed expert is masked (-inf): routes nowhere
+                w = [0.0] * k
+            elif normalize:
                 chosen = [row64[e] for e, r in zip(picked, routed, strict=True) if r]
                 top = max(chosen)
                 total = sum(math.exp(v - top) for v in chosen)
