@@ -157,3 +157,14 @@ def test_locality_topk_under_jit():
 def test_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_affinity_routing_under_jit():
+    jax = pytest.importorskip("jax")
+    router = mr.policies.AffinityRouting(num_experts=NUM_EXPERTS, capacity_factor=0.5)
+    logits = edge_case_logits(1, 12, NUM_EXPERTS, seed=8)[0]
+    affinity = np.random.default_rng(8).uniform(-1, 1, logits.shape).astype(np.float32)
+    jitted = jax.jit(lambda values, scores: router(values, scores).expert_ids)
+    got = jitted(jax.numpy.asarray(logits), jax.numpy.asarray(affinity))
+    want = reference_affinity_routing(logits, affinity, capacity_factor=0.5)["expert_ids"]
+    np.testing.assert_array_equal(np.asarray(got), want)
