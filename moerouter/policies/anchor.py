@@ -118,7 +118,8 @@ def anchor_mean_logits(
     logits : array (T, E') or (G, S, E')
         Router logits; groups are flattened (an anchor is shared across the whole batch).
     anchor_ids : array (T,) int
-        Anchor of each token in ``[0, num_anchors)``, or -1 for none.
+        Anchor of each token in ``[0, num_anchors)``, or -1 for none. Values are not checked on
+        the device (no host sync); an id outside the range counts as no anchor.
     num_anchors : int
         ``A``, a static bound on the anchor ids (shapes stay static under ``jax.jit``).
     xp : namespace, optional

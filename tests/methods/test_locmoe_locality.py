@@ -142,7 +142,7 @@ def test_locality_topk_under_jit():
             "token_nodes",
         ),
         (
-            lambda: mr.policies.LocalityTopK(8, 1, 4)(np.zeros((2, 8)), np.array([0, 4])),
+            lambda: mr.policies.LocalityTopK(8, 1, 4)(np.zeros((2, 8)), np.zeros(2)),
             "token_nodes",
         ),
         (lambda: mr.policies.AffinityRouting(num_experts=4, capacity_factor=0.0), "capacity"),
