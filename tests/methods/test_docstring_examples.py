@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import doctest
+import importlib.util
 
 import pytest
 
-from moerouter import confidence, distillation, multitask
+from moerouter import confidence, distillation, ensemble, merging, multitask
+from moerouter.policies import anchor, locality
 
 pytest.importorskip("array_api_strict")
 
@@ -20,9 +22,19 @@ pytest.importorskip("array_api_strict")
         pytest.param(distillation, id="distillation"),
         # HoME gates, helpers and diagnostics.
         pytest.param(multitask, id="multitask"),
+        # Branch-Train-Merge posteriors, priors and parameter averaging.
+        pytest.param(ensemble, id="ensemble"),
+        # MC-SMoE statistics, grouping, alignment (SciPy), merging, remapping, low rank.
+        pytest.param(merging, id="merging"),
+        # MEMoE anchor routing.
+        pytest.param(anchor, id="anchor"),
+        # LocMoE locality and LocMoE+ affinity routing.
+        pytest.param(locality, id="locality"),
     ],
 )
 def test_examples(module):
+    if module is merging and importlib.util.find_spec("scipy") is None:
+        pytest.skip("align_experts' example needs SciPy (an optional extra)")
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     result = doctest.testmod(module, optionflags=flags, verbose=False)
     assert result.attempted > 0
