@@ -317,7 +317,9 @@ def _numpy_copy(array: Array) -> np.ndarray:
     """A host NumPy copy of any backend's array, for the offline NumPy steps."""
     if type(array).__module__.partition(".")[0] == "torch":
         array = array.detach().cpu()
-        return np.asarray(array.numpy() if str(array.dtype) != "torch.bfloat16" else array.float())
+        if str(array.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+            array = array.float()
+        return np.asarray(array.numpy())
     if type(array).__module__.partition(".")[0] == "array_api_strict":
         return np.from_dlpack(array).copy()
     if type(array).__module__.partition(".")[0] == "cupy":
@@ -383,7 +385,8 @@ def weight_matching_permutation(
         if cost is not None and term.shape != cost.shape:
             raise ValueError(f"weights[{name!r}] has {term.shape[0]} neurons, others {len(cost)}")
         cost = term if cost is None else cost + term
-    assert cost is not None
+    if cost is None:
+        raise ValueError("neuron_axis must name at least one weight")
     rows, columns = linear_sum_assignment(cost, maximize=True)
     return np.asarray(columns[np.argsort(rows)], dtype=np.int64)
 
@@ -535,7 +538,9 @@ def merge_experts(
     Array([[2., 2.],
            [5., 7.]], dtype=array_api_strict.float64)
     """
-    checked = _check_weights(weights, int(expert_map.shape[0]) if expert_map.ndim == 1 else -1)
+    if not _is_array(expert_map) or expert_map.ndim != 1:
+        raise ValueError("expert_map must be a one-dimensional integer array (E,)")
+    checked = _check_weights(weights, int(expert_map.shape[0]))
     check_positive_int(num_groups, "num_groups")
     xp = array_namespace(*checked.values()) if xp is None else xp
     if tuple(frequencies.shape) != tuple(expert_map.shape):
