@@ -19,12 +19,17 @@ from moerouter._registry import BackendInfo
 from moerouter.policies import (
     AffinityRouting,
     AnchorRouting,
+    BalancedAssignment,
     ExpertChoice,
     LocalityTopK,
     NullExperts,
+    SinkhornExpertChoice,
+    SinkhornTokenChoice,
+    SoftMoE,
+    SparsityConstrainedExpertChoice,
     TopK,
 )
-from moerouter.routing import Plan, Routing, combine, dispatch, make_plan
+from moerouter.routing import Plan, Routing, SoftRouting, combine, dispatch, make_plan
 
 __version__ = "0.1.0"
 
@@ -32,11 +37,17 @@ __all__ = [
     "AffinityRouting",
     "AnchorRouting",
     "BackendInfo",
+    "BalancedAssignment",
     "ExpertChoice",
     "LocalityTopK",
     "NullExperts",
     "Plan",
     "Routing",
+    "SinkhornExpertChoice",
+    "SinkhornTokenChoice",
+    "SoftMoE",
+    "SoftRouting",
+    "SparsityConstrainedExpertChoice",
     "TopK",
     "__version__",
     "combine",

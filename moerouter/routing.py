@@ -15,8 +15,9 @@ from array_api_compat import array_namespace, device
 
 from moerouter import _registry
 from moerouter._agnostic import plan as _plan
+from moerouter._agnostic import soft as _soft
 
-__all__ = ["Plan", "Routing", "combine", "dispatch", "make_plan"]
+__all__ = ["Plan", "Routing", "SoftRouting", "combine", "dispatch", "make_plan"]
 
 Array = Any
 
@@ -126,6 +127,50 @@ class Plan:
         return int(self.order.shape[0])
 
 
+@dataclass(frozen=True)
+class SoftRouting:
+    """Dense dispatch and combine weights of a soft mixture (:class:`moerouter.SoftMoE`).
+
+    ``N = E * P`` slots, expert-major: slot ``n`` belongs to expert ``n // P``. Every token
+    contributes to every slot of its group and reads every slot back, so no token is dropped and
+    there is no plan: :func:`dispatch` and :func:`combine` take the SoftRouting itself.
+
+    Attributes
+    ----------
+    dispatch_weights : array (T, N) or (G, S, N) float32
+        ``D``: each slot's weights over the tokens of its group (a column sums to 1; 0 for a slot
+        no routable token reaches). Gradients flow to the logits.
+    combine_weights : array (T, N) or (G, S, N) float32
+        ``W``: each token's weights over all slots (a row sums to 1; 0 for a non-finite row).
+    finite_rows : array (T,) bool
+        False where a logits row held NaN or +inf, or only -inf: such a token feeds no slot and
+        its output is zero.
+    num_experts : int
+        ``E``.
+    slots_per_expert : int
+        ``P``.
+    num_groups : int
+        ``G``; 1 for two-dimensional logits.
+    """
+
+    dispatch_weights: Array
+    combine_weights: Array
+    finite_rows: Array
+    num_experts: int
+    slots_per_expert: int
+    num_groups: int = 1
+
+    @property
+    def num_slots(self) -> int:
+        """``N = E * P``."""
+        return self.num_experts * self.slots_per_expert
+
+    @property
+    def num_tokens(self) -> int:
+        """``T`` (groups flattened)."""
+        return int(self.finite_rows.shape[0])
+
+
 def make_plan(routing: Routing) -> Plan:
     """Build the dispatch/combine plan of a routing.
 
@@ -188,21 +233,50 @@ def _check_same_backend(array: Array, name: str, plan: Plan) -> Any:
     return xp
 
 
-def dispatch(x: Array, plan: Plan) -> Array:
+def _check_soft(array: Array, name: str, routing: SoftRouting, *, tokens: bool) -> Any:
+    """The namespace of ``array`` after checking it fits ``routing`` (backend, device, shape)."""
+    weights = routing.dispatch_weights
+    try:
+        xp = array_namespace(array, weights)
+    except TypeError as error:
+        raise TypeError(
+            f"{name} is a {type(array).__module__}.{type(array).__name__} but the soft routing "
+            f"holds {type(weights).__module__} arrays: use one backend"
+        ) from error
+    array_device, routing_device = device(array), device(weights)
+    if array_device is not None and routing_device is not None and array_device != routing_device:
+        raise ValueError(f"{name} is on device {array_device} but the routing is on {routing_device}")
+    rows = weights.shape[-2] if tokens else routing.num_slots
+    expected = (*tuple(weights.shape[:-2]), rows)
+    what = "tokens" if tokens else "slots"
+    if array.ndim != len(expected) + 1 or tuple(array.shape[:-1]) != expected:
+        raise ValueError(
+            f"{name} must have shape {(*expected, 'features')} ({what} of the soft routing), "
+            f"got shape {tuple(array.shape)}"
+        )
+    if not xp.isdtype(array.dtype, "real floating"):
+        raise TypeError(f"{name} must be a real floating dtype, got {array.dtype}")
+    return xp
+
+
+def dispatch(x: Array, plan: Plan | SoftRouting) -> Array:
     """Gather token rows into expert-grouped rows.
 
     Parameters
     ----------
-    x : array (T, d)
+    x : array (T, d), or (G, S, d) for a grouped SoftRouting
         Token features, any float dtype; the backend of the plan.
-    plan : Plan
-        From :func:`make_plan`.
+    plan : Plan or SoftRouting
+        From :func:`make_plan`, or a :class:`SoftRouting` from :class:`moerouter.SoftMoE`.
 
     Returns
     -------
     array (R, d)
         Row ``i`` is ``x[plan.source_tokens[i]]`` for ``i < num_valid``, zero after; dtype of ``x``.
         Gradients flow back to ``x``.
+    array (N, d) or (G, N, d) for a SoftRouting
+        Slot ``n`` is ``sum_s dispatch_weights[s, n] * x[s]`` (per group), accumulated in float32
+        (float64 for float64 ``x``); dtype of ``x``. Gradients flow to ``x`` and to the logits.
 
     Examples
     --------
@@ -213,6 +287,8 @@ def dispatch(x: Array, plan: Plan) -> Array:
     Array([[20.],
            [10.]], dtype=array_api_strict.float32)
     """
+    if isinstance(plan, SoftRouting):
+        return _soft.dispatch(x, plan.dispatch_weights, xp=_check_soft(x, "x", plan, tokens=True))
     xp = _check_same_backend(x, "x", plan)
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x.shape[0]} rows but the plan routes {plan.num_tokens} tokens")
@@ -222,26 +298,32 @@ def dispatch(x: Array, plan: Plan) -> Array:
     return _plan.dispatch(x, plan.source_tokens, plan.num_valid, xp=xp)
 
 
-def combine(ye: Array, plan: Plan) -> Array:
+def combine(ye: Array, plan: Plan | SoftRouting) -> Array:
     """Weighted gather-reduce of expert outputs back to tokens.
 
     ``y[t] = sum_f combine_weights[t, f] * ye[combine_rows[t, f]]``, accumulated in float32 in a
     fixed order (no atomics): bit-identical run to run, and a token's output does not depend on how
     other tokens were routed.
 
+    For a :class:`SoftRouting`, ``y[s] = sum_n combine_weights[s, n] * ye[n]`` (per group),
+    accumulated in float32 (float64 for float64 ``ye``).
+
     Parameters
     ----------
-    ye : array (R, d)
+    ye : array (R, d), or (N, d) / (G, N, d) for a SoftRouting
         Expert outputs in dispatch order; rows past ``num_valid`` are ignored.
-    plan : Plan
-        From :func:`make_plan`.
+    plan : Plan or SoftRouting
+        From :func:`make_plan`, or the :class:`SoftRouting` the rows were dispatched with.
 
     Returns
     -------
-    array (T, d)
+    array (T, d), or (G, S, d) for a grouped SoftRouting
         dtype of ``ye``; zero for tokens routed nowhere. Gradients flow to ``ye`` and to the
         routing weights (and through them to the logits).
     """
+    if isinstance(plan, SoftRouting):
+        xp = _check_soft(ye, "ye", plan, tokens=False)
+        return _soft.combine(ye, plan.combine_weights, xp=xp)
     xp = _check_same_backend(ye, "ye", plan)
     if ye.shape[0] != plan.num_rows:
         raise ValueError(f"ye has {ye.shape[0]} rows but the plan has {plan.num_rows}")

@@ -10,9 +10,17 @@ function of the logits when called. One module per family:
   around any policy.
 - :mod:`~moerouter.policies.locality`: :class:`LocalityTopK` and :class:`AffinityRouting`,
   LocMoE / LocMoE+ locality and affinity routing.
+- :mod:`~moerouter.policies.sinkhorn`: :class:`SinkhornTokenChoice`, :class:`SinkhornExpertChoice`,
+  selection from a balanced entropic transport plan (V-MoE routers study).
+- :mod:`~moerouter.policies.balanced`: :class:`BalancedAssignment`, BASE layers' exactly balanced
+  one-expert-per-token assignment.
+- :mod:`~moerouter.policies.sparse_transport`: :class:`SparsityConstrainedExpertChoice`, expert
+  choice from a k-sparse transport plan.
+- :mod:`~moerouter.policies.soft_moe`: :class:`SoftMoE`, slots as weighted averages of tokens.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
+from moerouter.policies.balanced import BalancedAssignment
 from moerouter.policies.expert_choice import ExpertChoice
 from moerouter.policies.locality import (
     AffinityRouting,
@@ -22,18 +30,27 @@ from moerouter.policies.locality import (
     locality_loss,
 )
 from moerouter.policies.null import NullExperts
+from moerouter.policies.sinkhorn import SinkhornExpertChoice, SinkhornTokenChoice, sinkhorn_plan
+from moerouter.policies.soft_moe import SoftMoE
+from moerouter.policies.sparse_transport import SparsityConstrainedExpertChoice
 from moerouter.policies.topk import TopK
 
 __all__ = [
     "AffinityRouting",
     "AnchorRouting",
+    "BalancedAssignment",
     "ExpertChoice",
     "LocalityTopK",
     "NullExperts",
+    "SinkhornExpertChoice",
+    "SinkhornTokenChoice",
+    "SoftMoE",
+    "SparsityConstrainedExpertChoice",
     "TopK",
     "affinity_scores",
     "anchor_mean_logits",
     "anchor_router_input",
     "grouped_average_pooling",
     "locality_loss",
+    "sinkhorn_plan",
 ]

@@ -10,13 +10,15 @@ from dataclasses import fields
 
 import jax
 
-from moerouter import BackendInfo, Plan, Routing, _registry
+from moerouter import BackendInfo, Plan, Routing, SoftRouting, _registry
 
 __all__ = ["backend"]
 
 
 # Python values, not arrays: they become static metadata of the pytree (Plan.num_valid is an array).
-STATIC = frozenset({"num_tokens", "num_experts", "layout", "slots", "num_groups"})
+STATIC = frozenset(
+    {"num_tokens", "num_experts", "layout", "slots", "num_groups", "slots_per_expert"}
+)
 
 
 def _register_pytree(cls: type) -> None:
@@ -26,7 +28,7 @@ def _register_pytree(cls: type) -> None:
     jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=static)
 
 
-for _cls in (Routing, Plan):
+for _cls in (Routing, Plan, SoftRouting):
     try:
         _register_pytree(_cls)
     except ValueError:  # already registered (module reloaded)
