@@ -245,7 +245,9 @@ def _check_soft(array: Array, name: str, routing: SoftRouting, *, tokens: bool) 
         ) from error
     array_device, routing_device = device(array), device(weights)
     if array_device is not None and routing_device is not None and array_device != routing_device:
-        raise ValueError(f"{name} is on device {array_device} but the routing is on {routing_device}")
+        raise ValueError(
+            f"{name} is on device {array_device} but the routing is on {routing_device}"
+        )
     rows = weights.shape[-2] if tokens else routing.num_slots
     expected = (*tuple(weights.shape[:-2]), rows)
     what = "tokens" if tokens else "slots"

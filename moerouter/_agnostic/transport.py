@@ -18,9 +18,12 @@ Array = Any
 def logsumexp(values: Array, *, axis: int, xp: Any) -> Array:
     """``log(sum(exp(values)))`` along ``axis`` (kept), -inf where every entry is -inf."""
     top = xp.max(values, axis=axis, keepdims=True)
-    finite_top = xp.where(top > -xp.inf, top, xp.zeros_like(top))
+    reachable = top > -xp.inf
+    finite_top = xp.where(reachable, top, xp.zeros_like(top))
     total = xp.sum(xp.exp(values - finite_top), axis=axis, keepdims=True)
-    return xp.log(total) + finite_top
+    # log(0) is never evaluated: NumPy would warn, and the gradient would be NaN.
+    total = xp.where(reachable, total, xp.ones_like(total))
+    return xp.where(reachable, xp.log(total) + finite_top, top)
 
 
 def sinkhorn_potentials(
@@ -50,8 +53,8 @@ def sinkhorn_potentials(
     log_b = xp.log(xp.where(count > 0, count, xp.ones_like(count))) - math.log(num_experts)
     log_a = xp.where(
         row_active[..., None],
-        xp.zeros(row_active.shape + (1,), dtype=xp.float32),
-        xp.full(row_active.shape + (1,), -xp.inf, dtype=xp.float32),
+        xp.zeros((*row_active.shape, 1), dtype=xp.float32),
+        xp.full((*row_active.shape, 1), -xp.inf, dtype=xp.float32),
     )
     u = xp.zeros_like(log_a)
     v = xp.zeros_like(scaled_logits[:, :1, :])
@@ -107,7 +110,9 @@ def balanced_rounds(
             position, xp.argsort(serve_order, axis=-1, stable=True), axis=-1
         )
         room_of_choice = xp.sum(
-            xp.where(choice[..., None] == experts, room[:, None, :], xp.zeros_like(room[:, None, :])),
+            xp.where(
+                choice[..., None] == experts, room[:, None, :], xp.zeros_like(room[:, None, :])
+            ),
             axis=-1,
         )
         accepted = proposing & (position < room_of_choice)
@@ -175,7 +180,9 @@ def sparse_transport_plan(
     second = xp.zeros_like(alpha)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, num_steps + 1):
-        columns = sparse_simplex_projection((alpha + similarity) / scale, max_nonzero, axis=1, xp=xp)
+        columns = sparse_simplex_projection(
+            (alpha + similarity) / scale, max_nonzero, axis=1, xp=xp
+        )
         # Gradient of the negated semi-dual (the loss Adam minimises): sum_e p_e - a.
         grad = xp.sum(columns, axis=-1, keepdims=True) - 1.0
         first = beta1 * first + (1.0 - beta1) * grad

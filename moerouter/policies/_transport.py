@@ -31,7 +31,7 @@ def noisy_logits(
     clean = clean_logits(logits, num_columns, columns_name="num_experts", strict=strict)
     if noise is None:
         return clean, clean
-    if not is_array_api_obj(noise):
+    if not bool(is_array_api_obj(noise)):  # bool(): keep noise's type un-narrowed for mypy
         raise TypeError(f"noise must be an array or None, got {type(noise).__name__}")
     try:
         array_namespace(logits, noise)

@@ -132,4 +132,3 @@ class BalancedAssignment:
             capacity_multiple_of=1,
             drop_policy="position",
         )
-

@@ -244,7 +244,7 @@ def reference_sinkhorn_expert_choice(
 ) -> dict[str, Any]:
     """What :class:`moerouter.SinkhornExpertChoice` must return, expert by expert in float64."""
     clean, noisy, finite = _noisy_and_clean(logits, noise)
-    num_groups, group_size, num_experts = noisy.shape
+    group_size, num_experts = noisy.shape[1:]
     scaled, u, _ = _potentials(noisy, finite, epsilon, num_iters)
     pairs = finite[..., None] & (noisy > -np.inf)
     per_expert = min(
@@ -299,8 +299,8 @@ def reference_balanced_assignment(
             if pairs[g, s, e]:
                 expert[g * group_size + s] = e
                 x = float(values[g, s, e])
-                weights[g * group_size + s] = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else (
-                    math.exp(x) / (1.0 + math.exp(x))
+                weights[g * group_size + s] = (
+                    1.0 / (1.0 + math.exp(-x)) if x >= 0 else (math.exp(x) / (1.0 + math.exp(x)))
                 )
     return {
         "token_ids": np.arange(num_tokens, dtype=np.int32),
@@ -429,7 +429,10 @@ def reference_soft_moe(logits: Any, num_experts: int, slots_per_expert: int) -> 
 
 def reference_soft_dispatch(x: Any, dispatch_weights: Any) -> np.ndarray:
     """Slot ``n`` of each group is ``sum_s D[s, n] * x[s]``, float64 loops."""
-    features, weights = to_numpy(x).astype(np.float64), to_numpy(dispatch_weights).astype(np.float64)
+    features, weights = (
+        to_numpy(x).astype(np.float64),
+        to_numpy(dispatch_weights).astype(np.float64),
+    )
     grouped = features.ndim == 3
     if not grouped:
         features, weights = features[None], weights[None]
@@ -444,7 +447,8 @@ def reference_soft_dispatch(x: Any, dispatch_weights: Any) -> np.ndarray:
 
 def reference_soft_combine(ye: Any, combine_weights: Any) -> np.ndarray:
     """Token ``s`` of each group is ``sum_n W[s, n] * ye[n]``, float64 loops."""
-    outputs, weights = to_numpy(ye).astype(np.float64), to_numpy(combine_weights).astype(np.float64)
+    outputs = to_numpy(ye).astype(np.float64)
+    weights = to_numpy(combine_weights).astype(np.float64)
     grouped = outputs.ndim == 3
     if not grouped:
         outputs, weights = outputs[None], weights[None]

@@ -50,7 +50,9 @@ def test_soft_moe_weights(backend, num_experts, slots, groups):
     dispatch = to_numpy(soft.dispatch_weights).reshape(-1, groups[1], num_experts * slots)
     np.testing.assert_allclose(dispatch.sum(axis=1), 1.0, rtol=1e-5)
     combine = to_numpy(soft.combine_weights).reshape(-1, num_experts * slots)
-    np.testing.assert_allclose(combine.sum(axis=1), expected["finite_rows"].astype(float), atol=1e-5)
+    np.testing.assert_allclose(
+        combine.sum(axis=1), expected["finite_rows"].astype(float), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(("num_experts", "slots", "groups"), SHAPES)
@@ -175,8 +177,6 @@ def test_soft_moe_torch_compile(monkeypatch):
     layer = lambda a, b: _layer(array_namespace(a), a, b)  # noqa: E731
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(logits, x)
     assert_close(compiled, layer(logits, x), "loss", rtol=1e-6, atol=1e-6)
-
-
 
 
 def test_soft_moe_errors(backend):
