@@ -60,7 +60,8 @@ class SoftMoE:
     >>> soft.dispatch_weights
     Array([[0.5, 0.5],
            [0.5, 0.5]], dtype=array_api_strict.float32)
-    >>> mr.dispatch(xp.asarray([[1.0], [3.0]]), soft)  # each slot averages the two tokens
+    >>> x = xp.asarray([[1.0], [3.0]], dtype=xp.float32)
+    >>> mr.dispatch(x, soft)  # each slot averages the two tokens
     Array([[2.],
            [2.]], dtype=array_api_strict.float32)
     """

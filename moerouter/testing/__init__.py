@@ -28,6 +28,16 @@ from moerouter.testing.reference import (
     reference_topk,
     reference_z_loss,
 )
+from moerouter.testing.reference_assignment import (
+    reference_balanced_assignment,
+    reference_sinkhorn_expert_choice,
+    reference_sinkhorn_plan,
+    reference_sinkhorn_token_choice,
+    reference_soft_combine,
+    reference_soft_dispatch,
+    reference_soft_moe,
+    reference_sparsity_constrained_expert_choice,
+)
 from moerouter.testing.reference_losses import (
     reference_co_occurrence,
     reference_concatenated_load_balancing,
@@ -48,6 +58,7 @@ __all__ = [
     "assert_plan_valid",
     "assert_routing_equal",
     "edge_case_logits",
+    "reference_balanced_assignment",
     "reference_co_occurrence",
     "reference_combine",
     "reference_concatenated_load_balancing",
@@ -63,6 +74,13 @@ __all__ = [
     "reference_null_load_balancing",
     "reference_processed_by_at_least",
     "reference_sequence_load_balancing",
+    "reference_sinkhorn_expert_choice",
+    "reference_sinkhorn_plan",
+    "reference_sinkhorn_token_choice",
+    "reference_soft_combine",
+    "reference_soft_dispatch",
+    "reference_soft_moe",
+    "reference_sparsity_constrained_expert_choice",
     "reference_summary",
     "reference_topk",
     "reference_z_loss",
