@@ -117,12 +117,12 @@ class SinkhornTokenChoice:
     weights, not renormalised).
 
     Noise. ``router(logits, noise)`` routes on ``logits + noise`` (vmoe adds
-    :math:`\mathcal{N}(0, (1/E)^2)` noise in training; draw it yourself, e.g. with route-a's noise
-    helpers or ``jax.random.normal``, so decisions are reproducible). With ``noisy_combine=True``
-    (default) the combine weights are the softmax of the same noisy logits, as in vmoe's Softmax
-    and Sinkhorn *expert*-choice routers; ``noisy_combine=False`` reproduces vmoe's Sinkhorn
-    *token*-choice code, whose combine weights are the softmax of the clean logits (its
-    ``gates_softmax_noisy = softmax(gates_logits)``, which looks like a slip).
+    :math:`\mathcal{N}(0, (1/E)^2)` noise in training; draw it yourself, e.g. with
+    ``jax.random.normal``, so that equal inputs give equal decisions on every backend). With
+    ``noisy_combine=True`` (default) the combine weights are the softmax of the same noisy
+    logits, as in vmoe's Softmax and Sinkhorn *expert*-choice routers; ``noisy_combine=False``
+    reproduces vmoe's Sinkhorn *token*-choice code, whose combine weights are the softmax of the
+    clean logits (its ``gates_softmax_noisy = softmax(gates_logits)``, which looks like a slip).
 
     Selection compares plan entries of one token, computed as :math:`\ell_{t,e}/\varepsilon + v_e`
     (the token's own potential is a constant of the row): equal values go to the lower expert.
