@@ -348,3 +348,59 @@ def test_torch_compile_equals_eager(reference_backend, make_router):
     np.testing.assert_array_equal(to_numpy(compiled[0]), to_numpy(eager[0]))
     np.testing.assert_array_equal(to_numpy(compiled[1]), to_numpy(eager[1]))
     assert_close(compiled[2], eager[2], "weights", rtol=1e-6, atol=0.0)
+
+
+GRADIENT_ROUTERS = [
+    # Softmax weights of the chosen experts (the plan only selects).
+    pytest.param(lambda: mr.SinkhornTokenChoice(num_experts=4, k=2), "softmax", id="sinkhorn-tc"),
+    # Softmax weights of the chosen tokens, expert layout.
+    pytest.param(lambda: mr.SinkhornExpertChoice(num_experts=4), "softmax", id="sinkhorn-ec"),
+    # BASE gate: sigmoid of the assigned logit.
+    pytest.param(lambda: mr.BalancedAssignment(num_experts=4), "sigmoid", id="balanced"),
+    # Softmax weights after the Adam/projection solve.
+    pytest.param(lambda: mr.SparsityConstrainedExpertChoice(num_experts=4), "softmax", id="sparse"),
+]
+GRAD_LOGITS = np.random.default_rng(60).standard_normal((8, 4)).astype(np.float32)
+
+
+def _expected_gradient(routing, gate):
+    """d/d logits of sum_r c_r * w_r in float64, the decision held fixed; c_r = r + 1."""
+    tokens, experts = to_numpy(routing.token_ids), to_numpy(routing.expert_ids)
+    logits = GRAD_LOGITS.astype(np.float64)
+    grad = np.zeros_like(logits)
+    for r, (t, e) in enumerate(zip(tokens, experts, strict=True)):
+        if e < 0:
+            continue
+        c = r + 1.0
+        if gate == "sigmoid":
+            s = 1.0 / (1.0 + np.exp(-logits[t, e]))
+            grad[t, e] += c * s * (1 - s)
+        else:
+            p = np.exp(logits[t] - logits[t].max())
+            p /= p.sum()
+            grad[t] += c * p[e] * ((np.arange(4) == e) - p)
+    return grad
+
+
+@pytest.mark.parametrize(("make_router", "gate"), GRADIENT_ROUTERS)
+def test_gradients_reach_the_logits(make_router, gate):
+    # Torch autograd and jax.grad of a weighted sum of the combine weights equal the float64
+    # gradient of the softmax (or sigmoid) gate, with no NaN from the transport solve.
+    router = make_router()
+    torch = pytest.importorskip("torch")
+    logits = torch.asarray(GRAD_LOGITS, requires_grad=True)
+    routing = router(logits)
+    coefficients = torch.arange(1, routing.weights.shape[0] + 1, dtype=torch.float32)
+    torch.sum(routing.weights * coefficients).backward()
+    expected = _expected_gradient(routing, gate)
+    assert_close(logits.grad, expected, "torch d logits", rtol=1e-4, atol=1e-6)
+
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("moerouter_jax")
+
+    def loss(values):
+        weights = router(values).weights
+        return jax.numpy.sum(weights * jax.numpy.arange(1, weights.shape[0] + 1))
+
+    grad = jax.grad(loss)(jax.numpy.asarray(GRAD_LOGITS))
+    assert_close(grad, expected, "jax d logits", rtol=1e-4, atol=1e-6)
