@@ -187,8 +187,10 @@ def combine(ye: Any, exchange: Exchange, *, axis_name: str) -> Any:
     width = ye.shape[1]
     num_slots = ye.shape[0]
     capacity = num_slots // plan.num_experts
-    inverse = jnp.zeros_like(exchange.regroup).at[exchange.regroup].set(
-        jnp.arange(num_slots, dtype=jnp.int32)
+    inverse = (
+        jnp.zeros_like(exchange.regroup)
+        .at[exchange.regroup]
+        .set(jnp.arange(num_slots, dtype=jnp.int32))
     )
     back = ye[inverse].reshape(world, num_slots // world, width)
     returned = jax.lax.all_to_all(back, axis_name, 0, 0, tiled=False).reshape(-1, width)

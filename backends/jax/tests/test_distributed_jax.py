@@ -13,6 +13,7 @@ import pytest
 WORLD, TOKENS, D, H, E = 4, 6, 8, 12, 8  # tokens per shard; two experts per shard
 
 
+@pytest.mark.slow  # a fresh JAX process compiling three sharded gradients: about a minute
 def test_expert_parallel_over_four_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     done = subprocess.run(
@@ -50,7 +51,17 @@ def experts(rows, group_sizes, w_in, w_out):
     return jnp.where(valid[:, None], out, 0.0)
 
 
+def to_expert_zero(logits):
+    """A router that sends every token to expert 0 whatever its logits."""
+    import jax.numpy as jnp
+
+    import moerouter as mr
+
+    return mr.TopK(num_experts=E, k=1)(jnp.zeros_like(logits).at[:, 0].set(5.0))
+
+
 def main():
+    """Every check, each jitted: eager shard_map would compile every primitive on its own."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -67,18 +78,21 @@ def main():
     w_in = jax.random.normal(keys[3], (E, D, H)) / D**0.5
     w_out = jax.random.normal(keys[4], (E, H, D)) / H**0.5
 
-    def single(router, x, gate, w_in, w_out):
+    def layer(router, capacity, x, gate, w_in, w_out, upstream):
+        """One device, every expert local; rows past ``capacity`` in a group dropped."""
         plan = mr.make_plan(router(x @ gate))
-        y = mr.combine(experts(mr.dispatch(x, plan), plan.group_sizes, w_in, w_out), plan)
-        return jnp.sum(y * upstream), y
+        ye = experts(mr.dispatch(x, plan), plan.group_sizes, w_in, w_out)
+        ends = jnp.cumsum(plan.group_sizes)
+        row = jnp.arange(plan.num_rows)
+        expert = jnp.minimum(jnp.searchsorted(ends, row, side="right"), E - 1)
+        position = row - (ends[expert] - plan.group_sizes[expert])
+        ye = jnp.where((position < capacity)[:, None], ye, 0.0)
+        y = mr.combine(ye, plan)
+        return jnp.sum(y * upstream), (y, plan.group_sizes)
 
-    def sharded(router, capacity, x, gate, w_in, w_out, logits=None):
-        fixed = logits is not None  # route on given logits instead of the gate's
-        if not fixed:
-            logits = jnp.zeros((x.shape[0], 1))
-
-        def layer(x, gate, w_in, w_out, logits):
-            plan = mr.make_plan(router(logits if fixed else x @ gate))
+    def sharded(router, capacity, x, gate, w_in, w_out, upstream):
+        def shard(x, gate, w_in, w_out):
+            plan = mr.make_plan(router(x @ gate))
             exchange = distributed.dispatch(x, plan, axis_name="ep", capacity=capacity)
             ye = experts(exchange.rows, exchange.group_sizes, w_in, w_out)
             y = distributed.combine(ye, exchange, axis_name="ep")
@@ -86,64 +100,60 @@ def main():
             counts = jnp.stack([exchange.rows_real, exchange.rows_dropped, real])
             return y, exchange.group_sizes, counts[None]
 
-        return jax.shard_map(
-            layer,
+        y, sizes, counts = jax.shard_map(
+            shard,
             mesh=mesh,
-            in_specs=(P("ep"), P(), P("ep"), P("ep"), P("ep")),
+            in_specs=(P("ep"), P(), P("ep"), P("ep")),
             out_specs=(P("ep"), P("ep"), P("ep")),
-        )(x, gate, w_in, w_out, logits)
+        )(x, gate, w_in, w_out)
+        return jnp.sum(y * upstream), (y, sizes, counts)
 
-    def sharded_loss(router, capacity, x, gate, w_in, w_out):
-        y, _, _ = sharded(router, capacity, x, gate, w_in, w_out)
-        return jnp.sum(y * upstream), y
+    arguments = (2, 3, 4, 5)  # x, gate, w_in, w_out
+    reference = jax.jit(jax.grad(layer, arguments, has_aux=True), static_argnums=(0, 1))
+    parallel = jax.jit(jax.grad(sharded, arguments, has_aux=True), static_argnums=(0, 1))
 
     def close(got, want, what):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=what)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), 1e-5, 1e-5, err_msg=what)
 
-    cases = [
-        ("top-k", mr.TopK(num_experts=E, k=2), E),
-        ("null experts", mr.NullExperts(num_experts=E, num_null=E, k=2), 2 * E),
-    ]
-    for name, router, columns in cases:
-        gate = jax.random.normal(keys[2], (D, columns))
-        grad = jax.grad(single, argnums=(1, 2, 3, 4), has_aux=True)
-        (want_grads, want_y) = grad(router, x, gate, w_in, w_out)
-        ep_grad = jax.jit(
-            jax.grad(sharded_loss, argnums=(2, 3, 4, 5), has_aux=True), static_argnums=(0, 1)
-        )
-        # Capacity T * k per expert per shard: nothing can be dropped.
-        got_grads, got_y = ep_grad(router, TOKENS * 2, x, gate, w_in, w_out)
-        close(got_y, want_y, f"{name}: y")
-        for got, want, what in zip(got_grads, want_grads, ["x", "gate", "w_in", "w_out"]):
-            close(got, want, f"{name}: grad {what}")
-        _, _, counts = sharded(router, TOKENS * 2, x, gate, w_in, w_out)
-        counts = np.asarray(counts)
-        assert (counts[:, 0] == counts[:, 2]).all() and (counts[:, 1] == 0).all(), counts
-        if name == "null experts":
-            assert counts[:, 0].sum() < WORLD * TOKENS * 2, counts  # null rows stay home
+    def check(name, router, capacity, gate, want_y, want_grads):
+        grads, (y, sizes, counts) = parallel(router, capacity, x, gate, w_in, w_out, upstream)
+        close(y, want_y, f"{name}: y")
+        for got, want, what in zip(grads, want_grads, ["x", "gate", "w_in", "w_out"], strict=True):
+            close(got, want, f"{name}: gradient of {what}")
+        return np.asarray(sizes), np.asarray(counts)
 
-    # Capacity 1: overflow dropped, counted, and contributes zero.
-    router = cases[0][1]
     gate = jax.random.normal(keys[2], (D, E))
-    y, _, counts = sharded(router, 1, x, gate, w_in, w_out)
+    top2 = mr.TopK(num_experts=E, k=2)
+    null = mr.NullExperts(num_experts=E, num_null=E, k=2)
+    null_gate = jax.random.normal(keys[2], (D, 2 * E))
+    for name, router, gate_in in [("top-k", top2, gate), ("null experts", null, null_gate)]:
+        # Capacity T * k per expert per shard: nothing is dropped, the single device is matched.
+        grads, (y, _) = reference(router, TOKENS * 2, x, gate_in, w_in, w_out, upstream)
+        _, counts = check(name, router, TOKENS * 2, gate_in, y, grads)
+        assert (counts[:, 0] == counts[:, 2]).all() and (counts[:, 1] == 0).all(), counts
+        if router is null:
+            assert counts[:, 0].sum() < WORLD * TOKENS * 2, counts  # null rows never leave
+
+    # Capacity 1: each shard's overflow is dropped (as on one device with the same capacity
+    # over that shard's tokens), counted, and contributes zero; gradients still match.
+    want_y, want_grad_x, want_dropped = [], [], []
+    want_grads = [jnp.zeros_like(gate), jnp.zeros_like(w_in), jnp.zeros_like(w_out)]
     for shard in range(WORLD):
         mine = slice(shard * TOKENS, (shard + 1) * TOKENS)
-        plan = mr.make_plan(router(x[mine] @ gate))
-        ye = np.array(experts(mr.dispatch(x[mine], plan), plan.group_sizes, w_in, w_out))
-        sizes = np.asarray(plan.group_sizes)
-        position = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        ye[: sizes.sum()][position >= 1] = 0
-        close(y[mine], mr.combine(jnp.asarray(ye), plan), f"capacity 1: y of shard {shard}")
-        assert counts[shard, 1] == np.maximum(sizes - 1, 0).sum()
+        grads, (y, sizes) = reference(top2, 1, x[mine], gate, w_in, w_out, upstream[mine])
+        want_y.append(y)
+        want_grad_x.append(grads[0])
+        want_grads = [total + grad for total, grad in zip(want_grads, grads[1:], strict=True)]
+        want_dropped.append(int(np.maximum(np.asarray(sizes) - 1, 0).sum()))
+    want_grads = [jnp.concatenate(want_grad_x), *want_grads]
+    _, counts = check("capacity 1", top2, 1, gate, jnp.concatenate(want_y), want_grads)
+    assert counts[:, 1].tolist() == want_dropped and sum(want_dropped) > 0, counts
 
-    # Every token picks expert 0: shards 1.. receive no real row, experts 1.. get nothing.
-    logits = jnp.zeros((WORLD * TOKENS, E)).at[:, 0].set(5.0)
-    router = mr.TopK(num_experts=E, k=1)
-    y, sizes, _ = sharded(router, TOKENS, x, gate, w_in, w_out, logits=logits)
-    plan = mr.make_plan(router(logits))
-    want = mr.combine(experts(mr.dispatch(x, plan), plan.group_sizes, w_in, w_out), plan)
-    close(y, want, "one expert: y")
-    assert np.asarray(sizes).tolist() == [WORLD * TOKENS] + [0] * (E - 1), sizes
+    # Every token picks expert 0: shards 1.. receive no real row, experts 1.. get none.
+    everything = WORLD * TOKENS  # one device: expert 0 takes every token
+    grads, (y, _) = reference(to_expert_zero, everything, x, gate, w_in, w_out, upstream)
+    sizes, counts = check("one expert", to_expert_zero, TOKENS, gate, y, grads)
+    assert sizes.tolist() == [WORLD * TOKENS] + [0] * (E - 1), sizes
     print("all checks passed")
 
 

@@ -290,9 +290,7 @@ def combine(ye: torch.Tensor, exchange: Exchange) -> torch.Tensor:
     width = ye.shape[1]
     if exchange.capacity is None:
         back = _Permute.apply(ye, exchange._restore, exchange._regroup)
-        returned = _AllToAll.apply(
-            back, exchange.send_splits, exchange.recv_splits, exchange.group
-        )
+        returned = _AllToAll.apply(back, exchange.send_splits, exchange.recv_splits, exchange.group)
         spare = ye.new_zeros((plan.num_rows - returned.shape[0], width))
         return mr.combine(torch.cat([returned, spare]), plan)
 

@@ -144,6 +144,7 @@ def worker(rank, world, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawning ranks that each import torch: tens of seconds on 2 cores
 @pytest.mark.parametrize(
     "world",
     [
