@@ -110,10 +110,10 @@ class Exchange:
     ----------
     rows : tensor (N, d)
         Rows for this rank's experts, grouped by local expert (local expert 0 first), then by
-        source rank, then in each source's dispatch order. In capacity mode ``N = E * C`` and
-        every local expert owns ``world * C`` rows, zero where padded.
+        source rank, then in each source's dispatch order. In capacity mode ``N = E * C``: the
+        real rows first, zero padding after ``sum(group_sizes)`` (the layout of a plan).
     group_sizes : tensor (E_local,) int32
-        Rows per local expert: feed it to the experts with ``rows``.
+        Real rows per local expert: feed it to the experts with ``rows``.
     plan : Plan
         This rank's plan, for the final combine.
     rows_sent : tensor () int64
@@ -136,8 +136,8 @@ class Exchange:
     capacity: int | None
     group: Any
     world_size: int
-    _regroup: torch.Tensor | None = None
-    _restore: torch.Tensor | None = None
+    _regroup: torch.Tensor
+    _restore: torch.Tensor
 
 
 def dispatch(
@@ -225,14 +225,13 @@ def dispatch(
 
 
 def _capacity_slots(plan: mr.Plan, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch row of each (expert, slot), or -1 for padding; and the rows past the capacity."""
+    """Dispatch row of each (expert, slot), or -1 for padding; and the rows kept per expert."""
     sizes = plan.group_sizes.to(torch.int64)
     starts = torch.cumsum(sizes, 0) - sizes
     slot = torch.arange(capacity, device=sizes.device)
     filled = slot[None, :] < sizes[:, None]
     source_rows = torch.where(filled, starts[:, None] + slot[None, :], -1)
-    dropped = torch.clamp(sizes - capacity, min=0).sum()
-    return source_rows.reshape(-1), dropped
+    return source_rows.reshape(-1), torch.clamp(sizes, max=capacity)
 
 
 def _dispatch_capacity(
@@ -240,27 +239,39 @@ def _dispatch_capacity(
 ) -> Exchange:
     if not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-    source_rows, dropped = _capacity_slots(plan, capacity)
+    source_rows, kept = _capacity_slots(plan, capacity)
     padded = torch.cat([xe, xe.new_zeros((1, xe.shape[1]))])
     zero_row = xe.shape[0]
     send = padded[torch.where(source_rows >= 0, source_rows, zero_row)]
+    # Equal splits: block r (rank r's experts, C slots each) goes to rank r. The kept counts
+    # travel too, so nothing is read on the host.
     received = _AllToAll.apply(send, None, None, group)
-    # (source rank, local expert, slot) -> (local expert, source rank, slot)
-    width = xe.shape[1]
-    rows = received.reshape(world, local, capacity, width).transpose(0, 1)
-    rows = rows.reshape(local * world * capacity, width)
-    sizes = torch.full((local,), world * capacity, dtype=torch.int32, device=xe.device)
+    recv_kept = torch.empty_like(kept)
+    dist.all_to_all_single(recv_kept, kept, group=group)
+    recv_kept = recv_kept.reshape(world, local)
+
+    # Slot (source s, local expert j, c) is real when c < recv_kept[s, j]. Regroup by local
+    # expert with the real rows first, the plan layout, so the experts skip the padding.
+    slot = torch.arange(capacity, device=xe.device)
+    real = slot[None, None, :] < recv_kept[:, :, None]
+    expert = torch.arange(local, device=xe.device)[None, :, None].expand(real.shape)
+    key = torch.where(real, expert, local).reshape(-1)
+    regroup = torch.sort(key, stable=True).indices
+    restore = torch.empty_like(regroup)
+    restore[regroup] = torch.arange(regroup.shape[0], device=xe.device)
     return Exchange(
-        rows=rows,
-        group_sizes=sizes,
+        rows=_Permute.apply(received, regroup, restore),
+        group_sizes=recv_kept.sum(0).to(torch.int32),
         plan=plan,
         rows_sent=torch.tensor(send.shape[0], dtype=torch.int64),
-        rows_dropped=dropped,
+        rows_dropped=plan.group_sizes.sum() - kept.sum(),
         send_splits=None,
         recv_splits=None,
         capacity=capacity,
         group=group,
         world_size=world,
+        _regroup=regroup,
+        _restore=restore,
     )
 
 
@@ -288,15 +299,13 @@ def combine(ye: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         )
     plan = exchange.plan
     width = ye.shape[1]
+    back = _Permute.apply(ye, exchange._restore, exchange._regroup)
     if exchange.capacity is None:
-        back = _Permute.apply(ye, exchange._restore, exchange._regroup)
         returned = _AllToAll.apply(back, exchange.send_splits, exchange.recv_splits, exchange.group)
         spare = ye.new_zeros((plan.num_rows - returned.shape[0], width))
         return mr.combine(torch.cat([returned, spare]), plan)
 
-    capacity, world = exchange.capacity, exchange.world_size
-    local = plan.num_experts // world
-    back = ye.reshape(local, world, capacity, width).transpose(0, 1).reshape(-1, width)
+    capacity = exchange.capacity
     returned = _AllToAll.apply(back, None, None, exchange.group)
     # Dispatch row i of expert e at position p reads slot e * C + p when p < C.
     sizes = plan.group_sizes.to(torch.int64)

@@ -64,10 +64,12 @@ def check_matches_single_process(router, rank, world, capacity=None):
     real = int((routing.expert_ids >= 0).sum())
     sent = int(exchange.rows_sent)
     assert sent == (E * capacity if capacity else real)
-    totals = torch.tensor([real, sent, exchange.rows.shape[0]])
+    assert int(exchange.group_sizes.sum()) <= exchange.rows.shape[0]
+    totals = torch.tensor([real, sent, int(exchange.group_sizes.sum())])
     dist.all_reduce(totals)
+    assert totals[2] == totals[0]  # every real row arrives once, counted in group_sizes
     if capacity is None:
-        assert totals[1] == totals[2] == totals[0]  # every row sent arrives once
+        assert totals[1] == totals[0]  # and nothing else is sent
     return int(totals[0])
 
 
@@ -117,6 +119,11 @@ def check_capacity_drops(rank, world, capacity):
         torch.testing.assert_close(y, mr.combine(ye, plan))
     over = (plan.group_sizes - capacity).clamp(min=0).sum()
     assert int(exchange.rows_dropped) == int(over)
+    kept = torch.tensor([int(plan.group_sizes.clamp(max=capacity).sum())])
+    dist.all_reduce(kept)
+    arrived = torch.tensor([int(exchange.group_sizes.sum())])
+    dist.all_reduce(arrived)
+    assert arrived == kept
 
 
 def worker(rank, world, port):
