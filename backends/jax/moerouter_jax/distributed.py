@@ -15,8 +15,9 @@ layout: grouped by local expert with the real rows first and the padding after
 differentiable (its transpose is the reverse all-to-all), so ``jax.grad`` flows to the tokens,
 the expert weights and the router.
 
-``jax.lax.ragged_all_to_all`` (exact, unpadded sizes) exists in recent JAX but is not
-implemented by the CPU backend; it is not used here.
+``jax.lax.ragged_all_to_all`` (exact, unpadded sizes) exists in the installed JAX (0.10.2) but
+XLA:CPU rejects it ("HLO opcode ragged-all-to-all is not supported by XLA:CPU"), so it could not
+be tested here and is not used.
 """
 
 from __future__ import annotations
