@@ -20,6 +20,7 @@ from moerouter.policies import (
     AffinityRouting,
     AnchorRouting,
     BalancedAssignment,
+    DeepSeekTopK,
     ExpertChoice,
     LocalityTopK,
     NullExperts,
@@ -28,6 +29,7 @@ from moerouter.policies import (
     SoftMoE,
     SparsityConstrainedExpertChoice,
     TopK,
+    update_expert_bias,
 )
 from moerouter.routing import Plan, Routing, SoftRouting, combine, dispatch, make_plan
 
@@ -38,6 +40,7 @@ __all__ = [
     "AnchorRouting",
     "BackendInfo",
     "BalancedAssignment",
+    "DeepSeekTopK",
     "ExpertChoice",
     "LocalityTopK",
     "NullExperts",
@@ -61,4 +64,5 @@ __all__ = [
     "multitask",
     "policies",
     "stats",
+    "update_expert_bias",
 ]

@@ -55,6 +55,10 @@ class Routing:
         ``k`` in the token layout, the capacity ``C`` in the expert layout.
     num_groups : int
         ``G``; 1 for two-dimensional logits.
+    capacity : int or None
+        Rows each expert may take per group (``C``) when the policy applied a capacity; None
+        otherwise. ``make_plan(routing, pad_to_capacity=True)`` lays experts out ``G * C`` rows
+        apart with it (for the expert layout ``slots`` is used when this is None).
     """
 
     token_ids: Array
@@ -68,6 +72,7 @@ class Routing:
     layout: Literal["token", "expert"]
     slots: int
     num_groups: int = 1
+    capacity: int | None = None
 
     @property
     def num_choices(self) -> int:
@@ -109,6 +114,13 @@ class Plan:
         ``T``.
     num_experts : int
         ``E``.
+    capacity : int or None
+        None for the packed layout above. In a padded plan (``make_plan(routing,
+        pad_to_capacity=True)``) the rows each expert owns: ``R = E * capacity`` dispatched
+        rows, expert ``e``'s at ``[e * capacity, (e + 1) * capacity)`` (first ``group_sizes[e]``
+        of them used, in the packed plan's order), padding rows zero in :func:`dispatch`;
+        ``order`` and ``source_tokens`` are -1 on padding rows and ``inverse`` is -1 for
+        assignments to no expert. Reshape the buffer to ``(E, capacity, d)`` for batched experts.
     """
 
     group_sizes: Array
@@ -120,6 +132,7 @@ class Plan:
     combine_weights: Array
     num_tokens: int
     num_experts: int
+    capacity: int | None = None
 
     @property
     def num_rows(self) -> int:
@@ -171,19 +184,26 @@ class SoftRouting:
         return int(self.finite_rows.shape[0])
 
 
-def make_plan(routing: Routing) -> Plan:
+def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
     """Build the dispatch/combine plan of a routing.
 
     Parameters
     ----------
     routing : Routing
         Output of any policy.
+    pad_to_capacity : bool
+        Lay the dispatched rows out as ``(E, C_total)``: expert ``e``'s rows at
+        ``[e * C_total, (e + 1) * C_total)``, unused rows zero, with ``C_total = G * C`` the
+        routing's capacity over its ``G`` groups (GShard, V-MoE and Tutel's static layout, for
+        batched expert matmuls). Needs a routing with a capacity (token choice with
+        ``capacity_factor``, or expert choice). Runs on the agnostic path on every backend.
 
     Returns
     -------
     Plan
         Static shapes: ``group_sizes`` (E,), ``order``/``inverse``/``source_tokens`` (R,),
-        ``combine_rows``/``combine_weights`` (T, F) with ``F = routing.fan_in``.
+        ``combine_rows``/``combine_weights`` (T, F) with ``F = routing.fan_in``. Padded:
+        ``order``/``source_tokens`` (E * C_total,) and ``Plan.capacity == C_total``.
 
     Examples
     --------
@@ -196,6 +216,10 @@ def make_plan(routing: Routing) -> Plan:
     """
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+    if not isinstance(pad_to_capacity, bool):
+        raise TypeError(f"pad_to_capacity must be a bool, got {type(pad_to_capacity).__name__}")
+    if pad_to_capacity:
+        return _padded_plan(routing)
     kernel = _registry.kernel_for("make_plan", routing.expert_ids)
     if kernel is not None:
         plan: Plan = kernel(routing)
@@ -212,6 +236,43 @@ def make_plan(routing: Routing) -> Plan:
         xp=xp,
     )
     return Plan(**arrays, num_tokens=routing.num_tokens, num_experts=routing.num_experts)
+
+
+def _padded_plan(routing: Routing) -> Plan:
+    per_group = routing.capacity
+    if per_group is None and routing.layout == "expert":
+        per_group = routing.slots
+    if per_group is None:
+        raise ValueError(
+            "pad_to_capacity=True needs a routing with a capacity: give the policy a "
+            "capacity_factor (or use expert choice)"
+        )
+    capacity = routing.num_groups * per_group
+    _registry.backend_for(routing.expert_ids)  # loads the JAX pytree registration, as policies do
+    xp = array_namespace(routing.token_ids, routing.expert_ids, routing.weights)
+    packed = _plan.plan_arrays(
+        routing.token_ids,
+        routing.expert_ids,
+        routing.weights,
+        num_tokens=routing.num_tokens,
+        num_experts=routing.num_experts,
+        fan_in=routing.fan_in,
+        token_layout=routing.layout == "token",
+        xp=xp,
+    )
+    arrays = _plan.pad_to_capacity(
+        packed,
+        xp.astype(routing.expert_ids, xp.int32),
+        capacity=capacity,
+        num_experts=routing.num_experts,
+        xp=xp,
+    )
+    return Plan(
+        **arrays,
+        num_tokens=routing.num_tokens,
+        num_experts=routing.num_experts,
+        capacity=capacity,
+    )
 
 
 def _check_same_backend(array: Array, name: str, plan: Plan) -> Any:
@@ -294,6 +355,8 @@ def dispatch(x: Array, plan: Plan | SoftRouting) -> Array:
     xp = _check_same_backend(x, "x", plan)
     if x.shape[0] != plan.num_tokens:
         raise ValueError(f"x has {x.shape[0]} rows but the plan routes {plan.num_tokens} tokens")
+    if plan.capacity is not None:  # padded layout: the agnostic path on every backend
+        return _plan.dispatch_padded(x, plan.source_tokens, xp=xp)
     kernel = _registry.kernel_for("dispatch", x)
     if kernel is not None:
         return kernel(x, plan)
@@ -329,7 +392,8 @@ def combine(ye: Array, plan: Plan | SoftRouting) -> Array:
     xp = _check_same_backend(ye, "ye", plan)
     if ye.shape[0] != plan.num_rows:
         raise ValueError(f"ye has {ye.shape[0]} rows but the plan has {plan.num_rows}")
-    kernel = _registry.kernel_for("combine", ye)
-    if kernel is not None:
-        return kernel(ye, plan)
+    if plan.capacity is None:
+        kernel = _registry.kernel_for("combine", ye)
+        if kernel is not None:
+            return kernel(ye, plan)
     return _plan.combine(ye, plan.combine_rows, plan.combine_weights, xp=xp)

@@ -113,3 +113,67 @@ def _device(array: Array) -> Any:
     from array_api_compat import device
 
     return device(array)
+
+
+def pad_to_capacity(
+    packed: dict[str, Array], expert_ids: Array, *, capacity: int, num_experts: int, xp: Any
+) -> dict[str, Array]:
+    """A packed plan's arrays re-laid out with expert ``e``'s rows at ``[e*C, (e+1)*C)``.
+
+    Row ``j`` of expert ``e`` holds the same assignment as row ``j`` of that expert in the packed
+    plan, so the padded buffer is the packed one with gaps. Rows an expert does not fill are
+    padding: ``order`` and ``source_tokens`` are -1 there, :func:`dispatch_padded` writes zeros
+    and :func:`combine` never reads them. An assignment past row ``C`` of its expert (impossible
+    for a routing whose policy applied this capacity) is not dispatched and weighs nothing.
+    """
+    int32 = xp.int32
+    group_sizes = packed["group_sizes"]
+    starts = xp.astype(xp.cumulative_sum(group_sizes) - group_sizes, int32)
+    capacity_array = xp.asarray(capacity, dtype=int32)
+    num_assignments = packed["order"].shape[0]
+    # Where each packed row goes: expert e's j-th packed row to e*C + j (-1 past capacity or
+    # past the valid rows).
+    packed_rows = xp.arange(num_assignments, dtype=int32)
+    real = expert_ids >= 0
+    row_expert = xp.take(
+        xp.where(real, expert_ids, xp.zeros_like(expert_ids)), packed["order"]
+    )  # (R,) expert of each packed row (garbage past num_valid)
+    within = packed_rows - xp.take(starts, row_expert)
+    placed = (packed_rows < packed["num_valid"]) & (within < capacity)
+    padded_of_packed = xp.where(placed, row_expert * capacity + within, xp.asarray(-1, dtype=int32))
+
+    # The padded buffer, row by row: expert e, slot j reads packed row starts[e] + j if j fits.
+    slot = xp.arange(capacity, dtype=int32)[None, :]
+    fills = xp.reshape(slot < xp.minimum(group_sizes, capacity_array)[:, None], (-1,))
+    source_row = xp.reshape(starts[:, None] + slot, (-1,))
+    source_row = xp.where(fills, source_row, xp.zeros_like(source_row))
+    minus_one = xp.asarray(-1, dtype=int32)
+    order = xp.where(fills, xp.take(packed["order"], source_row), minus_one)
+    source_tokens = xp.where(fills, xp.take(packed["source_tokens"], source_row), minus_one)
+
+    inverse = xp.take(padded_of_packed, packed["inverse"])
+    combine_rows = packed["combine_rows"]
+    present = combine_rows >= 0
+    remapped = xp.take(padded_of_packed, xp.reshape(xp.where(present, combine_rows, 0), (-1,)))
+    remapped = xp.reshape(remapped, combine_rows.shape)
+    keep = present & (remapped >= 0)
+    return {
+        "group_sizes": xp.astype(xp.minimum(group_sizes, capacity_array), int32),
+        "order": order,
+        "inverse": xp.where(real, inverse, xp.asarray(-1, dtype=int32)),
+        "source_tokens": source_tokens,
+        "num_valid": xp.astype(xp.sum(xp.astype(placed, int32)), int32),
+        "combine_rows": xp.where(keep, remapped, xp.asarray(-1, dtype=int32)),
+        "combine_weights": xp.where(
+            keep, packed["combine_weights"], xp.zeros_like(packed["combine_weights"])
+        ),
+    }
+
+
+def dispatch_padded(x: Array, source_tokens: Array, *, xp: Any) -> Array:
+    """Rows of ``x`` at ``source_tokens``; zero rows where it is -1 (padding)."""
+    num_tokens = x.shape[0]
+    padded = xp.concat([x, xp.zeros((1, x.shape[1]), dtype=x.dtype, device=_device(x))], axis=0)
+    zero_row = xp.asarray(num_tokens, dtype=source_tokens.dtype)
+    rows = xp.where(source_tokens >= 0, source_tokens, zero_row)
+    return xp.take(padded, rows, axis=0)

@@ -17,10 +17,13 @@ function of the logits when called. One module per family:
 - :mod:`~moerouter.policies.sparse_transport`: :class:`SparsityConstrainedExpertChoice`, expert
   choice from a k-sparse transport plan.
 - :mod:`~moerouter.policies.soft_moe`: :class:`SoftMoE`, slots as weighted averages of tokens.
+- :mod:`~moerouter.policies.deepseek`: :class:`DeepSeekTopK`, sigmoid scores, group-limited
+  routing and the selection-only expert bias of auxiliary-loss-free balancing.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
 from moerouter.policies.balanced import BalancedAssignment
+from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
 from moerouter.policies.expert_choice import ExpertChoice
 from moerouter.policies.locality import (
     AffinityRouting,
@@ -39,6 +42,7 @@ __all__ = [
     "AffinityRouting",
     "AnchorRouting",
     "BalancedAssignment",
+    "DeepSeekTopK",
     "ExpertChoice",
     "LocalityTopK",
     "NullExperts",
@@ -53,4 +57,5 @@ __all__ = [
     "grouped_average_pooling",
     "locality_loss",
     "sinkhorn_plan",
+    "update_expert_bias",
 ]

@@ -32,6 +32,13 @@ def check_capacity_factor(value: object, name: str = "capacity_factor") -> float
     return float(value)
 
 
+def check_k(value: object, num_columns: int, columns_name: str = "num_experts") -> int:
+    k = check_positive_int(value, "k")
+    if k > num_columns:
+        raise ValueError(f"k must be <= {columns_name} = {num_columns}, got {k}")
+    return k
+
+
 def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -39,11 +46,17 @@ def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
 
 
 def capacity(
-    capacity_factor: float, tokens: int, per_token: int, experts: int, multiple_of: int
+    capacity_factor: float,
+    tokens: int,
+    per_token: int,
+    experts: int,
+    multiple_of: int,
+    minimum: int = 0,
 ) -> int:
-    """``ceil(capacity_factor * tokens * per_token / experts)`` rounded up to ``multiple_of``."""
+    """``max(ceil(capacity_factor * tokens * per_token / experts), minimum)`` rounded up to
+    ``multiple_of`` (Megatron-Core applies its ``min_capacity`` before vmoe-style rounding)."""
     # Round away float noise first: 1.1 * 50 is 55.00000000000001 in floats, and must give 55.
-    raw = math.ceil(round(capacity_factor * tokens * per_token / experts, 9))
+    raw = max(math.ceil(round(capacity_factor * tokens * per_token / experts, 9)), minimum)
     return max(multiple_of, -(-raw // multiple_of) * multiple_of)
 
 

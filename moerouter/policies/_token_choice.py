@@ -10,6 +10,8 @@ from moerouter.routing import Routing
 
 Array = Any
 
+DROP_POLICIES = ("position", "probs", "batch_priority")
+
 
 def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
     """Top-k columns of each row and their logits.
@@ -61,24 +63,32 @@ def token_choice_routing(
     capacity_factor: float | None,
     capacity_multiple_of: int,
     drop_policy: str,
+    min_capacity: int = 0,
 ) -> Routing:
     """Apply capacity and flatten a token-choice decision into a token-layout Routing.
 
     ``choice``, ``routed`` and ``weights`` are (G, S, k): chosen columns, whether each choice goes
-    to a real expert, and its combine weight.
+    to a real expert, and its combine weight. Priority inside one choice rank is token order
+    ("position"), the probability of that choice ("probs"), or the probability of the token's
+    first choice, the same for all its k choices ("batch_priority", V-MoE's BPR).
     """
     xp = clean.xp
     num_groups, group_size, k = choice.shape
     choice_ids = xp.astype(choice, xp.int32)
     expert_ids = xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32))
     probs = xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs))
+    per_expert = None
     if capacity_factor is not None:
-        per_expert = capacity(capacity_factor, group_size, k, num_experts, capacity_multiple_of)
+        per_expert = capacity(
+            capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
+        )
         slot = xp.arange(k, dtype=xp.int32)[None, None, :]
         if drop_policy == "position":
             within_rank = xp.arange(group_size, dtype=xp.int32)[None, :, None]
         else:
             chosen_probs = xp.take_along_axis(probs, choice, axis=-1)
+            if drop_policy == "batch_priority":
+                chosen_probs = chosen_probs[..., :1]  # the first choice ranks all k choices
             within_rank = xp.astype(descending_rank(chosen_probs, axis=1, xp=xp), xp.int32)
         priority = xp.broadcast_to(slot * group_size + within_rank, choice.shape)  # k-major
         expert_ids = xp.reshape(
@@ -106,4 +116,5 @@ def token_choice_routing(
         layout="token",
         slots=k,
         num_groups=num_groups,
+        capacity=per_expert,
     )

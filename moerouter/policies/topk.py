@@ -8,10 +8,12 @@ from typing import Any, Literal
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
+    check_k,
     check_positive_int,
     clean_logits,
 )
 from moerouter.policies._token_choice import (
+    DROP_POLICIES,
     choose,
     masked_softmax,
     renormalize,
@@ -51,11 +53,19 @@ class TopK:
     descending order. A ``-inf`` logit is never routed to (its slot gets expert -1, weight 0).
 
     Capacity (``capacity_factor`` set): each group of S tokens gives every expert
-    :math:`C = \lceil \mathrm{cf} \cdot S \cdot k / E \rceil` rows (rounded up to
-    ``capacity_multiple_of``). Priority is k-major: every token's first choice is served before any
-    second choice; within one choice rank, tokens go in order ("position") or by descending
-    probability ("probs", ties by position), as in GShard, V-MoE and Megatron-Core. Dropped choices
-    become expert -1 with weight 0; the remaining weights are not renormalised.
+    :math:`C = \max(\lceil \mathrm{cf} \cdot S \cdot k / E \rceil, C_{\min})` rows, rounded up
+    to ``capacity_multiple_of``. Priority is k-major: every token's first choice is served before
+    any second choice; within one choice rank, tokens go in order ("position"), by descending
+    probability of that choice ("probs", ties by position), as in GShard, V-MoE and Megatron-Core,
+    or by descending probability of the token's *first* choice for all its k choices
+    ("batch_priority": V-MoE's batch prioritized routing, Riquelme et al. 2021, so that
+    low-confidence tokens are dropped first). Dropped choices become expert -1 with weight 0; the
+    remaining weights are not renormalised.
+
+    ``k`` and ``capacity_factor`` can be changed per call (``router(logits, k=1,
+    capacity_factor=0.5)``), as Tutel allows, e.g. a lower capacity at inference; the constructor's
+    values are the defaults. Under ``jax.jit`` pass them as static arguments. To switch capacity
+    off for one call, call ``dataclasses.replace(router, capacity_factor=None)``.
 
     Parameters
     ----------
@@ -73,7 +83,10 @@ class TopK:
         Turns capacity on; must be > 0.
     capacity_multiple_of : int
         Round the capacity up to a multiple of this (vmoe uses 4).
-    drop_policy : {"position", "probs"}
+    min_capacity : int
+        Lower bound on the capacity before rounding (Megatron-Core's ``min_capacity``,
+        flaxformer's ``min_expert_capacity``); 0 for none.
+    drop_policy : {"position", "probs", "batch_priority"}
         Who keeps their slot when an expert is full.
     strict : bool
         Raise on non-finite logits rows instead of routing them nowhere (concrete values only).
@@ -96,21 +109,31 @@ class TopK:
     softmax_after_topk: bool = False
     capacity_factor: float | None = None
     capacity_multiple_of: int = 1
-    drop_policy: Literal["position", "probs"] = "position"
+    drop_policy: Literal["position", "probs", "batch_priority"] = "position"
     strict: bool = False
+    min_capacity: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_experts, "num_experts")
-        check_positive_int(self.k, "k")
-        if self.k > self.num_experts:
-            raise ValueError(f"k must be <= num_experts = {self.num_experts}, got {self.k}")
+        check_k(self.k, self.num_experts)
         check_choice(self.score, "score", ("softmax", "sigmoid"))
         check_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
+        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
 
-    def __call__(self, logits: Array) -> Routing:
-        """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
+    def __call__(
+        self, logits: Array, *, k: int | None = None, capacity_factor: float | None = None
+    ) -> Routing:
+        """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring.
+
+        ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
+        """
+        k = self.k if k is None else check_k(k, self.num_experts)
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor
+        else:
+            check_capacity_factor(capacity_factor)
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
@@ -120,7 +143,7 @@ class TopK:
             if self.score == "softmax"
             else sigmoid(clean.values, xp=xp)
         )
-        choice, chosen_logits = choose(clean, self.k)
+        choice, chosen_logits = choose(clean, k)
         routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
         if self.softmax_after_topk or (self.score == "softmax" and self.normalize):
             weights = masked_softmax(chosen_logits, routed, xp=xp)
@@ -135,7 +158,8 @@ class TopK:
             routed,
             weights,
             num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
+            capacity_factor=capacity_factor,
             capacity_multiple_of=self.capacity_multiple_of,
             drop_policy=self.drop_policy,
+            min_capacity=self.min_capacity,
         )

@@ -114,15 +114,21 @@ def _sigmoid(row: np.ndarray) -> np.ndarray:
 
 
 def reference_capacity(
-    capacity_factor: float, tokens: int, per_token: int, experts: int, multiple_of: int = 1
+    capacity_factor: float,
+    tokens: int,
+    per_token: int,
+    experts: int,
+    multiple_of: int = 1,
+    minimum: int = 0,
 ) -> int:
-    """``ceil(capacity_factor * tokens * per_token / experts)``, rounded up to ``multiple_of``.
+    """``max(ceil(capacity_factor * tokens * per_token / experts), minimum)``, rounded up to
+    ``multiple_of``.
 
     The factor is read as the decimal it prints as (``1.1`` means eleven tenths), with exact
     rational arithmetic, so float noise such as ``1.1 * 50 = 55.000000000000007`` never adds a row.
     """
     exact = Fraction(repr(float(capacity_factor))) * tokens * per_token / experts
-    raw = math.ceil(exact)
+    raw = max(math.ceil(exact), minimum)
     return max(multiple_of, math.ceil(Fraction(raw, multiple_of)) * multiple_of)
 
 
@@ -136,6 +142,7 @@ def _token_choice(
     capacity_factor: float | None,
     capacity_multiple_of: int,
     drop_policy: str,
+    min_capacity: int = 0,
 ) -> dict[str, Any]:
     """Shared token-choice loop; ``values`` is float32 (G, S, E')."""
     num_groups, group_size, num_columns = values.shape
@@ -164,9 +171,10 @@ def _token_choice(
                 else:
                     weights[g, s, slot] = 0.0
 
+    per_expert = None
     if capacity_factor is not None:
         per_expert = reference_capacity(
-            capacity_factor, group_size, k, num_experts, capacity_multiple_of
+            capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
         )
         for g in range(num_groups):
             used = [0] * num_experts
@@ -174,6 +182,8 @@ def _token_choice(
                 tokens = list(range(group_size))
                 if drop_policy == "probs":
                     tokens = _descending([probs[g, s, choice[g, s, slot]] for s in tokens])
+                elif drop_policy == "batch_priority":  # V-MoE BPR: the first choice ranks all
+                    tokens = _descending([probs[g, s, choice[g, s, 0]] for s in tokens])
                 for s in tokens:
                     e = expert[g, s, slot]
                     if e < 0:
@@ -196,6 +206,7 @@ def _token_choice(
         "layout": "token",
         "slots": k,
         "num_groups": num_groups,
+        "capacity": per_expert,
     }
 
 
@@ -222,6 +233,7 @@ def reference_topk(
     capacity_factor: float | None = None,
     capacity_multiple_of: int = 1,
     drop_policy: str = "position",
+    min_capacity: int = 0,
 ) -> dict[str, Any]:
     """What :class:`moerouter.TopK` must return, computed token by token in float64.
 
@@ -230,6 +242,7 @@ def reference_topk(
     logits : array (T, E) or (G, S, E)
         Router logits of any backend and float dtype.
     k, score, normalize, softmax_after_topk, capacity_factor, capacity_multiple_of, drop_policy
+    min_capacity
         As in :class:`moerouter.TopK`.
 
     Returns
@@ -257,6 +270,7 @@ def reference_topk(
         capacity_factor=capacity_factor,
         capacity_multiple_of=capacity_multiple_of,
         drop_policy=drop_policy,
+        min_capacity=min_capacity,
     )
 
 

@@ -17,7 +17,7 @@ __all__ = ["backend"]
 
 # Python values, not arrays: they become static metadata of the pytree (Plan.num_valid is an array).
 STATIC = frozenset(
-    {"num_tokens", "num_experts", "layout", "slots", "num_groups", "slots_per_expert"}
+    {"num_tokens", "num_experts", "layout", "slots", "num_groups", "slots_per_expert", "capacity"}
 )
 
 

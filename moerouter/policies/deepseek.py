@@ -1,0 +1,299 @@
+"""DeepSeek-style token choice: sigmoid scores, group-limited routing, aux-loss-free balancing."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+from moerouter._agnostic.select import top_k
+from moerouter.policies._common import (
+    check_capacity_factor,
+    check_choice,
+    check_k,
+    check_positive_int,
+    clean_logits,
+)
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    renormalize,
+    sigmoid,
+    softmax,
+    token_choice_routing,
+)
+from moerouter.routing import Routing
+
+__all__ = ["DeepSeekTopK", "update_expert_bias"]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class DeepSeekTopK:
+    r"""DeepSeek-V3 token choice: sigmoid scores, group-limited top-k, selection-only bias.
+
+    For a token with logits :math:`\ell \in \mathbb{R}^E` (DeepSeek-V3, arXiv 2412.19437;
+    ``deepseek-ai/DeepSeek-V3`` ``inference/model.py::Gate``):
+
+    .. math::
+
+        s = \sigma(\ell) \ (\texttt{score="sigmoid"}) \ \text{or}\ \mathrm{softmax}(\ell)
+        \ (\text{DeepSeek-V2}), \qquad u = s + b,
+
+    where :math:`b \in \mathbb{R}^E` is the expert bias of auxiliary-loss-free balancing, used
+    **for selection only**. With ``num_groups`` :math:`n_g > 1` the experts are split into
+    :math:`n_g` contiguous groups of :math:`E / n_g`; group :math:`g` scores
+    :math:`\sum \mathrm{top2}(u_{g})` (``group_score="top2_sum"``, DeepSeek-V3; the sum of all
+    entries for groups of one expert) or :math:`\max u_g` (``"max"``, DeepSeek-V2's device-limited
+    routing), and only the ``topk_groups`` best groups stay eligible. The token then picks
+    :math:`\mathcal{K} = \mathrm{TopK}(u \text{ on eligible experts}, k)` and weighs them with the
+    *unbiased* scores
+
+    .. math::
+
+        w_j = \gamma \, \frac{s_j}{\sum_{i \in \mathcal{K}} s_i} \quad (\texttt{normalize=True}),
+        \qquad w_j = \gamma \, s_j \quad (\texttt{normalize=False}),
+
+    with :math:`\gamma` = ``routed_scaling_factor`` (2.5 in the DeepSeek-V3 config [UNVERIFIED
+    paper value]). The bias gets no gradient (selection is an argsort); the weights carry the
+    gradient of :math:`s` back to the logits. Train the bias with :func:`update_expert_bias`.
+
+    Ties go to the lower group and the lower expert index. Unlike :class:`TopK`, selection ranks
+    the computed scores :math:`s + b` rather than the logits, as DeepSeek does, so two experts
+    whose float32 scores round differently per backend may be chosen differently: decisions are
+    identical across backends for inputs without such float32 near-ties (equal logits always tie
+    exactly). A ``-inf`` logit is never chosen; if the eligible groups hold fewer than ``k``
+    experts with finite logits the remaining slots get expert -1 and weight 0.
+
+    Capacity, ``k`` and ``capacity_factor`` overrides per call, ``min_capacity`` and the drop
+    policies behave as in :class:`TopK` ("probs" and "batch_priority" rank the unbiased scores).
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``; the logits' last dimension; divisible by ``num_groups``.
+    k : int
+        Experts per token, at most ``topk_groups * E / num_groups``.
+    num_groups : int
+        Expert groups ``n_g`` (DeepSeek-V3: 8 groups of 32).
+    topk_groups : int, optional
+        Groups a token may use (DeepSeek-V3: 4); default ``num_groups`` (no limit).
+    score : {"sigmoid", "softmax"}
+        Score function.
+    normalize : bool
+        Renormalise the k scores to sum to 1 before scaling.
+    routed_scaling_factor : float
+        ``gamma`` > 0, multiplies every weight.
+    group_score : {"top2_sum", "max"}
+        How a group is scored.
+    capacity_factor, capacity_multiple_of, min_capacity, drop_policy, strict
+        As in :class:`TopK`.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.DeepSeekTopK(num_experts=4, k=1, num_groups=2, topk_groups=1)
+    >>> logits = xp.asarray([[0.0, 3.0, 2.0, 2.0]])
+    >>> router(logits).expert_ids  # group {2, 3} scores higher than group {0, 1}
+    Array([2], dtype=array_api_strict.int32)
+    >>> router(logits, xp.asarray([0.0, 0.0, -1.0, 0.0])).expert_ids  # a bias moves the choice
+    Array([1], dtype=array_api_strict.int32)
+    """
+
+    num_experts: int
+    k: int
+    num_groups: int = 1
+    topk_groups: int | None = None
+    score: Literal["sigmoid", "softmax"] = "sigmoid"
+    normalize: bool = True
+    routed_scaling_factor: float = 1.0
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    capacity_factor: float | None = None
+    capacity_multiple_of: int = 1
+    min_capacity: int = 0
+    drop_policy: Literal["position", "probs", "batch_priority"] = "position"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_experts, "num_experts")
+        check_positive_int(self.num_groups, "num_groups")
+        if self.num_experts % self.num_groups:
+            raise ValueError(
+                f"num_groups must divide num_experts = {self.num_experts}, got {self.num_groups}"
+            )
+        if self.topk_groups is not None:
+            check_positive_int(self.topk_groups, "topk_groups")
+            if self.topk_groups > self.num_groups:
+                raise ValueError(
+                    f"topk_groups must be <= num_groups = {self.num_groups}, got {self.topk_groups}"
+                )
+        check_k(self.k, self.eligible_experts, "topk_groups * num_experts / num_groups")
+        check_choice(self.score, "score", ("sigmoid", "softmax"))
+        check_choice(self.group_score, "group_score", ("top2_sum", "max"))
+        factor = self.routed_scaling_factor
+        if isinstance(factor, bool) or not isinstance(factor, int | float):
+            raise TypeError(f"routed_scaling_factor must be a number, got {type(factor).__name__}")
+        if not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {factor}")
+        check_capacity_factor(self.capacity_factor)
+        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
+        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+
+    @property
+    def eligible_experts(self) -> int:
+        """Experts in the ``topk_groups`` groups a token may use."""
+        groups = self.num_groups if self.topk_groups is None else self.topk_groups
+        return groups * (self.num_experts // self.num_groups)
+
+    def __call__(
+        self,
+        logits: Array,
+        bias: Array | None = None,
+        *,
+        k: int | None = None,
+        capacity_factor: float | None = None,
+    ) -> Routing:
+        """Route ``logits`` (T, E) or (G, S, E) with an optional selection bias (E,).
+
+        ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
+        """
+        k = self.k if k is None else check_k(k, self.eligible_experts, "eligible experts")
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor
+        else:
+            check_capacity_factor(capacity_factor)
+        clean = clean_logits(
+            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        )
+        xp = clean.xp
+        values = clean.values
+        scores = sigmoid(values, xp=xp) if self.score == "sigmoid" else softmax(values, xp=xp)
+        selection = scores
+        if bias is not None:
+            selection = selection + self._check_bias(bias, logits)
+        lowest = xp.asarray(-xp.inf, dtype=xp.float32)
+        selection = xp.where(values > -xp.inf, selection, lowest)
+        if self.topk_groups is not None and self.topk_groups < self.num_groups:
+            selection = xp.where(self._eligible(selection, xp=xp), selection, lowest)
+        choice = top_k(selection, k, xp=xp)
+        chosen = xp.take_along_axis(selection, choice, axis=-1)
+        routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
+        weights = xp.take_along_axis(scores, choice, axis=-1)
+        weights = (
+            renormalize(weights, routed, xp=xp)
+            if self.normalize
+            else xp.where(routed, weights, xp.zeros_like(weights))
+        )
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return token_choice_routing(
+            clean,
+            scores,
+            choice,
+            routed,
+            weights,
+            num_experts=self.num_experts,
+            capacity_factor=capacity_factor,
+            capacity_multiple_of=self.capacity_multiple_of,
+            drop_policy=self.drop_policy,
+            min_capacity=self.min_capacity,
+        )
+
+    def _check_bias(self, bias: Array, logits: Array) -> Array:
+        if not is_array_api_obj(bias):
+            raise TypeError(f"bias must be an array, got {type(bias).__name__}")
+        try:
+            xp = array_namespace(logits, bias)
+        except TypeError as error:
+            raise TypeError("bias and logits must be arrays of one backend") from error
+        if tuple(bias.shape) != (self.num_experts,):
+            raise ValueError(
+                f"bias must have shape (num_experts,) = ({self.num_experts},), "
+                f"got {tuple(bias.shape)}"
+            )
+        if not xp.isdtype(bias.dtype, "real floating"):
+            raise TypeError(f"bias must be a real floating dtype, got {bias.dtype}")
+        return xp.astype(bias, xp.float32)
+
+    def _eligible(self, selection: Array, *, xp: Any) -> Array:
+        """(G, S, E) bool: the experts of each token's ``topk_groups`` best groups."""
+        num_groups = self.num_groups
+        per_group = self.num_experts // num_groups
+        grouped = xp.reshape(selection, (*selection.shape[:-1], num_groups, per_group))
+        if self.group_score == "max" or per_group == 1:
+            group_scores = xp.max(grouped, axis=-1)
+        else:
+            ascending = xp.sort(grouped, axis=-1)
+            group_scores = ascending[..., -1] + ascending[..., -2]
+        assert self.topk_groups is not None
+        best = top_k(group_scores, self.topk_groups, xp=xp)  # (G, S, topk_groups)
+        group_ids = xp.arange(num_groups, dtype=best.dtype)
+        kept = xp.any(best[..., :, None] == group_ids, axis=-2)  # (G, S, num_groups)
+        kept = xp.broadcast_to(kept[..., None], grouped.shape)
+        return xp.reshape(kept, selection.shape)
+
+
+def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Array:
+    r"""One step of DeepSeek-V3's auxiliary-loss-free balancing: the new expert bias.
+
+    .. math::
+
+        b_e \leftarrow b_e + \gamma \, \mathrm{sign}\big(\bar c - c_e\big),
+        \qquad \bar c = \frac{1}{E} \sum_e c_e,
+
+    so under-loaded experts (:math:`c_e < \bar c`) become more attractive and over-loaded ones
+    less (DeepSeek-V3, arXiv 2412.19437, §2.1.2; Megatron-Core ``get_updated_expert_bias``).
+    :math:`\gamma` = 1e-3 is the value DeepSeek-V3 reports for most of training [UNVERIFIED].
+    A pure function, ``state -> new state``: the caller keeps the bias (and, in data-parallel
+    training, sums ``tokens_per_expert`` over ranks first). The bias is only meant for
+    :class:`DeepSeekTopK`'s selection; it never weighs an output.
+
+    Parameters
+    ----------
+    bias : array (..., E), real floating
+        Current bias, e.g. ``(E,)`` or one row per layer ``(L, E)``.
+    tokens_per_expert : array (..., E)
+        Assignments each expert received (integer or float), same backend, broadcastable to
+        ``bias``; e.g. ``mr.stats.summary(routing)["tokens_per_expert"]``.
+    rate : float
+        ``gamma`` >= 0.
+
+    Returns
+    -------
+    array
+        The new bias, dtype and shape of ``bias``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> mr.update_expert_bias(xp.zeros(3), xp.asarray([5, 1, 3]), 0.1)
+    Array([-0.1,  0.1,  0. ], dtype=array_api_strict.float64)
+    """
+    for name, value in (("bias", bias), ("tokens_per_expert", tokens_per_expert)):
+        if not is_array_api_obj(value):
+            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
+    try:
+        xp = array_namespace(bias, tokens_per_expert)
+    except TypeError as error:
+        raise TypeError("bias and tokens_per_expert must be arrays of one backend") from error
+    if not xp.isdtype(bias.dtype, "real floating"):
+        raise TypeError(f"bias must be a real floating dtype, got {bias.dtype}")
+    if bias.ndim < 1 or tokens_per_expert.ndim < 1:
+        raise ValueError("bias and tokens_per_expert must have an expert axis (last dimension)")
+    if tokens_per_expert.shape[-1] != bias.shape[-1]:
+        raise ValueError(
+            f"tokens_per_expert has {tokens_per_expert.shape[-1]} experts, bias has "
+            f"{bias.shape[-1]}"
+        )
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        raise TypeError(f"rate must be a number, got {type(rate).__name__}")
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"rate must be a finite number >= 0, got {rate}")
+    load = xp.astype(tokens_per_expert, bias.dtype)
+    offset = xp.mean(load, axis=-1, keepdims=True) - load
+    return bias + rate * xp.sign(offset)
