@@ -22,6 +22,7 @@ from moerouter.policies import (
     BalancedAssignment,
     DeepSeekTopK,
     ExpertChoice,
+    GShardTop2,
     LocalityTopK,
     NullExperts,
     SinkhornExpertChoice,
@@ -29,7 +30,11 @@ from moerouter.policies import (
     SoftMoE,
     SparsityConstrainedExpertChoice,
     TopK,
+    gaussian_noise,
+    multiplicative_jitter,
+    noisy_top_k_std,
     update_expert_bias,
+    vmoe_logit_noise,
 )
 from moerouter.routing import Plan, Routing, SoftRouting, combine, dispatch, make_plan
 
@@ -42,6 +47,7 @@ __all__ = [
     "BalancedAssignment",
     "DeepSeekTopK",
     "ExpertChoice",
+    "GShardTop2",
     "LocalityTopK",
     "NullExperts",
     "Plan",
@@ -58,11 +64,15 @@ __all__ = [
     "dispatch",
     "distillation",
     "ensemble",
+    "gaussian_noise",
     "losses",
     "make_plan",
     "merging",
+    "multiplicative_jitter",
     "multitask",
+    "noisy_top_k_std",
     "policies",
     "stats",
     "update_expert_bias",
+    "vmoe_logit_noise",
 ]

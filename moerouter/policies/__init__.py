@@ -19,18 +19,29 @@ function of the logits when called. One module per family:
 - :mod:`~moerouter.policies.soft_moe`: :class:`SoftMoE`, slots as weighted averages of tokens.
 - :mod:`~moerouter.policies.deepseek`: :class:`DeepSeekTopK`, sigmoid scores, group-limited
   routing and the selection-only expert bias of auxiliary-loss-free balancing.
+- :mod:`~moerouter.policies.deepseek`: :class:`DeepSeekTopK`, sigmoid scores, group-limited
+  routing and the selection-only expert bias of auxiliary-loss-free balancing.
+- :mod:`~moerouter.policies.gshard`: :class:`GShardTop2`, top-2 with a random second expert.
+- :mod:`~moerouter.policies.noise`: logit noise and jitter with caller-supplied random draws.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
 from moerouter.policies.balanced import BalancedAssignment
 from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
 from moerouter.policies.expert_choice import ExpertChoice
+from moerouter.policies.gshard import GShardTop2
 from moerouter.policies.locality import (
     AffinityRouting,
     LocalityTopK,
     affinity_scores,
     grouped_average_pooling,
     locality_loss,
+)
+from moerouter.policies.noise import (
+    gaussian_noise,
+    multiplicative_jitter,
+    noisy_top_k_std,
+    vmoe_logit_noise,
 )
 from moerouter.policies.null import NullExperts
 from moerouter.policies.sinkhorn import SinkhornExpertChoice, SinkhornTokenChoice, sinkhorn_plan
@@ -44,6 +55,7 @@ __all__ = [
     "BalancedAssignment",
     "DeepSeekTopK",
     "ExpertChoice",
+    "GShardTop2",
     "LocalityTopK",
     "NullExperts",
     "SinkhornExpertChoice",
@@ -54,8 +66,12 @@ __all__ = [
     "affinity_scores",
     "anchor_mean_logits",
     "anchor_router_input",
+    "gaussian_noise",
     "grouped_average_pooling",
     "locality_loss",
+    "multiplicative_jitter",
+    "noisy_top_k_std",
     "sinkhorn_plan",
     "update_expert_bias",
+    "vmoe_logit_noise",
 ]

@@ -1,0 +1,178 @@
+"""GShard top-2 gating with its random second expert (Lepikhin et al. 2020)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from array_api_compat import array_namespace, is_array_api_obj
+
+from moerouter.policies._common import (
+    check_capacity_factor,
+    check_choice,
+    check_positive_int,
+    clean_logits,
+)
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    choose,
+    renormalize,
+    softmax,
+    token_choice_routing,
+)
+from moerouter.routing import Routing
+
+__all__ = ["GShardTop2"]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class GShardTop2:
+    r"""GShard top-2 gating: the second expert is kept at random, in proportion to its gate.
+
+    With :math:`g = \mathrm{softmax}(\ell)`, a token's first expert is :math:`e_1 = \arg\max g`
+    and its second :math:`e_2` the best of the others (ties to the lower index). With
+    ``normalize=True`` (lingvo's ``legacy_mtf_behavior``) the two gates are renormalised,
+    :math:`\hat g_i = g_i / (g_1 + g_2)`, and are *not* renormalised again when a choice is
+    dropped. With ``second_expert_policy="random"`` the second expert is kept iff
+
+    .. math::
+
+        u < \hat g_2 / \tau, \qquad u \sim U[0, 1), \quad
+        \tau = \texttt{second\_expert\_threshold}
+
+    — the rule of ``tensorflow/lingvo`` ``gshard_utils.top2_gating_on_logits`` (with
+    ``normalize=False`` it uses the raw :math:`g_2`, as lingvo does without the legacy flag).
+    :math:`\tau = 0.5` gives GShard's Algorithm 1, "dispatch to :math:`e_2` if
+    :math:`2 \hat g_2 > u`" [UNVERIFIED against the paper text]; a gate at or above
+    :math:`\tau` always keeps its expert. A dropped second choice is expert -1 with weight 0 and
+    takes no capacity. Capacity (``capacity_factor``: :math:`C = \lceil cf \cdot S \cdot 2 / E
+    \rceil`, GShard's :math:`2N/E` at cf = 1) is k-major as in :class:`TopK`: all first choices
+    are served before any second choice.
+
+    The decision compares a computed gate with the caller's uniform draw, so a draw within
+    float32 rounding of :math:`\hat g_2 / \tau` may keep the expert on one backend and not on
+    another; ties inside a row (equal logits) are exact.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E`` >= 2.
+    second_expert_policy : {"random", "all"}
+        "all" keeps every second expert (plain top-2; no ``uniform`` needed).
+    second_expert_threshold : float
+        ``tau`` > 0.
+    normalize : bool
+        Renormalise the two gates (legacy MTF behaviour) before the random decision.
+    capacity_factor, capacity_multiple_of, min_capacity, drop_policy, strict
+        As in :class:`TopK`.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> router = mr.GShardTop2(num_experts=3)
+    >>> logits = xp.asarray([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+    >>> router(logits, xp.asarray([0.1, 0.9])).expert_ids  # 2 * g2 / (g1 + g2) = 0.54
+    Array([ 0,  1,  0, -1], dtype=array_api_strict.int32)
+    """
+
+    num_experts: int
+    second_expert_policy: Literal["random", "all"] = "random"
+    second_expert_threshold: float = 0.5
+    normalize: bool = True
+    capacity_factor: float | None = None
+    capacity_multiple_of: int = 1
+    min_capacity: int = 0
+    drop_policy: Literal["position", "probs", "batch_priority"] = "position"
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.num_experts, "num_experts", minimum=2)
+        check_choice(self.second_expert_policy, "second_expert_policy", ("random", "all"))
+        threshold = self.second_expert_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise TypeError(
+                f"second_expert_threshold must be a number, got {type(threshold).__name__}"
+            )
+        if not math.isfinite(threshold) or threshold <= 0:
+            raise ValueError(
+                f"second_expert_threshold must be a finite number > 0, got {threshold}"
+            )
+        check_capacity_factor(self.capacity_factor)
+        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
+        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+
+    def __call__(
+        self,
+        logits: Array,
+        uniform: Array | None = None,
+        *,
+        capacity_factor: float | None = None,
+    ) -> Routing:
+        """Route ``logits`` (T, E) or (G, S, E); ``uniform`` (T,) or (G, S) draws on [0, 1).
+
+        ``capacity_factor``, when given, replaces the constructor's value for this call.
+        """
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor
+        else:
+            check_capacity_factor(capacity_factor)
+        clean = clean_logits(
+            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        )
+        xp = clean.xp
+        probs = softmax(clean.values, xp=xp)
+        choice, chosen_logits = choose(clean, 2)
+        routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
+        weights = xp.take_along_axis(probs, choice, axis=-1)
+        weights = (
+            renormalize(weights, routed, xp=xp)
+            if self.normalize
+            else xp.where(routed, weights, xp.zeros_like(weights))
+        )
+        if self.second_expert_policy == "random":
+            draws = self._check_uniform(uniform, logits, clean.num_groups, clean.group_size)
+            keep_second = draws < weights[..., 1] / self.second_expert_threshold
+            routed = routed & xp.stack([xp.ones_like(keep_second), keep_second], axis=-1)
+            weights = xp.where(routed, weights, xp.zeros_like(weights))
+        elif uniform is not None:
+            raise ValueError('uniform is only used with second_expert_policy="random"')
+        return token_choice_routing(
+            clean,
+            probs,
+            choice,
+            routed,
+            weights,
+            num_experts=self.num_experts,
+            capacity_factor=capacity_factor,
+            capacity_multiple_of=self.capacity_multiple_of,
+            drop_policy=self.drop_policy,
+            min_capacity=self.min_capacity,
+        )
+
+    def _check_uniform(
+        self, given: Array | None, logits: Array, num_groups: int, group_size: int
+    ) -> Array:
+        if given is None:
+            raise ValueError(
+                'second_expert_policy="random" needs uniform: one U[0, 1) draw per token'
+            )
+        uniform: Array = given
+        if not is_array_api_obj(uniform):
+            raise TypeError(f"uniform must be an array, got {type(uniform).__name__}")
+        try:
+            xp = array_namespace(logits, uniform)
+        except TypeError as error:
+            raise TypeError("uniform and logits must be arrays of one backend") from error
+        if tuple(uniform.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"uniform must have shape {tuple(logits.shape[:-1])} (one draw per token), "
+                f"got {tuple(uniform.shape)}"
+            )
+        if not xp.isdtype(uniform.dtype, "real floating"):
+            raise TypeError(f"uniform must be a real floating dtype, got {uniform.dtype}")
+        return xp.reshape(xp.astype(uniform, xp.float32), (num_groups, group_size))
