@@ -23,13 +23,22 @@ function of the logits when called. One module per family:
   routing and the selection-only expert bias of auxiliary-loss-free balancing.
 - :mod:`~moerouter.policies.gshard`: :class:`GShardTop2`, top-2 with a random second expert.
 - :mod:`~moerouter.policies.noise`: logit noise and jitter with caller-supplied random draws.
+- :mod:`~moerouter.policies.deepseek`: :class:`DeepSeekTopK`, sigmoid scores, group-limited
+  routing and the selection-only expert bias of auxiliary-loss-free balancing.
+- :mod:`~moerouter.policies.gshard`: :class:`GShardTop2`, top-2 with a random second expert.
+- :mod:`~moerouter.policies.noise`: logit noise and jitter with caller-supplied random draws.
+- :mod:`~moerouter.policies.hash`: :class:`HashRouter`, token id to fixed experts (hash layers).
+- :mod:`~moerouter.policies.smoe_dropout`: SMoE-Dropout's frozen random router and k schedules.
+- :mod:`~moerouter.policies.cosine`: Tutel's cosine router logits.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
 from moerouter.policies.balanced import BalancedAssignment
+from moerouter.policies.cosine import cosine_router_logits
 from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
 from moerouter.policies.expert_choice import ExpertChoice
 from moerouter.policies.gshard import GShardTop2
+from moerouter.policies.hash import HashRouter, balanced_hash_table, random_hash_table
 from moerouter.policies.locality import (
     AffinityRouting,
     LocalityTopK,
@@ -45,6 +54,7 @@ from moerouter.policies.noise import (
 )
 from moerouter.policies.null import NullExperts
 from moerouter.policies.sinkhorn import SinkhornExpertChoice, SinkhornTokenChoice, sinkhorn_plan
+from moerouter.policies.smoe_dropout import FrozenRandomRouter, evaluate_at_k, k_schedule
 from moerouter.policies.soft_moe import SoftMoE
 from moerouter.policies.sparse_transport import SparsityConstrainedExpertChoice
 from moerouter.policies.topk import TopK
@@ -55,7 +65,9 @@ __all__ = [
     "BalancedAssignment",
     "DeepSeekTopK",
     "ExpertChoice",
+    "FrozenRandomRouter",
     "GShardTop2",
+    "HashRouter",
     "LocalityTopK",
     "NullExperts",
     "SinkhornExpertChoice",
@@ -66,11 +78,16 @@ __all__ = [
     "affinity_scores",
     "anchor_mean_logits",
     "anchor_router_input",
+    "balanced_hash_table",
+    "cosine_router_logits",
+    "evaluate_at_k",
     "gaussian_noise",
     "grouped_average_pooling",
+    "k_schedule",
     "locality_loss",
     "multiplicative_jitter",
     "noisy_top_k_std",
+    "random_hash_table",
     "sinkhorn_plan",
     "update_expert_bias",
     "vmoe_logit_noise",

@@ -157,8 +157,8 @@ def noisy_top_k_std(noise_logits: Array, *, noise_epsilon: float = 1e-2) -> Arra
     --------
     >>> import array_api_strict as xp
     >>> import moerouter as mr
-    >>> mr.noisy_top_k_std(xp.asarray([0.0, 1.0]), noise_epsilon=0.0)  # log 2, log(1 + e)
-    Array([0.6931472, 1.3132616], dtype=array_api_strict.float32)
+    >>> mr.noisy_top_k_std(xp.asarray([0.0, -30.0]), noise_epsilon=0.01)  # log 2 + 0.01, ~0.01
+    Array([0.7031472, 0.01     ], dtype=array_api_strict.float32)
     """
     noise_epsilon = _check_number(noise_epsilon, "noise_epsilon", positive=False)
     xp = _namespace(("noise_logits", noise_logits))
