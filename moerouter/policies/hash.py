@@ -108,7 +108,7 @@ class HashRouter:
             choice = choice[:, None]
         else:
             vocab = int(self._table.shape[0])
-            table = xp.asarray(self._table, device=device(token_ids))
+            table = xp.asarray(self._table, device=device(token_ids), copy=True)
             valid = (ids >= 0) & (ids < vocab)
             rows = xp.where(valid, ids, xp.zeros_like(ids))
             choice = xp.take(table, rows, axis=0)  # (T, k)

@@ -98,9 +98,11 @@ class FrozenRandomRouter:
         if not xp.isdtype(x.dtype, "real floating"):
             raise TypeError(f"x must be a real floating dtype, got {x.dtype}")
         where = device(x)
-        logits = xp.matmul(xp.astype(x, xp.float32), xp.asarray(self.weight_matrix, device=where))
+        # Copies: the stored arrays are read-only, which torch warns about when sharing them.
+        weight = xp.asarray(self.weight_matrix, device=where, copy=True)
+        logits = xp.matmul(xp.astype(x, xp.float32), weight)
         if self.bias_vector is not None:
-            logits = logits + xp.asarray(self.bias_vector, device=where)
+            logits = logits + xp.asarray(self.bias_vector, device=where, copy=True)
         return logits
 
 
@@ -138,8 +140,9 @@ def k_schedule(
     - ``multi_step_increase``: ``milestones[floor(n t / T)]`` for n milestones
     - ``multi_step_decrease``: the same on the reversed milestones
 
-    then clipped to :math:`[k_{\min}, k_{\max}]` (the official code does the same). The official
-    code has no ``exp_decrease``; it is the mirror of ``exp_increase``, added here. Past the
+    The ``exp_*`` schedules are still :math:`0.99^{300} \approx 5\%` of the way short at
+    :math:`t = T`. All are then clipped to :math:`[k_{\min}, k_{\max}]`, as the official code
+    does. The official code has no ``exp_decrease``; it is the mirror of ``exp_increase``, added here. Past the
     last step the multi-step index stays at its last milestone (the official code would index
     out of range). The released Transformer-XL script uses ``linear_increase`` from 8 to 16 over
     400k steps; the paper's start value may differ [UNVERIFIED].

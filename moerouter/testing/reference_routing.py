@@ -1,4 +1,5 @@
-"""Float64 loop references for the routing family beyond top-k: DeepSeek, GShard, noise, padding.
+"""Float64 loop references for the routing family beyond top-k: DeepSeek, GShard, noise,
+padded plans, hash routing and cosine logits.
 
 Written from the docstrings of :class:`moerouter.DeepSeekTopK`, :class:`moerouter.GShardTop2`,
 :mod:`moerouter.policies.noise` and :func:`moerouter.make_plan` (``pad_to_capacity=True``), one
@@ -28,8 +29,10 @@ from moerouter.testing.reference import (
 )
 
 __all__ = [
+    "reference_cosine_router_logits",
     "reference_deepseek",
     "reference_gshard_top2",
+    "reference_hash",
     "reference_multiplicative_jitter",
     "reference_noisy_top_k_std",
     "reference_padded_plan",
@@ -379,3 +382,67 @@ def reference_padded_plan(routing: Any) -> dict[str, Any]:
         "num_experts": num_experts,
         "capacity": capacity,
     }
+
+
+def reference_hash(token_ids: Any, num_experts: int, table: Any = None) -> dict[str, Any]:
+    """What :class:`moerouter.HashRouter` must return, token by token."""
+    ids = to_numpy(token_ids)
+    num_groups = 1 if ids.ndim == 1 else ids.shape[0]
+    ids = ids.reshape(-1).tolist()
+    rows = None if table is None else np.asarray(table).reshape(len(table), -1).tolist()
+    k = 1 if rows is None else len(rows[0])
+    token_out, expert_out, weight_out, choice_out = [], [], [], []
+    probs = np.zeros((len(ids), num_experts))
+    finite = np.zeros(len(ids), bool)
+    for t, v in enumerate(ids):
+        if rows is None:
+            valid = v >= 0
+            experts = [v % num_experts if valid else 0]
+        else:
+            valid = 0 <= v < len(rows)
+            experts = rows[v] if valid else rows[0]
+        finite[t] = valid
+        for e in experts:
+            token_out.append(t)
+            choice_out.append(e)
+            expert_out.append(e if valid else -1)
+            weight_out.append(1.0 / k if valid else 0.0)
+            if valid:
+                probs[t, e] = 1.0 / k
+    return {
+        "token_ids": np.array(token_out, np.int32),
+        "expert_ids": np.array(expert_out, np.int32),
+        "weights": np.array(weight_out),
+        "choice_ids": np.array(choice_out, np.int32),
+        "probs": probs,
+        "finite_rows": finite,
+        "num_tokens": len(ids),
+        "num_experts": num_experts,
+        "layout": "token",
+        "slots": k,
+        "num_groups": num_groups,
+    }
+
+
+def reference_cosine_router_logits(
+    tokens: Any,
+    expert_embeddings: Any,
+    log_scale: Any,
+    max_log_scale: float = math.log(100.0),
+    eps: float = 1e-12,
+) -> np.ndarray:
+    """Cosine logits in float64, one (token, expert) pair at a time."""
+    h = to_numpy(tokens).astype(np.float64)
+    w = to_numpy(expert_embeddings).astype(np.float64)
+    tau = float(np.asarray(to_numpy(log_scale) if not isinstance(log_scale, float) else log_scale))
+    scale = math.exp(min(tau, max_log_scale))
+    flat = h.reshape(-1, h.shape[-1])
+    out = np.zeros((flat.shape[0], w.shape[1]))
+    for t in range(flat.shape[0]):
+        token_norm = max(math.sqrt(sum(v * v for v in flat[t])), eps)
+        for e in range(w.shape[1]):
+            column = w[:, e]
+            expert_norm = max(math.sqrt(sum(v * v for v in column)), eps)
+            dot = sum(a * b for a, b in zip(flat[t], column, strict=True))
+            out[t, e] = scale * dot / (token_norm * expert_norm)
+    return out.reshape(*h.shape[:-1], w.shape[1])
