@@ -144,8 +144,9 @@ def k_schedule(
     :math:`t = T`. All are then clipped to :math:`[k_{\min}, k_{\max}]`, as the official code
     does. The official code has no ``exp_decrease``; it is the mirror of ``exp_increase``, added
     here. Past the last step the multi-step index stays at its last milestone (the official
-    code would index out of range). The released Transformer-XL script uses ``linear_increase`` from 8 to 16 over
-    400k steps; the paper's start value may differ [UNVERIFIED].
+    code would index out of range). The released Transformer-XL script uses
+    ``linear_increase`` from 8 to 16 over 400k steps; the paper's start value may differ
+    [UNVERIFIED].
 
     Parameters
     ----------
