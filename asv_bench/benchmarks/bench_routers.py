@@ -1,5 +1,7 @@
-"""The routers on the public API: top-k, null experts (AdaMoE), expert choice; and, in a class
-of their own, the transport-based routers and Soft MoE.
+"""The routers on the public API: top-k, null experts (AdaMoE), expert choice, and the family
+of issue #3: DeepSeek (groups and bias), GShard's random second expert, batch-prioritised
+capacity, hash routing, and the padded (E, C) plan; and, in a class of their own, the
+transport-based routers and Soft MoE.
 
 Routers are latency-bound at these sizes; ``track_gb_per_s`` reports the logits read plus the
 ids and weights written per second, for scale.
@@ -17,7 +19,20 @@ from . import common
 
 
 class Routers:
-    params = (common.SHAPE_NAMES, common.BACKENDS, ["TopK", "NullExperts", "ExpertChoice"])
+    params = (
+        common.SHAPE_NAMES,
+        common.BACKENDS,
+        [
+            "TopK",
+            "NullExperts",
+            "ExpertChoice",
+            "DeepSeekTopK",
+            "GShardTop2",
+            "TopK-BPR",
+            "HashRouter",
+            "TopK-BPR+padded-plan",
+        ],
+    )
     param_names = ("shape", "backend", "router")
     number = 1
     repeat = (1, 5, 20.0)
@@ -27,7 +42,9 @@ class Routers:
         common.skip_unless_installed(backend)
         s = common.SHAPES[shape]
         columns = s.experts
+        rng = np.random.default_rng(0)
         policy: Any
+        extra: tuple[Any, ...] = ()
         if router == "TopK":
             policy = mr.TopK(s.experts, s.k)
         elif router == "NullExperts":
@@ -35,21 +52,51 @@ class Routers:
             num_null = max(1, s.experts // 2)
             policy = mr.NullExperts(s.experts, num_null, s.k)
             columns += num_null
-        else:
+        elif router == "ExpertChoice":
             # Capacity factor k: the same number of assignments as top-k.
             policy = mr.ExpertChoice(s.experts, float(s.k))
-        rng = np.random.default_rng(0)
+        elif router == "DeepSeekTopK":
+            # DeepSeek-V3's shape scaled: E/8 experts per group (at least 1), keep half the
+            # groups, a selection bias and a routed scaling factor.
+            groups = min(8, s.experts)
+            policy = mr.DeepSeekTopK(
+                s.experts,
+                s.k,
+                num_groups=groups,
+                topk_groups=max(1, groups // 2),
+                routed_scaling_factor=2.5,
+            )
+            bias = (rng.standard_normal(s.experts) * 0.01).astype(np.float32)
+            extra = (common.asarray(backend, bias),)
+        elif router == "GShardTop2":
+            policy = mr.GShardTop2(s.experts, capacity_factor=1.0)
+            extra = (common.asarray(backend, rng.random(s.tokens, dtype=np.float32)),)
+        elif router.startswith("TopK-BPR"):
+            policy = mr.TopK(s.experts, s.k, capacity_factor=1.0, drop_policy="batch_priority")
+        else:  # HashRouter: reads int32 ids, not logits
+            policy = mr.HashRouter(s.experts, table=mr.random_hash_table(50_000, s.experts, seed=0))
         logits = rng.standard_normal((s.tokens, columns), dtype=np.float32)
+        if router == "HashRouter":
+            logits = rng.integers(0, 50_000, s.tokens).astype(np.int32)
+            columns = 1  # one 4-byte id read per token
         self.logits = common.asarray(backend, logits)
+        self.extra = extra
         self.policy = policy
-        rows = int(np.count_nonzero(common.to_numpy(policy(self.logits).expert_ids) >= 0))
+        self.padded = router.endswith("padded-plan")
+        rows = int(np.count_nonzero(common.to_numpy(self.route().expert_ids) >= 0))
         self.nbytes = common.router_bytes(s.tokens, columns, rows)
 
+    def route(self) -> Any:
+        routing = self.policy(self.logits, *self.extra)
+        if self.padded:
+            common.sync(mr.make_plan(routing, pad_to_capacity=True).order)
+        return routing
+
     def time_route(self, shape: str, backend: str, router: str) -> None:
-        common.sync(self.policy(self.logits).weights)
+        common.sync(self.route().weights)
 
     def track_gb_per_s(self, shape: str, backend: str, router: str) -> float:
-        seconds = common.median_seconds(lambda: self.policy(self.logits).weights)
+        seconds = common.median_seconds(lambda: self.route().weights)
         return self.nbytes / seconds / 1e9
 
     track_gb_per_s.unit = "GB/s"  # type: ignore[attr-defined]
