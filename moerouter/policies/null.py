@@ -8,10 +8,17 @@ from typing import Any, Literal
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
+    check_k,
     check_positive_int,
     clean_logits,
 )
-from moerouter.policies._token_choice import choose, masked_softmax, softmax, token_choice_routing
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    choose,
+    masked_softmax,
+    softmax,
+    token_choice_routing,
+)
 from moerouter.routing import Routing
 
 __all__ = ["NullExperts"]
@@ -50,8 +57,8 @@ class NullExperts:
         Null experts ``m >= 0`` (the AdaMoE Mixtral run used 16 with E = 8).
     k : int
         Choices per token over all columns, ``1 <= k <= E + m`` (4 in that run).
-    capacity_factor, capacity_multiple_of, drop_policy, strict
-        As in :class:`TopK`.
+    capacity_factor, capacity_multiple_of, min_capacity, drop_policy, strict
+        As in :class:`TopK`; ``k`` and ``capacity_factor`` can also be given per call.
 
     Examples
     --------
@@ -70,24 +77,35 @@ class NullExperts:
     k: int
     capacity_factor: float | None = None
     capacity_multiple_of: int = 1
-    drop_policy: Literal["position", "probs"] = "position"
+    drop_policy: Literal["position", "probs", "batch_priority"] = "position"
     strict: bool = False
+    min_capacity: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.num_null, "num_null", minimum=0)
-        check_positive_int(self.k, "k")
-        if self.k > self.num_experts + self.num_null:
-            raise ValueError(
-                f"k must be <= num_experts + num_null = {self.num_experts + self.num_null}, "
-                f"got {self.k}"
-            )
+        check_k(self.k, self.num_experts + self.num_null, "num_experts + num_null")
         check_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
+        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
 
-    def __call__(self, logits: Array) -> Routing:
-        """Route ``logits`` of shape (T, E + m) or (G, S, E + m); see the class docstring."""
+    def __call__(
+        self, logits: Array, *, k: int | None = None, capacity_factor: float | None = None
+    ) -> Routing:
+        """Route ``logits`` of shape (T, E + m) or (G, S, E + m); see the class docstring.
+
+        ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
+        """
+        k = (
+            self.k
+            if k is None
+            else check_k(k, self.num_experts + self.num_null, "num_experts + num_null")
+        )
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor
+        else:
+            check_capacity_factor(capacity_factor)
         clean = clean_logits(
             logits,
             self.num_experts + self.num_null,
@@ -95,7 +113,7 @@ class NullExperts:
             strict=self.strict,
         )
         xp = clean.xp
-        choice, chosen_logits = choose(clean, self.k)
+        choice, chosen_logits = choose(clean, k)
         routed = (
             (choice < self.num_experts) & (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
         )
@@ -107,7 +125,8 @@ class NullExperts:
             routed,
             weights,
             num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
+            capacity_factor=capacity_factor,
             capacity_multiple_of=self.capacity_multiple_of,
             drop_policy=self.drop_policy,
+            min_capacity=self.min_capacity,
         )

@@ -283,6 +283,7 @@ def reference_null_experts(
     capacity_factor: float | None = None,
     capacity_multiple_of: int = 1,
     drop_policy: str = "position",
+    min_capacity: int = 0,
 ) -> dict[str, Any]:
     """What :class:`moerouter.NullExperts` (AdaMoE) must return, token by token in float64.
 
@@ -294,7 +295,7 @@ def reference_null_experts(
     ----------
     logits : array (T, E + m) or (G, S, E + m)
         Router logits, real expert columns first.
-    num_experts, num_null, k, capacity_factor, capacity_multiple_of, drop_policy
+    num_experts, num_null, k, capacity_factor, capacity_multiple_of, drop_policy, min_capacity
         As in :class:`moerouter.NullExperts`.
 
     Returns
@@ -320,6 +321,7 @@ def reference_null_experts(
         capacity_factor=capacity_factor,
         capacity_multiple_of=capacity_multiple_of,
         drop_policy=drop_policy,
+        min_capacity=min_capacity,
     )
 
 

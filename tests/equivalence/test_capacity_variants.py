@@ -13,7 +13,7 @@ from moerouter.testing import (
     edge_case_logits,
     to_numpy,
 )
-from moerouter.testing.reference import reference_topk
+from moerouter.testing.reference import reference_null_experts, reference_topk
 from moerouter.testing.reference_routing import reference_padded_plan
 
 NUM_EXPERTS = 8
@@ -146,3 +146,27 @@ def test_padded_plan_errors(backend):
         mr.make_plan(routing, pad_to_capacity=True)
     with pytest.raises(TypeError, match="pad_to_capacity"):
         mr.make_plan(routing, pad_to_capacity=1)
+
+
+NULL_CAPACITY = [
+    # AdaMoE with batch prioritised routing: null choices take no slot.
+    pytest.param({"capacity_factor": 0.5, "drop_policy": "batch_priority"}, id="bpr"),
+    # A minimum capacity on real experts.
+    pytest.param({"capacity_factor": 0.1, "min_capacity": 2}, id="min-capacity"),
+]
+
+
+@pytest.mark.parametrize("options", NULL_CAPACITY)
+def test_null_experts_capacity_variants(backend, options):
+    logits = edge_case_logits(2, 12, 6, seed=55)
+    routing = mr.NullExperts(4, 2, 3, **options)(backend.asarray(logits))
+    assert_routing_equal(routing, reference_null_experts(logits, 4, 2, 3, **options))
+
+
+def test_null_experts_per_call(backend):
+    # Per-call k and capacity_factor on AdaMoE equal a router built with them.
+    logits = backend.asarray(edge_case_logits(2, 12, 6, seed=56))
+    router = mr.NullExperts(4, 2, 3)
+    routing = router(logits, k=2, capacity_factor=0.5)
+    built = mr.NullExperts(4, 2, 2, capacity_factor=0.5)(logits)
+    assert_routing_equal(routing, built, rtol=0.0, atol=0.0)
