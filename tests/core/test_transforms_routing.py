@@ -80,3 +80,26 @@ def test_torch_compile_equals_eager(reference_backend):
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(**arrays)
     check(compiled, eager)
     assert to_numpy(compiled[3]).shape == (32, 4)
+
+
+def test_jax_jit_hash_frozen_and_cosine(reference_backend):
+    # The helpers of items 4-6 trace too: the hash table and the frozen weights become constants.
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("moerouter_jax")
+    jnp = jax.numpy
+    router = mr.HashRouter(8, table=mr.random_hash_table(40, 8, seed=0, k=2))
+    ids = jnp.asarray(np.arange(-1, 45, dtype=np.int32))  # padding and out-of-vocabulary ids
+    assert_routing_equal(jax.jit(router)(ids), router(ids), rtol=0.0, atol=0.0)
+    gate = mr.FrozenRandomRouter(16, 8, seed=1)
+    rng = np.random.default_rng(63)
+    x = jnp.asarray(rng.standard_normal((6, 16)).astype(np.float32))
+    assert_close(jax.jit(gate)(x), gate(x), "frozen logits", rtol=1e-6, atol=1e-6)
+    w = jnp.asarray(rng.standard_normal((16, 8)).astype(np.float32))
+    tau = jnp.asarray([0.5], dtype=jnp.float32)
+    assert_close(
+        jax.jit(mr.cosine_router_logits)(x, w, tau),
+        mr.cosine_router_logits(x, w, tau),
+        "cosine logits",
+        rtol=1e-6,
+        atol=1e-6,
+    )
