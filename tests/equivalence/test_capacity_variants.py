@@ -170,3 +170,21 @@ def test_null_experts_per_call(backend):
     routing = router(logits, k=2, capacity_factor=0.5)
     built = mr.NullExperts(4, 2, 2, capacity_factor=0.5)(logits)
     assert_routing_equal(routing, built, rtol=0.0, atol=0.0)
+
+
+def test_capacity_option_errors(backend):
+    # Bad per-call overrides and options name their parameter.
+    logits = backend.asarray(np.zeros((4, 8), np.float32))
+    router = mr.TopK(NUM_EXPERTS, 2)
+    with pytest.raises(ValueError, match="k"):
+        router(logits, k=NUM_EXPERTS + 1)
+    with pytest.raises(TypeError, match="k"):
+        router(logits, k=1.5)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        router(logits, capacity_factor=-1.0)
+    with pytest.raises(ValueError, match="min_capacity"):
+        mr.TopK(NUM_EXPERTS, 2, min_capacity=-2)
+    with pytest.raises(ValueError, match="drop_policy"):
+        mr.TopK(NUM_EXPERTS, 2, drop_policy="bpr")
+    with pytest.raises(ValueError, match="k"):
+        mr.NullExperts(4, 2, 3)(backend.asarray(np.zeros((4, 6), np.float32)), k=7)
