@@ -130,7 +130,7 @@ def test_gshard_properties(backend, experts, data, capacity_factor, policy, drop
     draws = uniform if policy == "random" else None
     router = mr.GShardTop2(num_experts=experts, **options)
     routing = router(backend.asarray(logits), None if draws is None else backend.asarray(draws))
-    assert_routing_equal(routing, reference_gshard_top2(logits, draws, **options))
+    check_against_reference(routing, reference_gshard_top2(logits, draws, **options), drop_policy)
     # A second expert is never kept without its first.
     expert_ids = to_numpy(routing.expert_ids).reshape(-1, 2)
     if capacity_factor is None:
@@ -158,7 +158,7 @@ def test_topk_capacity_properties(
         "min_capacity": min_capacity,
     }
     routing = mr.TopK(num_experts=experts, k=k, **options)(backend.asarray(logits))
-    assert_routing_equal(routing, reference_topk(logits, k, **options))
+    check_against_reference(routing, reference_topk(logits, k, **options), drop_policy)
     group_size = logits.shape[-2]
     capacity = reference_capacity(capacity_factor, group_size, k, experts, 1, min_capacity)
     assert routing.capacity == capacity
@@ -166,6 +166,30 @@ def test_topk_capacity_properties(
     for group in per_group:
         assert np.all(np.bincount(group[group >= 0], minlength=experts) <= capacity)
     check_padded(backend, routing)
+
+
+def check_against_reference(routing, expected, drop_policy):
+    """Exact decisions for position priority; for probability priorities the per-expert counts.
+
+    "probs" and "batch_priority" rank softmax probabilities *across* tokens. Rows such as
+    [3, 3, 0] and [3, 0, 3] have mathematically equal top probabilities that float32 may round
+    apart (different summation orders), so which of the two keeps its slot is a float32 near-tie
+    (DESIGN.md): there the choices, the capacity and how many slots each expert fills per group
+    must agree, not which token got them.
+    """
+    if drop_policy == "position" or routing.capacity is None:
+        assert_routing_equal(routing, expected)
+        return
+    assert routing.capacity == expected["capacity"]
+    for name in ("choice_ids", "finite_rows", "token_ids"):
+        np.testing.assert_array_equal(to_numpy(getattr(routing, name)), expected[name])
+    got = to_numpy(routing.expert_ids).reshape(routing.num_groups, -1)
+    want = expected["expert_ids"].reshape(routing.num_groups, -1)
+    for group_got, group_want in zip(got, want, strict=True):
+        np.testing.assert_array_equal(
+            np.bincount(group_got[group_got >= 0], minlength=routing.num_experts),
+            np.bincount(group_want[group_want >= 0], minlength=routing.num_experts),
+        )
 
 
 def check_padded(backend, routing):
