@@ -15,7 +15,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moerouter_torch.integrations.transformers import (  # noqa: E402
-    DeepSeekV3TopK,
     from_adamoe,
     remove_moerouter,
     route_with_moerouter,
@@ -182,7 +181,10 @@ def test_reproducing_policy_matches_the_original_model(name):
         ("qwen2_moe", mr.TopK(num_experts=8, k=2, normalize=False)),
         ("qwen3_moe_norm", mr.TopK(num_experts=8, k=2, normalize=True)),
         ("olmoe", mr.TopK(num_experts=8, k=2, normalize=False)),
-        ("deepseek_v3", DeepSeekV3TopK(8, 2, 4, 2, normalize=True, scaling_factor=2.5)),
+        (
+            "deepseek_v3",
+            mr.DeepSeekTopK(8, 2, num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
+        ),
     ],
 )
 def test_the_reproducing_policy_is_the_documented_one(name, expected):
@@ -379,31 +381,21 @@ def test_null_gate_rows_get_gradient_only_from_the_balancing_loss():
     assert gate.grad[4:].abs().max() > 0
 
 
-def test_deepseek_v3_policy_against_a_loop_reference():
-    generator = torch.Generator().manual_seed(3)
-    logits = torch.randn(20, 8, generator=generator, dtype=torch.float64)
-    bias = 0.3 * torch.randn(8, generator=generator, dtype=torch.float64)
-    policy = DeepSeekV3TopK(8, 3, num_groups=4, topk_groups=2, scaling_factor=2.5)
-    routing = policy(logits.float(), correction_bias=bias.float())
-    for token in range(20):
-        scores = [1 / (1 + math.exp(-float(v))) for v in logits[token]]
-        biased = [s + float(b) for s, b in zip(scores, bias, strict=True)]
-        groups = [sorted(biased[2 * g : 2 * g + 2], reverse=True) for g in range(4)]
-        group_rank = sorted(range(4), key=lambda g: (-sum(groups[g]), g))[:2]
-        allowed = [e for e in range(8) if e // 2 in group_rank]
-        chosen = sorted(allowed, key=lambda e: (-biased[e], e))[:3]
-        total = sum(scores[e] for e in chosen)
-        ids = routing.expert_ids[3 * token : 3 * token + 3].tolist()
-        assert ids == chosen
-        expected = torch.tensor([2.5 * scores[e] / total for e in chosen], dtype=torch.float32)
-        torch.testing.assert_close(routing.weights[3 * token : 3 * token + 3], expected)
-
-
-def test_deepseek_v3_policy_rejects_bad_groups():
-    with pytest.raises(ValueError, match="num_groups"):
-        DeepSeekV3TopK(num_experts=6, k=2, num_groups=4)
-    with pytest.raises(ValueError, match="k must be"):
-        DeepSeekV3TopK(num_experts=8, k=5, num_groups=4, topk_groups=2)
+def test_deepseek_v3_reads_the_correction_bias_on_every_call():
+    # Auxiliary-loss-free balancing updates the bias buffer during training: the routed model
+    # must follow the new bias, not the one seen when it was routed.
+    reference = _build("deepseek_v3")
+    routed = route_with_moerouter(copy.deepcopy(reference))
+    generator = torch.Generator().manual_seed(2)
+    for model in (reference, routed):
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.copy_(
+                    0.2 * torch.randn(module.e_score_correction_bias.shape, generator=generator)
+                )
+        generator.manual_seed(2)
+    ids = _tokens()
+    assert _relative_error(routed(ids).logits, reference(ids).logits) <= 1e-5
 
 
 def test_unsupported_block_names_its_class():

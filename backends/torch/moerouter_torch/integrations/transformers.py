@@ -18,8 +18,8 @@ By default each block gets the policy that reproduces its original routing, foun
 router's attributes and checked on a probe input: softmax top-k with or without renormalising
 (Mixtral, Qwen2-MoE and Qwen3-MoE with ``norm_topk_prob``, OLMoE, gpt-oss, any other router of
 that form) or DeepSeek-V3's sigmoid, group-limited selection with correction bias and scaling
-(:class:`DeepSeekV3TopK`). A router the probe cannot reproduce raises ``TypeError`` naming the
-block class.
+(:class:`moerouter.DeepSeekTopK`, given the router's ``e_score_correction_bias`` on every
+call). A router the probe cannot reproduce raises ``TypeError`` naming the block class.
 
 :func:`to_adamoe` turns the model into AdaMoE (null experts, Zeng et al. 2024) and
 :func:`from_adamoe` back; :func:`routing_statistics` collects :func:`moerouter.stats.summary`
@@ -43,7 +43,6 @@ import moerouter as mr
 from moerouter_torch._grouped import grouped_mm
 
 __all__ = [
-    "DeepSeekV3TopK",
     "RoutingStats",
     "from_adamoe",
     "remove_moerouter",
@@ -56,128 +55,6 @@ _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_expert", "shared_expert_gate", "shared_experts", "shared_mlp")
 _STATE = "_moerouter_state"
 _PROBE_TOKENS = 64
-
-
-@dataclass(frozen=True)
-class DeepSeekV3TopK:
-    r"""DeepSeek-V3 routing: sigmoid scores, group-limited top-k on biased scores, scaled weights.
-
-    With :math:`s = \sigma(\ell)` and the per-expert correction bias :math:`b` (selection only),
-    experts are split into ``num_groups`` equal groups; a group scores the sum of its two best
-    :math:`s + b`; each token keeps its ``topk_groups`` best groups and picks its top-``k``
-    experts there by :math:`s + b`. The weights are
-
-    .. math::
-
-        w_j = \gamma \, \frac{s_j}{\sum_{i \in \mathcal{K}} s_i + 10^{-20}}
-        \quad (\texttt{normalize=True}), \qquad w_j = \gamma \, s_j \quad \text{otherwise},
-
-    with :math:`\gamma` the ``scaling_factor`` (``routed_scaling_factor``, 2.5 in DeepSeek-V3).
-    This is ``DeepseekV3TopkRouter`` of transformers and ``Gate.forward`` of
-    ``deepseek-ai/DeepSeek-V3`` (reference/algorithms.md §12.5). Ties go to the lower group and
-    expert index. ``Routing.probs`` holds the sigmoid scores. Rows with non-finite logits route
-    nowhere. The bias update rule (auxiliary-loss-free balancing) is not part of this policy.
-
-    Parameters
-    ----------
-    num_experts : int
-        ``E``; must be a multiple of ``num_groups``.
-    k : int
-        Experts per token, at most ``topk_groups * E / num_groups``.
-    num_groups : int
-        ``n_group``.
-    topk_groups : int
-        ``topk_group``: groups kept per token.
-    normalize : bool
-        ``norm_topk_prob``: divide the k scores by their sum.
-    scaling_factor : float
-        ``routed_scaling_factor``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> router = DeepSeekV3TopK(num_experts=4, k=1, num_groups=2, topk_groups=1)
-    >>> routing = router(torch.tensor([[0.0, 3.0, 1.0, 2.0]]), correction_bias=torch.zeros(4))
-    >>> routing.expert_ids
-    tensor([1], dtype=torch.int32)
-    """
-
-    num_experts: int
-    k: int
-    num_groups: int = 1
-    topk_groups: int = 1
-    normalize: bool = True
-    scaling_factor: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("num_experts", "k", "num_groups", "topk_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.num_experts % self.num_groups:
-            raise ValueError(
-                f"num_experts = {self.num_experts} must be a multiple of num_groups = "
-                f"{self.num_groups}"
-            )
-        if self.topk_groups > self.num_groups:
-            raise ValueError(
-                f"topk_groups must be <= num_groups = {self.num_groups}, got {self.topk_groups}"
-            )
-        reachable = self.topk_groups * (self.num_experts // self.num_groups)
-        if self.k > reachable:
-            raise ValueError(f"k must be <= topk_groups * experts per group = {reachable}")
-
-    def __call__(self, logits: torch.Tensor, correction_bias: torch.Tensor | None = None) -> Any:
-        """Route ``logits`` (T, E); ``correction_bias`` (E,) shifts the selection scores only."""
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise ValueError("logits must be a torch.Tensor of shape (tokens, experts)")
-        if logits.shape[-1] != self.num_experts:
-            raise ValueError(
-                f"logits have {logits.shape[-1]} columns, but num_experts = {self.num_experts}"
-            )
-        num_tokens = logits.shape[0]
-        values = logits.float()
-        finite = torch.isfinite(values).all(dim=-1)
-        values = torch.where(finite[:, None], values, torch.zeros_like(values))
-        scores = torch.sigmoid(values)
-        choice = scores.detach()
-        if correction_bias is not None:
-            choice = choice + correction_bias.detach().float()
-        if self.num_groups > 1:
-            per_group = self.num_experts // self.num_groups
-            grouped = choice.view(num_tokens, self.num_groups, per_group)
-            group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-            kept = _stable_top_k(group_scores, self.topk_groups)
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool)
-            group_mask.scatter_(1, kept, True)
-            expert_mask = group_mask.repeat_interleave(per_group, dim=1)
-            choice = choice.masked_fill(~expert_mask, float("-inf"))
-        chosen = _stable_top_k(choice, self.k)
-        weights = scores.gather(1, chosen)
-        if self.normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * self.scaling_factor
-        chosen32 = chosen.to(torch.int32)
-        expert_ids = torch.where(finite[:, None], chosen32, torch.full_like(chosen32, -1))
-        weights = torch.where(finite[:, None], weights, torch.zeros_like(weights))
-        tokens = torch.arange(num_tokens, dtype=torch.int32, device=logits.device)
-        return mr.Routing(
-            token_ids=tokens.repeat_interleave(self.k),
-            expert_ids=expert_ids.reshape(-1),
-            weights=weights.reshape(-1),
-            choice_ids=chosen32.reshape(-1),
-            probs=torch.where(finite[:, None], scores, torch.zeros_like(scores)),
-            finite_rows=finite,
-            num_tokens=num_tokens,
-            num_experts=self.num_experts,
-            layout="token",
-            slots=self.k,
-        )
-
-
-def _stable_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest entries of each row, descending, ties to the lower index."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 class RoutingStats:
@@ -329,23 +206,24 @@ def _softmax_candidates(router: nn.Module, num_experts: int, k: int) -> list[Any
     return [mr.TopK(num_experts=num_experts, k=k, normalize=flag) for flag in order]
 
 
-def _group_limited(router: nn.Module, num_experts: int, k: int) -> DeepSeekV3TopK | None:
+def _group_limited(router: nn.Module, num_experts: int, k: int) -> mr.DeepSeekTopK | None:
     if not isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
         return None
     groups = getattr(router, "num_group", getattr(router, "n_group", None))
-    return DeepSeekV3TopK(
+    return mr.DeepSeekTopK(
         num_experts=num_experts,
         k=k,
         num_groups=int(groups) if groups else 1,
         topk_groups=int(getattr(router, "topk_group", 1) or 1),
         normalize=bool(getattr(router, "norm_topk_prob", True)),
-        scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
+        routed_scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
     )
 
 
 def _run_policy(policy: Any, logits: torch.Tensor, router: nn.Module) -> Any:
-    if isinstance(policy, DeepSeekV3TopK):
-        return policy(logits, correction_bias=getattr(router, "e_score_correction_bias", None))
+    if isinstance(policy, mr.DeepSeekTopK):
+        # The bias is a buffer the model may update between calls: read it every time.
+        return policy(logits, getattr(router, "e_score_correction_bias", None))
     return policy(logits)
 
 
