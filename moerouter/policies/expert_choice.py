@@ -39,6 +39,10 @@ class ExpertChoice:
     slot ``c`` of expert ``e`` holding its ``c``-th best token. Tokens with non-finite logits rank
     last and, if still taken, get expert -1 and weight 0.
 
+    ``capacity_factor`` can be changed per call (``router(logits, capacity_factor=1.0)``), as in
+    :class:`TopK`, e.g. a lower capacity at inference; the constructor's value is the default.
+    ``C`` sets the routing's static shape, so under ``jax.jit`` pass it as a static argument.
+
     Parameters
     ----------
     num_experts : int
@@ -72,21 +76,29 @@ class ExpertChoice:
         check_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
-    def capacity(self, group_size: int) -> int:
-        """Tokens each expert takes from a group of ``group_size`` tokens."""
-        full = capacity(
-            self.capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of
-        )
+    def capacity(self, group_size: int, capacity_factor: float | None = None) -> int:
+        """Tokens each expert takes from a group of ``group_size`` tokens.
+
+        ``capacity_factor``, when given, replaces the constructor's value.
+        """
+        if capacity_factor is None:
+            capacity_factor = self.capacity_factor
+        else:
+            check_capacity_factor(capacity_factor)
+        full = capacity(capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of)
         return min(full, group_size)
 
-    def __call__(self, logits: Array) -> Routing:
-        """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
+    def __call__(self, logits: Array, *, capacity_factor: float | None = None) -> Routing:
+        """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring.
+
+        ``capacity_factor``, when given, replaces the constructor's value for this call.
+        """
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
         xp = clean.xp
         num_groups, group_size = clean.num_groups, clean.group_size
-        per_expert = self.capacity(group_size)
+        per_expert = self.capacity(group_size, capacity_factor)
         finite = clean.finite_rows[..., None]
         probs = xp.where(finite, softmax(clean.values, xp=xp), xp.zeros_like(clean.values))
         # Non-finite rows rank below every real probability (which is >= 0).

@@ -172,6 +172,29 @@ def test_null_experts_per_call(backend):
     assert_routing_equal(routing, built, rtol=0.0, atol=0.0)
 
 
+EXPERT_CHOICE_PER_CALL = [
+    # Lower than the constructor's 2.0 (inference with less compute): C = 1.0 * 12 / 8 -> 2.
+    pytest.param(1.0, id="lower"),
+    # Rounded up twice: ceil(1.5 * 12 / 8) = 3, then to the multiple of 2, 4.
+    pytest.param(1.5, id="rounded"),
+    # Above S before the cap: every expert takes every token, non-finite rows as expert -1.
+    pytest.param(50.0, id="capacity-above-S"),
+]
+
+
+@pytest.mark.parametrize("capacity_factor", EXPERT_CHOICE_PER_CALL)
+def test_expert_choice_per_call_capacity(backend, capacity_factor):
+    # Per-call capacity_factor on expert choice equals a router built with it.
+    logits = backend.asarray(edge_case_logits(2, 12, NUM_EXPERTS, seed=57))
+    router = mr.ExpertChoice(NUM_EXPERTS, capacity_factor=2.0, capacity_multiple_of=2)
+    routing = router(logits, capacity_factor=capacity_factor)
+    built = mr.ExpertChoice(NUM_EXPERTS, capacity_factor=capacity_factor, capacity_multiple_of=2)
+    assert_routing_equal(routing, built(logits), rtol=0.0, atol=0.0)
+    assert routing.slots == built.capacity(12) == router.capacity(12, capacity_factor)
+    # The constructor's value stays the default.
+    assert router(logits).slots == router.capacity(12) == 4  # ceil(2.0 * 12 / 8) = 3 -> 4
+
+
 def test_capacity_option_errors(backend):
     # Bad per-call overrides and options name their parameter.
     logits = backend.asarray(np.zeros((4, 8), np.float32))
@@ -188,3 +211,5 @@ def test_capacity_option_errors(backend):
         mr.TopK(NUM_EXPERTS, 2, drop_policy="bpr")
     with pytest.raises(ValueError, match="k"):
         mr.NullExperts(4, 2, 3)(backend.asarray(np.zeros((4, 6), np.float32)), k=7)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        mr.ExpertChoice(NUM_EXPERTS)(logits, capacity_factor=0.0)
