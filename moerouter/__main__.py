@@ -1,7 +1,8 @@
 """``python -m moerouter demo | bench | info``.
 
-- ``demo``: routes one synthetic batch through every policy on every installed backend and prints
-  the routing statistics, checking that each backend decides exactly as NumPy does.
+- ``demo``: trains a tiny MoE language model on the standard library's sources once per routing
+  policy (top-1, top-2, AdaMoE) and writes a table, a JSON and a plot of loss against expert
+  FLOPs (``moerouter/_demo/``).
 - ``bench``: dispatch/combine/router timings against the same-run copy roof.
 - ``info``: backends found, versions and devices.
 """
@@ -12,14 +13,10 @@ import argparse
 import importlib
 import importlib.util
 import sys
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
-
-import numpy as np
+from collections.abc import Sequence
 
 import moerouter as mr
-from moerouter import _registry
+from moerouter import _demo, _registry
 
 __all__ = ["main"]
 
@@ -78,108 +75,13 @@ def info(_: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------- demo
-
-
-def _demo_backends() -> list[tuple[str, Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]]:
-    """(name, numpy -> array, array -> numpy) for every backend that can run here."""
-    from moerouter.testing import Backend, to_numpy
-
-    found: list[tuple[str, Callable[[np.ndarray], Any], Callable[[Any], np.ndarray]]] = []
-    for backend in Backend:
-        if backend.unavailable_reason() is None:
-            found.append((backend.value, backend.asarray, to_numpy))
-    return found
-
-
-def _synthetic_logits(tokens: int, columns: int, seed: int) -> np.ndarray:
-    """Router logits with a realistic skew: some experts popular, tokens of varying confidence."""
-    rng = np.random.default_rng(seed)
-    popularity = np.linspace(1.0, -1.0, columns)
-    confidence = rng.uniform(0.5, 3.0, size=(tokens, 1))
-    logits = popularity + confidence * rng.standard_normal((tokens, columns))
-    return logits.astype(np.float32)
-
-
-LEGEND = """
-experts/tok  real experts per token (expert FLOPs scale with it)
-load CV      balance of tokens over experts (std / mean), with max/mean
-dropped      choices over capacity;  null: choices of a null expert
-aux loss     load_balancing, Megatron convention (1.0 = uniform)
-ms           route + plan + dispatch + combine + stats, second call, eager"""
-
-
-def demo(args: argparse.Namespace) -> int:
-    """Route a synthetic batch with every policy on every backend; print the statistics."""
-    experts, tokens = args.experts, args.tokens
-    policies: list[tuple[str, Any, int]] = [
-        ("top-1 (Switch)", mr.TopK(experts, 1, normalize=False), experts),
-        ("top-2 (Mixtral)", mr.TopK(experts, 2), experts),
-        ("top-2, capacity 1.0", mr.TopK(experts, 2, capacity_factor=1.0), experts),
-        ("top-2 sigmoid", mr.TopK(experts, 2, score="sigmoid"), experts),
-        (f"AdaMoE {experts}+{experts} null, k=4", mr.NullExperts(experts, experts, 4), 2 * experts),
-        (
-            f"AdaMoE {experts}+{2 * experts} null, k=4",
-            mr.NullExperts(experts, 2 * experts, 4),
-            3 * experts,
-        ),
-        ("expert choice, cf 2", mr.ExpertChoice(experts, 2.0), experts),
-    ]
-    backends = _demo_backends()
-    rng = np.random.default_rng(args.seed)
-    features = rng.standard_normal((tokens, args.dim)).astype(np.float32)
-    print(
-        f"moerouter demo: {tokens} tokens, d={args.dim}, {experts} experts, seed {args.seed}; "
-        f"backends: {', '.join(name for name, _, _ in backends)}\n"
-    )
-    header = (
-        f"{'policy':<28} {'backend':<17} {'experts/tok':>11} {'load CV':>8} {'max/mean':>8} "
-        f"{'dropped':>8} {'null':>6} {'entropy':>8} {'aux loss':>9} {'ms':>7}  same as numpy"
-    )
-    print(header)
-    print("-" * len(header))
-    all_agree = True
-    for label, policy, columns in policies:
-        logits = _synthetic_logits(tokens, columns, args.seed)
-        reference_ids: np.ndarray | None = None
-        reference_y: np.ndarray | None = None
-        for name, to_backend, to_host in backends:
-            x, logits_here = to_backend(features), to_backend(logits)
-            for _ in range(2):  # the second, timed, pass is past one-time tracing and caching
-                started = time.perf_counter()
-                routing = policy(logits_here)
-                plan = mr.make_plan(routing)
-                y = mr.combine(mr.dispatch(x, plan), plan)  # identity experts
-                stats = {key: to_host(value) for key, value in mr.stats.summary(routing).items()}
-                aux = float(to_host(mr.losses.load_balancing(routing)))
-                elapsed_ms = 1e3 * (time.perf_counter() - started)
-            ids, y_host = to_host(routing.expert_ids), to_host(y)
-            if reference_ids is None or reference_y is None:
-                reference_ids, reference_y, agree = ids, y_host, "(reference)"
-            else:
-                same = np.array_equal(ids, reference_ids) and np.allclose(
-                    y_host, reference_y, rtol=1e-5, atol=1e-5
-                )
-                all_agree &= same
-                agree = "yes" if same else "NO"
-            print(
-                f"{label:<28} {name:<17} {float(stats['real_experts_per_token']):>11.3f} "
-                f"{float(stats['load_cv']):>8.3f} {float(stats['load_max_over_mean']):>8.2f} "
-                f"{float(stats['dropped_fraction']):>8.1%} {float(stats['null_fraction']):>6.1%} "
-                f"{float(stats['router_entropy']):>8.3f} {aux:>9.4f} {elapsed_ms:>7.1f}  {agree}"
-            )
-    print(LEGEND)
-    if not all_agree:
-        print("\nsome backend decided differently from numpy: please report this", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Check the input (exit 2 naming the option), then train and report."""
+    try:
+        device = _demo.check(args)
+    except _demo.DemoInputError as error:
+        parser.error(str(error))
+    return _demo.run(args, device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,15 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     description = "moerouter: demo, benchmarks and environment report"
     parser = argparse.ArgumentParser(prog="python -m moerouter", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="route a synthetic batch with every policy")
-    demo_parser.add_argument("--tokens", type=_positive, default=4096)
-    demo_parser.add_argument("--dim", type=_positive, default=256)
-    demo_parser.add_argument("--experts", type=_positive, default=8)
-    demo_parser.add_argument("--seed", type=int, default=0)
-    demo_parser.set_defaults(run=demo)
+    demo_parser = commands.add_parser(
+        "demo",
+        help="train a tiny MoE language model per routing policy; show what AdaMoE buys",
+        description=_demo.__doc__.split("\n\n")[1] if _demo.__doc__ else None,
+    )
+    _demo.add_arguments(demo_parser)
     commands.add_parser("bench", help="kernel timings against the copy roof (bench --help)")
     commands.add_parser("info", help="backends, versions, devices").set_defaults(run=info)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return demo(args, demo_parser)
     status: int = args.run(args)
     return status
 
