@@ -47,11 +47,17 @@ def _numbers(path):
 
 @pytest.mark.usefixtures("torch_plugin")
 def test_end_to_end_writes_table_json_and_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    try:
+        import matplotlib  # noqa: F401  (optional: the plot is written exactly when it is present)
+
+        plotting = True
+    except ImportError:
+        plotting = False
     out = tmp_path / "nested" / "out"  # the folder is created, parents included
     assert main(["demo", *TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr()
-    assert str(out / "results.json") in printed.out and "demo.png" in printed.out
+    assert str(out / "results.json") in printed.out
+    assert ("demo.png" in printed.out) is plotting
     assert "expert choice is left out" in printed.out  # the note on causality
     assert "3/3" in printed.err  # every run's progress bar reached its end
 
@@ -72,7 +78,10 @@ def test_end_to_end_writes_table_json_and_plot(tmp_path, capsys):
             assert run["line_loss"] is not None
     table = (out / "results.txt").read_text()
     assert "AdaMoE 8 + 16 null" in table and "real experts/tok" in table
-    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if plotting:
+        assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not (out / "demo.png").exists()
 
 
 @pytest.mark.usefixtures("torch_plugin")

@@ -90,7 +90,7 @@ def train_policy(
         train_losses.append(float(task.detach()))  # a device sync too: the timing stays honest
         on_step(step + 1, train_losses[-1])
     train_seconds = time.perf_counter() - started
-    figures = evaluate(model, corpus, settings)
+    figures: dict[str, Any] = evaluate(model, corpus, settings)
     tokens = settings.steps * settings.batch_size * settings.context
     figures.update(
         train_loss_curve=[round(value, 4) for value in train_losses],
@@ -102,9 +102,13 @@ def train_policy(
     return figures
 
 
-@torch.no_grad()
 def evaluate(model: TinyMoELM, corpus: Corpus, settings: Settings) -> dict[str, Any]:
     """Validation loss (nats/byte) and each MoE layer's routing, over the validation windows."""
+    with torch.no_grad():
+        return _evaluate(model, corpus, settings)
+
+
+def _evaluate(model: TinyMoELM, corpus: Corpus, settings: Settings) -> dict[str, Any]:
     device = torch.device(settings.device)
     layers = model.moe_layers()
     gate_logits: list[list[torch.Tensor]] = [[] for _ in layers]
