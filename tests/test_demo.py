@@ -6,6 +6,7 @@ session); the input checks that need neither run everywhere.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -14,19 +15,10 @@ import pytest
 
 from moerouter.__main__ import main
 
-# A model small enough that all four policies train and validate in a few seconds on 2 cores.
-TINY = [
-    "--steps",
-    "3",
-    "--batch-size",
-    "2",
-    "--context",
-    "16",
-    "--dim",
-    "16",
-    "--eval-batches",
-    "1",
-]
+# A model small enough that all four policies train and validate in a few seconds on 2 cores;
+# one thread, because several threads on a busy machine spin and wait for each other.
+TINY = ["--steps", "3", "--batch-size", "2", "--context", "16", "--dim", "16"]
+TINY += ["--eval-batches", "1", "--threads", "1"]
 TIMING = ("train_seconds", "tokens_per_second")
 
 
@@ -165,3 +157,27 @@ def test_demo_module_imports_no_framework():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_progress_bar_off_a_terminal_prints_each_tenth():
+    from moerouter._demo.report import ProgressBar
+
+    stream = io.StringIO()  # not a terminal: one line per tenth, never a carriage return
+    bar = ProgressBar("top-2 of 8", total=100, tokens_per_step=64, stream=stream)
+    for step in range(1, 101):
+        bar.update(step, loss=2.5)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 11 and "\r" not in stream.getvalue()  # steps 1, 10, 20, ..., 100
+    assert lines[-1].startswith("top-2 of 8") and "100/100" in lines[-1] and "#" * 24 in lines[-1]
+
+
+def test_line_through_top1_and_top2():
+    from moerouter._demo.report import line_between
+
+    runs = {
+        "top1": {"validation_loss": 2.0, "real_experts_per_token": 1.0},
+        "top2": {"validation_loss": 1.8, "real_experts_per_token": 2.0},
+    }
+    assert line_between(runs, 1.5) == pytest.approx(1.9)
+    assert line_between(runs, 2.5) == pytest.approx(1.7)  # extrapolated, flagged in the table
+    assert line_between({"top2": runs["top2"]}, 1.5) is None  # no line without both ends

@@ -38,12 +38,12 @@ class ProgressBar:
         self.last_tenth = tenth
         elapsed = time.perf_counter() - self.started
         rate = step * self.tokens_per_step / max(elapsed, 1e-9)
-        remaining = elapsed / step * (self.total - step)
+        remaining = elapsed / step * (self.total - step)  # the first step includes warm-up
         filled = 24 * step // self.total
         line = (
             f"{self.label:<24} [{'#' * filled}{'.' * (24 - filled)}] {step:>{len(str(self.total))}}"
             f"/{self.total}  loss {loss:6.3f}  {rate / 1e3:6.1f}k tok/s  "
-            f"eta {int(remaining) // 60}:{int(remaining) % 60:02d}"
+            + (f"eta {int(remaining) // 60}:{int(remaining) % 60:02d}" if step > 1 else "")
         )
         end = "\n" if step == self.total or not self.interactive else ""
         self.stream.write(("\r" if self.interactive else "") + line + end)
