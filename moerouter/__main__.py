@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("info", help="backends, versions, devices").set_defaults(run=info)
     args = parser.parse_args(argv)
     if args.command == "demo":
+        args.argv = argv  # recorded in results.json
         return demo(args, demo_parser)
     status: int = args.run(args)
     return status

@@ -53,7 +53,10 @@ def test_end_to_end_writes_table_json_and_plot(tmp_path, capsys):
     assert "expert choice is left out" in printed.out  # the note on causality
     assert "3/3" in printed.err  # every run's progress bar reached its end
 
-    runs = json.loads((out / "results.json").read_text())["runs"]
+    document = json.loads((out / "results.json").read_text())
+    assert document["command"].startswith("python -m moerouter demo --steps 3")
+    assert document["settings"]["threads"] == 1
+    runs = document["runs"]
     assert list(runs) == ["top1", "top2", "adamoe-8", "adamoe-16"]
     assert runs["top1"]["real_experts_per_token"] == 1.0  # no capacity: nothing is dropped
     assert runs["top2"]["real_experts_per_token"] == 2.0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -195,7 +196,8 @@ def _train_and_report(args: argparse.Namespace, device: str, threads: int) -> in
         f"layers of 8 experts) learns {corpus.files} standard-library files "
         f"({corpus.train.numel() / 1e6:.1f} MB train, {corpus.validation.numel() / 1e6:.2f} MB "
         f"validation).\n{args.steps} steps x {tokens_per_step} bytes per policy, seed {args.seed}, "
-        f"device {device}, {threads} CPU threads. Note: {NOT_CAUSAL_NOTE}.\n",
+        f"device {device}, {threads} CPU thread{'s' if threads > 1 else ''}.\n"
+        f"Note: {NOT_CAUSAL_NOTE}.\n",
         flush=True,
     )
     runs: dict[str, dict[str, Any]] = {}
@@ -222,7 +224,7 @@ def _train_and_report(args: argparse.Namespace, device: str, threads: int) -> in
     )
     plotted = report.plot(out / "demo.png", runs, title)
     document = {
-        "command": "python -m moerouter " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "command": shlex.join(["python", "-m", "moerouter", *getattr(args, "argv", ["demo"])]),
         "settings": {**asdict(settings), "threads": threads, "policies": list(args.policies)},
         "corpus": {
             "source": "top-level *.py files of this Python's standard library, in name order",
