@@ -29,6 +29,7 @@ class ProgressBar:
         self.interactive = self.stream.isatty()
         self.started = time.perf_counter()
         self.last_tenth = -1
+        self.width = 0  # of the longest line drawn: a shorter one is padded over it
 
     def update(self, step: int, loss: float) -> None:
         """Show that ``step`` of ``total`` steps is done, with its training loss."""
@@ -45,6 +46,8 @@ class ProgressBar:
             f"/{self.total}  loss {loss:6.3f}  {rate / 1e3:6.1f}k tok/s  "
             + (f"eta {int(remaining) // 60}:{int(remaining) % 60:02d}" if step > 1 else "")
         )
+        self.width = max(self.width, len(line))
+        line = line.ljust(self.width) if self.interactive else line
         end = "\n" if step == self.total or not self.interactive else ""
         self.stream.write(("\r" if self.interactive else "") + line + end)
         self.stream.flush()
