@@ -37,7 +37,7 @@ def tests_core(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Every CPU backend: the equivalence matrix, plugin tests, jit and compile."""
     # scipy: the CSR combine path; transformers: the transformers integration tests
-    session.install(TORCH, JAX, "scipy", TRANSFORMERS, "-e", ".[test]", *PLUGINS)
+    session.install(TORCH, JAX, "scipy", TRANSFORMERS, "-e", ".[test,demo]", *PLUGINS)
     session.install("--no-deps", TRITON)  # the Triton kernels run in its CPU interpreter
     session.run(*PYTEST, "tests", "backends", "-m", "not gpu", *session.posargs)
 
