@@ -1,9 +1,11 @@
-"""JAX backend plugin for moerouter.
+"""JAX backend plugin for moerouter: gather-only plan, dispatch and combine, grouped experts.
 
 Registers itself for ``jax.Array`` inputs (tracers included) and makes :class:`moerouter.Routing`
 and :class:`moerouter.Plan` pytrees, so policies can be called inside and returned from
-``jax.jit``. It provides no fast kernels yet: plan, dispatch and combine run on the agnostic
-array-API path, which already supports ``jit``, ``grad`` and ``vmap``.
+``jax.jit``. Its kernels are ``jax.custom_vjp`` functions whose forward and backward passes are
+gathers and fixed-order reduces (no scatter-add), with Pallas kernels on GPU; everything runs
+under ``jax.jit``, ``jax.grad`` and ``jax.vmap``. :func:`grouped_matmul` and the functional MoE
+layer in :mod:`moerouter_jax.layer` compute the experts on the valid rows only.
 """
 
 from dataclasses import fields
@@ -11,6 +13,7 @@ from dataclasses import fields
 import jax
 
 from moerouter import BackendInfo, Plan, Routing, SoftRouting, _registry
+from moerouter_jax import _kernels
 
 __all__ = ["backend"]
 
@@ -39,7 +42,11 @@ backend = _registry.register(
     BackendInfo(
         name="jax",
         array_library="jax",
-        kernels={},
-        description="JAX (agnostic path; fast kernels not yet provided)",
+        kernels={
+            "make_plan": _kernels.make_plan,
+            "dispatch": _kernels.dispatch,
+            "combine": _kernels.combine,
+        },
+        description="JAX (custom_vjp gather-only kernels; Pallas on GPU)",
     )
 )
