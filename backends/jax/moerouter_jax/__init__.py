@@ -13,9 +13,19 @@ from dataclasses import fields
 import jax
 
 from moerouter import BackendInfo, Plan, Routing, SoftRouting, _registry
-from moerouter_jax import _kernels
+from moerouter_jax import _kernels, layer
+from moerouter_jax._grouped import grouped_matmul
+from moerouter_jax.layer import expert_mlp, init_balance_state, moe_apply, moe_init
 
-__all__ = ["backend"]
+__all__ = [
+    "backend",
+    "expert_mlp",
+    "grouped_matmul",
+    "init_balance_state",
+    "layer",
+    "moe_apply",
+    "moe_init",
+]
 
 
 # Python values, not arrays: they become static metadata of the pytree (Plan.num_valid is an array).

@@ -1,0 +1,335 @@
+r"""A functional Mixture-of-Experts layer in plain JAX: parameters in, ``(y, losses)`` out.
+
+::
+
+    params = moe_init(key, hidden_size=d, intermediate_size=h, router=router)
+    y, losses = moe_apply(params, x, router=router)                       # under jit/grad/vmap
+    y, losses, state = moe_apply(params, x, router=router, state=state)   # stateful balancing
+
+``params`` is a plain dict pytree: ``"gate"`` (d, E'), ``"w_in"`` (E, d, h or 2h for SwiGLU),
+``"w_out"`` (E, h, d), and ``"shared_w_in"``/``"shared_w_out"`` for an always-on shared expert.
+The experts run through :func:`moerouter_jax.grouped_matmul` on the valid rows only.
+
+Stateful balancing is explicit state in, new state out (as optax threads optimizer state):
+
+- ``expert_bias`` (E,) float32: DeepSeek-V3's auxiliary-loss-free balancing (Wang et al. 2024,
+  "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts"). The bias is added to
+  the logits of the real experts **for selection only**; the combine weights and the losses use
+  the unbiased logits. After each step :math:`b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar c -
+  c_e)` with :math:`c_e` the tokens routed to expert :math:`e` and :math:`\bar c` their mean
+  (``bias_update_rate`` :math:`\gamma`; 0 leaves the bias alone).
+- ``choice_counts`` (E',) float32 and ``routed_slots`` () float32: choices accumulated over the
+  micro-batches of one global batch (Qwen's global-batch balancing, Qiu et al. 2025, "Demons in
+  the Detail"). ``losses["global_load_balancing"]`` is
+  :math:`E' \sum_e f^{\mathrm{global}}_e P_e` with :math:`f^{\mathrm{global}}` from the
+  accumulated counts (this micro-batch included; no gradient) and :math:`P_e` this
+  micro-batch's mean probability. Reset with :func:`reset_accumulation` after each optimizer step.
+
+The core's own ``update_expert_bias`` and global-batch loss accumulation were not on the main
+branch when this was written, so both are implemented here on the public :class:`moerouter.Routing`
+(see docs/backends/jax.rst). Only :class:`moerouter.TopK` supports an expert bias.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+import moerouter as mr
+from moerouter._agnostic.select import bincount
+from moerouter.policies._token_choice import masked_softmax, renormalize
+from moerouter_jax._grouped import grouped_matmul
+
+__all__ = [
+    "expert_mlp",
+    "init_balance_state",
+    "moe_apply",
+    "moe_init",
+    "reset_accumulation",
+    "route",
+]
+
+Array = Any
+Activation = Literal["swiglu", "gelu", "relu", "silu"]
+ACTIVATIONS = ("swiglu", "gelu", "relu", "silu")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _num_choices(router: Any) -> int:
+    return int(router.num_experts) + int(getattr(router, "num_null", 0))
+
+
+def moe_init(
+    key: Array,
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    router: Any,
+    activation: Activation = "swiglu",
+    shared_intermediate_size: int | None = None,
+    dtype: Any = jnp.float32,
+) -> dict[str, Array]:
+    """Parameters of a MoE layer, uniform in :math:`\\pm 1/\\sqrt{\\mathrm{fan\\_in}}`.
+
+    Parameters
+    ----------
+    key : jax.Array
+        PRNG key.
+    hidden_size, intermediate_size : int
+        ``d`` and each expert's hidden width ``h``.
+    router : moerouter policy
+        Gives ``E`` and ``E' = E + num_null`` (the gate's columns).
+    activation : {"swiglu", "gelu", "relu", "silu"}
+        ``"swiglu"`` doubles ``w_in``'s columns (gate and up projections).
+    shared_intermediate_size : int, optional
+        Width of an always-on shared expert (DeepSeek, Qwen); none when omitted.
+    dtype
+        Of every parameter.
+
+    Returns
+    -------
+    dict
+        ``"gate"``, ``"w_in"``, ``"w_out"`` (and ``"shared_w_in"``, ``"shared_w_out"``).
+    """
+    _check_activation(activation)
+    num_experts = int(router.num_experts)
+    widen = 2 if activation == "swiglu" else 1
+
+    def uniform(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    keys = jax.random.split(key, 5)
+    params = {
+        "gate": uniform(keys[0], (hidden_size, _num_choices(router)), hidden_size),
+        "w_in": uniform(
+            keys[1], (num_experts, hidden_size, widen * intermediate_size), hidden_size
+        ),
+        "w_out": uniform(keys[2], (num_experts, intermediate_size, hidden_size), intermediate_size),
+    }
+    if shared_intermediate_size is not None:
+        params["shared_w_in"] = uniform(
+            keys[3], (1, hidden_size, widen * shared_intermediate_size), hidden_size
+        )
+        params["shared_w_out"] = uniform(
+            keys[4], (1, shared_intermediate_size, hidden_size), shared_intermediate_size
+        )
+    return params
+
+
+def _activate(hidden: Array, activation: str) -> Array:
+    if activation == "swiglu":
+        gate, up = jnp.split(hidden, 2, axis=-1)
+        return jax.nn.silu(gate) * up
+    if activation == "gelu":
+        return jax.nn.gelu(hidden, approximate=False)
+    if activation == "relu":
+        return jax.nn.relu(hidden)
+    return jax.nn.silu(hidden)
+
+
+def expert_mlp(
+    w_in: Array,
+    w_out: Array,
+    xe: Array,
+    group_sizes: Array,
+    *,
+    activation: Activation = "swiglu",
+    implementation: Literal["auto", "ragged_dot", "tiled"] = "auto",
+) -> Array:
+    """``E`` expert MLPs on expert-grouped rows: ``act(h @ w_in[e]) @ w_out[e]`` on e's rows.
+
+    Rows past ``sum(group_sizes)`` (dropped or null-expert assignments) are zero and never
+    multiplied. ``"swiglu"``: ``act([g, u]) = silu(g) * u`` (Mixtral, Qwen, DeepSeek).
+    """
+    _check_activation(activation)
+    hidden = grouped_matmul(xe, w_in, group_sizes, implementation=implementation)
+    return grouped_matmul(
+        _activate(hidden, activation), w_out, group_sizes, implementation=implementation
+    )
+
+
+def init_balance_state(router: Any) -> dict[str, Array]:
+    """Zero balancing state for :func:`moe_apply`: expert bias, accumulated choice counts."""
+    return {
+        "expert_bias": jnp.zeros(int(router.num_experts), jnp.float32),
+        "choice_counts": jnp.zeros(_num_choices(router), jnp.float32),
+        "routed_slots": jnp.zeros((), jnp.float32),
+    }
+
+
+def reset_accumulation(state: dict[str, Array]) -> dict[str, Array]:
+    """The state with its global-batch counts cleared (the expert bias is kept)."""
+    return {
+        **state,
+        "choice_counts": jnp.zeros_like(state["choice_counts"]),
+        "routed_slots": jnp.zeros_like(state["routed_slots"]),
+    }
+
+
+def route(router: Any, logits: Array, expert_bias: Array | None = None) -> mr.Routing:
+    """``router(logits)``, with ``expert_bias`` (E,) added to the real experts' logits for
+    selection only: weights and probabilities come from the unbiased logits.
+
+    Supported for :class:`moerouter.TopK`; capacity drops with ``drop_policy="probs"`` rank the
+    biased probabilities.
+    """
+    if expert_bias is None:
+        return router(logits)
+    if not isinstance(router, mr.TopK):
+        raise TypeError(f"expert_bias needs a moerouter.TopK router, got {type(router).__name__}")
+    num_experts = router.num_experts
+    if expert_bias.shape != (num_experts,):
+        raise ValueError(
+            f"expert_bias must have shape ({num_experts},), got {tuple(expert_bias.shape)}"
+        )
+    logits32 = logits.astype(jnp.float32)
+    biased = router(logits32 + jax.lax.stop_gradient(expert_bias).astype(jnp.float32))
+    unbiased = router.__class__(**{**_fields(router), "capacity_factor": None})(logits32)
+    slots = router.k
+    choice = biased.choice_ids.reshape(-1, slots)
+    values = logits32.reshape(unbiased.probs.shape[0], num_experts)
+    chosen = jnp.take_along_axis(values, choice, axis=-1)
+    routed = (chosen > -jnp.inf) & biased.finite_rows[:, None]
+    if router.softmax_after_topk or (router.score == "softmax" and router.normalize):
+        weights = masked_softmax(chosen, routed, xp=jnp)
+    else:
+        weights = jnp.take_along_axis(unbiased.probs, choice, axis=-1)
+        if router.normalize:
+            weights = renormalize(weights, routed, xp=jnp)
+    weights = jnp.where(biased.expert_ids.reshape(choice.shape) >= 0, weights, 0.0)
+    return mr.Routing(
+        token_ids=biased.token_ids,
+        expert_ids=biased.expert_ids,
+        weights=weights.reshape(-1).astype(jnp.float32),
+        choice_ids=biased.choice_ids,
+        probs=unbiased.probs,
+        finite_rows=biased.finite_rows,
+        num_tokens=biased.num_tokens,
+        num_experts=biased.num_experts,
+        layout=biased.layout,
+        slots=biased.slots,
+        num_groups=biased.num_groups,
+    )
+
+
+def _fields(router: Any) -> dict[str, Any]:
+    from dataclasses import fields
+
+    return {f.name: getattr(router, f.name) for f in fields(router)}
+
+
+def _choice_counts(routing: mr.Routing) -> Array:
+    """Choices per router column over rows with finite logits (before capacity drops)."""
+    chose = routing.finite_rows[routing.token_ids]
+    ids = jnp.where(chose, routing.choice_ids, -1)
+    return bincount(ids, routing.num_choices, xp=jnp).astype(jnp.float32)
+
+
+def moe_apply(
+    params: dict[str, Array],
+    x: Array,
+    *,
+    router: Any,
+    activation: Activation = "swiglu",
+    state: dict[str, Array] | None = None,
+    bias_update_rate: float = 0.0,
+    implementation: Literal["auto", "ragged_dot", "tiled"] = "auto",
+) -> Any:
+    """Apply a MoE layer: gate, ``router``, dispatch, experts, combine (+ shared expert).
+
+    Parameters
+    ----------
+    params : dict
+        From :func:`moe_init`.
+    x : jax.Array (..., d)
+        Tokens; leading axes are flattened to ``T``.
+    router : moerouter policy
+        Static: pass it with ``functools.partial`` or a closure under ``jax.jit``.
+    activation : {"swiglu", "gelu", "relu", "silu"}
+        As given to :func:`moe_init`.
+    state : dict, optional
+        From :func:`init_balance_state`. When given, the expert bias steers selection and the
+        new state is returned as a third output.
+    bias_update_rate : float
+        DeepSeek's :math:`\\gamma` for the expert-bias update (0: keep the bias).
+    implementation : {"auto", "ragged_dot", "tiled"}
+        Of :func:`moerouter_jax.grouped_matmul`.
+
+    Returns
+    -------
+    (y, losses) or (y, losses, new_state)
+        ``y`` has the shape and dtype of ``x``. ``losses``: float32 scalars
+        ``"load_balancing"`` (:func:`moerouter.losses.load_balancing`, or
+        :func:`~moerouter.losses.null_load_balancing` with null experts) and ``"z_loss"``, plus
+        ``"global_load_balancing"`` when ``state`` is given. Weight them yourself.
+
+    Examples
+    --------
+    >>> import jax
+    >>> import moerouter as mr
+    >>> from moerouter_jax.layer import moe_apply, moe_init
+    >>> router = mr.TopK(num_experts=4, k=2)
+    >>> params = moe_init(jax.random.key(0), hidden_size=8, intermediate_size=16, router=router)
+    >>> y, losses = moe_apply(params, jax.numpy.ones((5, 8)), router=router)
+    >>> y.shape, sorted(losses)
+    ((5, 8), ['load_balancing', 'z_loss'])
+    """
+    _check_activation(activation)
+    tokens = x.reshape(-1, x.shape[-1])
+    logits = tokens @ params["gate"].astype(tokens.dtype)
+    bias = None if state is None else state["expert_bias"]
+    routing = route(router, logits, bias)
+    plan = mr.make_plan(routing)
+    expert_out = expert_mlp(
+        params["w_in"],
+        params["w_out"],
+        mr.dispatch(tokens, plan),
+        plan.group_sizes,
+        activation=activation,
+        implementation=implementation,
+    )
+    y = mr.combine(expert_out, plan)
+    if "shared_w_in" in params:
+        everyone = jnp.full((1,), tokens.shape[0], jnp.int32)
+        y = y + expert_mlp(
+            params["shared_w_in"],
+            params["shared_w_out"],
+            tokens,
+            everyone,
+            activation=activation,
+            implementation=implementation,
+        )
+    if getattr(router, "num_null", 0):
+        balance = mr.losses.null_load_balancing(routing)
+    else:
+        balance = mr.losses.load_balancing(routing)
+    losses = {"load_balancing": balance, "z_loss": mr.losses.z_loss(logits)}
+    y = y.reshape(x.shape)
+    if state is None:
+        return y, losses
+    counts = _choice_counts(routing)
+    new_counts = state["choice_counts"] + counts
+    new_slots = state["routed_slots"] + jnp.sum(counts)
+    share = new_counts / jnp.maximum(new_slots, 1.0)
+    finite = routing.finite_rows.astype(jnp.float32)
+    mean_probs = jnp.sum(routing.probs, axis=0) / jnp.maximum(jnp.sum(finite), 1.0)
+    losses["global_load_balancing"] = routing.num_choices * jnp.sum(
+        jax.lax.stop_gradient(share) * mean_probs
+    )
+    # Load: assignments actually served by each real expert (bincount ignores the -1s).
+    served = bincount(routing.expert_ids, routing.num_experts, xp=jnp).astype(jnp.float32)
+    new_bias = state["expert_bias"] + bias_update_rate * jnp.sign(jnp.mean(served) - served)
+    new_state = {
+        "expert_bias": jax.lax.stop_gradient(new_bias),
+        "choice_counts": jax.lax.stop_gradient(new_counts),
+        "routed_slots": jax.lax.stop_gradient(new_slots),
+    }
+    return y, losses, new_state
