@@ -24,12 +24,15 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = ["grouped_matmul"]
 
 Array = Any
 Implementation = Literal["auto", "ragged_dot", "tiled"]
+
+_ZERO = np.int32(0)  # an int32 slice index, also in float64 mode (a bare 0 becomes int64)
 
 #: Rows per tile of the "tiled" implementation: each tile wastes at most this many rows per expert.
 TILE_ROWS = 64
@@ -96,7 +99,8 @@ def grouped_matmul(
         )
     if not isinstance(tile_rows, int) or tile_rows < 1:
         raise ValueError(f"tile_rows must be a positive int, got {tile_rows!r}")
-    group_sizes = group_sizes.astype(jnp.int32)
+    x, weight = jnp.asarray(x), jnp.asarray(weight)
+    group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
     if implementation == "auto":
         implementation = "tiled" if _on_cpu(x) else "ragged_dot"
     if implementation == "ragged_dot":
@@ -125,7 +129,13 @@ def _tile_table(group_sizes: Array, num_rows: int, tile_rows: int) -> tuple[Arra
     expert = jnp.minimum(jnp.searchsorted(tile_ends, tile, side="right"), num_experts - 1)
     first_tile = tile_ends[expert] - tiles_per_expert[expert]
     row = starts[expert] + (tile - first_tile) * tile_rows
-    return expert, row, ends[expert], tile_ends[-1]
+    int32 = jnp.int32  # one index dtype, whether or not float64 mode is on
+    return (
+        expert.astype(int32),
+        row.astype(int32),
+        ends[expert].astype(int32),
+        tile_ends[-1].astype(int32),
+    )
 
 
 def _tile_rows_mask(start: Array, end: Array, tile_rows: int) -> Array:
@@ -142,12 +152,12 @@ def _tiled_forward(x: Array, weight: Array, group_sizes: Array, tile_rows: int) 
     padded = jnp.concatenate([x, jnp.zeros((tile_rows, width), x.dtype)])
 
     def body(i: Array, out: Array) -> Array:
-        rows = lax.dynamic_slice(padded, (start[i], 0), (tile_rows, width))
+        rows = lax.dynamic_slice(padded, (start[i], _ZERO), (tile_rows, width))
         product = jnp.dot(rows, weight[expert[i]], preferred_element_type=accumulate)
-        current = lax.dynamic_slice(out, (start[i], 0), (tile_rows, out_width))
+        current = lax.dynamic_slice(out, (start[i], _ZERO), (tile_rows, out_width))
         keep = _tile_rows_mask(start[i], end[i], tile_rows)
         update = jnp.where(keep, product.astype(out.dtype), current)
-        return lax.dynamic_update_slice(out, update, (start[i], 0))
+        return lax.dynamic_update_slice(out, update, (start[i], _ZERO))
 
     out = jnp.zeros((num_rows + tile_rows, out_width), x.dtype)
     return lax.fori_loop(0, num_tiles, body, out)[:num_rows]
@@ -165,11 +175,11 @@ def _tiled_weight_grad(x: Array, grad: Array, group_sizes: Array, tile_rows: int
 
     def body(i: Array, total: Array) -> Array:
         keep = _tile_rows_mask(start[i], end[i], tile_rows)
-        rows = lax.dynamic_slice(padded_x, (start[i], 0), (tile_rows, width))
+        rows = lax.dynamic_slice(padded_x, (start[i], _ZERO), (tile_rows, width))
         rows = jnp.where(keep, rows, 0)
-        grads = lax.dynamic_slice(padded_grad, (start[i], 0), (tile_rows, out_width))
+        grads = lax.dynamic_slice(padded_grad, (start[i], _ZERO), (tile_rows, out_width))
         product = jnp.dot(rows.T, grads, preferred_element_type=accumulate)
-        index = (expert[i], 0, 0)
+        index = (expert[i], _ZERO, _ZERO)
         current = lax.dynamic_slice(total, index, (1, width, out_width))
         return lax.dynamic_update_slice(total, current + product[None], index)
 
