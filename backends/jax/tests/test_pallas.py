@@ -1,0 +1,100 @@
+"""Pallas kernels: the interpreter on the CPU at tiny shapes, and a real GPU when there is one.
+
+Each interpreted grid step is a few XLA ops: keep R * column blocks small (T <= 12 here).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from moerouter_jax import _kernels, _pallas
+
+import moerouter as mr
+from moerouter.testing import assert_close, reference_combine, reference_dispatch, to_numpy
+
+HAS_GPU = any(device.platform == "gpu" for device in jax.devices())
+T = 12
+
+ROUTERS = [
+    pytest.param(mr.TopK(num_experts=4, k=2), 4, id="topk"),  # fixed fan-in, all real
+    pytest.param(mr.TopK(num_experts=4, k=2, capacity_factor=0.5), 4, id="drops"),  # -1 holes
+    pytest.param(mr.NullExperts(num_experts=4, num_null=4, k=2), 8, id="null"),  # spare rows
+    pytest.param(mr.ExpertChoice(num_experts=4, capacity_factor=1.5), 4, id="expert-choice"),
+]
+
+
+def randn(*shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def plan_for(router, columns, seed=0):
+    return mr.make_plan(router(jnp.asarray(randn(T, columns, seed=seed))))
+
+
+@pytest.mark.parametrize("width", [8, 12])  # 12: column blocks of 4, not the whole row
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("router", "columns"), ROUTERS)
+def test_interpreted_kernels_match_reference(use_backend, router, columns, dtype, width):
+    plan = plan_for(router, columns)
+    x = jnp.asarray(randn(T, width, seed=1)).astype(dtype)
+    ye = np.array(randn(plan.num_rows, width, seed=2))
+    ye[int(plan.num_valid) :] = np.nan  # rows of no expert must never leak in
+    ye = jnp.asarray(ye).astype(dtype)
+    xe = _pallas.gather_rows(x, plan.source_tokens, plan.num_valid, interpret=True)
+    np.testing.assert_array_equal(to_numpy(xe.astype(jnp.float32)), reference_dispatch(x, plan))
+    y = _pallas.gather_reduce(ye, plan.combine_rows, plan.combine_weights, interpret=True)
+    assert y.dtype == ye.dtype
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    assert_close(y.astype(jnp.float32), reference_combine(ye, plan), "y", rtol=tol, atol=tol)
+    unweighted = _pallas.gather_reduce(ye, plan.combine_rows, None, interpret=True)
+    want = _kernels._xla_gather_reduce(ye, plan.combine_rows, None)  # a sum: same order, exact
+    np.testing.assert_array_equal(to_numpy(unweighted), to_numpy(want))
+
+
+@pytest.fixture
+def pallas_everywhere(monkeypatch):
+    """Route the public kernels through Pallas (interpreted) as they would be on a GPU."""
+    monkeypatch.setattr(_kernels, "_use_pallas", lambda array: True)
+    monkeypatch.setattr(_pallas, "INTERPRET", True)
+
+
+def test_public_path_with_pallas_under_jit_and_grad(use_backend, pallas_everywhere):
+    router = mr.NullExperts(num_experts=4, num_null=2, k=2)
+    logits = jnp.asarray(randn(T, 6, seed=3))
+    x = jnp.asarray(randn(T, 4, seed=4))
+
+    def loss(logits, x):
+        plan = mr.make_plan(router(logits))
+        return jnp.sum(mr.combine(jnp.sin(mr.dispatch(x, plan)), plan) ** 2)
+
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(logits, x)
+    use_backend("reference")
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(logits, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(a, b, "loss or grad", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU for JAX")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("router", "columns"), ROUTERS)
+def test_gpu_pallas_matches_xla_path(use_backend, router, columns, dtype):
+    plan = plan_for(router, columns)
+    x = jnp.asarray(randn(T, 256, seed=5)).astype(dtype)
+    ye = jnp.asarray(randn(plan.num_rows, 256, seed=6)).astype(dtype)
+    xe = _pallas.gather_rows(x, plan.source_tokens, plan.num_valid)
+    np.testing.assert_array_equal(
+        to_numpy(xe.astype(jnp.float32)),
+        to_numpy(_kernels._xla_gather_rows(x, plan.source_tokens, plan.num_valid)).astype(
+            np.float32
+        ),
+    )
+    y = _pallas.gather_reduce(ye, plan.combine_rows, plan.combine_weights)
+    np.testing.assert_array_equal(
+        to_numpy(y.astype(jnp.float32)),
+        to_numpy(_pallas.gather_reduce(ye, plan.combine_rows, plan.combine_weights)).astype(
+            np.float32
+        ),
+    )  # bit-identical run to run
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    assert_close(y.astype(jnp.float32), reference_combine(ye, plan), "y", rtol=tol, atol=tol)
