@@ -11,6 +11,7 @@ nox.options.error_on_missing_interpreters = True
 
 TORCH = "torch==2.13.0"
 JAX = "jax[cpu]>=0.4.35"
+FLAX = "flax>=0.12"
 TRITON = "triton==3.9.0"
 TRANSFORMERS = "transformers==5.23.0"  # moerouter_torch.integrations.transformers
 PLUGINS = ["-e", "backends/torch", "-e", "backends/jax", "-e", "backends/cupy"]
@@ -36,8 +37,9 @@ def tests_core(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Every CPU backend: the equivalence matrix, plugin tests, jit and compile."""
-    # scipy: the CSR combine path; transformers: the transformers integration tests
-    session.install(TORCH, JAX, "scipy", TRANSFORMERS, "-e", ".[test,demo]", *PLUGINS)
+    # scipy: the CSR combine path; transformers: the transformers integration tests;
+    # flax: the JAX plugin's optional NNX module
+    session.install(TORCH, JAX, FLAX, "scipy", TRANSFORMERS, "-e", ".[test,demo]", *PLUGINS)
     session.install("--no-deps", TRITON)  # the Triton kernels run in its CPU interpreter
     session.run(*PYTEST, "tests", "backends", "-m", "not gpu", *session.posargs)
 

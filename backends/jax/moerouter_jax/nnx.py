@@ -1,0 +1,94 @@
+"""A Flax NNX module around the functional layer (optional: needs ``flax``).
+
+``import moerouter_jax.nnx`` imports Flax; ``import moerouter_jax`` never does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from moerouter_jax.layer import Activation, init_balance_state, moe_apply, moe_init
+
+__all__ = ["BalanceState", "MoE"]
+
+
+class BalanceState(nnx.Variable):  # type: ignore[misc]
+    """Non-trainable balancing state (expert bias, global-batch counts): not a ``nnx.Param``."""
+
+
+_STATE_NAMES = ("expert_bias", "choice_counts", "routed_slots")
+
+
+class MoE(nnx.Module):  # type: ignore[misc]
+    """:func:`moerouter_jax.layer.moe_apply` as an NNX module: ``y, losses = moe(x)``.
+
+    The gate and expert weights are ``nnx.Param``; with ``track_balance=True`` the expert bias
+    and the global-batch counts are :class:`BalanceState` variables that every call updates
+    (``bias_update_rate`` > 0 moves the bias), and ``losses`` gains
+    ``"global_load_balancing"``. Filter them out of the optimizer with ``nnx.Param``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import moerouter as mr
+    >>> from moerouter_jax.nnx import MoE
+    >>> moe = MoE(8, 16, mr.TopK(num_experts=4, k=2), rngs=nnx.Rngs(0))
+    >>> y, losses = moe(jnp.ones((5, 8)))
+    >>> y.shape
+    (5, 8)
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        router: Any,
+        *,
+        activation: Activation = "swiglu",
+        shared_intermediate_size: int | None = None,
+        track_balance: bool = False,
+        bias_update_rate: float = 0.0,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.router = router
+        self.activation = activation
+        self.bias_update_rate = bias_update_rate
+        params = moe_init(
+            rngs.params(),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            router=router,
+            activation=activation,
+            shared_intermediate_size=shared_intermediate_size,
+            dtype=dtype,
+        )
+        self.param_names = tuple(sorted(params))
+        for name, value in params.items():
+            setattr(self, name, nnx.Param(value))
+        self.track_balance = track_balance
+        if track_balance:
+            for name, value in init_balance_state(router).items():
+                setattr(self, name, BalanceState(value))
+
+    def __call__(self, x: Any) -> tuple[Any, dict[str, Any]]:
+        params = {name: getattr(self, name)[...] for name in self.param_names}
+        if not self.track_balance:
+            y, losses = moe_apply(params, x, router=self.router, activation=self.activation)
+            return y, losses
+        state = {name: getattr(self, name)[...] for name in _STATE_NAMES}
+        y, losses, new_state = moe_apply(
+            params,
+            x,
+            router=self.router,
+            activation=self.activation,
+            state=state,
+            bias_update_rate=self.bias_update_rate,
+        )
+        for name in _STATE_NAMES:
+            getattr(self, name)[...] = new_state[name]
+        return y, losses
