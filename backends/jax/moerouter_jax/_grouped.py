@@ -3,7 +3,8 @@
 Two implementations of one contract, ``out[rows of e] = x[rows of e] @ weight[e]`` with rows past
 the groups left zero:
 
-- ``"ragged_dot"``: :func:`jax.lax.ragged_dot`, JAX's portable grouped GEMM (GPU, TPU).
+- ``"ragged_dot"``: :func:`jax.lax.ragged_dot`, JAX's portable grouped GEMM (GPU, TPU); under
+  ``vmap`` with per-example group sizes (which jax 0.10.2 cannot batch) a map over the examples.
 - ``"tiled"``: a loop over row tiles, each inside one expert's group, whose trip count is the number
   of tiles the *valid* rows need (a ``while_loop`` with a data-dependent bound), with a
   ``jax.custom_vjp`` backward made of the same loops. Rows of null experts and dropped
@@ -104,11 +105,66 @@ def grouped_matmul(
     if implementation == "auto":
         implementation = "tiled" if _on_cpu(x) else "ragged_dot"
     if implementation == "ragged_dot":
-        out = lax.ragged_dot(
-            x, weight, group_sizes, preferred_element_type=_accumulate_dtype(x.dtype)
-        )
-        return out.astype(x.dtype)
+        return _ragged(x, weight, group_sizes)
     return _tiled(x, weight, group_sizes, tile_rows)
+
+
+def _map_over_batch(function: Any) -> Any:
+    """``function`` whose ``vmap`` is a ``lax.map`` over the batched arguments only.
+
+    jax 0.10.2 cannot batch ``ragged_dot`` with per-example group sizes ("vmap over any dim but
+    0 - NYI"); unbatched arguments (the expert weights) are closed over, not broadcast.
+    """
+    mapped = jax.custom_batching.custom_vmap(function)
+
+    @mapped.def_vmap  # type: ignore[misc]
+    def rule(axis_size: int, in_batched: list[Any], *args: Any) -> tuple[Any, Any]:
+        batched = [index for index, flag in enumerate(in_batched) if flag]
+
+        def one(sliced: list[Any]) -> Any:
+            full = list(args)
+            for index, value in zip(batched, sliced, strict=True):
+                full[index] = value
+            return mapped(*full)
+
+        out = lax.map(one, [args[index] for index in batched])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return mapped
+
+
+def _plain_ragged(x: Array, weight: Array, group_sizes: Array) -> Array:
+    out = lax.ragged_dot(x, weight, group_sizes, preferred_element_type=_accumulate_dtype(x.dtype))
+    return out.astype(x.dtype)
+
+
+@_map_over_batch
+def _ragged_forward(x: Array, weight: Array, group_sizes: Array) -> Array:
+    return _plain_ragged(x, weight, group_sizes)
+
+
+@_map_over_batch
+def _ragged_backward(x: Array, weight: Array, group_sizes: Array, grad: Array) -> Any:
+    _, pullback = jax.vjp(lambda x, weight: _plain_ragged(x, weight, group_sizes), x, weight)
+    return pullback(grad)
+
+
+@jax.custom_vjp
+def _ragged(x: Array, weight: Array, group_sizes: Array) -> Array:
+    return _ragged_forward(x, weight, group_sizes)
+
+
+def _ragged_fwd(x: Array, weight: Array, group_sizes: Array) -> tuple[Array, tuple[Array, ...]]:
+    return _ragged_forward(x, weight, group_sizes), (x, weight, group_sizes)
+
+
+def _ragged_bwd(residuals: tuple[Array, ...], grad: Array) -> tuple[Any, ...]:
+    x, weight, group_sizes = residuals
+    grad_x, grad_weight = _ragged_backward(x, weight, group_sizes, grad)
+    return grad_x, grad_weight, None
+
+
+_ragged.defvjp(_ragged_fwd, _ragged_bwd)
 
 
 def _accumulate_dtype(dtype: Any) -> Any:

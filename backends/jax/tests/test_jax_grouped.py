@@ -70,24 +70,30 @@ def test_grouped_matmul_gradients_float64(implementation):
         check_grads(product, (x, weight), order=1, modes=["rev"])
 
 
-def test_tiled_under_jit_grad_and_vmap_equals_ragged_dot_per_group():
-    # vmap over groups with per-group sizes: "tiled" batches; jax 0.10.2's ragged_dot does not
-    # ("ragged_dot vmap over any dim but 0 - NYI"), so it is looped here as the reference.
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_vmap_over_groups_with_their_own_sizes_under_jit_and_grad(implementation):
+    # Per-group sizes: jax 0.10.2's ragged_dot cannot batch them itself ("NYI"), so its vmap is
+    # a map over the groups; both must equal one call per group, gradients included.
     group_sizes = jnp.asarray([[3, 4, 0], [0, 1, 9]], jnp.int32)
     x = jnp.asarray(randn(2, 10, 4, seed=4))
     weight = jnp.asarray(randn(3, 4, 4, seed=5))
 
-    def one(x, sizes, implementation):
+    def one(x, weight, sizes):
         out = grouped_matmul(x, weight, sizes, implementation=implementation, tile_rows=4)
         return jnp.sum(jnp.tanh(out))
 
-    batched = jax.jit(
-        jax.grad(lambda x: jnp.sum(jax.vmap(one, (0, 0, None))(x, group_sizes, "tiled")))
-    )
-    got = batched(x)
+    def batched(x, weight):
+        return jnp.sum(jax.vmap(one, (0, None, 0))(x, weight, group_sizes))
+
+    grad_x, grad_weight = jax.jit(jax.grad(batched, argnums=(0, 1)))(x, weight)
+    want_weight = np.zeros(weight.shape)
     for g in range(2):
-        want = jax.grad(one)(x[g], group_sizes[g], "ragged_dot")
-        np.testing.assert_allclose(got[g], want, rtol=1e-5, atol=1e-6)
+        want_x, want_w = jax.grad(one, argnums=(0, 1))(x[g], weight, group_sizes[g])
+        np.testing.assert_allclose(grad_x[g], want_x, rtol=1e-5, atol=1e-6)
+        want_weight += np.asarray(want_w)
+    np.testing.assert_allclose(grad_weight, want_weight, rtol=1e-5, atol=1e-5)
+    per_group = jax.jit(jax.vmap(jax.grad(one), (0, None, 0)))(x, weight, group_sizes)
+    np.testing.assert_allclose(per_group, grad_x, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu", "silu"])
