@@ -10,6 +10,8 @@ so there are no atomics and results are the same run to run:
   ``w[t, f] * rows[combine_rows[t, f]]`` over the slots ``f`` in order in a float32 register
   block, then writes token row ``t`` once (the token-centric gather-reduce of
   TransformerEngine's ``_unpermute_kernel``).
+- :func:`topk_router`: a fused softmax/sigmoid top-k, one program per token (not wired into the
+  policies, which run their array-API code; the counterpart of ``moerouter_torch._triton``'s).
 
 Tests run them with ``interpret=True`` on the CPU at tiny shapes. They have not run on a real
 GPU in this repository yet (no GPU was available when they were written): the ``gpu``-marked
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["gather_reduce", "gather_rows"]
+__all__ = ["gather_reduce", "gather_rows", "topk_router"]
 
 Array = Any
 
@@ -130,3 +132,107 @@ def gather_reduce(
         out_specs=pl.BlockSpec((1, block), lambda t, j: (t, j)),
         interpret=INTERPRET if interpret is None else interpret,
     )(combine_rows.astype(jnp.int32), weight_input, values)
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+def _topk_router_kernel(
+    logits_ref: Any,
+    experts_ref: Any,
+    weights_ref: Any,
+    *,
+    k: int,
+    num_experts: int,
+    sigmoid: bool,
+    normalize: bool,
+) -> None:
+    logits = logits_ref[...].astype(jnp.float32)  # (1, E padded), padding is -inf
+    width = logits.shape[1]
+    column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    real = column < num_experts
+    if sigmoid:
+        scores = 1.0 / (1.0 + jnp.exp(-logits))
+    else:
+        shifted = jnp.exp(logits - jnp.max(logits))
+        shifted = jnp.where(real, shifted, 0.0)
+        scores = shifted / jnp.sum(shifted)
+    # Rank the logits (monotone with either score): the largest first, ties to the lower column.
+    remaining = logits
+    chosen_columns, chosen_logits, chosen_scores = [], [], []
+    for _ in range(k):
+        best = jnp.max(remaining)
+        pick = jnp.min(jnp.where(remaining == best, column, width))
+        hit = column == pick
+        chosen_columns.append(pick)
+        chosen_logits.append(jnp.sum(jnp.where(hit, logits, 0.0)))
+        chosen_scores.append(jnp.sum(jnp.where(hit, scores, 0.0)))
+        remaining = jnp.where(hit, -jnp.inf, remaining)
+    if not sigmoid and normalize:  # a softmax over the k chosen logits (TopK's formula)
+        top = chosen_logits[0]
+        exps = [jnp.exp(value - top) for value in chosen_logits]
+        total = sum(exps[1:], exps[0])
+        weights = [value / total for value in exps]
+    elif normalize:
+        total = sum(chosen_scores[1:], chosen_scores[0])
+        weights = [value / total for value in chosen_scores]
+    else:
+        weights = chosen_scores
+    slot = jax.lax.broadcasted_iota(jnp.int32, experts_ref.shape, 1)
+    experts = jnp.zeros(experts_ref.shape, jnp.int32)
+    out_weights = jnp.zeros(weights_ref.shape, jnp.float32)
+    for j in range(k):
+        experts = jnp.where(slot == j, chosen_columns[j], experts)
+        out_weights = jnp.where(slot == j, weights[j], out_weights)
+    experts_ref[...] = experts
+    weights_ref[...] = out_weights
+
+
+def topk_router(
+    logits: Array,
+    k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = True,
+    interpret: bool | None = None,
+) -> tuple[Array, Array]:
+    """Fused softmax/sigmoid top-k: (T, k) int32 experts and float32 weights, one program a token.
+
+    Matches :class:`moerouter.TopK` (no capacity, ``softmax_after_topk=False``) on rows of finite
+    logits: same experts (ties to the lower column, slots in descending order), weights within
+    float32 rounding. Rows holding NaN or infinities are not handled here: the policy routes them
+    nowhere, this kernel does not.
+    """
+    if score not in ("softmax", "sigmoid"):
+        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    num_tokens, num_experts = logits.shape
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must be in [1, {num_experts}], got {k}")
+    width = _next_power_of_two(num_experts)  # Triton blocks are powers of two
+    slots = _next_power_of_two(k)
+    padded = jnp.pad(
+        logits.astype(jnp.float32), ((0, 0), (0, width - num_experts)), constant_values=-jnp.inf
+    )
+    kernel = functools.partial(
+        _topk_router_kernel,
+        k=k,
+        num_experts=num_experts,
+        sigmoid=score == "sigmoid",
+        normalize=normalize,
+    )
+    experts, weights = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((num_tokens, slots), jnp.int32),
+            jax.ShapeDtypeStruct((num_tokens, slots), jnp.float32),
+        ),
+        grid=(num_tokens,),
+        in_specs=[pl.BlockSpec((1, width), lambda t: (t, 0))],
+        out_specs=(
+            pl.BlockSpec((1, slots), lambda t: (t, 0)),
+            pl.BlockSpec((1, slots), lambda t: (t, 0)),
+        ),
+        interpret=INTERPRET if interpret is None else interpret,
+    )(padded)
+    return experts[:, :k], weights[:, :k]

@@ -51,6 +51,35 @@ def test_interpreted_kernels_match_reference(use_backend, router, columns, dtype
     np.testing.assert_array_equal(to_numpy(unweighted), to_numpy(want))
 
 
+@pytest.mark.parametrize(
+    ("num_experts", "k", "score", "normalize"),
+    [
+        (8, 2, "softmax", True),  # Mixtral: a softmax over the chosen logits
+        (6, 3, "sigmoid", True),  # DeepSeek-style sigmoid, renormalised; E and k not powers of 2
+        (6, 3, "sigmoid", False),  # raw sigmoid scores
+        (5, 1, "softmax", False),  # Switch: raw probability of the single choice
+    ],
+)
+def test_interpreted_topk_router_matches_policy(num_experts, k, score, normalize):
+    logits = randn(8, num_experts, seed=7)
+    logits[3, 1] = logits[3, 4] = 5.0  # a tie inside a row: the lower column first
+    router = mr.TopK(num_experts=num_experts, k=k, score=score, normalize=normalize)
+    routing = router(jnp.asarray(logits))
+    experts, weights = _pallas.topk_router(
+        jnp.asarray(logits), k, score=score, normalize=normalize, interpret=True
+    )
+    assert experts.dtype == jnp.int32 and weights.dtype == jnp.float32
+    np.testing.assert_array_equal(to_numpy(experts).ravel(), to_numpy(routing.expert_ids))
+    assert_close(weights.ravel(), routing.weights, "weights", rtol=1e-6, atol=1e-7)
+
+
+def test_topk_router_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="score"):
+        _pallas.topk_router(jnp.zeros((2, 4)), 2, score="relu", interpret=True)
+    with pytest.raises(ValueError, match="k must"):
+        _pallas.topk_router(jnp.zeros((2, 4)), 5, interpret=True)
+
+
 @pytest.fixture
 def pallas_everywhere(monkeypatch):
     """Route the public kernels through Pallas (interpreted) as they would be on a GPU."""
@@ -98,3 +127,14 @@ def test_gpu_pallas_matches_xla_path(use_backend, router, columns, dtype):
     )  # bit-identical run to run
     tol = 1e-6 if dtype == "float32" else 1e-2
     assert_close(y.astype(jnp.float32), reference_combine(ye, plan), "y", rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU for JAX")
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_gpu_topk_router_matches_policy(score):
+    logits = jnp.asarray(randn(256, 64, seed=8))
+    routing = mr.TopK(num_experts=64, k=8, score=score)(logits)
+    experts, weights = _pallas.topk_router(logits, 8, score=score)
+    np.testing.assert_array_equal(to_numpy(experts).ravel(), to_numpy(routing.expert_ids))
+    assert_close(weights.ravel(), routing.weights, "weights", rtol=1e-6, atol=1e-7)
