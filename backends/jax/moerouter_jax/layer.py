@@ -18,16 +18,17 @@ Stateful balancing is explicit state in, new state out (as optax threads optimiz
   the unbiased logits. After each step :math:`b_e \leftarrow b_e + \gamma\,\mathrm{sign}(\bar c -
   c_e)` with :math:`c_e` the tokens routed to expert :math:`e` and :math:`\bar c` their mean
   (``bias_update_rate`` :math:`\gamma`; 0 leaves the bias alone).
-- ``choice_counts`` (E',) float32 and ``routed_slots`` () float32: choices accumulated over the
-  micro-batches of one global batch (Qwen's global-batch balancing, Qiu et al. 2025, "Demons in
-  the Detail"). ``losses["global_load_balancing"]`` is
-  :math:`E' \sum_e f^{\mathrm{global}}_e P_e` with :math:`f^{\mathrm{global}}` from the
-  accumulated counts (this micro-batch included; no gradient) and :math:`P_e` this
-  micro-batch's mean probability. Reset with :func:`reset_accumulation` after each optimizer step.
+- ``balance``: a :class:`moerouter.losses.BalanceState` (choice counts, probability sums and
+  tokens over the micro-batches of one global batch), updated with
+  :func:`moerouter.losses.accumulate`. ``losses["global_load_balancing"]`` is
+  :func:`moerouter.losses.load_balancing_from_state` with this micro-batch's routing: :math:`f`
+  from the accumulated counts (this micro-batch included; no gradient), :math:`P` from this
+  micro-batch (Qwen's global-batch balancing, Qiu et al. 2025, "Demons in the Detail"). Reset
+  with :func:`reset_accumulation` after each optimizer step.
 
-The core's own ``update_expert_bias`` and global-batch loss accumulation were not on the main
-branch when this was written, so both are implemented here on the public :class:`moerouter.Routing`
-(see docs/backends/jax.rst). Only :class:`moerouter.TopK` supports an expert bias.
+The core has no expert-bias update yet, so the bias (and its selection-only use in
+:func:`route`) is implemented here on the public :class:`moerouter.Routing` (see
+docs/backends/jax.rst). Only :class:`moerouter.TopK` supports an expert bias.
 """
 
 from __future__ import annotations
@@ -156,22 +157,18 @@ def expert_mlp(
     )
 
 
-def init_balance_state(router: Any) -> dict[str, Array]:
-    """Zero balancing state for :func:`moe_apply`: expert bias, accumulated choice counts."""
+def init_balance_state(router: Any) -> dict[str, Any]:
+    """Zero balancing state for :func:`moe_apply`: expert bias and a core ``BalanceState``."""
     return {
         "expert_bias": jnp.zeros(int(router.num_experts), jnp.float32),
-        "choice_counts": jnp.zeros(_num_choices(router), jnp.float32),
-        "routed_slots": jnp.zeros((), jnp.float32),
+        "balance": mr.losses.balance_state_init(_num_choices(router), xp=jnp),
     }
 
 
-def reset_accumulation(state: dict[str, Array]) -> dict[str, Array]:
-    """The state with its global-batch counts cleared (the expert bias is kept)."""
-    return {
-        **state,
-        "choice_counts": jnp.zeros_like(state["choice_counts"]),
-        "routed_slots": jnp.zeros_like(state["routed_slots"]),
-    }
+def reset_accumulation(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with its global-batch accumulation cleared (the expert bias is kept)."""
+    num_choices = int(state["balance"].counts.shape[0])
+    return {**state, "balance": mr.losses.balance_state_init(num_choices, xp=jnp)}
 
 
 def route(router: Any, logits: Array, expert_bias: Array | None = None) -> mr.Routing:
@@ -224,13 +221,6 @@ def _fields(router: Any) -> dict[str, Any]:
     from dataclasses import fields
 
     return {f.name: getattr(router, f.name) for f in fields(router)}
-
-
-def _choice_counts(routing: mr.Routing) -> Array:
-    """Choices per router column over rows with finite logits (before capacity drops)."""
-    chose = routing.finite_rows[routing.token_ids]
-    ids = jnp.where(chose, routing.choice_ids, -1)
-    return bincount(ids, routing.num_choices, xp=jnp).astype(jnp.float32)
 
 
 def moe_apply(
@@ -315,21 +305,10 @@ def moe_apply(
     y = y.reshape(x.shape)
     if state is None:
         return y, losses
-    counts = _choice_counts(routing)
-    new_counts = state["choice_counts"] + counts
-    new_slots = state["routed_slots"] + jnp.sum(counts)
-    share = new_counts / jnp.maximum(new_slots, 1.0)
-    finite = routing.finite_rows.astype(jnp.float32)
-    mean_probs = jnp.sum(routing.probs, axis=0) / jnp.maximum(jnp.sum(finite), 1.0)
-    losses["global_load_balancing"] = routing.num_choices * jnp.sum(
-        jax.lax.stop_gradient(share) * mean_probs
-    )
+    balance = jax.lax.stop_gradient(mr.losses.accumulate(state["balance"], routing))
+    losses["global_load_balancing"] = mr.losses.load_balancing_from_state(balance, routing=routing)
     # Load: assignments actually served by each real expert (bincount ignores the -1s).
     served = bincount(routing.expert_ids, routing.num_experts, xp=jnp).astype(jnp.float32)
     new_bias = state["expert_bias"] + bias_update_rate * jnp.sign(jnp.mean(served) - served)
-    new_state = {
-        "expert_bias": jax.lax.stop_gradient(new_bias),
-        "choice_counts": jax.lax.stop_gradient(new_counts),
-        "routed_slots": jax.lax.stop_gradient(new_slots),
-    }
+    new_state = {"expert_bias": jax.lax.stop_gradient(new_bias), "balance": balance}
     return y, losses, new_state

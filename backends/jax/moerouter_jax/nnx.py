@@ -10,6 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+import moerouter as mr
 from moerouter_jax.layer import Activation, init_balance_state, moe_apply, moe_init
 
 __all__ = ["BalanceState", "MoE"]
@@ -19,27 +20,29 @@ class BalanceState(nnx.Variable):  # type: ignore[misc]
     """Non-trainable balancing state (expert bias, global-batch counts): not a ``nnx.Param``."""
 
 
-_STATE_NAMES = ("expert_bias", "choice_counts", "routed_slots")
+_BALANCE_FIELDS = ("counts", "prob_sums", "tokens")  # of moerouter.losses.BalanceState
 
 
 class MoE(nnx.Module):  # type: ignore[misc]
     """:func:`moerouter_jax.layer.moe_apply` as an NNX module: ``y, losses = moe(x)``.
 
-    The gate and expert weights are ``nnx.Param``; with ``track_balance=True`` the expert bias
-    and the global-batch counts are :class:`BalanceState` variables that every call updates
-    (``bias_update_rate`` > 0 moves the bias), and ``losses`` gains
-    ``"global_load_balancing"``. Filter them out of the optimizer with ``nnx.Param``.
+        The gate and expert weights are ``nnx.Param``; with ``track_balance=True`` the expert bias
+        and the global-batch counts are :class:`BalanceState` variables that every call updates
+        (``bias_update_rate`` > 0 moves the bias), and ``losses`` gains
+        ``"global_load_balancing"``. Filter them out of the optimizer with ``nnx.Param``.
 
-    Examples
-    --------
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> import moerouter as mr
-    >>> from moerouter_jax.nnx import MoE
-    >>> moe = MoE(8, 16, mr.TopK(num_experts=4, k=2), rngs=nnx.Rngs(0))
-    >>> y, losses = moe(jnp.ones((5, 8)))
-    >>> y.shape
-    (5, 8)
+        Examples
+        --------
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+
+    import moerouter as mr
+        >>> import moerouter as mr
+        >>> from moerouter_jax.nnx import MoE
+        >>> moe = MoE(8, 16, mr.TopK(num_experts=4, k=2), rngs=nnx.Rngs(0))
+        >>> y, losses = moe(jnp.ones((5, 8)))
+        >>> y.shape
+        (5, 8)
     """
 
     def __init__(
@@ -72,15 +75,20 @@ class MoE(nnx.Module):  # type: ignore[misc]
             setattr(self, name, nnx.Param(value))
         self.track_balance = track_balance
         if track_balance:
-            for name, value in init_balance_state(router).items():
-                setattr(self, name, BalanceState(value))
+            state = init_balance_state(router)
+            self.expert_bias = BalanceState(state["expert_bias"])
+            for field in _BALANCE_FIELDS:
+                setattr(self, f"balance_{field}", BalanceState(getattr(state["balance"], field)))
 
     def __call__(self, x: Any) -> tuple[Any, dict[str, Any]]:
         params = {name: getattr(self, name)[...] for name in self.param_names}
         if not self.track_balance:
             y, losses = moe_apply(params, x, router=self.router, activation=self.activation)
             return y, losses
-        state = {name: getattr(self, name)[...] for name in _STATE_NAMES}
+        balance = mr.losses.BalanceState(
+            *(getattr(self, f"balance_{field}")[...] for field in _BALANCE_FIELDS)
+        )
+        state = {"expert_bias": self.expert_bias[...], "balance": balance}
         y, losses, new_state = moe_apply(
             params,
             x,
@@ -89,6 +97,7 @@ class MoE(nnx.Module):  # type: ignore[misc]
             state=state,
             bias_update_rate=self.bias_update_rate,
         )
-        for name in _STATE_NAMES:
-            getattr(self, name)[...] = new_state[name]
+        self.expert_bias[...] = new_state["expert_bias"]
+        for field in _BALANCE_FIELDS:
+            getattr(self, f"balance_{field}")[...] = getattr(new_state["balance"], field)
         return y, losses

@@ -157,8 +157,23 @@ def test_zero_bias_state_changes_nothing_and_global_loss_starts_local():
     np.testing.assert_array_equal(to_numpy(y_state), to_numpy(y))
     # Counts start at zero: the global-batch loss of the first micro-batch is the local one.
     assert_close(losses_state["global_load_balancing"], losses["load_balancing"], "lb", rtol=1e-6)
-    assert float(state["routed_slots"]) == 12 * 2
-    assert float(reset_accumulation(state)["routed_slots"]) == 0
+    assert int(state["balance"].tokens) == 12 and int(state["balance"].counts.sum()) == 12 * 2
+    assert int(reset_accumulation(state)["balance"].tokens) == 0
+
+
+def test_global_loss_uses_global_counts_and_local_probabilities():
+    # Two micro-batches: the second's global loss takes f from both and P from itself only.
+    router = mr.TopK(num_experts=E, k=2)
+    params = moe_init(jax.random.key(4), hidden_size=6, intermediate_size=5, router=router)
+    first, second = jnp.asarray(randn(12, 6, seed=11)), jnp.asarray(randn(12, 6, seed=12))
+    apply = jax.jit(functools.partial(moe_apply, router=router))
+    _, _, state = apply(params, first, state=init_balance_state(router))
+    _, losses, state = apply(params, second, state=state)
+    routings = [router(x @ params["gate"]) for x in (first, second)]
+    counts = sum(np.bincount(to_numpy(r.choice_ids), minlength=E) for r in routings)
+    mean_probs = to_numpy(routings[1].probs).astype(np.float64).mean(axis=0)
+    want = E * np.sum(counts / counts.sum() * mean_probs)
+    assert_close(losses["global_load_balancing"], want, "global", rtol=1e-5)
 
 
 def test_expert_bias_steers_selection_only():

@@ -57,4 +57,5 @@ def test_balance_state_is_updated_in_place_under_nnx_jit():
         assert_close(y, want, "y", rtol=1e-6, atol=1e-6)
         assert "global_load_balancing" in losses
     np.testing.assert_array_equal(np.asarray(moe.expert_bias[...]), state["expert_bias"])
-    assert float(moe.routed_slots[...]) == 2 * 10 * 2
+    assert int(moe.balance_tokens[...]) == 2 * 10
+    np.testing.assert_array_equal(np.asarray(moe.balance_counts[...]), state["balance"].counts)
