@@ -1,11 +1,11 @@
 """JAX backend plugin for moerouter: gather-only plan, dispatch and combine, grouped experts.
 
-Registers itself for ``jax.Array`` inputs (tracers included) and makes :class:`moerouter.Routing`
-and :class:`moerouter.Plan` pytrees, so policies can be called inside and returned from
-``jax.jit``. Its kernels are ``jax.custom_vjp`` functions whose forward and backward passes are
-gathers and fixed-order reduces (no scatter-add), with Pallas kernels on GPU; everything runs
-under ``jax.jit``, ``jax.grad`` and ``jax.vmap``. :func:`grouped_matmul` and the functional MoE
-layer in :mod:`moerouter_jax.layer` compute the experts on the valid rows only.
+Registers itself for ``jax.Array`` inputs (tracers included) and makes :class:`moerouter.Routing`,
+:class:`moerouter.Plan` and :class:`moerouter.SoftRouting` pytrees, so policies can be called
+inside and returned from ``jax.jit``. Its kernels are ``jax.custom_vjp`` functions whose forward
+and backward passes are gathers and fixed-order reduces (no scatter-add), with Pallas kernels on
+GPU; everything runs under ``jax.jit``, ``jax.grad`` and ``jax.vmap``. :func:`grouped_matmul` and
+the functional MoE layer in :mod:`moerouter_jax.layer` compute the experts on the valid rows only.
 """
 
 from dataclasses import fields
