@@ -26,9 +26,9 @@ Stateful balancing is explicit state in, new state out (as optax threads optimiz
   micro-batch (Qwen's global-batch balancing, Qiu et al. 2025, "Demons in the Detail"). Reset
   with :func:`reset_accumulation` after each optimizer step.
 
-The core has no expert-bias update yet, so the bias (and its selection-only use in
-:func:`route`) is implemented here on the public :class:`moerouter.Routing` (see
-docs/backends/jax.rst). Only :class:`moerouter.TopK` supports an expert bias.
+The bias update is the core's :func:`moerouter.update_expert_bias`; the bias steers
+:class:`moerouter.DeepSeekTopK` through its own ``bias`` argument, and :class:`moerouter.TopK`
+through :func:`route` here. Other policies take no expert bias.
 """
 
 from __future__ import annotations
@@ -175,13 +175,19 @@ def route(router: Any, logits: Array, expert_bias: Array | None = None) -> mr.Ro
     """``router(logits)``, with ``expert_bias`` (E,) added to the real experts' logits for
     selection only: weights and probabilities come from the unbiased logits.
 
-    Supported for :class:`moerouter.TopK`; capacity drops with ``drop_policy="probs"`` rank the
-    biased probabilities.
+    :class:`moerouter.DeepSeekTopK` applies the bias itself (``router(logits, bias)``). For
+    :class:`moerouter.TopK` it is done here; capacity drops with ``drop_policy="probs"`` then
+    rank the biased probabilities.
     """
     if expert_bias is None:
         return router(logits)
+    if isinstance(router, mr.DeepSeekTopK):  # the core's own selection-only bias
+        return router(logits, jax.lax.stop_gradient(expert_bias))
     if not isinstance(router, mr.TopK):
-        raise TypeError(f"expert_bias needs a moerouter.TopK router, got {type(router).__name__}")
+        raise TypeError(
+            "expert_bias needs a moerouter.DeepSeekTopK or moerouter.TopK router, got "
+            f"{type(router).__name__}"
+        )
     num_experts = router.num_experts
     if expert_bias.shape != (num_experts,):
         raise ValueError(
@@ -309,6 +315,6 @@ def moe_apply(
     losses["global_load_balancing"] = mr.losses.load_balancing_from_state(balance, routing=routing)
     # Load: assignments actually served by each real expert (bincount ignores the -1s).
     served = bincount(routing.expert_ids, routing.num_experts, xp=jnp).astype(jnp.float32)
-    new_bias = state["expert_bias"] + bias_update_rate * jnp.sign(jnp.mean(served) - served)
+    new_bias = mr.update_expert_bias(state["expert_bias"], served, bias_update_rate)
     new_state = {"expert_bias": jax.lax.stop_gradient(new_bias), "balance": balance}
     return y, losses, new_state

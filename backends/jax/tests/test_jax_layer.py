@@ -191,6 +191,16 @@ def test_expert_bias_steers_selection_only():
     assert_close(routing.probs, probs, "probs", rtol=1e-6, atol=1e-7)
 
 
+def test_deepseek_router_takes_the_bias_itself():
+    router = mr.DeepSeekTopK(num_experts=E, k=2)
+    logits = jnp.asarray(randn(T, E, seed=13))
+    bias = jnp.asarray([0.0, -3.0, 0.0, 3.0])
+    got = jax.jit(functools.partial(route, router))(logits, bias)
+    want = router(logits, bias)
+    np.testing.assert_array_equal(to_numpy(got.expert_ids), to_numpy(want.expert_ids))
+    assert_close(got.weights, want.weights, "weights", rtol=1e-6, atol=1e-7)
+
+
 def test_bias_update_moves_towards_balance():
     router = mr.TopK(num_experts=E, k=1)
     params = moe_init(jax.random.key(3), hidden_size=6, intermediate_size=5, router=router)
