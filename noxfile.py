@@ -11,7 +11,7 @@ nox.options.error_on_missing_interpreters = True
 
 TORCH = "torch==2.13.0"
 JAX = "jax[cpu]>=0.4.35"
-FLAX = "flax>=0.12"
+FLAX = "flax==0.12.8"  # pinned: a newer flax may pull a newer jax
 TRITON = "triton==3.9.0"
 TRANSFORMERS = "transformers==5.23.0"  # moerouter_torch.integrations.transformers
 PLUGINS = ["-e", "backends/torch", "-e", "backends/jax", "-e", "backends/cupy"]
