@@ -55,7 +55,7 @@ def gpu(session: nox.Session) -> None:
         "-m",
         "gpu",
         *session.posargs,
-        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "MOEROUTER_JAX_PALLAS": "1"},
     )
 
 

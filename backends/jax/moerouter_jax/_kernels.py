@@ -8,8 +8,9 @@ gather-reduce is deterministic and runs at gather speed.
 
 The integer plan fields equal the NumPy backend's exactly; ``dispatch`` is an exact copy;
 ``combine`` accumulates in float32 (float64 for float64 rows) in slot order, as the agnostic path.
-Row movement runs the Pallas kernels of :mod:`moerouter_jax._pallas` on a GPU, XLA gathers
-elsewhere (set ``MOEROUTER_JAX_PALLAS=0`` to keep the XLA gathers on a GPU too).
+Row movement runs XLA gathers; ``MOEROUTER_JAX_PALLAS=1`` switches a GPU to the Pallas kernels of
+:mod:`moerouter_jax._pallas`. They are opt-in until they have passed on a real GPU (so far only
+the Pallas interpreter has run them): a silently wrong default is worse than a slower one.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def _xla_gather_reduce(rows_in: Array, combine_rows: Array, weights: Array | Non
 
 
 def _use_pallas(array: Array) -> bool:
-    if os.environ.get("MOEROUTER_JAX_PALLAS", "1") == "0":
+    if os.environ.get("MOEROUTER_JAX_PALLAS", "0") != "1":
         return False
     try:
         platforms = {device.platform for device in array.devices()}
