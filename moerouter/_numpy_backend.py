@@ -17,6 +17,8 @@ They return what the agnostic path (:mod:`moerouter._agnostic.plan`) returns, fa
   gather their rows into a small float32 buffer and reduce them with a batched matmul; that
   agrees with the agnostic path within float32 rounding. Either way there are no atomics or
   scatter-adds: the result is the same run to run and does not depend on other tokens' routing.
+  Large combines split the tokens over threads (each token's sum is computed whole by one
+  thread, so the split changes no result).
 
 Output buffers
 --------------
@@ -30,7 +32,7 @@ array the caller still holds. The cache keeps at most ``MOEROUTER_NUMPY_CACHE_MB
 (default 1024; 0 turns it off); :func:`clear_cache` frees it. Callers who manage memory
 themselves can pass ``out=`` to :func:`dispatch` and :func:`combine` here.
 
-``MOEROUTER_NUM_THREADS`` caps the threads a large dispatch uses (default: the CPUs this process
+``MOEROUTER_NUM_THREADS`` caps the threads a large dispatch or combine uses (default: the CPUs this process
 may run on, at most 8). Copies are exact, so the thread count never changes a result.
 """
 
@@ -323,24 +325,34 @@ def combine(
             f"{out.dtype} {tuple(out.shape)}"
         )
     rows, weights, counts = _packed_entries(plan)
-    # SciPy accumulates in the result type: float32 rows in float32, float64 rows in float64.
-    sparse = _scipy_sparse() if ye.dtype in (np.float32, np.float64) else None
-    if sparse is not None:
-        indptr = np.zeros(num_tokens + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        index_type = np.int32 if max(ye.shape[0], rows.shape[0]) < 2**31 else np.int64
-        matrix = sparse.csr_array(
-            (weights, rows.astype(index_type), indptr.astype(index_type)),
-            shape=(num_tokens, int(ye.shape[0])),
-        )
-        result: npt.NDArray[Any] = matrix @ ye
-        if out is None:
-            return result
-        np.copyto(out, result)
-        return out
     if out is None:
         out = _empty((num_tokens, features), ye.dtype)
-    _combine_blocked(ye, rows, weights, counts, out)
+    starts = np.zeros(num_tokens + 1, dtype=np.int64)  # token t's entries: starts[t]:starts[t+1]
+    np.cumsum(counts, out=starts[1:])
+    # SciPy accumulates in the result type: float32 rows in float32, float64 rows in float64.
+    sparse = _scipy_sparse() if ye.dtype in (np.float32, np.float64) else None
+    index_type = np.int32 if max(ye.shape[0], rows.shape[0]) < 2**31 else np.int64
+
+    def reduce_tokens(lo: int, hi: int) -> None:
+        first, last = int(starts[lo]), int(starts[hi])
+        if sparse is None:
+            _combine_blocked(ye, rows[first:last], weights[first:last], counts[lo:hi], out[lo:hi])
+            return
+        matrix = sparse.csr_array(
+            (
+                weights[first:last],
+                rows[first:last].astype(index_type),
+                (starts[lo : hi + 1] - first).astype(index_type),
+            ),
+            shape=(hi - lo, int(ye.shape[0])),
+        )
+        np.copyto(out[lo:hi], matrix @ ye)
+
+    # Tokens are independent, so splitting them over threads (SciPy's CSR product and np.take
+    # release the GIL) changes no result.
+    entries_per_token = max(1, rows.shape[0] // max(num_tokens, 1))
+    row_bytes = features * ye.dtype.itemsize * entries_per_token
+    _run_split(reduce_tokens, num_tokens, row_bytes, _num_threads())
     return out
 
 

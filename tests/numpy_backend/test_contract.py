@@ -105,6 +105,21 @@ def test_threads_do_not_change_results(plan, x, threads, monkeypatch):
     np.testing.assert_array_equal(mr.dispatch(x, plan), reference)
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["csr", "blocked"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_do_not_change_combine(plan, threads, blocked, monkeypatch):
+    # Each token's sum is computed whole by one thread, so a forced split (3 threads: uneven
+    # parts; capacity drops: uneven fan-in per token) gives bit-identical outputs.
+    ye = np.random.default_rng(3).standard_normal((plan.num_rows, 64)).astype(np.float32)
+    if blocked:
+        monkeypatch.setattr(_numpy_backend, "_scipy_sparse", lambda: None)
+    monkeypatch.setenv("MOEROUTER_NUM_THREADS", "1")
+    whole = mr.combine(ye, plan).copy()
+    monkeypatch.setattr(_numpy_backend, "_THREADED_MIN_BYTES", 1)
+    monkeypatch.setenv("MOEROUTER_NUM_THREADS", str(threads))
+    np.testing.assert_array_equal(mr.combine(ye, plan), whole)
+
+
 def test_combine_is_deterministic_and_batch_invariant(plan):
     rng = np.random.default_rng(2)
     ye = rng.standard_normal((plan.num_rows, 64)).astype(np.float32)
