@@ -32,8 +32,9 @@ array the caller still holds. The cache keeps at most ``MOEROUTER_NUMPY_CACHE_MB
 (default 1024; 0 turns it off); :func:`clear_cache` frees it. Callers who manage memory
 themselves can pass ``out=`` to :func:`dispatch` and :func:`combine` here.
 
-``MOEROUTER_NUM_THREADS`` caps the threads a large dispatch or combine uses (default: the CPUs this process
-may run on, at most 8). Copies are exact, so the thread count never changes a result.
+``MOEROUTER_NUM_THREADS`` caps the threads a large dispatch or combine uses (default: the CPUs
+this process may run on, at most 8). Copies are exact and each token's sum stays on one thread, so
+the thread count never changes a result.
 """
 
 from __future__ import annotations
