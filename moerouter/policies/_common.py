@@ -22,14 +22,20 @@ def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
     return value
 
 
+def check_positive_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
 def check_capacity_factor(value: object, name: str = "capacity_factor") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return check_positive_float(value, name)
 
 
 def check_k(value: object, num_columns: int, columns_name: str = "num_experts") -> int:

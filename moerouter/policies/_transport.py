@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
@@ -11,14 +10,6 @@ from moerouter.policies._common import CleanLogits, clean_logits
 from moerouter.routing import Routing
 
 Array = Any
-
-
-def check_positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
 
 
 def noisy_logits(

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
-from moerouter.policies._common import check_positive_int, clean_logits
+from moerouter.policies._common import check_positive_float, check_positive_int, clean_logits
 from moerouter.policies._token_choice import sigmoid, softmax, token_choice_routing
-from moerouter.policies._transport import check_positive_float
 from moerouter.routing import Routing
 
 __all__ = ["BalancedAssignment"]

@@ -13,6 +13,7 @@ from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
     check_k,
+    check_positive_float,
     check_positive_int,
     clean_logits,
 )
@@ -133,11 +134,7 @@ class DeepSeekTopK:
         check_k(self.k, self.eligible_experts, "topk_groups * num_experts / num_groups")
         check_choice(self.score, "score", ("sigmoid", "softmax"))
         check_choice(self.group_score, "group_score", ("top2_sum", "max"))
-        factor = self.routed_scaling_factor
-        if isinstance(factor, bool) or not isinstance(factor, int | float):
-            raise TypeError(f"routed_scaling_factor must be a number, got {type(factor).__name__}")
-        if not math.isfinite(factor) or factor <= 0:
-            raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {factor}")
+        check_positive_float(self.routed_scaling_factor, "routed_scaling_factor")
         check_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
         check_positive_int(self.min_capacity, "min_capacity", minimum=0)

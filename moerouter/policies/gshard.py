@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,6 +10,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
+    check_positive_float,
     check_positive_int,
     clean_logits,
 )
@@ -93,14 +93,7 @@ class GShardTop2:
         check_positive_int(self.num_experts, "num_experts", minimum=2)
         check_choice(self.second_expert_policy, "second_expert_policy", ("random", "all"))
         threshold = self.second_expert_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-            raise TypeError(
-                f"second_expert_threshold must be a number, got {type(threshold).__name__}"
-            )
-        if not math.isfinite(threshold) or threshold <= 0:
-            raise ValueError(
-                f"second_expert_threshold must be a finite number > 0, got {threshold}"
-            )
+        check_positive_float(threshold, "second_expert_threshold")
         check_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
         check_positive_int(self.min_capacity, "min_capacity", minimum=0)

@@ -16,12 +16,12 @@ from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
     check_choice,
+    check_positive_float,
     check_positive_int,
     clean_logits,
 )
 from moerouter.policies._token_choice import renormalize, softmax, token_choice_routing
 from moerouter.policies._transport import (
-    check_positive_float,
     expert_layout_routing,
     noisy_logits,
 )

@@ -9,11 +9,12 @@ from moerouter._agnostic.transport import sparse_transport_plan
 from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
+    check_positive_float,
     check_positive_int,
     clean_logits,
 )
 from moerouter.policies._token_choice import softmax
-from moerouter.policies._transport import check_positive_float, expert_layout_routing
+from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["SparsityConstrainedExpertChoice"]
