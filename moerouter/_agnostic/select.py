@@ -33,7 +33,7 @@ def descending_rank(scores: Array, *, axis: int, xp: Any) -> Array:
     return xp.argsort(order, axis=axis, stable=True)
 
 
-def position_in_bucket(bucket: Array, *, xp: Any) -> Array:
+def position_in_bucket(bucket: Array, *, xp: Any, device: Any) -> Array:
     """For a 1-D array of bucket ids, how many earlier entries share each entry's bucket.
 
     A stable sort by bucket keeps the original order inside each bucket; an entry's position is
@@ -42,7 +42,7 @@ def position_in_bucket(bucket: Array, *, xp: Any) -> Array:
     order = xp.argsort(bucket, stable=True)
     sorted_bucket = xp.take(bucket, order)
     starts = xp.searchsorted(sorted_bucket, sorted_bucket, side="left")
-    position_sorted = xp.arange(bucket.shape[0], dtype=starts.dtype) - starts
+    position_sorted = xp.arange(bucket.shape[0], dtype=starts.dtype, device=device) - starts
     return xp.take(position_sorted, inverse_permutation(order, xp=xp))
 
 

@@ -17,6 +17,8 @@ Array = Any
 
 def logsumexp(values: Array, *, axis: int, xp: Any) -> Array:
     """``log(sum(exp(values)))`` along ``axis`` (kept), -inf where every entry is -inf."""
+    if values.shape[axis] == 0:  # a sum of nothing (no tokens): log 0 = -inf, without max()
+        return xp.full_like(xp.sum(values, axis=axis, keepdims=True), -xp.inf)
     top = xp.max(values, axis=axis, keepdims=True)
     reachable = top > -xp.inf
     finite_top = xp.where(reachable, top, xp.zeros_like(top))
@@ -51,13 +53,11 @@ def sinkhorn_potentials(
     count = xp.sum(active, axis=-1, keepdims=True)[..., None]  # (G, 1, 1)
     # A group without active tokens gets b = 1/E: its potentials are never used.
     log_b = xp.log(xp.where(count > 0, count, xp.ones_like(count))) - math.log(num_experts)
-    log_a = xp.where(
-        row_active[..., None],
-        xp.zeros((*row_active.shape, 1), dtype=xp.float32),
-        xp.full((*row_active.shape, 1), -xp.inf, dtype=xp.float32),
-    )
+    column = scaled_logits[..., :1]  # (G, S, 1) float32 on the logits' device
+    log_a = xp.where(row_active[..., None], xp.zeros_like(column), xp.full_like(column, -xp.inf))
     u = xp.zeros_like(log_a)
-    v = xp.zeros_like(scaled_logits[:, :1, :])
+    # (G, 1, E) zeros; a sum, not a [:, :1] slice, which is out of range with no tokens.
+    v = xp.zeros_like(xp.sum(scaled_logits, axis=1, keepdims=True))
     for _ in range(num_iters):
         v = _update(log_b, logsumexp(scaled_logits + u, axis=1, xp=xp), xp=xp)
         u = _update(log_a, logsumexp(scaled_logits + v, axis=2, xp=xp), xp=xp)
@@ -72,7 +72,7 @@ def _update(log_marginal: Array, lse: Array, *, xp: Any) -> Array:
 
 
 def balanced_rounds(
-    log_plan: Array, row_active: Array, *, per_expert: int, num_rounds: int, xp: Any
+    log_plan: Array, row_active: Array, *, per_expert: int, num_rounds: int, xp: Any, device: Any
 ) -> Array:
     """Round a transport plan to a balanced integral assignment, one expert per token.
 
@@ -86,11 +86,11 @@ def balanced_rounds(
     """
     num_groups, group_size, num_experts = log_plan.shape
     int32 = xp.int32
-    experts = xp.arange(num_experts, dtype=int32)
-    assigned = xp.full((num_groups, group_size), -1, dtype=int32)
-    lowest = xp.asarray(-xp.inf, dtype=log_plan.dtype)
+    experts = xp.arange(num_experts, dtype=int32, device=device)
+    assigned = xp.full((num_groups, group_size), -1, dtype=int32, device=device)
+    lowest = xp.asarray(-xp.inf, dtype=log_plan.dtype, device=device)
     # Proposals of one group go to buckets g*(E+1) + e; non-proposers share bucket g*(E+1) + E.
-    group_base = xp.arange(num_groups, dtype=int32)[:, None] * (num_experts + 1)
+    group_base = xp.arange(num_groups, dtype=int32, device=device)[:, None] * (num_experts + 1)
     for _ in range(num_rounds):
         load = xp.sum(xp.astype(assigned[..., None] == experts, int32), axis=1)  # (G, E)
         room = per_expert - load
@@ -103,9 +103,12 @@ def balanced_rounds(
         # Serve proposals best-first; non-proposers (ranked last) never take room.
         score = xp.where(proposing, score, lowest)
         serve_order = xp.argsort(-score, axis=-1, stable=True)
-        bucket = group_base + xp.where(proposing, choice, xp.asarray(num_experts, dtype=int32))
+        no_expert = xp.asarray(num_experts, dtype=int32, device=device)
+        bucket = group_base + xp.where(proposing, choice, no_expert)
         served = xp.take_along_axis(bucket, serve_order, axis=-1)
-        position = xp.reshape(position_in_bucket(xp.reshape(served, (-1,)), xp=xp), served.shape)
+        position = xp.reshape(
+            position_in_bucket(xp.reshape(served, (-1,)), xp=xp, device=device), served.shape
+        )
         position = xp.take_along_axis(
             position, xp.argsort(serve_order, axis=-1, stable=True), axis=-1
         )
@@ -120,7 +123,9 @@ def balanced_rounds(
     return assigned
 
 
-def sparse_simplex_projection(values: Array, max_nonzero: int, *, axis: int, xp: Any) -> Array:
+def sparse_simplex_projection(
+    values: Array, max_nonzero: int, *, axis: int, xp: Any, device: Any
+) -> Array:
     """Euclidean projection of each slice along ``axis`` onto ``{p in simplex : nnz(p) <= k}``.
 
     Keep the ``k`` largest entries (ties to the lower index) and project them onto the probability
@@ -131,7 +136,7 @@ def sparse_simplex_projection(values: Array, max_nonzero: int, *, axis: int, xp:
     keep = descending_rank(moved, axis=-1, xp=xp) < max_nonzero
     top = xp.sort(moved, axis=-1, descending=True)[..., :max_nonzero]
     cumulative = xp.cumulative_sum(top, axis=-1) - 1.0
-    index = xp.arange(1, max_nonzero + 1, dtype=top.dtype)
+    index = xp.arange(1, max_nonzero + 1, dtype=top.dtype, device=device)
     support = xp.sum(xp.astype(top - cumulative / index > 0, xp.int32), axis=-1, keepdims=True)
     # The largest entry is always in the support, so support >= 1; theta = cumulative[support - 1]
     # / support, read with a mask rather than a gather (torch gathers with int64 only).
@@ -151,6 +156,7 @@ def sparse_transport_plan(
     num_steps: int,
     learning_rate: float,
     xp: Any,
+    device: Any,
 ) -> Array:
     r"""Sparsity-constrained optimal transport (Liu, Puigcerver, Blondel, ICLR 2023), semi-dual.
 
@@ -181,7 +187,7 @@ def sparse_transport_plan(
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, num_steps + 1):
         columns = sparse_simplex_projection(
-            (alpha + similarity) / scale, max_nonzero, axis=1, xp=xp
+            (alpha + similarity) / scale, max_nonzero, axis=1, xp=xp, device=device
         )
         # Gradient of the negated semi-dual (the loss Adam minimises): sum_e p_e - a.
         grad = xp.sum(columns, axis=-1, keepdims=True) - 1.0
@@ -190,5 +196,7 @@ def sparse_transport_plan(
         first_hat = first / (1.0 - beta1**step)
         second_hat = second / (1.0 - beta2**step)
         alpha = alpha - learning_rate * first_hat / (xp.sqrt(second_hat) + eps)
-    columns = sparse_simplex_projection((alpha + similarity) / scale, max_nonzero, axis=1, xp=xp)
+    columns = sparse_simplex_projection(
+        (alpha + similarity) / scale, max_nonzero, axis=1, xp=xp, device=device
+    )
     return marginal_b * columns

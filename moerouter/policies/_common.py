@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter import _registry
 from moerouter._agnostic.select import position_in_bucket
+from moerouter._arrays import check_index_bound, device_of
 
 Array = Any
 
@@ -82,6 +84,11 @@ class CleanLogits:
     group_size: int
     xp: Any
 
+    @property
+    def device(self) -> Any:
+        """Where the policy builds its arrays: the logits' device."""
+        return device_of(self.values)
+
 
 def clean_logits(
     logits: Array, num_columns: int, *, columns_name: str, strict: bool
@@ -112,9 +119,8 @@ def clean_logits(
     values = xp.astype(logits, xp.float32)
     if values.ndim == 2:
         values = values[None, ...]
+    # Zero tokens (T = 0, or G = 0) is legal: an empty batch routes to empty results.
     num_groups, group_size = int(values.shape[0]), int(values.shape[1])
-    if group_size == 0:
-        raise ValueError("logits must hold at least one token")
     finite = finite_rows(values, xp=xp)
     if strict:
         try:
@@ -128,8 +134,46 @@ def clean_logits(
     return CleanLogits(values, finite, num_groups, group_size, xp)
 
 
+def _token_grid(logits: Array) -> tuple[int, int] | None:
+    """``(G, S)`` of logits (T, E') or (G, S, E'), read from the shape alone; None when they
+    are not an array of that rank (:func:`clean_logits` then says why)."""
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) not in (2, 3):
+        return None
+    return (1, int(shape[0])) if len(shape) == 2 else (int(shape[0]), int(shape[1]))
+
+
+def check_token_layout_bounds(
+    logits: Array, k: int, *, num_experts: int, with_capacity: bool
+) -> None:
+    """Refuse a token-layout routing whose int32 indices would wrap, from the logits' shape,
+    before anything is built (even the float32 copy): ``T * k`` assignments, and with capacity
+    the ``G * (E + 1)`` buckets of :func:`drop_over_capacity`."""
+    grid = _token_grid(logits)
+    if grid is None:
+        return
+    num_groups, group_size = grid
+    check_index_bound("assignments", T=num_groups * group_size, k=k)
+    if with_capacity:
+        check_index_bound("capacity buckets", G=num_groups, **{"(E + 1)": num_experts + 1})
+
+
+def check_expert_layout_bounds(
+    logits: Array, *, num_experts: int, capacity: Callable[[int], int]
+) -> None:
+    """Refuse an expert-layout routing whose int32 indices would wrap, from the logits' shape,
+    before anything is built: ``T`` token ids and ``G * E * C`` expert slots, with ``C =
+    capacity(S)``."""
+    grid = _token_grid(logits)
+    if grid is None:
+        return
+    num_groups, group_size = grid
+    check_index_bound("tokens", T=num_groups * group_size)
+    check_index_bound("expert slots", G=num_groups, E=num_experts, C=capacity(group_size))
+
+
 def drop_over_capacity(
-    expert_ids: Array, priority: Array, *, num_experts: int, capacity: int, xp: Any
+    expert_ids: Array, priority: Array, *, num_experts: int, capacity: int, xp: Any, device: Any
 ) -> Array:
     """Drop the assignments that do not fit in their expert's buffer of ``capacity`` rows.
 
@@ -141,10 +185,12 @@ def drop_over_capacity(
     # (group, expert) bucket; "no expert" gets a bucket of its own that is never dropped from.
     serve_order = xp.argsort(priority, axis=-1, stable=True)
     served = xp.take_along_axis(expert_ids, serve_order, axis=-1)
-    group = xp.arange(num_groups, dtype=xp.int32)[:, None]
-    no_expert = xp.asarray(num_experts, dtype=served.dtype)
+    group = xp.arange(num_groups, dtype=xp.int32, device=device)[:, None]
+    no_expert = xp.asarray(num_experts, dtype=served.dtype, device=device)
     bucket = group * (num_experts + 1) + xp.where(served >= 0, served, no_expert)
-    position = xp.reshape(position_in_bucket(xp.reshape(bucket, (-1,)), xp=xp), served.shape)
+    position = xp.reshape(
+        position_in_bucket(xp.reshape(bucket, (-1,)), xp=xp, device=device), served.shape
+    )
     kept_served = (position < capacity) & (served >= 0)
     kept = xp.take_along_axis(kept_served, xp.argsort(serve_order, axis=-1, stable=True), axis=-1)
-    return xp.where(kept, expert_ids, xp.asarray(-1, dtype=expert_ids.dtype))
+    return xp.where(kept, expert_ids, xp.asarray(-1, dtype=expert_ids.dtype, device=device))

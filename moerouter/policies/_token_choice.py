@@ -34,12 +34,14 @@ def sigmoid(values: Array, *, xp: Any) -> Array:
     return 1.0 / (1.0 + xp.exp(-values))
 
 
-def masked_softmax(values: Array, mask: Array, *, xp: Any) -> Array:
+def masked_softmax(values: Array, mask: Array, *, xp: Any, device: Any) -> Array:
     """Softmax over the masked-in entries of each row; all-zero for a row with none.
 
     Masked-out entries never reach ``exp``, so they get no gradient (AdaMoE's null logits).
     """
-    lowest = xp.asarray(-xp.inf, dtype=values.dtype)
+    if values.shape[-1] == 0:  # rows of no entries (Soft MoE's slots over zero tokens)
+        return xp.zeros_like(values)
+    lowest = xp.asarray(-xp.inf, dtype=values.dtype, device=device)
     row_max = xp.max(xp.where(mask, values, lowest), axis=-1, keepdims=True)
     row_max = xp.where(row_max > -xp.inf, row_max, xp.zeros_like(row_max))
     exp = xp.where(mask, xp.exp(xp.where(mask, values, row_max) - row_max), xp.zeros_like(values))
@@ -72,44 +74,46 @@ def token_choice_routing(
     ("position"), the probability of that choice ("probs"), or the probability of the token's
     first choice, the same for all its k choices ("batch_priority", V-MoE's BPR).
     """
-    xp = clean.xp
+    xp, device = clean.xp, clean.device
     num_groups, group_size, k = choice.shape
     choice_ids = xp.astype(choice, xp.int32)
-    expert_ids = xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32))
+    expert_ids = xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32, device=device))
     probs = xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs))
     per_expert = None
     if capacity_factor is not None:
         per_expert = capacity(
             capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
         )
-        slot = xp.arange(k, dtype=xp.int32)[None, None, :]
+        slot = xp.arange(k, dtype=xp.int32, device=device)[None, None, :]
         if drop_policy == "position":
-            within_rank = xp.arange(group_size, dtype=xp.int32)[None, :, None]
+            within_rank = xp.arange(group_size, dtype=xp.int32, device=device)[None, :, None]
         else:
             chosen_probs = xp.take_along_axis(probs, choice, axis=-1)
             if drop_policy == "batch_priority":
                 chosen_probs = chosen_probs[..., :1]  # the first choice ranks all k choices
             within_rank = xp.astype(descending_rank(chosen_probs, axis=1, xp=xp), xp.int32)
         priority = xp.broadcast_to(slot * group_size + within_rank, choice.shape)  # k-major
+        # Explicit sizes, not -1: a reshape cannot infer a dimension of an empty array.
         expert_ids = xp.reshape(
             drop_over_capacity(
-                xp.reshape(expert_ids, (num_groups, -1)),
-                xp.reshape(priority, (num_groups, -1)),
+                xp.reshape(expert_ids, (num_groups, group_size * k)),
+                xp.reshape(priority, (num_groups, group_size * k)),
                 num_experts=num_experts,
                 capacity=per_expert,
                 xp=xp,
+                device=device,
             ),
             choice.shape,
         )
     weights = xp.where(expert_ids >= 0, weights, xp.zeros_like(weights))
     num_tokens = num_groups * group_size
-    tokens = xp.arange(num_tokens, dtype=xp.int32)
+    tokens = xp.arange(num_tokens, dtype=xp.int32, device=device)
     return Routing(
         token_ids=xp.reshape(xp.broadcast_to(tokens[:, None], (num_tokens, k)), (-1,)),
         expert_ids=xp.reshape(expert_ids, (-1,)),
         weights=xp.reshape(weights, (-1,)),
         choice_ids=xp.reshape(choice_ids, (-1,)),
-        probs=xp.reshape(probs, (num_tokens, -1)),
+        probs=xp.reshape(probs, (num_tokens, probs.shape[-1])),
         finite_rows=xp.reshape(clean.finite_rows, (-1,)),
         num_tokens=num_tokens,
         num_experts=num_experts,

@@ -57,7 +57,7 @@ def expert_layout_routing(
     weight 0. The combine weight of a taken pair is its ``probs`` entry. Returns an "expert" layout
     Routing (R = G * E * C).
     """
-    xp = clean.xp
+    xp, device = clean.xp, clean.device
     num_groups, group_size = clean.num_groups, clean.group_size
     finite = clean.finite_rows[..., None]
     probs = xp.where(finite, probs, xp.zeros_like(probs))
@@ -66,10 +66,12 @@ def expert_layout_routing(
     best = xp.argsort(-ranking, axis=1, stable=True)[:, :per_expert, :]  # (G, C, E)
     weights = xp.take_along_axis(probs, best, axis=1)
     taken_finite = xp.take_along_axis(routable, best, axis=1)
-    experts = xp.broadcast_to(xp.arange(num_experts, dtype=xp.int32)[None, None, :], best.shape)
-    expert_ids = xp.where(taken_finite, experts, xp.asarray(-1, dtype=xp.int32))
+    experts = xp.broadcast_to(
+        xp.arange(num_experts, dtype=xp.int32, device=device)[None, None, :], best.shape
+    )
+    expert_ids = xp.where(taken_finite, experts, xp.asarray(-1, dtype=xp.int32, device=device))
     weights = xp.where(taken_finite, weights, xp.zeros_like(weights))
-    group_start = xp.arange(num_groups, dtype=xp.int32)[:, None, None] * group_size
+    group_start = xp.arange(num_groups, dtype=xp.int32, device=device)[:, None, None] * group_size
 
     def expert_major(a: Array) -> Array:
         return xp.reshape(xp.permute_dims(a, (0, 2, 1)), (-1,))  # (G, C, E) -> (G*E*C,)

@@ -26,6 +26,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._arrays import device_of
 from moerouter.policies._common import check_positive_int
 from moerouter.routing import Routing
 
@@ -157,7 +158,8 @@ def anchor_mean_logits(
     finite = xp.all(xp.isfinite(values), axis=-1)
     # One-hot membership (T, A): a matmul sums each anchor's rows in a fixed order, without
     # scatter, so it traces under jit; memory T * A is fine for the anchors of one batch.
-    member = (ids[:, None] == xp.arange(num_anchors, dtype=xp.int32)[None, :]) & finite[:, None]
+    anchors = xp.arange(num_anchors, dtype=xp.int32, device=device_of(values))
+    member = (ids[:, None] == anchors[None, :]) & finite[:, None]
     weights = xp.astype(member, xp.float32)
     clean = xp.where(finite[:, None], values, xp.zeros_like(values))
     sums = xp.matmul(xp.permute_dims(weights, (1, 0)), clean)  # (A, E')

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
-from moerouter.policies._common import check_positive_float, check_positive_int, clean_logits
+from moerouter.policies._common import (
+    check_positive_float,
+    check_positive_int,
+    check_token_layout_bounds,
+    clean_logits,
+)
 from moerouter.policies._token_choice import sigmoid, softmax, token_choice_routing
 from moerouter.routing import Routing
 
@@ -93,10 +98,12 @@ class BalancedAssignment:
 
     def __call__(self, logits: Array) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E), ``S`` a multiple of ``E``."""
+        # One expert per token; balanced_rounds buckets proposals by (group, expert).
+        check_token_layout_bounds(logits, 1, num_experts=self.num_experts, with_capacity=True)
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
-        xp = clean.xp
+        xp, device = clean.xp, clean.device
         if clean.group_size % self.num_experts != 0:
             raise ValueError(
                 f"logits have groups of {clean.group_size} tokens, which is not a multiple of "
@@ -110,11 +117,12 @@ class BalancedAssignment:
             per_expert=clean.group_size // self.num_experts,
             num_rounds=self.num_experts,
             xp=xp,
+            device=device,
         )[..., None]  # (G, S, 1)
         placed = assigned >= 0
         choice = xp.where(placed, assigned, xp.zeros_like(assigned))
         # A mask, not a gather: torch gathers with int64 indices only.
-        is_choice = choice == xp.arange(self.num_experts, dtype=xp.int32)
+        is_choice = choice == xp.arange(self.num_experts, dtype=xp.int32, device=device)
         chosen_logits = xp.sum(
             xp.where(is_choice, clean.values, xp.zeros_like(clean.values)), axis=-1, keepdims=True
         )

@@ -15,6 +15,7 @@ from moerouter.policies._common import (
     check_k,
     check_positive_float,
     check_positive_int,
+    check_token_layout_bounds,
     clean_logits,
 )
 from moerouter.policies._token_choice import (
@@ -163,19 +164,23 @@ class DeepSeekTopK:
             capacity_factor = self.capacity_factor
         else:
             check_capacity_factor(capacity_factor)
+        check_token_layout_bounds(
+            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
+        )
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
-        xp = clean.xp
+        xp, device = clean.xp, clean.device
         values = clean.values
         scores = sigmoid(values, xp=xp) if self.score == "sigmoid" else softmax(values, xp=xp)
         selection = scores
         if bias is not None:
             selection = selection + self._check_bias(bias, logits)
-        lowest = xp.asarray(-xp.inf, dtype=xp.float32)
+        lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device)
         selection = xp.where(values > -xp.inf, selection, lowest)
         if self.topk_groups is not None and self.topk_groups < self.num_groups:
-            selection = xp.where(self._eligible(selection, xp=xp), selection, lowest)
+            eligible = self._eligible(selection, xp=xp, device=device)
+            selection = xp.where(eligible, selection, lowest)
         choice = top_k(selection, k, xp=xp)
         chosen = xp.take_along_axis(selection, choice, axis=-1)
         routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
@@ -216,7 +221,7 @@ class DeepSeekTopK:
             raise TypeError(f"bias must be a real floating dtype, got {bias.dtype}")
         return xp.astype(bias, xp.float32)
 
-    def _eligible(self, selection: Array, *, xp: Any) -> Array:
+    def _eligible(self, selection: Array, *, xp: Any, device: Any) -> Array:
         """(G, S, E) bool: the experts of each token's ``topk_groups`` best groups."""
         num_groups = self.num_groups
         per_group = self.num_experts // num_groups
@@ -228,7 +233,7 @@ class DeepSeekTopK:
             group_scores = ascending[..., -1] + ascending[..., -2]
         assert self.topk_groups is not None
         best = top_k(group_scores, self.topk_groups, xp=xp)  # (G, S, topk_groups)
-        group_ids = xp.arange(num_groups, dtype=best.dtype)
+        group_ids = xp.arange(num_groups, dtype=best.dtype, device=device)
         kept = xp.any(best[..., :, None] == group_ids, axis=-2)  # (G, S, num_groups)
         kept = xp.broadcast_to(kept[..., None], grouped.shape)
         return xp.reshape(kept, selection.shape)

@@ -8,6 +8,7 @@ from typing import Any
 from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
+    check_expert_layout_bounds,
     check_positive_int,
     clean_logits,
 )
@@ -93,10 +94,15 @@ class ExpertChoice:
 
         ``capacity_factor``, when given, replaces the constructor's value for this call.
         """
+        check_expert_layout_bounds(
+            logits,
+            num_experts=self.num_experts,
+            capacity=lambda group_size: self.capacity(group_size, capacity_factor),
+        )
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
-        xp = clean.xp
+        xp, device = clean.xp, clean.device
         num_groups, group_size = clean.num_groups, clean.group_size
         per_expert = self.capacity(group_size, capacity_factor)
         finite = clean.finite_rows[..., None]
@@ -107,11 +113,13 @@ class ExpertChoice:
         weights = xp.take_along_axis(probs, best, axis=1)
         taken_finite = xp.take_along_axis(xp.broadcast_to(finite, probs.shape), best, axis=1)
         experts = xp.broadcast_to(
-            xp.arange(self.num_experts, dtype=xp.int32)[None, None, :], best.shape
+            xp.arange(self.num_experts, dtype=xp.int32, device=device)[None, None, :], best.shape
         )
-        expert_ids = xp.where(taken_finite, experts, xp.asarray(-1, dtype=xp.int32))
+        expert_ids = xp.where(taken_finite, experts, xp.asarray(-1, dtype=xp.int32, device=device))
         weights = xp.where(taken_finite, weights, xp.zeros_like(weights))
-        group_start = xp.arange(num_groups, dtype=xp.int32)[:, None, None] * group_size
+        group_start = (
+            xp.arange(num_groups, dtype=xp.int32, device=device)[:, None, None] * group_size
+        )
 
         def expert_major(a: Array) -> Array:
             return xp.reshape(xp.permute_dims(a, (0, 2, 1)), (-1,))  # (G, C, E) -> (G*E*C,)

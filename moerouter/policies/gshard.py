@@ -12,6 +12,7 @@ from moerouter.policies._common import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    check_token_layout_bounds,
     clean_logits,
 )
 from moerouter.policies._token_choice import (
@@ -114,6 +115,9 @@ class GShardTop2:
             capacity_factor = self.capacity_factor
         else:
             check_capacity_factor(capacity_factor)
+        check_token_layout_bounds(
+            logits, 2, num_experts=self.num_experts, with_capacity=capacity_factor is not None
+        )
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from array_api_compat import array_namespace, device, is_array_api_obj
+from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter import _registry
+from moerouter._arrays import check_index_bound, device_of
 from moerouter.policies._common import check_positive_int
 from moerouter.routing import Routing
 
@@ -98,28 +100,29 @@ class HashRouter:
         if not xp.isdtype(token_ids.dtype, "integral"):
             raise TypeError(f"token_ids must be an integer array, got {token_ids.dtype}")
         num_groups = 1 if token_ids.ndim == 1 else int(token_ids.shape[0])
+        num_tokens, k = math.prod(token_ids.shape), self.k
+        check_index_bound("assignments", T=num_tokens, k=k)
+        where = device_of(token_ids)
         ids = xp.reshape(xp.astype(token_ids, xp.int32), (-1,))
-        num_tokens, k = int(ids.shape[0]), self.k
-        if num_tokens == 0:
-            raise ValueError("token_ids must hold at least one token")
         if self._table is None:
             valid = ids >= 0
             choice = xp.where(valid, ids, xp.zeros_like(ids)) % self.num_experts
             choice = choice[:, None]
         else:
             vocab = int(self._table.shape[0])
-            table = xp.asarray(self._table, device=device(token_ids), copy=True)
+            table = xp.asarray(self._table, device=where, copy=True)
             valid = (ids >= 0) & (ids < vocab)
             rows = xp.where(valid, ids, xp.zeros_like(ids))
             choice = xp.take(table, rows, axis=0)  # (T, k)
-        expert_ids = xp.where(valid[:, None], choice, xp.asarray(-1, dtype=xp.int32))
-        share = xp.asarray(1.0 / k, dtype=xp.float32)
-        weights = xp.where(valid[:, None], share, xp.asarray(0.0, dtype=xp.float32))
-        experts = xp.arange(self.num_experts, dtype=xp.int32)
+        expert_ids = xp.where(valid[:, None], choice, xp.asarray(-1, dtype=xp.int32, device=where))
+        share = xp.asarray(1.0 / k, dtype=xp.float32, device=where)
+        zero = xp.asarray(0.0, dtype=xp.float32, device=where)
+        weights = xp.where(valid[:, None], share, zero)
+        experts = xp.arange(self.num_experts, dtype=xp.int32, device=where)
         hit = xp.any(expert_ids[:, :, None] == experts, axis=1)  # (T, E)
-        probs = xp.where(hit, share, xp.asarray(0.0, dtype=xp.float32))
+        probs = xp.where(hit, share, zero)
         weights = xp.broadcast_to(weights, (num_tokens, k))
-        tokens = xp.arange(num_tokens, dtype=xp.int32)
+        tokens = xp.arange(num_tokens, dtype=xp.int32, device=where)
         return Routing(
             token_ids=xp.reshape(xp.broadcast_to(tokens[:, None], (num_tokens, k)), (-1,)),
             expert_ids=xp.reshape(expert_ids, (-1,)),

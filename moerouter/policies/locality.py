@@ -35,12 +35,14 @@ from typing import Any, Literal
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import descending_rank, top_k
+from moerouter._arrays import device_of
 from moerouter.policies._common import (
     CleanLogits,
     capacity,
     check_capacity_factor,
     check_choice,
     check_positive_int,
+    check_token_layout_bounds,
     clean_logits,
     drop_over_capacity,
 )
@@ -163,19 +165,26 @@ class LocalityTopK:
         ``token_nodes`` holds node ids in ``[0, N)``; they are not checked on the device, and an
         id outside that range forces no node (the token takes the best ``max_nodes`` nodes).
         """
+        check_token_layout_bounds(
+            logits,
+            self.k,
+            num_experts=self.num_experts,
+            with_capacity=self.capacity_factor is not None,
+        )
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
-        xp = clean.xp
+        xp, device = clean.xp, clean.device
         nodes = _grouped_nodes(token_nodes, clean, self.num_nodes)
         probs = softmax(clean.values, xp=xp)
         per_node = self.num_experts // self.num_nodes
         by_node = xp.reshape(probs, (*probs.shape[:-1], self.num_nodes, per_node))
         best_first = -xp.sort(-by_node, axis=-1)
         node_score = xp.sum(best_first[..., : min(2, per_node)], axis=-1)  # (G, S, N)
-        node_index = xp.arange(self.num_nodes, dtype=xp.int32)
+        node_index = xp.arange(self.num_nodes, dtype=xp.int32, device=device)
         own = node_index == nodes[..., None]
-        node_score = xp.where(own, xp.asarray(xp.inf, dtype=node_score.dtype), node_score)
+        highest = xp.asarray(xp.inf, dtype=node_score.dtype, device=device)
+        node_score = xp.where(own, highest, node_score)
         kept_nodes = top_k(node_score, self.max_nodes, xp=xp)  # (G, S, max_nodes)
         keep_node = xp.any(
             kept_nodes[..., None] == xp.astype(node_index, kept_nodes.dtype), axis=-2
@@ -183,7 +192,7 @@ class LocalityTopK:
         keep = xp.reshape(
             xp.broadcast_to(keep_node[..., None], (*keep_node.shape, per_node)), probs.shape
         )
-        lowest = xp.asarray(-xp.inf, dtype=clean.values.dtype)
+        lowest = xp.asarray(-xp.inf, dtype=clean.values.dtype, device=device)
         masked = CleanLogits(
             xp.where(keep, clean.values, lowest),
             clean.finite_rows,
@@ -194,7 +203,7 @@ class LocalityTopK:
         choice, chosen_logits = choose(masked, self.k)
         routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
         if self.normalize:
-            weights = masked_softmax(chosen_logits, routed, xp=xp)
+            weights = masked_softmax(chosen_logits, routed, xp=xp, device=device)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
         return token_choice_routing(
@@ -253,12 +262,13 @@ def locality_loss(routing: Routing, token_nodes: Array, *, num_nodes: int, xp: A
     if not _is_array(token_nodes) or tuple(token_nodes.shape) != (routing.num_tokens,):
         raise ValueError(f"token_nodes must be an int array of shape ({routing.num_tokens},)")
     per_node = num_experts // num_nodes
+    device = device_of(routing.probs)
     nodes = xp.astype(token_nodes, xp.int32)
-    expert_node = xp.arange(num_experts, dtype=xp.int32) // per_node
+    expert_node = xp.arange(num_experts, dtype=xp.int32, device=device) // per_node
     local = xp.astype(expert_node[None, :] == nodes[:, None], xp.float32) / per_node
-    tiny = xp.asarray(xp.finfo(xp.float32).smallest_normal, dtype=xp.float32)
+    tiny = xp.asarray(xp.finfo(xp.float32).smallest_normal, dtype=xp.float32, device=device)
     log_p = xp.log(xp.maximum(routing.probs[:, :num_experts], tiny))
-    log_local = xp.log(xp.asarray(1.0 / per_node, dtype=xp.float32))
+    log_local = xp.log(xp.asarray(1.0 / per_node, dtype=xp.float32, device=device))
     per_token = xp.sum(local * (log_local - log_p), axis=-1)
     finite = xp.astype(routing.finite_rows, xp.float32)
     count = xp.sum(finite)
@@ -397,10 +407,11 @@ class AffinityRouting:
 
     def __call__(self, logits: Array, affinity: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), ranking tokens by ``affinity`` (same shape)."""
+        check_token_layout_bounds(logits, 1, num_experts=self.num_experts, with_capacity=True)
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
-        xp = clean.xp
+        xp, device = clean.xp, clean.device
         probs = softmax(clean.values, xp=xp)
         choice, chosen_logits = choose(clean, 1)
         routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
@@ -414,18 +425,21 @@ class AffinityRouting:
             scores = xp.astype(xp.reshape(affinity, probs.shape), xp.float32)
         chosen_scores = xp.take_along_axis(scores, choice, axis=-1)  # (G, S, 1)
         # Unroutable tokens rank last so they never take a slot from a real one.
-        chosen_scores = xp.where(routed, chosen_scores, xp.asarray(-xp.inf, dtype=xp.float32))
+        lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device)
+        chosen_scores = xp.where(routed, chosen_scores, lowest)
         priority = xp.astype(descending_rank(chosen_scores, axis=1, xp=xp), xp.int32)
         per_expert = capacity(
             self.capacity_factor, clean.group_size, 1, self.num_experts, self.capacity_multiple_of
         )
-        expert_ids = xp.where(routed, xp.astype(choice, xp.int32), xp.asarray(-1, dtype=xp.int32))
+        no_expert = xp.asarray(-1, dtype=xp.int32, device=device)
+        expert_ids = xp.where(routed, xp.astype(choice, xp.int32), no_expert)
         kept = drop_over_capacity(
             expert_ids[..., 0],
             priority[..., 0],
             num_experts=self.num_experts,
             capacity=per_expert,
             xp=xp,
+            device=device,
         )
         routed = routed & (kept >= 0)[..., None]
         weights = xp.take_along_axis(probs, choice, axis=-1)

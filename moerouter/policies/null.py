@@ -10,6 +10,7 @@ from moerouter.policies._common import (
     check_choice,
     check_k,
     check_positive_int,
+    check_token_layout_bounds,
     clean_logits,
 )
 from moerouter.policies._token_choice import (
@@ -106,6 +107,9 @@ class NullExperts:
             capacity_factor = self.capacity_factor
         else:
             check_capacity_factor(capacity_factor)
+        check_token_layout_bounds(
+            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
+        )
         clean = clean_logits(
             logits,
             self.num_experts + self.num_null,
@@ -117,7 +121,7 @@ class NullExperts:
         routed = (
             (choice < self.num_experts) & (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
         )
-        weights = masked_softmax(chosen_logits, routed, xp=xp)
+        weights = masked_softmax(chosen_logits, routed, xp=xp, device=clean.device)
         return token_choice_routing(
             clean,
             softmax(clean.values, xp=xp),

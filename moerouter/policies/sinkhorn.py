@@ -16,8 +16,10 @@ from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
     check_choice,
+    check_expert_layout_bounds,
     check_positive_float,
     check_positive_int,
+    check_token_layout_bounds,
     clean_logits,
 )
 from moerouter.policies._token_choice import renormalize, softmax, token_choice_routing
@@ -185,6 +187,12 @@ class SinkhornTokenChoice:
 
     def __call__(self, logits: Array, noise: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), optionally perturbed by ``noise`` (same shape)."""
+        check_token_layout_bounds(
+            logits,
+            self.k,
+            num_experts=self.num_experts,
+            with_capacity=self.capacity_factor is not None,
+        )
         clean, noisy = noisy_logits(logits, noise, self.num_experts, strict=self.strict)
         xp = clean.xp
         scaled = noisy.values / self.epsilon
@@ -284,6 +292,7 @@ class SinkhornExpertChoice:
 
     def __call__(self, logits: Array, noise: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), optionally perturbed by ``noise`` (same shape)."""
+        check_expert_layout_bounds(logits, num_experts=self.num_experts, capacity=self.capacity)
         clean, noisy = noisy_logits(logits, noise, self.num_experts, strict=self.strict)
         xp = clean.xp
         scaled = noisy.values / self.epsilon

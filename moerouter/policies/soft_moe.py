@@ -90,10 +90,12 @@ class SoftMoE:
         xp = clean.xp
         values = clean.values  # (G, S, N)
         usable = clean.finite_rows[..., None] & (values > -xp.inf)
-        combine_weights = masked_softmax(values, usable, xp=xp)
+        device = clean.device
+        combine_weights = masked_softmax(values, usable, xp=xp, device=device)
         by_slot = xp.permute_dims(values, (0, 2, 1))
         dispatch_weights = xp.permute_dims(
-            masked_softmax(by_slot, xp.permute_dims(usable, (0, 2, 1)), xp=xp), (0, 2, 1)
+            masked_softmax(by_slot, xp.permute_dims(usable, (0, 2, 1)), xp=xp, device=device),
+            (0, 2, 1),
         )
         if logits.ndim == 2:
             dispatch_weights, combine_weights = dispatch_weights[0, ...], combine_weights[0, ...]

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import sparse_transport_plan
+from moerouter._arrays import device_of
 from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
+    check_expert_layout_bounds,
     check_positive_float,
     check_positive_int,
     clean_logits,
@@ -123,11 +125,13 @@ class SparsityConstrainedExpertChoice:
             num_steps=self.num_steps,
             learning_rate=self.learning_rate,
             xp=xp,
+            device=device_of(values),
         )
         return xp.where(finite_rows[..., None], plan, xp.zeros_like(plan))
 
     def __call__(self, logits: Array) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
+        check_expert_layout_bounds(logits, num_experts=self.num_experts, capacity=self.capacity)
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )

@@ -10,6 +10,7 @@ from moerouter.policies._common import (
     check_choice,
     check_k,
     check_positive_int,
+    check_token_layout_bounds,
     clean_logits,
 )
 from moerouter.policies._token_choice import (
@@ -134,10 +135,13 @@ class TopK:
             capacity_factor = self.capacity_factor
         else:
             check_capacity_factor(capacity_factor)
+        check_token_layout_bounds(
+            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
+        )
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
-        xp = clean.xp
+        xp, device = clean.xp, clean.device
         probs = (
             softmax(clean.values, xp=xp)
             if self.score == "softmax"
@@ -146,7 +150,7 @@ class TopK:
         choice, chosen_logits = choose(clean, k)
         routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
         if self.softmax_after_topk or (self.score == "softmax" and self.normalize):
-            weights = masked_softmax(chosen_logits, routed, xp=xp)
+            weights = masked_softmax(chosen_logits, routed, xp=xp, device=device)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
             if self.normalize:

@@ -110,9 +110,8 @@ def test_bad_logits(backend, make_router, columns_name):
     # Integer logits: routing on rounded integers is almost always a bug upstream.
     with pytest.raises(TypeError, match="logits must be a real floating dtype"):
         router(backend.asarray(LOGITS.astype(np.int32)))
-    # No tokens at all.
-    with pytest.raises(ValueError, match="at least one token"):
-        router(backend.asarray(LOGITS[:0]))
+    # No tokens at all is not an error: an empty routing (tests/reliability/test_zero_tokens.py).
+    assert router(backend.asarray(LOGITS[:0])).num_tokens == 0
 
 
 def test_logits_must_be_an_array():

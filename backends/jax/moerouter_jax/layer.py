@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 import moerouter as mr
 from moerouter._agnostic.select import bincount
+from moerouter._arrays import device_of
 from moerouter.policies._token_choice import masked_softmax, renormalize
 from moerouter_jax._grouped import grouped_matmul
 
@@ -202,7 +203,7 @@ def route(router: Any, logits: Array, expert_bias: Array | None = None) -> mr.Ro
     chosen = jnp.take_along_axis(values, choice, axis=-1)
     routed = (chosen > -jnp.inf) & biased.finite_rows[:, None]
     if router.softmax_after_topk or (router.score == "softmax" and router.normalize):
-        weights = masked_softmax(chosen, routed, xp=jnp)
+        weights = masked_softmax(chosen, routed, xp=jnp, device=device_of(chosen))
     else:
         weights = jnp.take_along_axis(unbiased.probs, choice, axis=-1)
         if router.normalize:
