@@ -12,6 +12,10 @@ Every loss returns a float32 scalar array of the routing's backend. Every loss t
 contribute nothing, and every mean counts valid tokens only, so a padded batch gives the loss of
 the batch without its padding. There is no registry of losses: add them to your objective with
 your own coefficients, per layer, and use :func:`aggregate` to combine layers.
+
+**Zero tokens.** A batch with no valid token (``T = 0``, ``G = 0`` groups, or every token masked
+or non-finite) is legal, as an expert-parallel rank or a last micro-batch may hold none: every
+loss then returns ``0.0``, a constant with a zero gradient, so it adds nothing to the objective.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount
+from moerouter._arrays import check_index_bound, device_of
 from moerouter.policies._common import check_choice, check_positive_int, finite_rows
 from moerouter.routing import Routing
 
@@ -73,10 +78,18 @@ def _flat_mask(mask: Array, shapes: tuple[tuple[int, ...], ...], xp: Any) -> Arr
     return xp.reshape(mask, (-1,))
 
 
+def _mask_shapes(routing: Routing, mask: Array) -> tuple[tuple[int, ...], ...]:
+    """The shapes a token mask of ``routing`` may have: (T,) or (G, S)."""
+    if routing.num_groups:
+        group_size = routing.num_tokens // routing.num_groups
+    else:  # G = 0 groups of any size S: every (0, S) mask fits.
+        group_size = int(mask.shape[-1]) if getattr(mask, "ndim", 0) == 2 else 0
+    return ((routing.num_tokens,), (routing.num_groups, group_size))
+
+
 def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
     """(T,) bool: finite logits rows that the mask (if any) keeps."""
-    group_size = routing.num_tokens // routing.num_groups
-    shapes = ((routing.num_tokens,), (routing.num_groups, group_size))
+    shapes = _mask_shapes(routing, mask)
     flat = _flat_mask(mask, shapes, xp)
     return routing.finite_rows if flat is None else routing.finite_rows & flat
 
@@ -98,14 +111,17 @@ def _cv_squared(values: Array, xp: Any) -> Array:
 def _choice_counts(routing: Routing, valid: Array, num_groups: int, xp: Any) -> Array:
     """(G, E') float32 raw choices of valid tokens per group (G = 1 pools every group)."""
     num_columns = routing.num_choices
-    tokens_per_group = routing.num_tokens // num_groups
+    check_index_bound("choice buckets", G=num_groups, **{"E'": num_columns})
+    device = device_of(routing.choice_ids)
+    # At least 1: with zero tokens there is no token id to divide.
+    tokens_per_group = max(routing.num_tokens // max(num_groups, 1), 1)
     chose = xp.take(valid, routing.token_ids)
     group = routing.token_ids // tokens_per_group
     # Choices of invalid tokens are not choices: give them an out-of-range id.
-    bucket = xp.where(
-        chose, group * num_columns + routing.choice_ids, xp.asarray(-1, dtype=xp.int32)
-    )
-    counts = xp.astype(bincount(bucket, num_groups * num_columns, xp=xp), xp.float32)
+    no_choice = xp.asarray(-1, dtype=xp.int32, device=device)
+    bucket = xp.where(chose, group * num_columns + routing.choice_ids, no_choice)
+    counts = bincount(bucket, num_groups * num_columns, xp=xp, device=device)
+    counts = xp.astype(counts, xp.float32)
     return xp.reshape(counts, (num_groups, num_columns))
 
 
@@ -154,6 +170,7 @@ def load_balancing(
     -------
     array ()
         float32 scalar; differentiable with respect to the router probabilities.
+        0 when no token is valid (zero tokens: see the module docstring).
 
     Examples
     --------
@@ -200,6 +217,7 @@ def null_load_balancing(
     -------
     array ()
         float32 scalar.
+        0 when no token is valid (zero tokens: see the module docstring).
 
     Examples
     --------
@@ -249,6 +267,7 @@ def sequence_load_balancing(
     -------
     array ()
         float32 scalar.
+        0 when no token is valid (zero tokens: see the module docstring).
 
     Examples
     --------
@@ -285,7 +304,7 @@ def _balance(
     valid = _valid_tokens(routing, mask, xp)
     num_columns = routing.num_choices
     num_groups = routing.num_groups if per_group or convention == "gshard" else 1
-    tokens_per_group = routing.num_tokens // num_groups
+    tokens_per_group = routing.num_tokens // num_groups if num_groups else 0
 
     counts = _choice_counts(routing, valid, num_groups, xp)
     if pool_null and num_columns > routing.num_experts:
@@ -549,6 +568,7 @@ def importance_loss(
     -------
     array ()
         float32 scalar, differentiable with respect to the gate values.
+        0 when no token is valid (zero tokens: see the module docstring).
 
     Examples
     --------
@@ -568,7 +588,7 @@ def importance_loss(
     else:
         counted = xp.take(valid, routing.token_ids) & (routing.expert_ids >= 0)
         weights = xp.where(counted, routing.weights, xp.zeros_like(routing.weights))
-        experts = xp.arange(routing.num_experts, dtype=xp.int32)
+        experts = xp.arange(routing.num_experts, dtype=xp.int32, device=device_of(routing.probs))
         one_hot = xp.astype(routing.expert_ids[:, None] == experts[None, :], xp.float32)
         importance = xp.sum(weights[:, None] * one_hot, axis=0)
     return _cv_squared(importance, xp)
@@ -637,6 +657,7 @@ def load_loss(
     array ()
         float32 scalar, differentiable with respect to the logits, the noisy logits and
         ``noise_std``.
+        0 when no token is valid (zero tokens: see the module docstring).
 
     Examples
     --------
@@ -687,7 +708,7 @@ def load_loss(
     elif isinstance(noise_std, int | float) and not isinstance(noise_std, bool):
         if not noise_std >= 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        std = xp.asarray(float(noise_std), dtype=xp.float32)
+        std = xp.asarray(float(noise_std), dtype=xp.float32, device=device_of(logits))
     else:
         raise TypeError(f"noise_std must be a number or an array, got {type(noise_std).__name__}")
 
@@ -793,6 +814,7 @@ def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
     array ()
         float32 scalar, differentiable with respect to the router probabilities (an entry that
         is exactly 0 gets gradient 0).
+        0 when no token is valid (zero tokens: see the module docstring).
 
     Examples
     --------
@@ -837,6 +859,7 @@ def z_loss(logits: Array, *, mask: Array | None = None, xp: Any = None) -> Array
     -------
     array ()
         float32 scalar.
+        0 when no token is valid (zero tokens: see the module docstring).
 
     Examples
     --------

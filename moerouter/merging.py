@@ -36,6 +36,7 @@ import numpy as np
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount, top_k
+from moerouter._arrays import device_of
 from moerouter.policies._common import check_choice, check_positive_int
 from moerouter.routing import Routing
 
@@ -145,7 +146,8 @@ def collect_routing_statistics(
         if routing.layout != "token":
             raise ValueError('count="top1" needs a token-layout routing (token-choice policies)')
         expert_ids = xp.reshape(expert_ids, (routing.num_tokens, routing.slots))[:, 0]
-    usage = xp.astype(bincount(expert_ids, num_experts, xp=xp), xp.float32)
+    usage = bincount(expert_ids, num_experts, xp=xp, device=device_of(expert_ids))
+    usage = xp.astype(usage, xp.float32)
 
     if logits is None:
         values = routing.probs[:, :num_experts]

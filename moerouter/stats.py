@@ -2,6 +2,10 @@
 
 Every function is pure and has static output shapes, so it runs inside ``jax.jit`` and
 ``torch.compile``; copy the values to the host when you choose to log them.
+
+**Zero tokens.** A routing of no valid token (``T = 0``, ``G = 0``, or every token masked or
+non-finite) gives zero counts and ``0.0`` for every mean, share and ratio (no ``NaN``): a rank or
+micro-batch without tokens can be logged and reduced like any other.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from typing import Any
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount
+from moerouter._arrays import check_index_bound, device_of
+from moerouter.losses import _mask_shapes
 from moerouter.routing import Routing
 
 __all__ = ["co_occurrence", "processed_by_at_least", "summary"]
@@ -57,12 +63,13 @@ def summary(routing: Routing) -> dict[str, Array]:
     """
     routing = _check_routing(routing)
     xp = array_namespace(routing.probs)
+    device = device_of(routing.probs)
     float32 = xp.float32
     finite = routing.finite_rows
     tokens = xp.clip(xp.sum(xp.astype(finite, float32)), min=1.0)
 
     real = routing.expert_ids >= 0
-    tokens_per_expert = bincount(routing.expert_ids, routing.num_experts, xp=xp)
+    tokens_per_expert = bincount(routing.expert_ids, routing.num_experts, xp=xp, device=device)
     load = xp.astype(tokens_per_expert, float32)
     mean_load = xp.clip(xp.mean(load), min=1e-30)
 
@@ -73,10 +80,11 @@ def summary(routing: Routing) -> dict[str, Array]:
     num_real_choices = xp.clip(xp.sum(xp.astype(chose_real, float32)), min=1.0)
     dropped = xp.sum(xp.astype(chose_real & ~real, float32))
 
-    real_token_ids = xp.where(real, routing.token_ids, xp.asarray(-1, dtype=xp.int32))
-    per_token = bincount(real_token_ids, routing.num_tokens, xp=xp)
-    per_token_finite = xp.where(finite, per_token, xp.asarray(-1, dtype=xp.int32))
-    histogram = bincount(per_token_finite, routing.fan_in + 1, xp=xp)
+    no_token = xp.asarray(-1, dtype=xp.int32, device=device)
+    real_token_ids = xp.where(real, routing.token_ids, no_token)
+    per_token = bincount(real_token_ids, routing.num_tokens, xp=xp, device=device)
+    per_token_finite = xp.where(finite, per_token, no_token)
+    histogram = bincount(per_token_finite, routing.fan_in + 1, xp=xp, device=device)
     at_least = _at_least_from_histogram(histogram, tokens, xp)
 
     scores = routing.probs
@@ -117,8 +125,7 @@ def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
         raise TypeError(f"mask must be a bool array, got {type(mask).__name__}")
     if mask.dtype != xp.bool:
         raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-    group_size = routing.num_tokens // routing.num_groups
-    shapes = ((routing.num_tokens,), (routing.num_groups, group_size))
+    shapes = _mask_shapes(routing, mask)
     if tuple(mask.shape) not in shapes:
         accepted = " or ".join(str(s) for s in dict.fromkeys(shapes))
         raise ValueError(f"mask must have shape {accepted}, got shape {tuple(mask.shape)}")
@@ -128,14 +135,17 @@ def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
 def _reached(routing: Routing, valid: Array, xp: Any) -> Array:
     """(T, E) int32: 1 where valid token t reaches real expert e (after drops), else 0."""
     num_experts = routing.num_experts
+    check_index_bound("token-expert pairs", T=routing.num_tokens, E=num_experts)
+    device = device_of(routing.token_ids)
     counted = xp.take(valid, routing.token_ids) & (routing.expert_ids >= 0)
     pair = xp.where(
         counted,
         routing.token_ids * num_experts + routing.expert_ids,
-        xp.asarray(-1, dtype=xp.int32),
+        xp.asarray(-1, dtype=xp.int32, device=device),
     )
-    counts = bincount(pair, routing.num_tokens * num_experts, xp=xp)
-    return xp.reshape(xp.minimum(counts, xp.asarray(1, dtype=xp.int32)), (-1, num_experts))
+    counts = bincount(pair, routing.num_tokens * num_experts, xp=xp, device=device)
+    once = xp.minimum(counts, xp.asarray(1, dtype=xp.int32, device=device))
+    return xp.reshape(once, (routing.num_tokens, num_experts))
 
 
 def _at_least_from_histogram(histogram: Array, tokens: Array, xp: Any) -> Array:
@@ -201,8 +211,8 @@ def processed_by_at_least(
     the valid tokens. The Expert Choice paper (Zhou et al. 2022) reports this distribution, and
     V-MoE's expert-choice dispatcher logs it as ``ratio_processed_items_by_at_least_{t}_experts``
     for :math:`t = 1, 2, 4, \dots, E` (per group, averaged over groups; here over all valid
-    tokens at once). :math:`r_0 = 1`; :math:`1 - r_1` is the share of tokens no expert
-    processes. Also meaningful for token choice (``t`` up to ``k``), where it shows drops and
+    tokens at once). :math:`r_0 = 1` (0 when no token is valid); :math:`1 - r_1` is the share
+    of tokens no expert processes. Also meaningful for token choice (``t`` up to ``k``), where it shows drops and
     null experts.
 
     Parameters
@@ -246,10 +256,11 @@ def processed_by_at_least(
             chosen.append(t)
     valid = _valid_tokens(routing, mask, xp)
     per_token = xp.sum(_reached(routing, valid, xp), axis=1)
-    per_token = xp.where(valid, per_token, xp.asarray(-1, dtype=per_token.dtype))
-    histogram = bincount(per_token, fan_in + 1, xp=xp)
+    device = device_of(per_token)
+    per_token = xp.where(valid, per_token, xp.asarray(-1, dtype=per_token.dtype, device=device))
+    histogram = bincount(per_token, fan_in + 1, xp=xp, device=device)
     tokens = xp.clip(xp.sum(xp.astype(valid, xp.float32)), min=1.0)
     at_least = _at_least_from_histogram(histogram, tokens, xp)
     if thresholds is None:
         return at_least
-    return xp.take(at_least, xp.asarray(chosen, dtype=xp.int32))
+    return xp.take(at_least, xp.asarray(chosen, dtype=xp.int32, device=device))

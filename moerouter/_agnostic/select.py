@@ -46,7 +46,7 @@ def position_in_bucket(bucket: Array, *, xp: Any, device: Any) -> Array:
     return xp.take(position_sorted, inverse_permutation(order, xp=xp))
 
 
-def bincount(ids: Array, num_bins: int, *, xp: Any) -> Array:
+def bincount(ids: Array, num_bins: int, *, xp: Any, device: Any) -> Array:
     """How many entries of the 1-D ``ids`` equal each of ``0 .. num_bins - 1`` (others ignored).
 
     A sort and two searches rather than a one-hot sum: memory stays O(len(ids)) for any
@@ -54,7 +54,8 @@ def bincount(ids: Array, num_bins: int, *, xp: Any) -> Array:
     """
     ids = xp.astype(ids, xp.int32)
     in_range = (ids >= 0) & (ids < num_bins)
-    ids = xp.where(in_range, ids, xp.asarray(num_bins, dtype=xp.int32))
+    ids = xp.where(in_range, ids, xp.asarray(num_bins, dtype=xp.int32, device=device))
     sorted_ids = xp.sort(ids, stable=True)
-    bounds = xp.searchsorted(sorted_ids, xp.arange(num_bins + 1, dtype=xp.int32), side="left")
+    edges = xp.arange(num_bins + 1, dtype=xp.int32, device=device)
+    bounds = xp.searchsorted(sorted_ids, edges, side="left")
     return xp.astype(bounds[1:] - bounds[:-1], xp.int32)

@@ -315,7 +315,9 @@ def moe_apply(
     balance = jax.lax.stop_gradient(mr.losses.accumulate(state["balance"], routing))
     losses["global_load_balancing"] = mr.losses.load_balancing_from_state(balance, routing=routing)
     # Load: assignments actually served by each real expert (bincount ignores the -1s).
-    served = bincount(routing.expert_ids, routing.num_experts, xp=jnp).astype(jnp.float32)
+    served = bincount(
+        routing.expert_ids, routing.num_experts, xp=jnp, device=device_of(routing.expert_ids)
+    ).astype(jnp.float32)
     new_bias = mr.update_expert_bias(state["expert_bias"], served, bias_update_rate)
     new_state = {"expert_bias": jax.lax.stop_gradient(new_bias), "balance": balance}
     return y, losses, new_state
