@@ -16,6 +16,7 @@ from array_api_compat import array_namespace, device
 from moerouter import _registry
 from moerouter._agnostic import plan as _plan
 from moerouter._agnostic import soft as _soft
+from moerouter._arrays import check_index_bound, device_of
 
 __all__ = ["Plan", "Routing", "SoftRouting", "combine", "dispatch", "make_plan"]
 
@@ -218,6 +219,7 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
         raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
     if not isinstance(pad_to_capacity, bool):
         raise TypeError(f"pad_to_capacity must be a bool, got {type(pad_to_capacity).__name__}")
+    _check_plan_bounds(routing)
     if pad_to_capacity:
         return _padded_plan(routing)
     kernel = _registry.kernel_for("make_plan", routing.expert_ids)
@@ -234,8 +236,15 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
         fan_in=routing.fan_in,
         token_layout=routing.layout == "token",
         xp=xp,
+        device=device_of(routing.expert_ids),
     )
     return Plan(**arrays, num_tokens=routing.num_tokens, num_experts=routing.num_experts)
+
+
+def _check_plan_bounds(routing: Routing) -> None:
+    """Refuse a plan whose int32 indices would wrap (every backend), before building it."""
+    check_index_bound("tokens", T=routing.num_tokens)
+    check_index_bound("plan rows", R=int(routing.expert_ids.shape[0]))
 
 
 def _padded_plan(routing: Routing) -> Plan:
@@ -248,8 +257,10 @@ def _padded_plan(routing: Routing) -> Plan:
             "capacity_factor (or use expert choice)"
         )
     capacity = routing.num_groups * per_group
+    check_index_bound("padded plan rows", E=routing.num_experts, **{"(G * C)": capacity})
     _registry.backend_for(routing.expert_ids)  # loads the JAX pytree registration, as policies do
     xp = array_namespace(routing.token_ids, routing.expert_ids, routing.weights)
+    device = device_of(routing.expert_ids)
     packed = _plan.plan_arrays(
         routing.token_ids,
         routing.expert_ids,
@@ -259,6 +270,7 @@ def _padded_plan(routing: Routing) -> Plan:
         fan_in=routing.fan_in,
         token_layout=routing.layout == "token",
         xp=xp,
+        device=device,
     )
     arrays = _plan.pad_to_capacity(
         packed,
@@ -266,6 +278,7 @@ def _padded_plan(routing: Routing) -> Plan:
         capacity=capacity,
         num_experts=routing.num_experts,
         xp=xp,
+        device=device,
     )
     return Plan(
         **arrays,

@@ -19,6 +19,7 @@ def plan_arrays(
     fan_in: int,
     token_layout: bool,
     xp: Any,
+    device: Any,
 ) -> dict[str, Array]:
     """Every array of a :class:`moerouter.Plan`, from a routing's assignments.
 
@@ -29,15 +30,17 @@ def plan_arrays(
     """
     int32 = xp.int32
     real = expert_ids >= 0
-    sort_key = xp.where(real, expert_ids, xp.asarray(num_experts, dtype=int32))
+    sort_key = xp.where(real, expert_ids, xp.asarray(num_experts, dtype=int32, device=device))
     order = xp.argsort(sort_key, stable=True)
     inverse = inverse_permutation(order, xp=xp)
     sorted_key = xp.take(sort_key, order)
-    bounds = xp.searchsorted(sorted_key, xp.arange(num_experts + 1, dtype=int32), side="left")
+    edges = xp.arange(num_experts + 1, dtype=int32, device=device)
+    bounds = xp.searchsorted(sorted_key, edges, side="left")
     group_sizes = xp.astype(bounds[1:] - bounds[:-1], int32)
 
     masked_weights = xp.where(real, weights, xp.zeros_like(weights))
-    masked_rows = xp.where(real, xp.astype(inverse, int32), xp.asarray(-1, dtype=int32))
+    minus_one = xp.asarray(-1, dtype=int32, device=device)
+    masked_rows = xp.where(real, xp.astype(inverse, int32), minus_one)
     if token_layout:
         # Assignments are already token-major: token t owns slots t*k .. t*k + k - 1.
         combine_rows = xp.reshape(masked_rows, (num_tokens, fan_in))
@@ -47,23 +50,21 @@ def plan_arrays(
         # token) and read each token's run, padded to fan_in.
         by_token = xp.argsort(token_ids, stable=True)
         sorted_tokens = xp.take(token_ids, by_token)
-        tokens = xp.arange(num_tokens, dtype=int32)
+        tokens = xp.arange(num_tokens, dtype=int32, device=device)
         starts = xp.searchsorted(sorted_tokens, tokens, side="left")
         ends = xp.searchsorted(sorted_tokens, tokens, side="right")
-        slot = starts[:, None] + xp.arange(fan_in, dtype=starts.dtype)[None, :]
+        slot = starts[:, None] + xp.arange(fan_in, dtype=starts.dtype, device=device)[None, :]
         present = slot < ends[:, None]
-        last = token_ids.shape[0] - 1
+        last = max(token_ids.shape[0] - 1, 0)
         assignment = xp.take(by_token, xp.reshape(xp.clip(slot, 0, last), (-1,)))
         assignment = xp.reshape(assignment, (num_tokens, fan_in))
         flat_rows = xp.take(masked_rows, xp.reshape(assignment, (-1,)))
         flat_weights = xp.take(masked_weights, xp.reshape(assignment, (-1,)))
-        combine_rows = xp.where(
-            present, xp.reshape(flat_rows, (num_tokens, fan_in)), xp.asarray(-1, dtype=int32)
-        )
+        combine_rows = xp.where(present, xp.reshape(flat_rows, (num_tokens, fan_in)), minus_one)
         combine_weights = xp.where(
             present,
             xp.reshape(flat_weights, (num_tokens, fan_in)),
-            xp.zeros((num_tokens, fan_in), dtype=weights.dtype),
+            xp.zeros((num_tokens, fan_in), dtype=weights.dtype, device=device),
         )
     return {
         "group_sizes": group_sizes,
@@ -82,10 +83,11 @@ def dispatch(x: Array, source_tokens: Array, num_valid: Array, *, xp: Any) -> Ar
     Those rows read an appended zero row, so one gather writes the whole output (masking a
     gathered copy afterwards would pass over all ``R`` rows a second time).
     """
-    num_tokens = x.shape[0]
-    padded = xp.concat([x, xp.zeros((1, x.shape[1]), dtype=x.dtype, device=_device(x))], axis=0)
-    valid = xp.arange(source_tokens.shape[0], dtype=num_valid.dtype) < num_valid
-    rows = xp.where(valid, source_tokens, xp.asarray(num_tokens, dtype=source_tokens.dtype))
+    num_tokens, where = x.shape[0], _device(x)
+    padded = xp.concat([x, xp.zeros((1, x.shape[1]), dtype=x.dtype, device=where)], axis=0)
+    valid = xp.arange(source_tokens.shape[0], dtype=num_valid.dtype, device=where) < num_valid
+    past_end = xp.asarray(num_tokens, dtype=source_tokens.dtype, device=where)
+    rows = xp.where(valid, source_tokens, past_end)
     return xp.take(padded, rows, axis=0)
 
 
@@ -110,13 +112,19 @@ def combine(ye: Array, combine_rows: Array, combine_weights: Array, *, xp: Any) 
 
 
 def _device(array: Array) -> Any:
-    from array_api_compat import device
+    from moerouter._arrays import device_of
 
-    return device(array)
+    return device_of(array)
 
 
 def pad_to_capacity(
-    packed: dict[str, Array], expert_ids: Array, *, capacity: int, num_experts: int, xp: Any
+    packed: dict[str, Array],
+    expert_ids: Array,
+    *,
+    capacity: int,
+    num_experts: int,
+    xp: Any,
+    device: Any,
 ) -> dict[str, Array]:
     """A packed plan's arrays re-laid out with expert ``e``'s rows at ``[e*C, (e+1)*C)``.
 
@@ -129,27 +137,30 @@ def pad_to_capacity(
     int32 = xp.int32
     group_sizes = packed["group_sizes"]
     starts = xp.astype(xp.cumulative_sum(group_sizes) - group_sizes, int32)
-    capacity_array = xp.asarray(capacity, dtype=int32)
+    capacity_array = xp.asarray(capacity, dtype=int32, device=device)
+    minus_one = xp.asarray(-1, dtype=int32, device=device)
     num_assignments = packed["order"].shape[0]
     # Where each packed row goes: expert e's j-th packed row to e*C + j (-1 past capacity or
     # past the valid rows).
-    packed_rows = xp.arange(num_assignments, dtype=int32)
+    packed_rows = xp.arange(num_assignments, dtype=int32, device=device)
     real = expert_ids >= 0
     row_expert = xp.take(
         xp.where(real, expert_ids, xp.zeros_like(expert_ids)), packed["order"]
     )  # (R,) expert of each packed row (garbage past num_valid)
     within = packed_rows - xp.take(starts, row_expert)
     placed = (packed_rows < packed["num_valid"]) & (within < capacity)
-    padded_of_packed = xp.where(placed, row_expert * capacity + within, xp.asarray(-1, dtype=int32))
+    padded_of_packed = xp.where(placed, row_expert * capacity + within, minus_one)
 
     # The padded buffer, row by row: expert e, slot j reads packed row starts[e] + j if j fits.
-    slot = xp.arange(capacity, dtype=int32)[None, :]
+    slot = xp.arange(capacity, dtype=int32, device=device)[None, :]
     fills = xp.reshape(slot < xp.minimum(group_sizes, capacity_array)[:, None], (-1,))
     source_row = xp.reshape(starts[:, None] + slot, (-1,))
     source_row = xp.where(fills, source_row, xp.zeros_like(source_row))
-    minus_one = xp.asarray(-1, dtype=int32)
-    order = xp.where(fills, xp.take(packed["order"], source_row), minus_one)
-    source_tokens = xp.where(fills, xp.take(packed["source_tokens"], source_row), minus_one)
+    if num_assignments:
+        order = xp.where(fills, xp.take(packed["order"], source_row), minus_one)
+        source_tokens = xp.where(fills, xp.take(packed["source_tokens"], source_row), minus_one)
+    else:  # no assignment to read (no tokens): every row is padding
+        order = source_tokens = xp.full(fills.shape, -1, dtype=int32, device=device)
 
     inverse = xp.take(padded_of_packed, packed["inverse"])
     combine_rows = packed["combine_rows"]
@@ -160,10 +171,10 @@ def pad_to_capacity(
     return {
         "group_sizes": xp.astype(xp.minimum(group_sizes, capacity_array), int32),
         "order": order,
-        "inverse": xp.where(real, inverse, xp.asarray(-1, dtype=int32)),
+        "inverse": xp.where(real, inverse, minus_one),
         "source_tokens": source_tokens,
         "num_valid": xp.astype(xp.sum(xp.astype(placed, int32)), int32),
-        "combine_rows": xp.where(keep, remapped, xp.asarray(-1, dtype=int32)),
+        "combine_rows": xp.where(keep, remapped, minus_one),
         "combine_weights": xp.where(
             keep, packed["combine_weights"], xp.zeros_like(packed["combine_weights"])
         ),
@@ -172,8 +183,8 @@ def pad_to_capacity(
 
 def dispatch_padded(x: Array, source_tokens: Array, *, xp: Any) -> Array:
     """Rows of ``x`` at ``source_tokens``; zero rows where it is -1 (padding)."""
-    num_tokens = x.shape[0]
-    padded = xp.concat([x, xp.zeros((1, x.shape[1]), dtype=x.dtype, device=_device(x))], axis=0)
-    zero_row = xp.asarray(num_tokens, dtype=source_tokens.dtype)
+    num_tokens, where = x.shape[0], _device(x)
+    padded = xp.concat([x, xp.zeros((1, x.shape[1]), dtype=x.dtype, device=where)], axis=0)
+    zero_row = xp.asarray(num_tokens, dtype=source_tokens.dtype, device=where)
     rows = xp.where(source_tokens >= 0, source_tokens, zero_row)
     return xp.take(padded, rows, axis=0)
