@@ -13,6 +13,8 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._arrays import device_of
+
 Array = Any
 
 
@@ -101,7 +103,7 @@ def pick_columns(values: Array, columns: Array, *, xp: Any) -> Array:
     """``values[n, columns[n]]`` for a ``(N, K)`` array, as ``(N,)``; NaN where out of range."""
     # A one-hot mask rather than a gather: no index dtype to negotiate (torch gathers int64 only,
     # JAX without x64 has no int64), and the gradient is a plain masked copy.
-    classes = xp.arange(values.shape[-1], dtype=columns.dtype)
+    classes = xp.arange(values.shape[-1], dtype=columns.dtype, device=device_of(values))
     hit = classes[None, :] == columns[:, None]
     picked = xp.sum(xp.where(hit, values, xp.zeros_like(values)), axis=-1)
     return xp.where(xp.any(hit, axis=-1), picked, xp.full_like(picked, xp.nan))

@@ -35,6 +35,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import top_k
+from moerouter._arrays import check_concrete, device_of
 from moerouter.policies._common import check_choice, check_positive_int
 
 __all__ = [
@@ -291,16 +292,17 @@ def top_k_prior(prior: Array, k: int, *, xp: Any = None) -> Array:
         raise ValueError(f"k must be <= J = {num_experts}, got {k}")
     values = xp.astype(prior, xp.float32)
     chosen = top_k(values, k, xp=xp)
-    columns = xp.arange(num_experts, dtype=chosen.dtype)
+    columns = xp.arange(num_experts, dtype=chosen.dtype, device=device_of(values))
     keep = xp.any(chosen[..., :, None] == columns, axis=-2)
     kept = xp.where(keep, values, xp.zeros_like(values))
     total = xp.sum(kept, axis=-1, keepdims=True)
     return kept / xp.where(total > 0, total, xp.ones_like(total))
 
 
-def _mix_weights(weights: Any, count: int) -> list[float]:
-    """Concrete non-negative mixing weights, normalised to sum 1."""
+def _mix_weights(weights: Any, count: int, name: str, function: str) -> list[float]:
+    """Concrete non-negative mixing weights, normalised to sum 1 (read on the host)."""
     if _is_array(weights):
+        check_concrete(weights, name, function)
         if weights.ndim != 1:
             raise ValueError(f"weights must be one-dimensional, got shape {weights.shape}")
         values = [float(weights[j]) for j in range(weights.shape[0])]
@@ -397,7 +399,11 @@ def average_parameters(parameters: Sequence[Any], weights: Any = None) -> Any:
     if isinstance(parameters, Mapping) or not isinstance(parameters, Sequence) or not parameters:
         raise TypeError("parameters must be a non-empty sequence of parameter trees")
     trees = list(parameters)
-    mix = [1.0 / len(trees)] * len(trees) if weights is None else _mix_weights(weights, len(trees))
+    mix = (
+        [1.0 / len(trees)] * len(trees)
+        if weights is None
+        else _mix_weights(weights, len(trees), "weights", "average_parameters")
+    )
     return _tree_average(trees, mix, "")
 
 
@@ -441,13 +447,15 @@ def branch_parameters(
     """
     if isinstance(parameters, Mapping) or not isinstance(parameters, Sequence) or not parameters:
         raise TypeError("parameters must be a non-empty sequence of parameter trees")
-    relevance = _mix_weights(posterior, len(parameters))
+    relevance = _mix_weights(posterior, len(parameters), "posterior", "branch_parameters")
     if k is None:
         k = sum(1 for value in relevance if value > 0)
     check_positive_int(k, "k")
     if k > len(parameters):
         raise ValueError(f"k must be <= the number of experts {len(parameters)}, got {k}")
     order = sorted(range(len(relevance)), key=lambda j: (-relevance[j], j))[:k]
-    chosen_weights = _mix_weights([relevance[j] for j in order], k)
+    chosen_weights = _mix_weights(
+        [relevance[j] for j in order], k, "posterior", "branch_parameters"
+    )
     averaged = average_parameters([parameters[j] for j in order], chosen_weights)
     return averaged, order, chosen_weights

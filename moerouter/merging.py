@@ -36,7 +36,7 @@ import numpy as np
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount, top_k
-from moerouter._arrays import device_of
+from moerouter._arrays import device_of, host_copy
 from moerouter.policies._common import check_choice, check_positive_int
 from moerouter.routing import Routing
 
@@ -190,7 +190,7 @@ def expert_similarity(statistics: RoutingStatistics, *, xp: Any = None) -> Array
     """
     xp = array_namespace(statistics.logit_gram) if xp is None else xp
     gram = statistics.logit_gram
-    eye = xp.eye(statistics.num_experts, dtype=gram.dtype)
+    eye = xp.eye(statistics.num_experts, dtype=gram.dtype, device=device_of(gram))
     norms = xp.sqrt(xp.sum(gram * eye, axis=-1))
     denominator = norms[:, None] * norms[None, :]
     cosine = gram / xp.where(denominator > 0, denominator, xp.ones_like(denominator))
@@ -252,7 +252,8 @@ def group_experts(
     dominant = xp.astype(top_k(frequencies, num_groups, xp=xp), xp.int32)
     to_dominant = xp.take(similarity, dominant, axis=1)  # (E, G), columns in usage order
     nearest = xp.astype(top_k(to_dominant, 1, xp=xp)[:, 0], xp.int32)
-    is_dominant = xp.arange(num_experts, dtype=xp.int32)[:, None] == dominant[None, :]
+    experts = xp.arange(num_experts, dtype=xp.int32, device=device_of(dominant))
+    is_dominant = experts[:, None] == dominant[None, :]
     own = xp.astype(xp.argmax(xp.astype(is_dominant, xp.int32), axis=1), xp.int32)
     expert_map = xp.where(xp.any(is_dominant, axis=1), own, nearest)
     return expert_map, dominant
@@ -291,7 +292,9 @@ def num_groups_per_layer(
     >>> mr.merging.num_groups_per_layer(np.array([[0.7, 0.1, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]]), 2)
     [1, 3]
     """
-    usage = np.array(_numpy_copy(frequencies), dtype=np.float64)
+    usage = np.array(
+        host_copy(frequencies, "frequencies", "num_groups_per_layer"), dtype=np.float64
+    )
     if usage.ndim != 2:
         raise ValueError(f"frequencies must have shape (L, E), got {usage.shape}")
     num_layers, num_experts = usage.shape
@@ -313,20 +316,6 @@ def num_groups_per_layer(
     if threshold == 1.0:
         raise ValueError("average_num_groups is too large for these frequencies; reduce it")
     return [int(np.sum(row > threshold)) for row in usage]
-
-
-def _numpy_copy(array: Array) -> np.ndarray:
-    """A host NumPy copy of any backend's array, for the offline NumPy steps."""
-    if type(array).__module__.partition(".")[0] == "torch":
-        array = array.detach().cpu()
-        if str(array.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-            array = array.float()
-        return np.asarray(array.numpy())
-    if type(array).__module__.partition(".")[0] == "array_api_strict":
-        return np.from_dlpack(array).copy()
-    if type(array).__module__.partition(".")[0] == "cupy":
-        return np.asarray(array.get())
-    return np.asarray(array)
 
 
 def _check_weights(weights: object, num_experts: int | None) -> dict[str, Array]:
@@ -381,8 +370,10 @@ def weight_matching_permutation(
         ) from error
     cost: np.ndarray | None = None
     for name, axis in neuron_axis.items():
-        ref = np.moveaxis(np.asarray(_numpy_copy(reference[name]), dtype=np.float64), axis, 0)
-        tgt = np.moveaxis(np.asarray(_numpy_copy(target[name]), dtype=np.float64), axis, 0)
+        ref = host_copy(reference[name], f"reference[{name!r}]", "weight_matching_permutation")
+        tgt = host_copy(target[name], f"target[{name!r}]", "weight_matching_permutation")
+        ref = np.moveaxis(np.asarray(ref, dtype=np.float64), axis, 0)
+        tgt = np.moveaxis(np.asarray(tgt, dtype=np.float64), axis, 0)
         term = ref.reshape(ref.shape[0], -1) @ tgt.reshape(tgt.shape[0], -1).T
         if cost is not None and term.shape != cost.shape:
             raise ValueError(f"weights[{name!r}] has {term.shape[0]} neurons, others {len(cost)}")
@@ -452,8 +443,8 @@ def align_experts(
         if not -(checked[name].ndim - 1) <= axis < checked[name].ndim - 1:
             raise ValueError(f"neuron_axis[{name!r}] = {axis} is out of range")
     xp = array_namespace(*checked.values()) if xp is None else xp
-    groups = np.asarray(_numpy_copy(expert_map), dtype=np.int64)
-    heads = np.asarray(_numpy_copy(dominant), dtype=np.int64)
+    groups = np.asarray(host_copy(expert_map, "expert_map", "align_experts"), dtype=np.int64)
+    heads = np.asarray(host_copy(dominant, "dominant", "align_experts"), dtype=np.int64)
     num_experts = next(iter(checked.values())).shape[0]
     if groups.shape != (num_experts,) or np.any(groups < 0) or np.any(groups >= heads.size):
         raise ValueError(f"expert_map must hold E = {num_experts} labels in [0, {heads.size})")
@@ -471,8 +462,13 @@ def align_experts(
     aligned: dict[str, Array] = {}
     for name, value in checked.items():
         axis = neuron_axis[name] % (value.ndim - 1)
+        where = device_of(value)
         rows = [
-            xp.take(value[e, ...], xp.asarray(permutations[e], dtype=xp.int32), axis=axis)
+            xp.take(
+                value[e, ...],
+                xp.asarray(permutations[e], dtype=xp.int32, device=where),
+                axis=axis,
+            )
             for e in range(num_experts)
         ]
         aligned[name] = xp.stack(rows, axis=0)
@@ -487,10 +483,8 @@ def _group_matrix(
     A group whose frequencies sum to 0 (no member was ever used) gets a plain average; the
     authors' code divides by ``0 + eps`` there and would zero the merged expert.
     """
-    member = xp.astype(
-        xp.arange(num_groups, dtype=xp.int32)[:, None] == xp.astype(expert_map, xp.int32)[None, :],
-        dtype,
-    )
+    groups = xp.arange(num_groups, dtype=xp.int32, device=device_of(expert_map))
+    member = xp.astype(groups[:, None] == xp.astype(expert_map, xp.int32)[None, :], dtype)
     weighted = member * xp.astype(frequencies, dtype)[None, :]
     total = xp.sum(weighted, axis=1, keepdims=True)
     coefficients = xp.where(total > 0, weighted, member)
@@ -641,9 +635,8 @@ def remap_routing(
     choice_ids = xp.where(
         is_real_choice, xp.take(mapping, safe_choice), routing.choice_ids - num_experts + num_groups
     )
-    member = xp.astype(
-        mapping[:, None] == xp.arange(num_groups, dtype=xp.int32)[None, :], routing.probs.dtype
-    )
+    groups = xp.arange(num_groups, dtype=xp.int32, device=device_of(mapping))
+    member = xp.astype(mapping[:, None] == groups[None, :], routing.probs.dtype)
     merged_probs = xp.matmul(routing.probs[:, :num_experts], member)
     probs = xp.concat([merged_probs, routing.probs[:, num_experts:]], axis=1)
     return Routing(

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from array_api_compat import is_array_api_obj
 
+from moerouter._arrays import device_of, host_copy
 from moerouter._numerics import (
     bool_array,
     check_real,
@@ -111,7 +112,7 @@ def multi_gate(
     logits = float_array(gate_logits, "gate_logits", ndim=(3,), xp=xp)
     num_tasks, num_experts = int(logits.shape[1]), int(logits.shape[2])
     if visible is None:
-        mask = xp.ones((num_tasks, num_experts), dtype=xp.bool)
+        mask = xp.ones((num_tasks, num_experts), dtype=xp.bool, device=device_of(logits))
     else:
         mask = bool_array(visible, "visible", shape=(num_tasks, num_experts), xp=xp)
     # A task that sees no expert gets NaN gates (0 / 0) rather than an error: checking the mask's
@@ -254,7 +255,8 @@ def hierarchy_mask(
         specific[task, own : own + per_task] = True
     if not visible.any(axis=1).all():
         raise ValueError("every task must see at least one expert")
-    return xp.asarray(visible), xp.asarray(specific)
+    where = device_of(task_category) if is_array_api_obj(task_category) else None
+    return xp.asarray(visible, device=where), xp.asarray(specific, device=where)
 
 
 def feature_gate(features: Array, down: Array, up: Array, *, xp: Any = None) -> Array:
@@ -624,10 +626,7 @@ def _categories(task_category: Any) -> list[int]:
 
         if task_category.ndim != 1:
             raise ValueError(f"task_category must be 1-D, got shape {tuple(task_category.shape)}")
-        try:
-            values = np.from_dlpack(task_category)
-        except Exception:  # an array without host DLPack export (a GPU array): copy through asarray
-            values = np.asarray(task_category)
+        values = host_copy(task_category, "task_category", "hierarchy_mask")
         if not np.issubdtype(values.dtype, np.integer):
             raise TypeError(f"task_category must hold integers, got {values.dtype}")
         categories = [int(v) for v in values]
