@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moerouter import Plan, Routing
+from moerouter._arrays import device_of
 
 __all__ = ["combine", "dispatch", "gather_reduce", "gather_rows", "make_plan"]
 
@@ -46,22 +47,23 @@ def _inverse(permutation: Array) -> Array:
     MaxText's ``invert_permutation``: O(R) instead of a second sort. Only indices move here, never
     feature rows, and no two writes share an index, so there is nothing to sum and nothing racy.
     """
-    size = permutation.shape[0]
-    positions = jnp.arange(size, dtype=jnp.int32)
-    return jnp.zeros(size, jnp.int32).at[permutation].set(positions, unique_indices=True)
+    size, device = permutation.shape[0], device_of(permutation)
+    positions = jnp.arange(size, dtype=jnp.int32, device=device)
+    inverse = jnp.zeros(size, jnp.int32, device=device)
+    return inverse.at[permutation].set(positions, unique_indices=True)
 
 
 def make_plan(routing: Routing) -> Plan:
     """:func:`moerouter.make_plan` for JAX: stable narrow-key sort, searches, one inverse."""
     num_tokens, num_experts, fan_in = routing.num_tokens, routing.num_experts, routing.fan_in
     token_ids, expert_ids, weights = routing.token_ids, routing.expert_ids, routing.weights
-    int32 = jnp.int32
+    int32, device = jnp.int32, device_of(expert_ids)
     real = expert_ids >= 0
     key = jnp.where(real, expert_ids, num_experts).astype(int32)  # "no expert" sorts last
     order = _stable_order(key, num_experts + 1)
     inverse = _inverse(order)
     bounds = jnp.searchsorted(
-        key[order], jnp.arange(num_experts + 1, dtype=int32), side="left"
+        key[order], jnp.arange(num_experts + 1, dtype=int32, device=device), side="left"
     ).astype(int32)
     group_sizes = bounds[1:] - bounds[:-1]
     masked_rows = jnp.where(real, inverse, -1)
@@ -76,10 +78,10 @@ def make_plan(routing: Routing) -> Plan:
         # token by the stable sort), padded with -1 to fan_in.
         by_token = _stable_order(token_ids, num_tokens)
         sorted_tokens = token_ids[by_token]
-        tokens = jnp.arange(num_tokens, dtype=int32)
+        tokens = jnp.arange(num_tokens, dtype=int32, device=device)
         starts = jnp.searchsorted(sorted_tokens, tokens, side="left").astype(int32)
         ends = jnp.searchsorted(sorted_tokens, tokens, side="right").astype(int32)
-        slot = starts[:, None] + jnp.arange(fan_in, dtype=int32)[None, :]
+        slot = starts[:, None] + jnp.arange(fan_in, dtype=int32, device=device)[None, :]
         present = slot < ends[:, None]
         assignment = by_token[jnp.clip(slot, 0, max(token_ids.shape[0] - 1, 0))]
         combine_rows = jnp.where(present, masked_rows[assignment], -1)
@@ -106,7 +108,7 @@ def _accumulate_dtype(dtype: Any) -> Any:
 
 def _xla_gather_rows(x: Array, source_tokens: Array, num_valid: Array) -> Array:
     num_rows = source_tokens.shape[0]
-    valid = jnp.arange(num_rows, dtype=jnp.int32) < num_valid
+    valid = jnp.arange(num_rows, dtype=jnp.int32, device=device_of(x)) < num_valid
     # Rows past num_valid read index T, out of bounds: "fill" writes zeros there in the same pass.
     rows = jnp.where(valid, source_tokens, x.shape[0])
     return jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
@@ -115,7 +117,9 @@ def _xla_gather_rows(x: Array, source_tokens: Array, num_valid: Array) -> Array:
 def _xla_gather_reduce(rows_in: Array, combine_rows: Array, weights: Array | None) -> Array:
     accumulate = _accumulate_dtype(rows_in.dtype)
     num_rows = rows_in.shape[0]
-    total = jnp.zeros((combine_rows.shape[0], rows_in.shape[1]), accumulate)
+    total = jnp.zeros(
+        (combine_rows.shape[0], rows_in.shape[1]), accumulate, device=device_of(rows_in)
+    )
     # One add per slot, in slot order: XLA fuses the loop into one pass and never reassociates
     # it, so the sum is the agnostic path's, bit for bit, on every run.
     for f in range(combine_rows.shape[1]):
@@ -167,12 +171,14 @@ def _row_weights(combine_rows: Array, combine_weights: Array, num_rows: int) -> 
     Each dispatch row is read by at most one (token, slot), so this places ``T * F`` scalars
     without collisions: unread slots go to distinct out-of-range indices and are dropped.
     """
-    flat_rows = combine_rows.reshape(-1)
-    spare = num_rows + jnp.arange(flat_rows.shape[0], dtype=jnp.int32)
+    flat_rows, device = combine_rows.reshape(-1), device_of(combine_rows)
+    spare = num_rows + jnp.arange(flat_rows.shape[0], dtype=jnp.int32, device=device)
     target = jnp.where(flat_rows >= 0, flat_rows, spare)
     values = combine_weights.reshape(-1).astype(_accumulate_dtype(combine_weights.dtype))
     return (
-        jnp.zeros(num_rows, values.dtype).at[target].set(values, mode="drop", unique_indices=True)
+        jnp.zeros(num_rows, values.dtype, device=device)
+        .at[target]
+        .set(values, mode="drop", unique_indices=True)
     )
 
 

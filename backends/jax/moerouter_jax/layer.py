@@ -295,7 +295,7 @@ def moe_apply(
     )
     y = mr.combine(expert_out, plan)
     if "shared_w_in" in params:
-        everyone = jnp.full((1,), tokens.shape[0], jnp.int32)
+        everyone = jnp.full((1,), tokens.shape[0], jnp.int32, device=device_of(tokens))
         y = y + expert_mlp(
             params["shared_w_in"],
             params["shared_w_out"],
