@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moerouter import Plan, Routing
-from moerouter._arrays import device_of
+from moerouter._arrays import device_of as _device_of
 
 __all__ = ["combine", "dispatch", "gather_reduce", "gather_rows", "make_plan"]
 
@@ -30,6 +30,12 @@ Array = Any
 
 
 # ------------------------------------------------------------------------------------------ plan
+
+
+def device_of(array: Array) -> Any:
+    """``device=`` for new ``jnp`` arrays beside ``array``: a JAX array's device (None when traced
+    or sharded over several devices); None for a NumPy input, which JAX places by default."""
+    return _device_of(array) if isinstance(array, jax.Array) else None
 
 
 def _stable_order(keys: Array, num_keys: int) -> Array:

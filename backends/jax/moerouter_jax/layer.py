@@ -41,9 +41,9 @@ import jax.numpy as jnp
 
 import moerouter as mr
 from moerouter._agnostic.select import bincount
-from moerouter._arrays import device_of
 from moerouter.policies._token_choice import masked_softmax, renormalize
 from moerouter_jax._grouped import grouped_matmul
+from moerouter_jax._kernels import device_of
 
 __all__ = [
     "expert_mlp",
