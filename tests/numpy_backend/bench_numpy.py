@@ -134,6 +134,7 @@ def main() -> None:
             fan_in=k,
             token_layout=True,
             xp=xp,
+            device="cpu",
         ),
         args.repeats,
     )

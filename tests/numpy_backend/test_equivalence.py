@@ -253,6 +253,7 @@ def test_random_routings_match(num_tokens, num_experts, data):
         fan_in=routing.fan_in,
         token_layout=routing.layout == "token",
         xp=np,
+        device="cpu",
     )
     for name in (*INTEGER_FIELDS, "combine_weights"):
         np.testing.assert_array_equal(getattr(fast, name), reference[name], err_msg=name)
