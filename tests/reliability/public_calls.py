@@ -1,0 +1,422 @@
+"""One call of every public array function of the core, shared by the reliability tests.
+
+``CALLS`` maps a public name (``"losses.z_loss"``, ``"TopK[capacity]"`` for a variant) to a
+function of an :class:`Inputs` factory and the token shape ``lead`` ((T,) or (G, S)); it returns
+whatever the public function returns. ``test_devices`` runs every call on torch ``meta`` tensors,
+``test_zero_tokens`` the token-wise ones (``TOKEN_WISE``) with no tokens. ``NOT_CALLED`` names the
+public names that build no array of the caller's backend, with the reason; ``public_names`` lists
+every public name, so that a new one without a call (or a reason) fails the coverage test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
+
+import numpy as np
+
+import moerouter as mr
+
+E = 4  # real experts
+NULL = 2  # null experts of NullExperts
+K = 2  # experts per token
+D = 6  # features
+CLASSES = 3  # classes of the method modules' classifiers
+
+
+@dataclass
+class Inputs:
+    """Random inputs of one backend, from NumPy draws: ``convert`` puts a NumPy array there."""
+
+    convert: Callable[[np.ndarray], Any]
+    xp: Any
+    device: Any = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def floats(self, *shape: int) -> Any:
+        return self.convert(self.rng.standard_normal(shape).astype(np.float32))
+
+    def uniform(self, *shape: int) -> Any:
+        return self.convert(self.rng.random(shape).astype(np.float32))
+
+    def ints(self, low: int, high: int, *shape: int) -> Any:
+        return self.convert(self.rng.integers(low, high, shape).astype(np.int32))
+
+    def bools(self, *shape: int) -> Any:
+        return self.convert(np.ones(shape, dtype=bool))
+
+
+def _tokens(lead: tuple[int, ...]) -> int:
+    return math.prod(lead)
+
+
+def _logits(a: Inputs, lead: tuple[int, ...], columns: int = E) -> Any:
+    return a.floats(*lead, columns)
+
+
+def _routing(a: Inputs, lead: tuple[int, ...]) -> mr.Routing:
+    return mr.TopK(E, K)(_logits(a, lead))
+
+
+def _null_routing(a: Inputs, lead: tuple[int, ...]) -> mr.Routing:
+    return mr.NullExperts(E, NULL, K)(_logits(a, lead, E + NULL))
+
+
+def _expert_choice(a: Inputs, lead: tuple[int, ...]) -> mr.Routing:
+    return mr.ExpertChoice(E, capacity_factor=2.0)(_logits(a, lead))
+
+
+def _dispatch_combine(a: Inputs, routing: mr.Routing, pad: bool = False) -> tuple[Any, Any]:
+    plan = mr.make_plan(routing, pad_to_capacity=pad)
+    xe = mr.dispatch(a.floats(routing.num_tokens, D), plan)
+    return xe, mr.combine(xe * 2.0, plan)
+
+
+def _soft(a: Inputs, lead: tuple[int, ...]) -> tuple[Any, Any]:
+    soft = mr.SoftMoE(E, 2)(_logits(a, lead, 2 * E))
+    slots = mr.dispatch(a.floats(*lead, D), soft)
+    return soft, slots, mr.combine(slots, soft)
+
+
+def _mask(a: Inputs, lead: tuple[int, ...]) -> Any:
+    return a.bools(*lead)
+
+
+def _statistics(a: Inputs) -> mr.merging.RoutingStatistics:
+    logits = _logits(a, (8,))
+    return mr.merging.collect_routing_statistics(mr.TopK(E, K)(logits), logits)
+
+
+# Public name (or "name[variant]") -> call. Token-wise calls route or score ``lead`` tokens.
+TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
+    # ---- policies
+    "TopK": lambda a, lead: mr.TopK(E, K)(_logits(a, lead)),
+    "TopK[capacity, probs]": lambda a, lead: mr.TopK(
+        E, K, capacity_factor=1.0, drop_policy="probs"
+    )(_logits(a, lead)),
+    "TopK[sigmoid, batch_priority]": lambda a, lead: mr.TopK(
+        E, K, score="sigmoid", capacity_factor=1.5, drop_policy="batch_priority"
+    )(_logits(a, lead)),
+    "NullExperts": _null_routing,
+    "NullExperts[capacity]": lambda a, lead: mr.NullExperts(E, NULL, K, capacity_factor=1.0)(
+        _logits(a, lead, E + NULL)
+    ),
+    "ExpertChoice": _expert_choice,
+    "DeepSeekTopK": lambda a, lead: mr.DeepSeekTopK(E, K)(_logits(a, lead)),
+    "DeepSeekTopK[grouped, bias, capacity]": lambda a, lead: mr.DeepSeekTopK(
+        E, K, num_groups=2, topk_groups=1, capacity_factor=1.0
+    )(_logits(a, lead), a.floats(E)),
+    "GShardTop2": lambda a, lead: mr.GShardTop2(E)(_logits(a, lead), a.uniform(*lead)),
+    "GShardTop2[all, capacity]": lambda a, lead: mr.GShardTop2(
+        E, second_expert_policy="all", capacity_factor=1.0
+    )(_logits(a, lead)),
+    "SinkhornTokenChoice[noise, capacity]": lambda a, lead: mr.SinkhornTokenChoice(
+        E, K, capacity_factor=1.0, num_iters=3
+    )(_logits(a, lead), a.floats(*lead, E)),
+    "SinkhornExpertChoice": lambda a, lead: mr.SinkhornExpertChoice(E, num_iters=3)(
+        _logits(a, lead)
+    ),
+    "BalancedAssignment": lambda a, lead: mr.BalancedAssignment(E, num_iters=3)(_logits(a, lead)),
+    "SparsityConstrainedExpertChoice": lambda a, lead: mr.SparsityConstrainedExpertChoice(
+        E, num_steps=3
+    )(_logits(a, lead)),
+    "SparsityConstrainedExpertChoice[plan]": lambda a, lead: mr.SparsityConstrainedExpertChoice(
+        E, num_steps=3
+    ).plan(_logits(a, lead)),
+    "SoftMoE": _soft,
+    "HashRouter": lambda a, lead: mr.HashRouter(E)(a.ints(-1, 50, *lead)),
+    "HashRouter[table]": lambda a, lead: mr.HashRouter(E, table=[[0, 1], [2, 3], [1, 2]])(
+        a.ints(-1, 4, *lead)
+    ),
+    "FrozenRandomRouter": lambda a, lead: mr.FrozenRandomRouter(D, E, seed=0)(a.floats(*lead, D)),
+    "LocalityTopK": lambda a, lead: mr.policies.LocalityTopK(
+        E, K, num_nodes=2, max_nodes=2, capacity_factor=1.0
+    )(_logits(a, lead), a.ints(0, 2, _tokens(lead))),
+    "AffinityRouting": lambda a, lead: mr.policies.AffinityRouting(E, capacity_factor=1.0)(
+        _logits(a, lead), a.floats(*lead, E)
+    ),
+    "AnchorRouting": lambda a, lead: mr.AnchorRouting(mr.TopK(E, K), num_anchors=3)(
+        _logits(a, lead), a.ints(-1, 3, _tokens(lead))
+    ),
+    "policies.affinity_scores": lambda a, lead: mr.policies.affinity_scores(
+        a.floats(_tokens(lead), D), a.floats(E, D)
+    ),
+    "policies.anchor_mean_logits": lambda a, lead: mr.policies.anchor_mean_logits(
+        _logits(a, lead), a.ints(-1, 3, _tokens(lead)), num_anchors=3
+    ),
+    "policies.anchor_router_input": lambda a, lead: mr.policies.anchor_router_input(
+        a.floats(_tokens(lead), D), a.ints(-1, 3, _tokens(lead)), a.floats(3, 2)
+    ),
+    "cosine_router_logits": lambda a, lead: mr.cosine_router_logits(
+        a.floats(*lead, D), a.floats(D, E), a.floats(1)
+    ),
+    "gaussian_noise": lambda a, lead: mr.gaussian_noise(
+        _logits(a, lead), a.floats(*lead, E), a.uniform(*lead, E)
+    ),
+    "multiplicative_jitter": lambda a, lead: mr.multiplicative_jitter(
+        _logits(a, lead), a.uniform(*lead, E)
+    ),
+    "noisy_top_k_std": lambda a, lead: mr.noisy_top_k_std(_logits(a, lead)),
+    "vmoe_logit_noise": lambda a, lead: mr.vmoe_logit_noise(_logits(a, lead), a.floats(*lead, E)),
+    "policies.grouped_average_pooling": lambda a, lead: mr.policies.grouped_average_pooling(
+        a.floats(*lead, 2 * E), E
+    ),
+    "policies.locality_loss": lambda a, lead: mr.policies.locality_loss(
+        _routing(a, lead), a.ints(0, 2, _tokens(lead)), num_nodes=2
+    ),
+    "policies.sinkhorn_plan": lambda a, lead: mr.policies.sinkhorn_plan(
+        _logits(a, lead), num_iters=3
+    ),
+    # ---- plan, dispatch, combine
+    "make_plan": lambda a, lead: mr.make_plan(_routing(a, lead)),
+    "make_plan[expert layout]": lambda a, lead: mr.make_plan(_expert_choice(a, lead)),
+    "make_plan[pad_to_capacity]": lambda a, lead: mr.make_plan(
+        mr.TopK(E, K, capacity_factor=1.0)(_logits(a, lead)), pad_to_capacity=True
+    ),
+    "dispatch": lambda a, lead: _dispatch_combine(a, _routing(a, lead))[0],
+    "combine": lambda a, lead: _dispatch_combine(a, _routing(a, lead))[1],
+    "combine[null experts]": lambda a, lead: _dispatch_combine(a, _null_routing(a, lead)),
+    "combine[expert layout]": lambda a, lead: _dispatch_combine(a, _expert_choice(a, lead)),
+    "combine[pad_to_capacity]": lambda a, lead: _dispatch_combine(
+        a, mr.ExpertChoice(E)(_logits(a, lead)), pad=True
+    ),
+    # ---- losses
+    "losses.load_balancing": lambda a, lead: [
+        mr.losses.load_balancing(_routing(a, lead), convention=convention, mask=_mask(a, lead))
+        for convention in ("megatron", "mixtral", "gshard")
+    ],
+    "losses.load_balancing[expert layout]": lambda a, lead: mr.losses.load_balancing(
+        _expert_choice(a, lead), convention="gshard"
+    ),
+    "losses.null_load_balancing": lambda a, lead: [
+        mr.losses.null_load_balancing(_null_routing(a, lead), null_mode=mode)
+        for mode in ("pooled", "per_expert")
+    ],
+    "losses.sequence_load_balancing": lambda a, lead: mr.losses.sequence_load_balancing(
+        _routing(a, lead), alpha=0.5, mask=_mask(a, lead)
+    ),
+    "losses.importance_loss": lambda a, lead: [
+        mr.losses.importance_loss(_routing(a, lead), source=source)
+        for source in ("weights", "probs")
+    ],
+    "losses.load_loss": lambda a, lead: [
+        mr.losses.load_loss(
+            _logits(a, lead), _logits(a, lead), a.uniform(*lead, E), k=K, threshold=threshold
+        )
+        for threshold in ("shazeer", "vmoe")
+    ],
+    "losses.load_loss[float std]": lambda a, lead: mr.losses.load_loss(
+        _logits(a, lead), _logits(a, lead), 0.5, k=1, mask=_mask(a, lead)
+    ),
+    "losses.entropy": lambda a, lead: mr.losses.entropy(_routing(a, lead), mask=_mask(a, lead)),
+    "losses.z_loss": lambda a, lead: mr.losses.z_loss(_logits(a, lead), mask=_mask(a, lead)),
+    "losses.aggregate": lambda a, lead: mr.losses.aggregate(
+        [
+            {
+                "z": mr.losses.z_loss(_logits(a, lead)),
+                "lb": mr.losses.load_balancing(_routing(a, lead)),
+            }
+            for _ in range(2)
+        ],
+        weights=[1.0, 3.0],
+    ),
+    "losses.balance_state_init": lambda a, lead: mr.losses.balance_state_init(
+        E, xp=a.xp, device=a.device
+    ),
+    "losses.accumulate": lambda a, lead: mr.losses.accumulate(
+        mr.losses.balance_state_init(E, xp=a.xp, device=a.device), _routing(a, lead)
+    ),
+    "losses.load_balancing_from_state": lambda a, lead: [
+        mr.losses.load_balancing_from_state(
+            mr.losses.accumulate(
+                mr.losses.balance_state_init(E, xp=a.xp, device=a.device), _routing(a, lead)
+            ),
+            convention=convention,
+            routing=routing,
+        )
+        for convention in ("megatron", "mixtral")
+        for routing in (None, _routing(a, lead))
+    ],
+    # ---- stats
+    "stats.summary": lambda a, lead: [
+        mr.stats.summary(routing)
+        for routing in (_routing(a, lead), _null_routing(a, lead), _expert_choice(a, lead))
+    ],
+    "stats.co_occurrence": lambda a, lead: mr.stats.co_occurrence(
+        _routing(a, lead), mask=_mask(a, lead)
+    ),
+    "stats.processed_by_at_least": lambda a, lead: [
+        mr.stats.processed_by_at_least(_expert_choice(a, lead)),
+        mr.stats.processed_by_at_least(_routing(a, lead), thresholds=[0, 2], mask=_mask(a, lead)),
+    ],
+}
+
+# Calls of functions that are not token-wise (expert tables, per-row method diagnostics).
+OTHER: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
+    "update_expert_bias": lambda a, lead: mr.update_expert_bias(a.floats(E), a.floats(E), 0.1),
+    # ---- multitask
+    "multitask.expert_collapse": lambda a, lead: mr.multitask.expert_collapse(a.floats(5, E, D)),
+    "multitask.expert_degradation": lambda a, lead: mr.multitask.expert_degradation(
+        a.uniform(5, 2, E)
+    ),
+    "multitask.expert_normalization": lambda a, lead: [
+        mr.multitask.expert_normalization(a.floats(5, E, D)),
+        mr.multitask.expert_normalization(
+            a.floats(5, D), mean=a.floats(D), variance=a.uniform(D), scale=a.floats(D)
+        ),
+    ],
+    "multitask.expert_underfitting": lambda a, lead: mr.multitask.expert_underfitting(
+        a.uniform(5, 2, E), a.bools(2, E)
+    ),
+    "multitask.feature_gate": lambda a, lead: mr.multitask.feature_gate(
+        a.floats(5, D), a.floats(E, D, 2), a.floats(E, 2, D)
+    ),
+    "multitask.mix": lambda a, lead: mr.multitask.mix(a.uniform(5, 2, E), a.floats(5, E, D)),
+    "multitask.multi_gate": lambda a, lead: [
+        mr.multitask.multi_gate(a.floats(5, 2, E)),
+        mr.multitask.multi_gate(a.floats(5, 2, E), a.bools(2, E), single_expert="sigmoid"),
+    ],
+    "multitask.self_gate": lambda a, lead: mr.multitask.self_gate(
+        a.floats(5, E, D), a.floats(5, E), residual=a.floats(5, D)
+    ),
+    # ---- confidence
+    "confidence.dispersion": lambda a, lead: mr.confidence.dispersion(a.floats(5, CLASSES)),
+    "confidence.mixed_logits_loss": lambda a, lead: mr.confidence.mixed_logits_loss(
+        a.floats(5, CLASSES), a.floats(5, CLASSES), a.ints(0, CLASSES, 5), a.uniform(5)
+    ),
+    "confidence.mlp_confidence": lambda a, lead: mr.confidence.mlp_confidence(
+        a.floats(5, CLASSES),
+        [(a.floats(2 + 3, 4), a.floats(4)), (a.floats(4, 1), a.floats(1))],
+        node_features=a.floats(5, 3),
+    ),
+    "confidence.power_confidence": lambda a, lead: [
+        mr.confidence.power_confidence(a.floats(5, CLASSES), 2.0, measure=measure)
+        for measure in ("variance", "entropy")
+    ],
+    "confidence.predict": lambda a, lead: [
+        mr.confidence.predict(
+            a.floats(5, CLASSES), a.floats(5, CLASSES), a.uniform(5), uniform=a.uniform(5)
+        ),
+        mr.confidence.predict(
+            a.floats(5, CLASSES), a.floats(5, CLASSES), a.uniform(5), threshold=0.5
+        ),
+    ],
+    "confidence.predict_mixed": lambda a, lead: mr.confidence.predict_mixed(
+        a.floats(5, CLASSES), a.floats(5, CLASSES), a.uniform(5)
+    ),
+    "confidence.weighted_loss": lambda a, lead: mr.confidence.weighted_loss(
+        a.floats(5, CLASSES), a.floats(5, CLASSES), a.ints(0, CLASSES, 5), a.uniform(5)
+    ),
+    # ---- ensemble
+    "ensemble.average_parameters": lambda a, lead: mr.ensemble.average_parameters(
+        [{"w": a.floats(3, 2), "b": [a.floats(2)]} for _ in range(3)], [0.5, 0.25, 0.25]
+    ),
+    "ensemble.domain_posterior": lambda a, lead: [
+        mr.ensemble.domain_posterior(a.floats(5, 3), a.uniform(3), window=window)
+        for window in (1, None)
+    ],
+    "ensemble.ensemble_log_likelihood": lambda a, lead: mr.ensemble.ensemble_log_likelihood(
+        a.floats(5, 3), a.uniform(3)
+    ),
+    "ensemble.top_k_prior": lambda a, lead: mr.ensemble.top_k_prior(a.uniform(3), 2),
+    "ensemble.update_prior": lambda a, lead: mr.ensemble.update_prior(
+        a.uniform(3), a.uniform(4, 3), alpha=0.5
+    ),
+    # ---- merging
+    "merging.collect_routing_statistics": lambda a, lead: [
+        _statistics(a),
+        mr.merging.collect_routing_statistics(
+            mr.TopK(E, K)(_logits(a, (8,))), state=_statistics(a), count="top1"
+        ),
+    ],
+    "merging.expert_frequencies": lambda a, lead: mr.merging.expert_frequencies(_statistics(a)),
+    "merging.expert_similarity": lambda a, lead: mr.merging.expert_similarity(_statistics(a)),
+    "merging.group_experts": lambda a, lead: mr.merging.group_experts(
+        a.uniform(E), a.uniform(E, E), 2
+    ),
+    "merging.low_rank_factors": lambda a, lead: mr.merging.low_rank_factors(a.floats(2, 5, 3), 2),
+    "merging.merge_experts": lambda a, lead: mr.merging.merge_experts(
+        {"w": a.floats(E, 3, 2)}, a.ints(0, 2, E), a.uniform(E), num_groups=2
+    ),
+    "merging.merge_gate_rows": lambda a, lead: mr.merging.merge_gate_rows(
+        a.floats(E, D), a.ints(0, 2, E), a.uniform(E), num_groups=2
+    ),
+    "merging.remap_routing": lambda a, lead: mr.merging.remap_routing(
+        _null_routing(a, (5,)), a.ints(0, 2, E), num_groups=2
+    ),
+    # ---- distillation
+    "distillation.align_gradients": lambda a, lead: mr.distillation.align_gradients(a.floats(3, 7)),
+    "distillation.binary_kl": lambda a, lead: mr.distillation.binary_kl(
+        a.floats(5, CLASSES), a.floats(5, CLASSES)
+    ),
+    "distillation.binary_kl_norm": lambda a, lead: mr.distillation.binary_kl_norm(
+        a.floats(5, CLASSES), a.floats(5, CLASSES)
+    ),
+    "distillation.cross_entropy": lambda a, lead: mr.distillation.cross_entropy(
+        a.floats(5, CLASSES), a.ints(0, CLASSES, 5)
+    ),
+    "distillation.dual_head_loss": lambda a, lead: mr.distillation.dual_head_loss(
+        a.floats(5, CLASSES), a.floats(5, CLASSES), a.floats(5, CLASSES), a.ints(0, CLASSES, 5)
+    ),
+}
+
+CALLS = {**TOKEN_WISE, **OTHER}
+
+#: Public names whose own output holds no array of the caller's backend, with the reason.
+NOT_CALLED: dict[str, str] = {
+    "Plan": "a data type; plans come from make_plan (called)",
+    "Routing": "a data type; every policy builds one (called)",
+    "SoftRouting": "a data type; SoftMoE builds one (called)",
+    "BackendInfo": "a plugin declaration, no arrays",
+    "losses.BalanceState": "a data type; balance_state_init builds one (called)",
+    "merging.RoutingStatistics": "a data type; collect_routing_statistics builds one (called)",
+    "k_schedule": "returns a Python int",
+    "evaluate_at_k": "calls the user's function with Python ints",
+    "random_hash_table": "a NumPy table made once on the host; HashRouter copies it (called)",
+    "balanced_hash_table": "a NumPy table made once on the host; HashRouter copies it (called)",
+    # Host algorithms: they read the values (test_devices checks their clear error on meta).
+    "ensemble.branch_parameters": "host-side: picks domains from the posterior's values",
+    "merging.num_groups_per_layer": "host-side: returns Python ints from the frequencies",
+    "merging.weight_matching_permutation": "host-side: a linear assignment on the weights",
+    "merging.align_experts": "host-side: weight matching, then a gather on the device",
+    "multitask.hierarchy_mask": "host-side: builds the masks from the categories' values",
+}
+
+_MODULES = ("policies", "losses", "stats", "multitask", "confidence", "ensemble", "merging")
+_MODULES += ("distillation",)
+
+
+def public_names() -> set[str]:
+    """Every public name of moerouter and its submodules, as ``CALLS`` and ``NOT_CALLED`` name
+    them (top-level names bare, submodule names as ``module.name``)."""
+    names = {name for name in mr.__all__ if name not in (*_MODULES, "__version__")}
+    for module_name in _MODULES:
+        module = getattr(mr, module_name)
+        for name in module.__all__:
+            if module_name == "policies" and name in names:
+                continue  # re-exported at the top level
+            names.add(f"{module_name}.{name}")
+    return names
+
+
+def called_names() -> set[str]:
+    """The public names ``CALLS`` exercises (a variant ``name[...]`` counts for ``name``)."""
+    return {key.partition("[")[0] for key in CALLS}
+
+
+def leaves(value: Any) -> list[Any]:
+    """Every array (any non-container value) inside ``value``, depth first, in order."""
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in leaves(item)]
+    if isinstance(value, list | tuple):
+        return [leaf for item in value for leaf in leaves(item)]
+    if is_dataclass(value) and not isinstance(value, type):
+        return [leaf for f in fields(value) for leaf in leaves(getattr(value, f.name))]
+    if value is None or isinstance(value, bool | int | float | str):
+        return []
+    return [value]
