@@ -212,8 +212,8 @@ def processed_by_at_least(
     V-MoE's expert-choice dispatcher logs it as ``ratio_processed_items_by_at_least_{t}_experts``
     for :math:`t = 1, 2, 4, \dots, E` (per group, averaged over groups; here over all valid
     tokens at once). :math:`r_0 = 1` (0 when no token is valid); :math:`1 - r_1` is the share
-    of tokens no expert processes. Also meaningful for token choice (``t`` up to ``k``), where it shows drops and
-    null experts.
+    of tokens no expert processes. Also meaningful for token choice (``t`` up to ``k``), where
+    it shows drops and null experts.
 
     Parameters
     ----------
