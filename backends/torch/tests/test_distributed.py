@@ -179,3 +179,75 @@ def test_uneven_experts_per_rank_rejected(num_experts, world_size):
 def test_experts_per_rank():
     assert experts_per_rank(8, 4) == 2
     assert experts_per_rank(8, 1) == 8
+
+
+@pytest.fixture
+def one_rank():
+    """A world of one Gloo rank in this process (an in-memory store, nothing spawned)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def plan_of(tokens, seed=0):
+    return mr.make_plan(mr.TopK(num_experts=E, k=2)(randn(tokens, E, seed=seed)))
+
+
+@pytest.mark.parametrize(
+    ("capacity", "error", "message"),
+    [
+        (True, TypeError, "capacity must be an int or None, got bool"),  # was taken as 1
+        (False, TypeError, "capacity must be an int or None, got bool"),  # was taken as 0
+        (2.0, TypeError, "capacity must be an int or None, got float"),  # not an index
+        ("4", TypeError, "capacity must be an int or None, got str"),
+        (0, ValueError, "capacity must be >= 1, got 0"),
+        (-3, ValueError, "capacity must be >= 1, got -3"),
+    ],
+)
+def test_dispatch_capacity_checked(one_rank, capacity, error, message):
+    with pytest.raises(error, match=message):
+        distributed.dispatch(randn(TOKENS, D, seed=1), plan_of(TOKENS), capacity=capacity)
+
+
+def test_dispatch_capacity_accepts_any_index(one_rank):
+    """A NumPy integer is an index, as for NumPy and the array API."""
+    np = pytest.importorskip("numpy")
+    x, plan = randn(TOKENS, D, seed=1), plan_of(TOKENS)
+    exchange = distributed.dispatch(x, plan, capacity=np.int64(3))
+    assert exchange.capacity == 3 and type(exchange.capacity) is int
+    torch.testing.assert_close(exchange.rows, distributed.dispatch(x, plan, capacity=3).rows)
+
+
+def test_padded_plan_refused(one_rank):
+    """A padded plan's real rows are not the first sum(group_sizes): sending them would mix
+    padding into the experts' rows."""
+    routing = mr.TopK(num_experts=E, k=2, capacity_factor=1.0)(randn(TOKENS, E, seed=0))
+    padded = mr.make_plan(routing, pad_to_capacity=True)
+    with pytest.raises(ValueError, match="plan must be packed"):
+        distributed.dispatch(randn(TOKENS, D, seed=1), padded)
+
+
+@pytest.mark.parametrize("capacity", [None, 3])  # both transports
+def test_zero_tokens_on_one_rank(one_rank, capacity):
+    """T = 0 goes through both transports, forward and backward, to a (0, d) output."""
+    empty = mr.make_plan(
+        mr.Routing(
+            token_ids=torch.zeros(0, dtype=torch.int32),
+            expert_ids=torch.zeros(0, dtype=torch.int32),
+            weights=torch.zeros(0),
+            choice_ids=torch.zeros(0, dtype=torch.int32),
+            probs=torch.zeros(0, E),
+            finite_rows=torch.zeros(0, dtype=torch.bool),
+            num_tokens=0,
+            num_experts=E,
+            layout="token",
+            slots=2,
+        )
+    )
+    x = torch.zeros(0, D, requires_grad=True)
+    exchange = distributed.dispatch(x, empty, capacity=capacity)
+    assert exchange.group_sizes.tolist() == [0] * E
+    assert exchange.rows.shape == ((0 if capacity is None else E * capacity), D)
+    y = distributed.combine(exchange.rows * 2, exchange)
+    y.sum().backward()
+    assert y.shape == (0, D) and x.grad.shape == (0, D)
