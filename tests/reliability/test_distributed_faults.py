@@ -11,18 +11,13 @@
 * A rank that raises between dispatch and combine while staying alive still leaves its peers
   waiting until the process-group timeout: the last test shows that limit.
 
-Every test ends by itself: collectives time out after ``PROCESS_GROUP_TIMEOUT`` seconds, and the
-launcher kills ranks still alive after ``JOIN_TIMEOUT`` seconds, so a hang fails the test
-instead of stalling CI. A fork server with torch already imported starts the ranks, so the
-budget goes to the checks rather than to imports.
+Every test ends by itself: collectives time out after 20 seconds, and the launcher
+(``moerouter_torch._ranks.run_ranks``) kills ranks still alive after 55 seconds, so a hang fails
+the test instead of stalling CI.
 """
 
-import multiprocessing
-import os
 import re
-import socket
 import time
-from datetime import timedelta
 
 import pytest
 
@@ -30,56 +25,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("moerouter_torch")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from moerouter_torch import MoE, distributed  # noqa: E402
+from moerouter_torch._ranks import run_ranks  # noqa: E402
 from moerouter_torch.distributed import ExpertParallelMoE, PeerRankError  # noqa: E402
 
 import moerouter as mr  # noqa: E402
 
-PROCESS_GROUP_TIMEOUT = 20  # seconds a stranded collective waits before it raises
-JOIN_TIMEOUT = 55  # seconds before the launcher kills every rank and fails the test
 TOKENS, D, H, E, K = 4, 8, 12, 8, 2  # tokens per non-empty rank; 8 experts over 2 or 4 ranks
 
 pytestmark = pytest.mark.slow  # rank processes on 2 shared cores: seconds each
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank, world, port, timeout, check, args):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)  # world ranks share 2 cores
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-    try:
-        check(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(check, world, *args, timeout=PROCESS_GROUP_TIMEOUT):
-    """Run ``check(rank, world, *args)`` on ``world`` Gloo ranks; fail, never hang."""
-    multiprocessing.set_forkserver_preload(["torch", "moerouter_torch.distributed"])
-    context = mp.start_processes(
-        _rank_main,
-        args=(world, free_port(), timeout, check, args),
-        nprocs=world,
-        join=False,
-        start_method="forkserver",
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"ranks still running after {JOIN_TIMEOUT} s: a hang")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
 
 
 def randn(*shape, seed):
@@ -233,7 +187,7 @@ def check_core_policy_zero_tokens(rank, world):
 
 @pytest.mark.xfail(
     strict=True,
-    raises=mp.ProcessRaisedException,
+    raises=torch.multiprocessing.ProcessRaisedException,
     reason="mr.TopK refuses T = 0 until the core's zero-token fix (issue 14 item 9) is merged; "
     "then this passes: remove the mark",
 )

@@ -1,16 +1,16 @@
 """Expert parallelism on Gloo: every rank's outputs and gradients equal the single-process MoE.
 
-Spawning processes dominates the cost, so each spawn runs every check in one worker.
+Starting processes dominates the cost, so each start runs every check in one worker. The
+launcher bounds every run (``moerouter_torch._ranks``): a hang fails the test. The fault cases
+(empty ranks, mismatched settings, failing ranks) are in
+tests/reliability/test_distributed_faults.py.
 """
-
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from moerouter_torch import MoE, distributed
+from moerouter_torch._ranks import run_ranks
 from moerouter_torch.distributed import ExpertParallelMoE, experts_per_rank
 
 import moerouter as mr
@@ -20,12 +20,6 @@ TOKENS, D, H, E = 5, 8, 12, 8  # tokens per rank; 8 experts divide over 2 and 4 
 
 def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reference(moe, x_all, upstream):
@@ -126,32 +120,24 @@ def check_capacity_drops(rank, world, capacity):
     assert arrived == kept
 
 
-def worker(rank, world, port):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # Plain top-k: every assignment is real.
-        assert check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world) == (
-            world * TOKENS * 2
-        )
-        # AdaMoE null experts: fewer rows than T * k travel, exactly the real ones.
-        real = check_matches_single_process(
-            mr.NullExperts(num_experts=E, num_null=E, k=2), rank, world
-        )
-        assert real < world * TOKENS * 2
-        # Static capacity large enough for everything: same results as dropless.
-        check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world, capacity=TOKENS)
-        # Static capacity too small: the overflow is dropped and counted.
-        check_capacity_drops(rank, world, capacity=1)
-        check_all_rows_to_one_expert(rank, world)
-        with pytest.raises(ValueError, match=f"num_experts={world + 1}.*world size {world}"):
-            ExpertParallelMoE(D, H, mr.TopK(num_experts=world + 1, k=1))
-    finally:
-        dist.destroy_process_group()
+def worker(rank, world):
+    # Plain top-k: every assignment is real.
+    assert check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world) == (
+        world * TOKENS * 2
+    )
+    # AdaMoE null experts: fewer rows than T * k travel, exactly the real ones.
+    real = check_matches_single_process(mr.NullExperts(num_experts=E, num_null=E, k=2), rank, world)
+    assert real < world * TOKENS * 2
+    # Static capacity large enough for everything: same results as dropless.
+    check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world, capacity=TOKENS)
+    # Static capacity too small: the overflow is dropped and counted.
+    check_capacity_drops(rank, world, capacity=1)
+    check_all_rows_to_one_expert(rank, world)
+    with pytest.raises(ValueError, match=f"num_experts={world + 1}.*world size {world}"):
+        ExpertParallelMoE(D, H, mr.TopK(num_experts=world + 1, k=1))
 
 
-@pytest.mark.slow  # spawning ranks that each import torch: tens of seconds on 2 cores
+@pytest.mark.slow  # ranks on 2 shared cores: tens of seconds
 @pytest.mark.parametrize(
     "world",
     [
@@ -160,7 +146,7 @@ def worker(rank, world, port):
     ],
 )
 def test_expert_parallel_equals_single_process(world):
-    mp.spawn(worker, args=(world, free_port()), nprocs=world, join=True)
+    run_ranks(worker, world)
 
 
 @pytest.mark.parametrize(
