@@ -37,6 +37,49 @@ def test_uneven_experts_per_rank_rejected(num_experts, world_size):
         experts_per_rank(num_experts, world_size)
 
 
+@pytest.mark.parametrize(
+    ("capacity", "error", "message"),
+    [
+        (True, TypeError, "capacity must be an int, got bool"),  # was taken as 1
+        (2.0, TypeError, "capacity must be an int, got float"),
+        (None, TypeError, "capacity must be an int, got NoneType"),
+        (0, ValueError, "capacity must be >= 1, got 0"),
+    ],
+)
+def test_capacity_checked(capacity, error, message):
+    """Checked before anything is traced, so no mesh is needed to see the error."""
+    import jax.numpy as jnp
+    from moerouter_jax import distributed
+
+    import moerouter as mr
+
+    plan = mr.make_plan(mr.TopK(num_experts=E, k=2)(jnp.zeros((TOKENS, E))))
+    with pytest.raises(error, match=message):
+        distributed.dispatch(jnp.zeros((TOKENS, D)), plan, axis_name="ep", capacity=capacity)
+
+
+def test_capacity_accepts_any_index():
+    """A NumPy integer is an index, as for NumPy and the array API; the check passes it (the
+    call then needs the mesh axis, which this test does not have)."""
+    import numpy as np
+    from moerouter_jax.distributed import _check_capacity
+
+    assert _check_capacity(np.int64(3)) == 3 and type(_check_capacity(np.int64(3))) is int
+
+
+def test_padded_plan_refused():
+    """A padded plan's real rows are not packed by expert: sending them would mix in padding."""
+    import jax.numpy as jnp
+    from moerouter_jax import distributed
+
+    import moerouter as mr
+
+    routing = mr.TopK(num_experts=E, k=2, capacity_factor=1.0)(jnp.zeros((TOKENS, E)))
+    plan = mr.make_plan(routing, pad_to_capacity=True)
+    with pytest.raises(ValueError, match="plan must be packed"):
+        distributed.dispatch(jnp.zeros((TOKENS, D)), plan, axis_name="ep", capacity=2)
+
+
 def experts(rows, group_sizes, w_in, w_out):
     """Dense per-row expert MLPs (gelu) on moerouter-grouped rows; zero past the groups."""
     import jax
