@@ -176,9 +176,9 @@ def _agree(
     dist.all_gather(gathered, header, group=group)
     table = torch.stack(gathered).cpu()
 
-    failed = [rank for rank in range(table.shape[0]) if table[rank, 1]]
     if failure is not None:
         raise failure
+    failed = [rank for rank in range(table.shape[0]) if table[rank, 1]]
     if failed:
         details = "; ".join(
             f"rank {rank}: "
@@ -423,8 +423,8 @@ def _dispatch(
         rows=rows,
         group_sizes=recv_counts.sum(0).to(torch.int32),
         plan=plan,
-        rows_sent=torch.tensor(num_sent, dtype=torch.int64),
-        rows_dropped=torch.tensor(0, dtype=torch.int64),
+        rows_sent=torch.tensor(num_sent, dtype=torch.int64, device=xe.device),
+        rows_dropped=torch.zeros((), dtype=torch.int64, device=xe.device),
         send_splits=send_splits,
         recv_splits=recv_splits,
         capacity=None,
@@ -472,7 +472,7 @@ def _dispatch_capacity(
         rows=_Permute.apply(received, regroup, restore),
         group_sizes=recv_kept.sum(0).to(torch.int32),
         plan=plan,
-        rows_sent=torch.tensor(send.shape[0], dtype=torch.int64),
+        rows_sent=torch.tensor(send.shape[0], dtype=torch.int64, device=xe.device),
         rows_dropped=plan.group_sizes.sum() - kept.sum(),
         send_splits=None,
         recv_splits=None,
