@@ -218,6 +218,8 @@ def check_mismatched_settings(rank, world):
         ("capacity", (x, plan, 4 if last else None)),  # static on one rank, dropless elsewhere
         ("hidden size", (wide_x if last else x, plan, None)),
         ("dtype", (x.double() if last else x, plan, None)),
+        # Gradients wanted on one rank only: its backward would wait for the others forever.
+        ("x.requires_grad", (x.clone().requires_grad_() if last else x, plan, None)),
     ]
     for setting, (tokens, tokens_plan, capacity) in cases:
         pattern = re.escape(setting) + " .* on rank 0"
@@ -245,6 +247,17 @@ def check_mismatched_settings(rank, world):
     odd = mr.TopK(num_experts=world + 1 if last else E, k=1)
     error = ValueError if last else PeerRankError
     raises_in_step(error, f"num_experts={world + 1}", ExpertParallelMoE, D, H, odd)
+
+    # Grad mode on one rank only.
+    with torch.set_grad_enabled(not last):
+        pattern = re.escape("torch.is_grad_enabled() is True on rank 0")
+        raises_in_step(ValueError, pattern, distributed.dispatch, x, plan)
+    # Ranks at different exchanges (a program that diverged): named, on every rank.
+    pattern = r"at different exchanges \(rank 0 in dispatch, .*building an ExpertParallelMoE"
+    if last:
+        raises_in_step(RuntimeError, pattern, ExpertParallelMoE, D, H, mr.TopK(E, K))
+    else:
+        raises_in_step(RuntimeError, pattern, distributed.dispatch, x, plan)
 
     # Everything agreed: the same calls go through.
     exchange = distributed.dispatch(x, plan)
@@ -289,6 +302,14 @@ def check_rank_raises_mid_forward(rank, world):
         arguments = {"plan": plan, "capacity": None, **(bad if failing else {})}
         error = own_error if failing else PeerRankError
         raises_in_step(error, re.escape(text), distributed.dispatch, x, **arguments)
+
+    # from_moe: one rank's model is not a MoE.
+    torch.manual_seed(0)
+    moe = MoE(D, H, mr.TopK(num_experts=E, k=K))
+    if failing:
+        raises_in_step(AttributeError, "", ExpertParallelMoE.from_moe, "not a MoE")
+    else:
+        raises_in_step(PeerRankError, f"{peer}.*AttributeError", ExpertParallelMoE.from_moe, moe)
 
     # The group is still in step: the next forward and backward work on every rank.
     x.requires_grad_()

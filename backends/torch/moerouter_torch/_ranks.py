@@ -5,7 +5,7 @@ The expert-parallel tests (``backends/torch/tests/test_distributed.py``,
 ``timeout`` seconds, so a stranded one raises in the ranks; the launcher kills ranks still alive
 after ``join_timeout`` seconds and raises, so a hang fails the test instead of stalling CI. A fork
 server with torch already imported starts the ranks: on a loaded 2-core machine the imports
-would otherwise take most of the budget.
+would otherwise take most of the budget, and skew the ranks by more than the timeout.
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ def run_ranks(
     is re-raised here as ``torch.multiprocessing.ProcessRaisedException`` with its traceback;
     ranks still running after ``join_timeout`` seconds are killed and ``TimeoutError`` raised.
     """
-    multiprocessing.set_forkserver_preload(["torch", "moerouter_torch.distributed"])
+    # The first torch op of a process imports torch._dynamo (and sympy): seconds per rank on a
+    # loaded machine, enough to trip a short collective timeout while the others wait.
+    preload = ["torch", "torch._dynamo", "array_api_compat.torch", "moerouter_torch.distributed"]
+    multiprocessing.set_forkserver_preload(preload)
     context = mp.start_processes(
         _rank_main,
         args=(world, _free_port(), timeout, check, args),
