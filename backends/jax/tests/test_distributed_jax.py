@@ -1,9 +1,9 @@
 """Expert parallelism over 4 host devices equals the single-device layer, gradients included.
 
 XLA fixes the number of host devices when JAX starts, so the checks run in a fresh interpreter
-(this file run as a script) with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, in two
-parts so that each ends within 60 s on 2 loaded cores (killed after that: a hang fails), with
-XLA's optimisation passes off: compiling, not running, is the cost of these tiny shapes.
+(this file run as a script) with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, one
+check per process so that each ends within 60 s on 2 loaded cores (killed after that: a hang
+fails), with XLA's optimisation passes off: compiling, not running, costs the time here.
 """
 
 import os
@@ -19,8 +19,10 @@ WORLD, TOKENS, D, H, E = 4, 6, 8, 12, 8  # tokens per shard; two experts per sha
 @pytest.mark.parametrize(
     "part",
     [
-        "routers",  # top-k and null experts, nothing dropped: the single device matched
-        "drops",  # capacity 1 (overflow dropped per shard) and every token to one expert
+        "top-k",  # nothing dropped: the single device matched
+        "null experts",  # the same, and null-expert rows never leave their shard
+        "capacity 1",  # each shard's overflow dropped, counted, zero in the output
+        "one expert",  # every token to expert 0: shards 1.. receive no real row
     ],
 )
 def test_expert_parallel_over_four_devices(part):
@@ -182,18 +184,18 @@ def main(part):
     top2 = mr.TopK(num_experts=E, k=2)
     null = mr.NullExperts(num_experts=E, num_null=E, k=2)
     null_gate = jax.random.normal(keys[2], (D, 2 * E))
-    if part == "routers":
-        for name, router, gate_in in [("top-k", top2, gate), ("null experts", null, null_gate)]:
-            # Capacity T * k per expert per shard: nothing is dropped, one device is matched.
-            grads, (y, _) = reference(router, TOKENS * 2, x, gate_in, w_in, w_out, upstream)
-            _, counts = check(name, router, TOKENS * 2, gate_in, y, grads)
-            assert (counts[:, 0] == counts[:, 2]).all() and (counts[:, 1] == 0).all(), counts
-            if router is null:
-                assert counts[:, 0].sum() < WORLD * TOKENS * 2, counts  # null rows never leave
+    if part in ("top-k", "null experts"):
+        router, gate_in = (top2, gate) if part == "top-k" else (null, null_gate)
+        # Capacity T * k per expert per shard: nothing is dropped, one device is matched.
+        grads, (y, _) = reference(router, TOKENS * 2, x, gate_in, w_in, w_out, upstream)
+        _, counts = check(part, router, TOKENS * 2, gate_in, y, grads)
+        assert (counts[:, 0] == counts[:, 2]).all() and (counts[:, 1] == 0).all(), counts
+        if router is null:
+            assert counts[:, 0].sum() < WORLD * TOKENS * 2, counts  # null rows never leave
 
-    if part == "drops":
-        # Capacity 1: each shard's overflow is dropped (as on one device with the same capacity
-        # over that shard's tokens), counted, and contributes zero; gradients still match.
+    if part == "capacity 1":
+        # Each shard's overflow is dropped (as on one device with the same capacity over that
+        # shard's tokens), counted, and contributes zero; gradients still match.
         want_y, want_grad_x, want_dropped = [], [], []
         want_grads = [jnp.zeros_like(gate), jnp.zeros_like(w_in), jnp.zeros_like(w_out)]
         for shard in range(WORLD):
@@ -204,13 +206,14 @@ def main(part):
             want_grads = [total + grad for total, grad in zip(want_grads, grads[1:], strict=True)]
             want_dropped.append(int(np.maximum(np.asarray(sizes) - 1, 0).sum()))
         want_grads = [jnp.concatenate(want_grad_x), *want_grads]
-        _, counts = check("capacity 1", top2, 1, gate, jnp.concatenate(want_y), want_grads)
+        _, counts = check(part, top2, 1, gate, jnp.concatenate(want_y), want_grads)
         assert counts[:, 1].tolist() == want_dropped and sum(want_dropped) > 0, counts
 
+    if part == "one expert":
         # Every token picks expert 0: shards 1.. receive no real row, experts 1.. get none.
         everything = WORLD * TOKENS  # one device: expert 0 takes every token
         grads, (y, _) = reference(to_expert_zero, everything, x, gate, w_in, w_out, upstream)
-        sizes, counts = check("one expert", to_expert_zero, TOKENS, gate, y, grads)
+        sizes, counts = check(part, to_expert_zero, TOKENS, gate, y, grads)
         assert sizes.tolist() == [WORLD * TOKENS] + [0] * (E - 1), sizes
     print(f"{part}: all checks passed")
 
