@@ -28,9 +28,10 @@ pays a page fault per page on first touch (about halving dispatch bandwidth). A 
 handed out again only when its reference count shows that nothing refers to it any more: the
 caller dropped the returned array and every view of it (a view, a ``memoryview``, a DLPack or
 ``torch.from_numpy`` export each hold a reference). A later call can therefore never overwrite an
-array the caller still holds. The cache keeps at most ``MOEROUTER_NUMPY_CACHE_MB`` megabytes
-(default 1024; 0 turns it off); :func:`clear_cache` frees it. Callers who manage memory
-themselves can pass ``out=`` to :func:`dispatch` and :func:`combine` here.
+array the caller still holds (the rules, shared with the torch plugin, are in
+:mod:`moerouter._buffers`). The cache keeps at most ``MOEROUTER_NUMPY_CACHE_MB`` megabytes
+(default 1024; 0 turns it off), least recently used out; :func:`clear_cache` empties it. Callers
+who manage memory themselves can pass ``out=`` to :func:`dispatch` and :func:`combine` here.
 
 ``MOEROUTER_NUM_THREADS`` caps the threads a large dispatch or combine uses (default: the CPUs
 this process may run on, at most 8). Copies are exact and each token's sum stays on one thread, so
@@ -40,7 +41,6 @@ the thread count never changes a result.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from moerouter._buffers import BufferPool, numpy_empty
 from moerouter._registry import BackendInfo
 from moerouter.routing import Plan, Routing
 
@@ -58,8 +59,6 @@ IntArray = npt.NDArray[np.int32]
 
 # Below this many output bytes a gather is not split over threads (thread hand-off costs ~50 us).
 _THREADED_MIN_BYTES = 8 << 20
-# Outputs smaller than this are plain np.empty: the cache only pays off for page-faulting sizes.
-_CACHED_MIN_BYTES = 1 << 20
 # Gathered bytes per block in the matmul combine: a block stays in the L2 cache (1 MiB here)
 # or close to it; smaller blocks pay more Python overhead per token.
 _COMBINE_BLOCK_BYTES = 2 << 20
@@ -156,53 +155,17 @@ def _token_major(
 # --------------------------------------------------------------------------------------------
 # Output buffers: fresh to the caller, recycled only once nothing refers to them.
 
-
-def _cache_limit_bytes() -> int:
-    return int(float(os.environ.get("MOEROUTER_NUMPY_CACHE_MB", "1024")) * (1 << 20))
-
-
-_cache: list[npt.NDArray[Any]] = []
-_cache_lock = threading.Lock()
-
-
-def _references(buffers: list[npt.NDArray[Any]], index: int) -> int:
-    return sys.getrefcount(buffers[index])
-
-
-# What _references reports for a cached buffer that only the cache holds, measured on this
-# interpreter (reference counting details differ between Python versions).
-_UNREFERENCED = _references([np.empty(0)], 0)
+_pool = BufferPool("MOEROUTER_NUMPY_CACHE_MB")
 
 
 def clear_cache() -> None:
-    """Drop every cached output buffer that nothing refers to (held ones stay with their owner)."""
-    with _cache_lock:
-        held = [i for i in range(len(_cache)) if _references(_cache, i) > _UNREFERENCED]
-        _cache[:] = [_cache[i] for i in held]
+    """Drop every cached output buffer (one a caller still holds is freed with its holder)."""
+    _pool.clear()
 
 
 def _empty(shape: tuple[int, int], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """Like ``np.empty``, but large buffers are recycled once no one refers to them any more."""
-    nbytes = shape[0] * shape[1] * dtype.itemsize
-    limit = _cache_limit_bytes()
-    if nbytes < _CACHED_MIN_BYTES or nbytes > limit:
-        return np.empty(shape, dtype=dtype)
-    with _cache_lock:
-        free = [i for i in range(len(_cache)) if _references(_cache, i) == _UNREFERENCED]
-        for i in free:
-            if _cache[i].shape == shape and _cache[i].dtype == dtype:
-                # A view, so that no caller can reshape the cached array object itself.
-                return _cache[i].view()
-        held = sum(buffer.nbytes for buffer in _cache)
-        for i in reversed(free):  # make room by dropping buffers no one uses
-            if held + nbytes <= limit:
-                break
-            held -= _cache.pop(i).nbytes
-        buffer = np.empty(shape, dtype=dtype)
-        if held + nbytes <= limit:
-            _cache.append(buffer)
-            return buffer.view()
-        return buffer
+    return numpy_empty(_pool, shape, dtype)
 
 
 # --------------------------------------------------------------------------------------------
