@@ -175,6 +175,8 @@ def _library(name: str) -> Any:
 
 def _converter(library: str, dtype: str | None) -> Callable[[np.ndarray], Any]:
     if library == "numpy":
+        if dtype == "bfloat16":
+            dtype = pytest.importorskip("ml_dtypes").bfloat16  # NumPy's bfloat16 (JAX's too)
         return lambda a: a if dtype is None else a.astype(dtype)
     if library == "array_api_strict":
         xp = _library(library)
@@ -216,7 +218,7 @@ def _pallas_combine(ye: Any, plan: mr.Plan) -> Any:
     return _pallas.gather_reduce(ye, plan.combine_rows, plan.combine_weights, interpret=True)
 
 
-NUMPY_DTYPES = ["float16", "float32", "float64"]
+NUMPY_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 TORCH_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 LOW_PRECISION = ["float16", "bfloat16", "float32"]
 
