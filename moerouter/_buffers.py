@@ -124,12 +124,12 @@ class BufferPool:
                 None,
             )
             if chosen is None:
-                held = sum(buffer.nbytes for buffer in buffers)
-                while buffers and held + size > limit:
-                    held -= buffers.pop(0).nbytes
                 buffers.append(np.empty(size, dtype=np.uint8))
             else:
                 buffers.append(buffers.pop(chosen))
+            held = sum(buffer.nbytes for buffer in buffers)
+            while held > limit:  # least recently used first; never the last (size <= limit)
+                held -= buffers.pop(0).nbytes
             buffer = buffers[-1]
             start = -buffer.ctypes.data % _ALIGN
             return wrap(buffer[start : start + nbytes])

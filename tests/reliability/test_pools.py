@@ -338,6 +338,17 @@ def test_evicting_a_held_buffer_leaves_it_with_its_holder(monkeypatch):
     assert pool.nbytes() <= 3 << 20
 
 
+def test_a_lower_limit_applies_at_the_next_call(monkeypatch):
+    monkeypatch.setenv("MOEROUTER_TEST_POOL_MB", "16")
+    pool = _buffers.BufferPool("MOEROUTER_TEST_POOL_MB")
+    held = [_megabytes(pool, 2) for _ in range(6)]
+    del held
+    assert len(pool) == 6
+    monkeypatch.setenv("MOEROUTER_TEST_POOL_MB", "5")
+    _megabytes(pool, 2)  # a hit on a free buffer still trims the pool to the new limit
+    assert pool.nbytes() <= 5 << 20
+
+
 def test_sizes_outside_the_pooled_range_are_not_pooled(monkeypatch):
     pool = _buffers.BufferPool("MOEROUTER_TEST_POOL_MB", default_megabytes=4)
     assert pool.take(_buffers.MIN_POOLED_BYTES - 1, lambda region: region) is None
