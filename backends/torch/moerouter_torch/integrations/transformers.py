@@ -64,13 +64,16 @@ class RoutingStats:
     tokens and :func:`moerouter.stats.summary` of its routing (detached tensors).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_routing: Callable[[str, Any, torch.Tensor], None] | None = None) -> None:
         self.records: dict[str, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        self._on_routing = on_routing
 
-    def _add(self, name: str, routing: Any) -> None:
+    def _add(self, name: str, routing: Any, logits: torch.Tensor) -> None:
         with torch.no_grad():
             summary = {key: value.detach() for key, value in mr.stats.summary(routing).items()}
         self.records.setdefault(name, []).append((int(routing.num_tokens), summary))
+        if self._on_routing is not None:
+            self._on_routing(name, routing, logits)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Every layer's statistics over all recorded passes, as Python numbers.
@@ -143,7 +146,7 @@ class _Model:
 
     def record(self, block: _Block, logits: torch.Tensor, routing: Any) -> None:
         for collector in self.stats:
-            collector._add(block.name, routing)
+            collector._add(block.name, routing, logits)
         adamoe = self.adamoe
         if adamoe is not None and adamoe.records is not None:
             adamoe.records.append((logits, routing))
@@ -718,8 +721,13 @@ def _adamoe_after(
 
 
 @contextlib.contextmanager
-def routing_statistics(model: nn.Module) -> Iterator[RoutingStats]:
+def routing_statistics(
+    model: nn.Module, *, on_routing: Callable[[str, Any, torch.Tensor], None] | None = None
+) -> Iterator[RoutingStats]:
     """Collect :func:`moerouter.stats.summary` of every routed block during the ``with`` body.
+
+    ``on_routing(name, routing, logits)``, when given, also receives each block's routing and
+    router logits as they are made (:func:`moerouter.traces.record_transformers` records them).
 
     Examples
     --------
@@ -729,7 +737,7 @@ def routing_statistics(model: nn.Module) -> Iterator[RoutingStats]:
     2.0
     """
     state = _require_state(model, "routing_statistics")
-    collector = RoutingStats()
+    collector = RoutingStats(on_routing)
     state.stats.append(collector)
     try:
         yield collector
