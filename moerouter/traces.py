@@ -48,6 +48,7 @@ __all__ = [
     "Trace",
     "TraceRecord",
     "TracedPolicy",
+    "concatenate",
     "load",
     "record",
     "record_transformers",
@@ -440,6 +441,70 @@ def load(path: str | os.PathLike[str]) -> Trace:
                 )
             )
     return Trace(records=records, metadata=dict(document.get("metadata", {})), version=version)
+
+
+def concatenate(records: Iterable[TraceRecord]) -> TraceRecord:
+    """One record of the tokens of several, laid end to end (each rank's record of one call).
+
+    Expert-parallel ranks each route their own tokens; concatenating their records of the same
+    layer and step, in rank order, gives the global call that :func:`moerouter.simulate.run`
+    reads (with ``token_ranks`` saying which tokens came from which rank). Token ids move by
+    the tokens before them, sequences by the sequences before them, and the groups add up.
+
+    Parameters
+    ----------
+    records : iterable of TraceRecord
+        Same layer, step, layout, ``E``, ``E'`` and ``slots``; ``probs`` and ``logits`` are kept
+        when every record has them.
+
+    Returns
+    -------
+    TraceRecord
+        Named, placed and timed as the first record; ``capacity`` kept when all agree.
+    """
+    parts = list(records)
+    if not parts or not all(isinstance(part, TraceRecord) for part in parts):
+        raise TypeError("records must be a non-empty iterable of TraceRecords")
+    first = parts[0]
+    for key in ("layer", "step", "layout", "num_experts", "num_choices", "slots"):
+        values = {getattr(part, key) for part in parts}
+        if len(values) > 1:
+            raise ValueError(f"records to concatenate must share {key}, got {sorted(values)}")
+    token_offsets = np.cumsum([0] + [part.num_tokens for part in parts])
+    sequence_offsets = np.cumsum(
+        [0] + [int(part.sequence.max()) + 1 if part.num_tokens else 0 for part in parts]
+    )
+
+    def joined(key: str) -> np.ndarray | None:
+        values = [getattr(part, key) for part in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    capacities = {part.capacity for part in parts}
+    return TraceRecord(
+        layer=first.layer,
+        step=first.step,
+        name=first.name,
+        token_ids=np.concatenate(
+            [part.token_ids + offset for part, offset in zip(parts, token_offsets, strict=False)]
+        ),
+        expert_ids=np.concatenate([part.expert_ids for part in parts]),
+        weights=np.concatenate([part.weights for part in parts]),
+        choice_ids=np.concatenate([part.choice_ids for part in parts]),
+        finite_rows=np.concatenate([part.finite_rows for part in parts]),
+        sequence=np.concatenate(
+            [part.sequence + offset for part, offset in zip(parts, sequence_offsets, strict=False)]
+        ),
+        position=np.concatenate([part.position for part in parts]),
+        num_tokens=int(token_offsets[-1]),
+        num_experts=first.num_experts,
+        num_choices=first.num_choices,
+        layout=first.layout,
+        slots=first.slots,
+        num_groups=sum(part.num_groups for part in parts),
+        capacity=capacities.pop() if len(capacities) == 1 else None,
+        probs=joined("probs"),
+        logits=joined("logits"),
+    )
 
 
 class Recorder:

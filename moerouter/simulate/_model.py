@@ -341,12 +341,12 @@ class _Ranks:
         """(W, W): sum (W, E) columns into the rank that holds each expert."""
         world = self.topology.world_size
         if self.equal_blocks:
-            return per_expert.reshape(world, world, -1).sum(axis=2)
+            return per_expert.reshape(world, world, -1).sum(axis=2)  # type: ignore[no-any-return]
         columns = per_expert if self.sorted else per_expert[:, self.order]
         starts = np.minimum(self.bounds[:-1], columns.shape[1] - 1)
         summed = np.add.reduceat(columns, starts, axis=1)
         summed[:, self.experts_on == 0] = 0  # reduceat gives a lone column for empty ranks
-        return summed  # type: ignore[no-any-return]
+        return summed
 
     def link_split(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
         """Per rank: rows out and in over intra- and inter-node links (self traffic is local)."""
@@ -689,13 +689,14 @@ def run(
                 )
             where = place_experts(placement, experts_seen, topology)
             ranks = _Ranks(topology, where)
+            # Every call exchanges the same counts: one int64 per expert the receiver holds.
+            count_matrix = np.broadcast_to(COUNT_BYTES * ranks.experts_on[None, :], (world, world))
+            count_time = ranks.time(ranks.link_split(np.array(count_matrix)))
         elif decision.num_experts != experts_seen:
             raise ValueError(
                 f"every layer must have the same number of experts: {experts_seen}, then "
                 f"{decision.num_experts} (layer {decision.layer}, step {decision.step})"
             )
-            count_matrix = np.broadcast_to(COUNT_BYTES * ranks.experts_on[None, :], (world, world))
-            count_time = ranks.time(ranks.link_split(np.array(count_matrix)))
         assert ranks is not None
         counts, unrouted = _count_rows(decision, ranks_of_tokens, world)
         policy = _policy_figures(decision, int(unrouted.sum()))
