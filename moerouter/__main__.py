@@ -1,9 +1,11 @@
-"""``python -m moerouter demo | bench | info``.
+"""``python -m moerouter demo | bench | simulate | info``.
 
 - ``demo``: trains a tiny MoE language model on the standard library's sources once per routing
   policy (top-1, top-2, AdaMoE) and writes a table, a JSON and a plot of loss against expert
   FLOPs (``moerouter/_demo/``).
 - ``bench``: dispatch/combine/router timings against the same-run copy roof.
+- ``simulate``: expert-parallel traffic, loads and all-to-all time of a workload or a trace on
+  a simulated cluster (``moerouter/simulate/_command.py``).
 - ``info``: backends found, versions and devices.
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 
 import moerouter as mr
 from moerouter import _demo, _registry
+from moerouter.simulate import _command as _simulate
 
 __all__ = ["main"]
 
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result: int = bench_main(argv[1:])
         return result
-    description = "moerouter: demo, benchmarks and environment report"
+    description = "moerouter: demo, benchmarks, simulator and environment report"
     parser = argparse.ArgumentParser(prog="python -m moerouter", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser(
@@ -102,11 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _demo.add_arguments(demo_parser)
     commands.add_parser("bench", help="kernel timings against the copy roof (bench --help)")
+    simulate_parser = commands.add_parser(
+        "simulate",
+        help="expert-parallel traffic, loads and all-to-all time on a simulated cluster",
+        description=_simulate.__doc__.split("\n\n")[1] if _simulate.__doc__ else None,
+    )
+    _simulate.add_arguments(simulate_parser)
     commands.add_parser("info", help="backends, versions, devices").set_defaults(run=info)
     args = parser.parse_args(argv)
     if args.command == "demo":
         args.argv = argv  # recorded in results.json
         return demo(args, demo_parser)
+    if args.command == "simulate":
+        args.argv = argv
+        return _simulate.main(args, simulate_parser)
     status: int = args.run(args)
     return status
 
