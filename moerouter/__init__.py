@@ -13,7 +13,10 @@ from moerouter import (
     merging,
     multitask,
     policies,
+    simulate,
     stats,
+    traces,
+    workloads,
 )
 from moerouter._registry import BackendInfo
 from moerouter.policies import (
@@ -86,7 +89,10 @@ __all__ = [
     "noisy_top_k_std",
     "policies",
     "random_hash_table",
+    "simulate",
     "stats",
+    "traces",
     "update_expert_bias",
     "vmoe_logit_noise",
+    "workloads",
 ]
