@@ -177,6 +177,7 @@ class _Decision:
     finite_rows: np.ndarray | None
     num_tokens: int
     num_experts: int
+    num_choices: int  # E': real plus null columns
     slots: int
     layer: int
     step: int
@@ -194,6 +195,7 @@ def _decision(item: Any, index: int, num_experts: int | None) -> _Decision:
             finite_rows=to_numpy(item.finite_rows),
             num_tokens=item.num_tokens,
             num_experts=item.num_experts,
+            num_choices=item.num_choices,
             slots=item.slots,
             layer=host.layer if host is not None else index,
             step=host.step if host is not None else 0,
@@ -217,6 +219,7 @@ def _decision(item: Any, index: int, num_experts: int | None) -> _Decision:
             finite_rows=None,
             num_tokens=ids.shape[0],
             num_experts=num_experts,
+            num_choices=num_experts,
             slots=ids.shape[1],
             layer=index,
             step=0,
@@ -296,6 +299,9 @@ def _policy_figures(decision: _Decision, unrouted: int) -> dict[str, int]:
     finite = decision.finite_rows
     if decision.choice_ids is None:  # bare expert ids: every row is a choice, -1 a drop
         return {"tokens": tokens, "choices": rows, "null_choices": 0, "policy_dropped": unrouted}
+    if decision.num_choices == decision.num_experts and (finite is None or bool(finite.all())):
+        # No null columns, every row finite: every row with no expert is a policy drop.
+        return {"tokens": tokens, "choices": rows, "null_choices": 0, "policy_dropped": unrouted}
     is_null = decision.choice_ids >= decision.num_experts
     if finite is None or bool(finite.all()):
         null = int(np.count_nonzero(is_null))
@@ -341,6 +347,8 @@ class _Ranks:
         """(W, W): sum (W, E) columns into the rank that holds each expert."""
         world = self.topology.world_size
         if self.equal_blocks:
+            if per_expert.shape[1] == world:  # one expert per rank: already by rank
+                return per_expert
             return per_expert.reshape(world, world, -1).sum(axis=2)  # type: ignore[no-any-return]
         columns = per_expert if self.sorted else per_expert[:, self.order]
         starts = np.minimum(self.bounds[:-1], columns.shape[1] - 1)
