@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -356,13 +357,16 @@ def _simulate(args: argparse.Namespace, plan: _Plan) -> list[dict[str, Any]]:
                 bytes_per_element=args.bytes_per_element,
                 capacity_factor=args.capacity_factor,
             )
+            seconds = time.perf_counter() - started
+            label = "recorded decisions" if policy is None else policy.label
+            print(f"  {label} | {spec}: {seconds:.1f} s", file=sys.stderr, flush=True)
             runs.append(
                 {
                     "policy": "recorded" if policy is None else policy.spec,
                     "label": "recorded decisions" if policy is None else policy.label,
                     "workload": spec,
                     "result": result,
-                    "seconds": time.perf_counter() - started,
+                    "seconds": seconds,
                 }
             )
     return runs
@@ -476,21 +480,38 @@ def plot(out: Path, runs: Sequence[dict[str, Any]], title: str) -> list[Path]:
     if image is not None:
         figure.colorbar(image, ax=list(axes[: len(runs)]), shrink=0.8, label="bytes")
     traffic = out / "traffic.png"
-    figure.savefig(traffic, dpi=100)
+    figure.savefig(traffic, dpi=80)
 
-    figure = Figure(figsize=(10, 4.2), layout="constrained")
-    axis = figure.subplots()
-    for entry in runs:
-        load = entry["result"].rank_load.mean(axis=0)
-        mean = max(float(load.mean()), 1e-30)
-        label = f"{entry['label']} | {entry['workload']}"
-        axis.plot(np.arange(load.shape[0]), load / mean, lw=0.9, label=label)
-    axis.axhline(1.0, color="grey", lw=0.8, ls="--")
-    axis.set_xlabel("rank")
-    axis.set_ylabel("rows received / mean (per call)")
-    axis.set_title(f"load per rank\n{title}", fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=max(1, len(runs) // 6 + 1))
+    # Load per rank, busiest first: each call's loads sorted, then averaged over the calls.
+    workload_names = list(dict.fromkeys(entry["workload"] for entry in runs))
+    policy_labels = list(dict.fromkeys(entry["label"] for entry in runs))
+    figure = Figure(figsize=(4.4 * len(workload_names) + 1, 4.2), layout="constrained")
+    figure.suptitle(f"load per rank, busiest first\n{title}", fontsize=9)
+    panels = np.atleast_1d(figure.subplots(1, len(workload_names), sharey=True)).reshape(-1)
+    colours = {label: f"C{index % 10}" for index, label in enumerate(policy_labels)}
+    for axis, workload in zip(panels, workload_names, strict=True):
+        for entry in runs:
+            if entry["workload"] != workload:
+                continue
+            loads = np.sort(entry["result"].rank_load.astype(np.float64), axis=1)[:, ::-1]
+            means = np.maximum(loads.mean(axis=1, keepdims=True), 1e-30)
+            profile = (loads / means).mean(axis=0)
+            axis.plot(
+                np.arange(1, profile.shape[0] + 1),
+                profile,
+                lw=1.2,
+                color=colours[entry["label"]],
+                label=entry["label"],
+            )
+        axis.axhline(1.0, color="grey", lw=0.8, ls="--")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("rank, busiest first", fontsize=8)
+        axis.set_title(workload, fontsize=8)
+        axis.grid(alpha=0.3, which="both")
+        axis.tick_params(labelsize=7)
+    panels[0].set_ylabel("rows received / mean", fontsize=8)
+    panels[0].legend(fontsize=7)
     load_path = out / "load.png"
     figure.savefig(load_path, dpi=100)
     return [traffic, load_path]
