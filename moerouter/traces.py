@@ -284,6 +284,11 @@ class TraceRecord:
             )
         xp, device = _namespace(xp, like, device)
         logits = self.logits
+        if self.num_tokens % max(self.num_groups, 1):
+            raise ValueError(
+                f"record (layer {self.layer}, step {self.step}) has {self.num_tokens} tokens in "
+                f"{self.num_groups} groups of different sizes: route its parts one by one"
+            )
         if self.num_groups > 1:
             logits = logits.reshape(self.num_groups, -1, self.num_choices)
         return policy(_to_backend(logits, xp, device), *args, **kwargs)  # type: ignore[no-any-return]

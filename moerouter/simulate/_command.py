@@ -448,6 +448,21 @@ def _run_document(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+HEATMAP_CELLS = 128  # at most this many cells a side: beyond, ranks are summed in blocks
+
+
+def _blocks(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` summed over square blocks of ranks, at most ``HEATMAP_CELLS`` a side."""
+    world = matrix.shape[0]
+    block = -(-world // HEATMAP_CELLS)
+    if block == 1:
+        return matrix.astype(np.float64)
+    cells = -(-world // block)
+    padded = np.zeros((cells * block, cells * block))
+    padded[:world, :world] = matrix
+    return padded.reshape(cells, block, cells, block).sum(axis=(1, 3))  # type: ignore[no-any-return]
+
+
 def plot(out: Path, runs: Sequence[dict[str, Any]], title: str) -> list[Path]:
     """``traffic.png`` and ``load.png``; nothing (an empty list) without matplotlib."""
     try:
@@ -458,19 +473,31 @@ def plot(out: Path, runs: Sequence[dict[str, Any]], title: str) -> list[Path]:
     columns = min(len(runs), 3)
     rows = -(-len(runs) // columns)
     figure = Figure(figsize=(4.2 * columns + 1, 3.9 * rows + 0.6), layout="constrained")
-    figure.suptitle(f"dispatch bytes per step, rank to rank (log scale)\n{title}", fontsize=9)
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
     steps = [max(len(np.unique(entry["result"].step)), 1) for entry in runs]
     matrices = [
-        entry["result"].dispatch_bytes / count for entry, count in zip(runs, steps, strict=True)
+        _blocks(entry["result"].dispatch_bytes) / count
+        for entry, count in zip(runs, steps, strict=True)
     ]
+    world = runs[0]["result"].dispatch_bytes.shape[0]
+    block = -(-world // HEATMAP_CELLS)
+    heading = f"dispatch bytes per step, rank to rank (log scale)\n{title}"
+    if block > 1:
+        heading += f"\ncells sum blocks of {block} x {block} ranks (full matrices: results.npz)"
+    figure.suptitle(heading, fontsize=9)
     positive = [m[m > 0] for m in matrices]
     low = min((float(p.min()) for p in positive if p.size), default=1.0)
     high = max((float(p.max()) for p in positive if p.size), default=10.0)
     image = None
     for axis, entry, matrix in zip(axes, runs, matrices, strict=False):  # spare axes
         shown = np.where(matrix > 0, matrix, np.nan)
-        image = axis.imshow(shown, cmap="viridis", norm=LogNorm(low, max(high, low * 10)))
+        image = axis.imshow(
+            shown,
+            cmap="viridis",
+            norm=LogNorm(low, max(high, low * 10)),
+            extent=(0, world, world, 0),  # axes in ranks, whatever the block size
+            interpolation="nearest",
+        )
         axis.set_title(f"{entry['label']} | {entry['workload']}", fontsize=8)
         axis.set_xlabel("to rank", fontsize=7)
         axis.set_ylabel("from rank", fontsize=7)
