@@ -435,7 +435,8 @@ class SimulationResult:
     row_bytes : int
         Bytes per row.
     capacity : int or None
-        Rows per (source rank, expert) in static-capacity mode; None for dropless.
+        Rows per (source rank, expert) in static-capacity mode (the last call's, when a
+        capacity factor gives each call its own); None for dropless.
     names : list of str
         Each call's label.
     layer, step : ndarray (L,) int64
@@ -635,8 +636,9 @@ def run(
         Static-capacity mode: rows per expert each rank sends (``capacity=`` of
         ``moerouter_torch.distributed.dispatch``).
     capacity_factor : float, optional
-        Static-capacity mode with ``capacity = ceil(cf * tokens_per_rank * k / E)`` (the
-        largest rank's tokens); not with ``capacity``.
+        Static-capacity mode with ``capacity = ceil(cf * tokens_per_rank * k / E)``, from the
+        largest rank's tokens and the assignments per token ``k`` (for the expert layout, their
+        mean); per call; not with ``capacity``.
     token_ranks : array (T,) int, optional
         The rank each token starts on; ``W`` near-equal contiguous blocks by default (token
         ``t`` on rank ``t * W // T``), which is how each rank's own batch is laid end to end.
@@ -710,9 +712,18 @@ def run(
         policy = _policy_figures(decision, int(unrouted.sum()))
         per_expert = counts.sum(axis=0)
         if capacity_factor is not None:
-            tokens_per_rank = -(-decision.num_tokens // world)
+            if ranks_of_tokens is None:
+                tokens_per_rank = -(-decision.num_tokens // world)
+            else:
+                tokens_per_rank = int(np.bincount(ranks_of_tokens, minlength=world).max())
+            # Assignments per token: k, or on average E * C / S for the expert layout.
+            if decision.token_ids is None:
+                rows_per_rank = tokens_per_rank * decision.slots
+            else:
+                rows = decision.expert_ids.shape[0]
+                rows_per_rank = -(-tokens_per_rank * rows // max(decision.num_tokens, 1))
             used_capacity = capacity_rows(
-                capacity_factor, tokens_per_rank, decision.slots, decision.num_experts, 1
+                capacity_factor, rows_per_rank, 1, decision.num_experts, 1
             )
         if used_capacity is not None:
             kept = np.minimum(counts, used_capacity)

@@ -172,3 +172,15 @@ def test_help_lists_the_subcommand():
         check=True,
     )
     assert "--workload" in completed.stdout and "--trace" in completed.stdout
+
+
+def test_heatmap_blocks_keep_every_byte():
+    from moerouter.simulate._command import HEATMAP_CELLS, _blocks
+
+    matrix = np.arange(300 * 300, dtype=np.int64).reshape(300, 300)
+    summed = _blocks(matrix)
+    assert summed.shape == (100, 100) and 300 > HEATMAP_CELLS  # blocks of 3 ranks
+    assert summed.sum() == matrix.sum()
+    assert summed[0, 0] == matrix[:3, :3].sum()
+    small = np.eye(4, dtype=np.int64)
+    np.testing.assert_array_equal(_blocks(small), small)  # up to 128 ranks: as is

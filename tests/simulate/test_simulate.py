@@ -237,6 +237,15 @@ def test_capacity_factor_gives_the_documented_capacity():
     assert result.capacity_dropped[0] > 0
     same = simulate.run(routing, topology=topology, capacity=result.capacity)
     np.testing.assert_array_equal(same.dispatch_bytes, result.dispatch_bytes)
+    # The largest rank's tokens set it (here rank 0 holds 16 of the 40).
+    uneven = np.repeat(np.arange(4), [16, 8, 8, 8])
+    skewed = simulate.run(routing, topology=topology, capacity_factor=1.25, token_ranks=uneven)
+    assert skewed.capacity == math.ceil(1.25 * 16 * 2 / 8)
+    # Expert layout: the assignments per token are E * C / S on average.
+    chosen = mr.ExpertChoice(num_experts=8, capacity_factor=2.0)(workloads.uniform(40, 8))
+    per_token = chosen.expert_ids.shape[0] / 40  # C = 10 per expert: 2 assignments per token
+    result = simulate.run(chosen, topology=topology, capacity_factor=1.25)
+    assert result.capacity == math.ceil(1.25 * 10 * per_token / 8)
 
 
 def test_zero_tokens_still_exchange_counts():
