@@ -61,9 +61,14 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Sphinx, warnings as errors."""
-    session.install("-r", "docs/requirements.txt", TORCH, "-e", ".")
+    """Sphinx with the gallery run, warnings as errors; then check the site works offline."""
+    # The gallery's framework examples and the generated kernel table need every plugin, jax and
+    # transformers; [demo]: matplotlib for the gallery's figures.
+    session.install(
+        "-r", "docs/requirements.txt", TORCH, JAX, TRANSFORMERS, "-e", ".[demo]", *PLUGINS
+    )
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+    session.run("python", "docs/check_html.py", "docs/_build/html")
 
 
 @nox.session

@@ -1,6 +1,8 @@
 """Sphinx configuration for the moerouter documentation.
 
-The build must work offline: no intersphinx, no remote images, no sphinx-gallery.
+The site must work offline: no intersphinx, no remote images, and MathJax is served from the
+site itself (sphinx-mathjax-offline copies MathJax 3 into ``_static/mathjax``), so formulas render
+on a machine with no network. ``python docs/check_html.py docs/_build/html`` checks both.
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # sets mathjax_path to the copy it ships (MathJax 3.2.2)
     "numpydoc",
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "check_examples.py", "requirements.txt"]
+exclude_patterns = [
+    "_build",
+    "Thumbs.db",
+    ".DS_Store",
+    "check_examples.py",
+    "check_html.py",
+    "requirements.txt",
+]
 root_doc = "index"
 default_role = "py:obj"
 nitpicky = False
