@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import check_positive_float, check_positive_int, clean_logits
 from moerouter.policies._token_choice import sigmoid, softmax, token_choice_routing
 from moerouter.routing import Routing
@@ -15,6 +16,7 @@ __all__ = ["BalancedAssignment"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("sigmoid",), capacity="exact")
 @dataclass(frozen=True)
 class BalancedAssignment:
     r"""BASE-layer routing: a balanced one-expert-per-token assignment of high total affinity.

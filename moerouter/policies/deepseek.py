@@ -9,6 +9,7 @@ from typing import Any, Literal
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import top_k
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -31,6 +32,9 @@ __all__ = ["DeepSeekTopK", "update_expert_bias"]
 Array = Any
 
 
+@PolicyCapabilities(
+    scores=("sigmoid", "softmax"), capacity="optional", expert_groups=True, causal=True
+)
 @dataclass(frozen=True)
 class DeepSeekTopK:
     r"""DeepSeek-V3 token choice: sigmoid scores, group-limited top-k, selection-only bias.

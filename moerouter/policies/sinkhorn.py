@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import sinkhorn_potentials
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     CleanLogits,
     capacity,
@@ -96,6 +97,7 @@ def _check_common(policy: Any) -> None:
         raise TypeError(f"noisy_combine must be a bool, got {type(policy.noisy_combine).__name__}")
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="optional")
 @dataclass(frozen=True)
 class SinkhornTokenChoice:
     r"""Sinkhorn token choice: each token takes the top-k experts of a balanced transport plan.
@@ -213,6 +215,7 @@ class SinkhornTokenChoice:
         )
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SinkhornExpertChoice:
     r"""Sinkhorn expert choice: each expert takes the top-C tokens of a balanced transport plan.

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import sparse_transport_plan
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
@@ -22,6 +23,7 @@ __all__ = ["SparsityConstrainedExpertChoice"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SparsityConstrainedExpertChoice:
     r"""Expert choice from a sparsity-constrained optimal transport plan.

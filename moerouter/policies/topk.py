@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -28,6 +29,7 @@ __all__ = ["TopK"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax", "sigmoid"), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class TopK:
     r"""Softmax or sigmoid top-k token choice, with optional capacity.
