@@ -7,10 +7,14 @@ on a machine with no network. ``python docs/check_html.py docs/_build/html`` che
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import moerouter
+
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
 project = "moerouter"
 author = "the moerouter developers"
@@ -24,6 +28,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx-mathjax-offline",  # sets mathjax_path to the copy it ships (MathJax 3.2.2)
     "numpydoc",
+    "moerouter_tables",  # docs/_ext: support tables rendered from the code
 ]
 
 templates_path = ["_templates"]
@@ -33,6 +38,7 @@ exclude_patterns = [
     ".DS_Store",
     "check_examples.py",
     "check_html.py",
+    "_ext",
     "requirements.txt",
 ]
 root_doc = "index"

@@ -1,0 +1,212 @@
+"""Support tables rendered from the code, so that they cannot drift from it.
+
+``.. moerouter-kernel-table::``
+    One row per backend plugin moerouter knows (:func:`moerouter._registry.known_plugins`), one
+    column per kernel slot (``KERNEL_NAMES``) ticked from the plugin's ``BackendInfo.kernels``,
+    plus any other field a ``BackendInfo`` declares. Importing a plugin needs its library, not a
+    device: the table is the same on a CPU-only build machine.
+
+``.. moerouter-policy-table::``
+    One row per policy class of :mod:`moerouter.policies` that declares its capabilities
+    (``moerouter._capabilities``); the per-call overrides and extra inputs are read from the
+    signature of its ``__call__``. The directive's content lists the classes in display order;
+    a declared policy missing from it, or a listed name that declares nothing, is a build warning
+    (an error under ``-W``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+from typing import Any
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+import moerouter.policies
+from moerouter import _registry
+from moerouter._capabilities import PolicyCapabilities, capabilities_of
+
+logger = logging.getLogger(__name__)
+
+YES, NO = "✓", "—"
+# Pipeline order for the kernel slots moerouter knows today; any slot added later follows.
+_PIPELINE = ("make_plan", "dispatch", "combine")
+# BackendInfo fields shown in their own columns; any other field gets a column of its own.
+_SHOWN = {"name", "array_library", "kernels", "description"}
+
+
+def _list_table(header: list[str], rows: list[list[str]], widths: list[int]) -> list[str]:
+    lines = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        f"   :widths: {' '.join(map(str, widths))}",
+        "",
+    ]
+    for row in [header, *rows]:
+        for index, cell in enumerate(row):
+            lines.append(f"   {'* -' if index == 0 else '  -'} {cell or ' '}")
+    return lines
+
+
+class _TableDirective(SphinxDirective):
+    has_content = True
+
+    def render(self, lines: list[str]) -> list[nodes.Node]:
+        container = nodes.container()
+        self.state.nested_parse(StringList(lines, source=self.get_source_info()[0]), 0, container)
+        return list(container.children)
+
+
+def kernel_slots() -> list[str]:
+    slots = set(_registry.KERNEL_NAMES)
+    return [name for name in _PIPELINE if name in slots] + sorted(slots - set(_PIPELINE))
+
+
+def _plugin(target: str) -> Any:
+    """The plugin's BackendInfo, or a sentence saying why there is none."""
+    module = target.partition(":")[0]
+    if importlib.util.find_spec(module.partition(".")[0]) is None:
+        return "not installed"
+    try:
+        return _registry._import_plugin(target)  # what ``python -m moerouter info`` reads
+    except Exception as error:
+        return f"fails to load ({type(error).__name__}: {error})"
+
+
+class KernelTable(_TableDirective):
+    """``.. moerouter-kernel-table::`` (no content)."""
+
+    has_content = False
+
+    def run(self) -> list[nodes.Node]:
+        slots = kernel_slots()
+        extra = [f.name for f in dataclasses.fields(_registry.BackendInfo) if f.name not in _SHOWN]
+        header = ["arrays", "plugin", *[f"``{slot}``" for slot in slots], *extra, "description"]
+        rows = [
+            [
+                "any array-API library",
+                "none: the agnostic path, the reference every kernel is tested against",
+                *[YES for _ in slots],
+                *["" for _ in extra],
+                "always available; the only path for array-api-strict",
+            ]
+        ]
+        for library, target in _registry.known_plugins().items():
+            info = _plugin(target)
+            if not isinstance(info, _registry.BackendInfo):
+                logger.warning(
+                    "moerouter-kernel-table: plugin %s %s; install every plugin to build the "
+                    "docs (nox -s docs does)",
+                    target,
+                    info,
+                    location=self.get_location(),
+                )
+                rows.append(
+                    [
+                        f"``{library}``",
+                        f"``{target}``",
+                        *["?" for _ in slots],
+                        *["" for _ in extra],
+                        info,
+                    ]
+                )
+                continue
+            rows.append(
+                [
+                    f"``{info.array_library}``",
+                    f"``{target.partition(':')[0]}``",
+                    *[YES if slot in info.kernels else NO for slot in slots],
+                    *[str(getattr(info, name)) for name in extra],
+                    info.description,
+                ]
+            )
+        widths = [14, 22, *[9 for _ in slots], *[12 for _ in extra], 40]
+        return self.render(_list_table(header, rows, widths))
+
+
+def _call_parameters(cls: type) -> tuple[list[str], list[str]]:
+    """(inputs after the first, keyword-only overrides) of ``cls.__call__``."""
+    parameters = list(inspect.signature(cls.__call__).parameters.values())[2:]  # self, logits
+    inputs = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    overrides = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY]
+    return inputs, overrides
+
+
+def _declared_policies() -> dict[str, tuple[type, PolicyCapabilities]]:
+    found = {}
+    for name in moerouter.policies.__all__:
+        obj = getattr(moerouter.policies, name)
+        declared = capabilities_of(obj) if isinstance(obj, type) else None
+        if declared is not None:
+            found[name] = (obj, declared)
+    return found
+
+
+def _code(names: list[str] | tuple[str, ...]) -> str:
+    return ", ".join(f"``{name}``" for name in names) or NO
+
+
+class PolicyTable(_TableDirective):
+    """``.. moerouter-policy-table::`` with one policy class name per content line."""
+
+    def run(self) -> list[nodes.Node]:
+        declared = _declared_policies()
+        order = [line.strip() for line in self.content if line.strip()]
+        for name in sorted(set(declared) - set(order)):
+            logger.warning(
+                "moerouter-policy-table: %s declares capabilities but is not listed",
+                name,
+                location=self.get_location(),
+            )
+        for name in order:
+            if name not in declared:
+                logger.warning(
+                    "moerouter-policy-table: %s declares no capabilities (or is not a policy)",
+                    name,
+                    location=self.get_location(),
+                )
+        header = [
+            "policy",
+            "scores",
+            "capacity",
+            "per-call overrides",
+            "extra inputs",
+            "``(G, S, E')`` groups",
+            "expert groups",
+            "causal",
+            "``jax.jit``",
+            "``torch.compile``",
+        ]
+        rows = []
+        for name in order:
+            if name not in declared:
+                continue
+            cls, caps = declared[name]
+            inputs, overrides = _call_parameters(cls)
+            inherited = "the wrapped policy's"
+            rows.append(
+                [
+                    f":class:`~moerouter.{name}`",
+                    inherited if caps.wraps_policy else _code(caps.scores),
+                    inherited if caps.wraps_policy else caps.capacity,
+                    _code(overrides),
+                    _code(inputs),
+                    YES if caps.grouped else NO,
+                    YES if caps.expert_groups else NO,
+                    YES if caps.causal else NO,
+                    YES if caps.jax_jit else NO,
+                    YES if caps.torch_compile else NO,
+                ]
+            )
+        widths = [22, 12, 9, 14, 12, 7, 7, 6, 6, 7]
+        return self.render(_list_table(header, rows, widths))
+
+
+def setup(app: Any) -> dict[str, Any]:
+    app.add_directive("moerouter-kernel-table", KernelTable)
+    app.add_directive("moerouter-policy-table", PolicyTable)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
