@@ -31,6 +31,13 @@ extensions = [
     "moerouter_tables",  # docs/_ext: support tables rendered from the code
 ]
 
+# textmacros: text-mode macros such as \_ inside \texttt{...} (parameter names in formulas);
+# MathJax 3 leaves them raw without it.
+mathjax3_config = {
+    "loader": {"load": ["[tex]/textmacros"]},
+    "tex": {"packages": {"[+]": ["textmacros"]}},
+}
+
 templates_path = ["_templates"]
 exclude_patterns = [
     "_build",
