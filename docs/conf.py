@@ -29,7 +29,24 @@ extensions = [
     "sphinx-mathjax-offline",  # sets mathjax_path to the copy it ships (MathJax 3.2.2)
     "numpydoc",
     "moerouter_tables",  # docs/_ext: support tables rendered from the code
+    "sphinx_gallery.gen_gallery",
 ]
+
+# The gallery: examples/plot_*.py run at build time, their figures and output embedded. They
+# live at the repository root, next to the code, so they are runnable scripts for a reader of the
+# repository as well as pages of the site.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"plot_",  # run every example
+    "within_subsection_order": "FileNameSortKey",  # plot_01_... first
+    "abort_on_example_error": True,  # a failing example fails the build
+    "remove_config_comments": True,
+    "download_all_examples": False,
+    "show_signature": False,
+    # Its timing page loads jQuery DataTables from a CDN; the build log prints the same times.
+    "write_computation_times": False,
+}
 
 # textmacros: text-mode macros such as \_ inside \texttt{...} (parameter names in formulas);
 # MathJax 3 leaves them raw without it.
