@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from docutils import nodes
@@ -37,6 +38,17 @@ YES, NO = "✓", "—"
 _PIPELINE = ("make_plan", "dispatch", "combine")
 # BackendInfo fields shown in their own columns; any other field gets a column of its own.
 _SHOWN = {"name", "array_library", "kernels", "description"}
+
+
+def _cell(value: Any) -> str:
+    """A BackendInfo field as a table cell: sets and sequences listed, booleans ticked."""
+    if isinstance(value, bool):
+        return YES if value else NO
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key}: {_cell(item)}" for key, item in sorted(value.items())) or NO
+    if isinstance(value, set | frozenset | list | tuple):
+        return ", ".join(sorted(str(item) for item in value)) or NO
+    return "" if value is None else str(value)
 
 
 def _list_table(header: list[str], rows: list[list[str]], widths: list[int]) -> list[str]:
@@ -77,54 +89,62 @@ def _plugin(target: str) -> Any:
         return f"fails to load ({type(error).__name__}: {error})"
 
 
+def kernel_table() -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, problems) of the kernel table; a problem is a plugin that did not load."""
+    slots = kernel_slots()
+    extra = [f.name for f in dataclasses.fields(_registry.BackendInfo) if f.name not in _SHOWN]
+    header = [
+        "arrays",
+        "plugin",
+        *[f"``{slot}``" for slot in slots],
+        *[name.replace("_", " ") for name in extra],
+        "description",
+    ]
+    rows = [
+        [
+            "any array-API library",
+            "none: the agnostic path, the reference every kernel is tested against",
+            *[YES for _ in slots],
+            *["" for _ in extra],
+            "always available; the only path for array-api-strict",
+        ]
+    ]
+    problems = []
+    for library, target in _registry.known_plugins().items():
+        info = _plugin(target)
+        if not isinstance(info, _registry.BackendInfo):
+            problems.append(f"plugin {target} {info}")
+            cells = ["?" for _ in slots] + ["" for _ in extra]
+            rows.append([f"``{library}``", f"``{target}``", *cells, info])
+            continue
+        rows.append(
+            [
+                f"``{info.array_library}``",
+                f"``{target.partition(':')[0]}``",
+                *[YES if slot in info.kernels else NO for slot in slots],
+                *[_cell(getattr(info, name)) for name in extra],
+                info.description,
+            ]
+        )
+    return header, rows, problems
+
+
 class KernelTable(_TableDirective):
     """``.. moerouter-kernel-table::`` (no content)."""
 
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        slots = kernel_slots()
-        extra = [f.name for f in dataclasses.fields(_registry.BackendInfo) if f.name not in _SHOWN]
-        header = ["arrays", "plugin", *[f"``{slot}``" for slot in slots], *extra, "description"]
-        rows = [
-            [
-                "any array-API library",
-                "none: the agnostic path, the reference every kernel is tested against",
-                *[YES for _ in slots],
-                *["" for _ in extra],
-                "always available; the only path for array-api-strict",
-            ]
-        ]
-        for library, target in _registry.known_plugins().items():
-            info = _plugin(target)
-            if not isinstance(info, _registry.BackendInfo):
-                logger.warning(
-                    "moerouter-kernel-table: plugin %s %s; install every plugin to build the "
-                    "docs (nox -s docs does)",
-                    target,
-                    info,
-                    location=self.get_location(),
-                )
-                rows.append(
-                    [
-                        f"``{library}``",
-                        f"``{target}``",
-                        *["?" for _ in slots],
-                        *["" for _ in extra],
-                        info,
-                    ]
-                )
-                continue
-            rows.append(
-                [
-                    f"``{info.array_library}``",
-                    f"``{target.partition(':')[0]}``",
-                    *[YES if slot in info.kernels else NO for slot in slots],
-                    *[str(getattr(info, name)) for name in extra],
-                    info.description,
-                ]
+        header, rows, problems = kernel_table()
+        for problem in problems:
+            logger.warning(
+                "moerouter-kernel-table: %s; install every plugin to build the docs "
+                "(nox -s docs does)",
+                problem,
+                location=self.get_location(),
             )
-        widths = [14, 22, *[9 for _ in slots], *[12 for _ in extra], 40]
+        slots = len(kernel_slots())
+        widths = [14, 22, *[9] * slots, *[12] * (len(header) - slots - 3), 40]
         return self.render(_list_table(header, rows, widths))
 
 
