@@ -85,7 +85,13 @@ html_title = f"moerouter {release}"
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
-    "secondary_sidebar_items": ["page-toc"],
+    # The generated support tables need the width of the page's table of contents.
+    "secondary_sidebar_items": {
+        "**": ["page-toc"],
+        "index": [],
+        "backends": [],
+        "policies/index": [],
+    },
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
 }

@@ -103,7 +103,7 @@ def kernel_table() -> tuple[list[str], list[list[str]], list[str]]:
     rows = [
         [
             "any array-API library",
-            "none: the agnostic path, the reference every kernel is tested against",
+            "none: the agnostic path, the reference for every kernel",
             *[YES for _ in slots],
             *["" for _ in extra],
             "always available; the only path for array-api-strict",
@@ -189,41 +189,45 @@ class PolicyTable(_TableDirective):
                     name,
                     location=self.get_location(),
                 )
-        header = [
-            "policy",
-            "scores",
-            "capacity",
-            "per-call overrides",
-            "extra inputs",
-            "``(G, S, E')`` groups",
-            "expert groups",
-            "causal",
-            "``jax.jit``",
-            "``torch.compile``",
+        # Two tables, so that each fits the page: what the policy computes with, where it runs.
+        computes = [["policy", "scores", "capacity", "per-call overrides", "extra inputs"]]
+        runs = [
+            [
+                "policy",
+                "``(G, S, E')`` groups",
+                "expert groups",
+                "causal",
+                "``jax.jit``",
+                "``torch.compile``",
+            ]
         ]
-        rows = []
         for name in order:
             if name not in declared:
                 continue
             cls, caps = declared[name]
             inputs, overrides = _call_parameters(cls)
             inherited = "the wrapped policy's"
-            rows.append(
+            link = f":class:`~moerouter.{name}`"
+            computes.append(
                 [
-                    f":class:`~moerouter.{name}`",
+                    link,
                     inherited if caps.wraps_policy else _code(caps.scores),
                     inherited if caps.wraps_policy else caps.capacity,
                     _code(overrides),
                     _code(inputs),
-                    YES if caps.grouped else NO,
-                    YES if caps.expert_groups else NO,
-                    YES if caps.causal else NO,
-                    YES if caps.jax_jit else NO,
-                    YES if caps.torch_compile else NO,
                 ]
             )
-        widths = [22, 12, 9, 14, 12, 7, 7, 6, 6, 7]
-        return self.render(_list_table(header, rows, widths))
+            flags = (
+                caps.grouped,
+                caps.expert_groups,
+                caps.causal,
+                caps.jax_jit,
+                caps.torch_compile,
+            )
+            runs.append([link, *[YES if flag else NO for flag in flags]])
+        lines = _list_table(computes[0], computes[1:], [30, 16, 10, 22, 22])
+        lines += ["", *_list_table(runs[0], runs[1:], [30, 14, 14, 14, 14, 14])]
+        return self.render(lines)
 
 
 def setup(app: Any) -> dict[str, Any]:
