@@ -4,13 +4,14 @@ r"""An expert-parallel simulator: what routing costs on a cluster, computed on o
 or expert-id arrays, e.g. from :mod:`moerouter.workloads` logits routed by a policy), a
 :class:`Topology` and an expert placement (:func:`place_experts`), and reports per call (a
 layer at a step) and in total: the rank-to-rank byte matrices of dispatch, combine and the
-counts exchange, the load per expert and per rank, dropped rows, the share of rows that stay
-on their rank, their node or cross nodes, the share saved by null experts and by locality,
-and the all-to-all time under the cost model below.
+control exchange (header and counts), the load per expert and per rank, dropped rows, the
+share of rows that stay on their rank, their node or cross nodes, the share saved by null
+experts and by locality, and the all-to-all time under the cost model below.
 
 What travels is exactly what ``moerouter_torch.distributed`` sends (its tests count the bytes
-of real Gloo runs and compare): per call, a counts all-to-all (each rank sends each rank one
-int64 count per expert that rank holds), the dispatch all-to-all (dropless: only rows of real
+of real Gloo runs and compare): per call, a control exchange (the 344-byte header every rank
+all-gathers, then a counts all-to-all: each rank sends each rank one int64 count per expert
+that rank holds), the dispatch all-to-all (dropless: only rows of real
 experts, uneven splits; static capacity ``C``: ``C`` rows per expert from every rank, padding
 included, rows past ``C`` dropped), and the combine all-to-all (the dispatch transposed). A
 rank's rows to itself are part of the all-to-all too; the byte matrices include them on the
@@ -39,7 +40,7 @@ with :math:`\alpha` the inter-node latency if any byte crosses nodes, else the i
 latency if any byte crosses ranks, else 0. The slowest rank sets the pace, so load imbalance
 shows up as time. The model ignores congestion inside the network, protocol overheads and
 overlap with computation: it is a first-order estimate to compare routings and placements, not
-a prediction of wall time. A call costs its counts exchange, its dispatch and its combine (the
+a prediction of wall time. A call costs its control exchange, its dispatch and its combine (the
 model is symmetric, so combine costs what dispatch costs).
 
 Examples
@@ -55,10 +56,11 @@ True
 
 from moerouter.simulate._model import (
     COUNT_BYTES,
+    HEADER_BYTES,
     SimulationResult,
     Topology,
     place_experts,
     run,
 )
 
-__all__ = ["COUNT_BYTES", "SimulationResult", "Topology", "place_experts", "run"]
+__all__ = ["COUNT_BYTES", "HEADER_BYTES", "SimulationResult", "Topology", "place_experts", "run"]

@@ -19,10 +19,13 @@ from moerouter.policies._common import capacity as capacity_rows
 from moerouter.routing import Routing
 from moerouter.traces import Trace, TraceRecord, to_numpy
 
-__all__ = ["COUNT_BYTES", "SimulationResult", "Topology", "place_experts", "run"]
+__all__ = ["COUNT_BYTES", "HEADER_BYTES", "SimulationResult", "Topology", "place_experts", "run"]
 
 #: Bytes per count in the counts exchange: ``moerouter_torch.distributed`` sends int64 counts.
 COUNT_BYTES = 8
+#: Bytes of the header every rank all-gathers before each dispatch (settings and a failure
+#: flag, so that mismatched or failing ranks raise instead of hanging): 43 int64s.
+HEADER_BYTES = 344
 
 PLACEMENTS = ("contiguous", "round_robin", "node_grouped")
 
@@ -462,10 +465,12 @@ class SimulationResult:
     baseline_inter_node_rows : ndarray (L,) float64
         The inter-node rows if every row's destination were uniform over the ranks.
     count_time, dispatch_time, combine_time : ndarray (L,) float64
-        Seconds of the counts exchange and of the dispatch and combine all-to-alls.
+        Seconds of the control exchange (header all-gather and counts) and of the dispatch and
+        combine all-to-alls.
     dispatch_bytes, combine_bytes, count_bytes : ndarray (W, W) int64
         Bytes rank ``s`` sends rank ``r`` (row ``s``, column ``r``) summed over all calls:
-        dispatched rows, combined rows (the transpose) and the counts exchange.
+        dispatched rows, combined rows (the transpose) and the control exchange (the header,
+        then the counts).
     layer_dispatch_bytes : ndarray (L, W, W) int64 or None
         Per call, with ``keep_matrices=True``.
     """
@@ -537,7 +542,7 @@ class SimulationResult:
         - ``locality_saved``: ``1 - inter_node_rows / baseline_inter_node_rows``, the inter-node
           rows avoided compared with destinations spread uniformly over the ranks (negative:
           worse than uniform).
-        - ``step_time``: seconds of all all-to-alls of one step (every layer's counts exchange,
+        - ``step_time``: seconds of all all-to-alls of one step (every layer's control exchange,
           dispatch and combine), averaged over steps; ``layer_time``: the same per call.
         - ``max_rank_bytes``: the largest bytes one rank sends in dispatch per step.
         """
@@ -616,10 +621,11 @@ def run(
     """Simulate expert-parallel dispatch and combine of routed layers on a cluster.
 
     Each routing call (a layer at a step) is one exchange, exactly as
-    ``moerouter_torch.distributed`` does it: a counts all-to-all (every rank sends every rank
-    one int64 count per expert that rank holds), then the rows all-to-all (dropless: the real
-    rows only, as uneven splits; capacity mode: ``capacity`` rows per expert from every rank,
-    zero-padded, rows past it dropped), then the combine all-to-all, the dispatch transposed.
+    ``moerouter_torch.distributed`` does it: a header all-gather and a counts all-to-all (every
+    rank sends every rank one int64 count per expert that rank holds), then the rows
+    all-to-all (dropless: the real rows only, as uneven splits; capacity mode: ``capacity``
+    rows per expert from every rank, zero-padded, rows past it dropped), then the combine
+    all-to-all, the dispatch transposed.
 
     Parameters
     ----------
@@ -699,8 +705,11 @@ def run(
                 )
             where = place_experts(placement, experts_seen, topology)
             ranks = _Ranks(topology, where)
-            # Every call exchanges the same counts: one int64 per expert the receiver holds.
-            count_matrix = np.broadcast_to(COUNT_BYTES * ranks.experts_on[None, :], (world, world))
+            # Every call exchanges the same control bytes: the header all-gather, then one int64
+            # count per expert the receiver holds.
+            count_matrix = np.broadcast_to(
+                HEADER_BYTES + COUNT_BYTES * ranks.experts_on[None, :], (world, world)
+            )
             count_time = ranks.time(ranks.link_split(np.array(count_matrix)))
         elif decision.num_experts != experts_seen:
             raise ValueError(

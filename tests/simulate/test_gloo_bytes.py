@@ -86,7 +86,15 @@ def worker(rank, world, port, folder):
         sent.append((phase[0], str(input.dtype), [int(s) * row_bytes for s in splits]))
         return original(output, input, output_split_sizes, input_split_sizes, **kwargs)
 
+    original_gather = dist.all_gather
+
+    def counting_gather(outputs, input, **kwargs):
+        # An all-gather sends this rank's tensor to every rank (itself included).
+        sent.append((phase[0], "header", [input.numel() * input.element_size()] * world))
+        return original_gather(outputs, input, **kwargs)
+
     dist.all_to_all_single = counting
+    dist.all_gather = counting_gather
     try:
         counted = {}
         with traces.record() as recorder:
@@ -107,6 +115,7 @@ def worker(rank, world, port, folder):
             json.dump(counted, handle)
     finally:
         dist.all_to_all_single = original
+        dist.all_gather = original_gather
         dist.destroy_process_group()
 
 
@@ -135,12 +144,14 @@ def spawn(world, folder):
                 process.kill()
 
 
-def matrix(counted, world, name, phase, dtype):
-    """(W, W) bytes: row s = what rank s asked all_to_all_single to send each rank."""
+def matrix(counted, world, name, phase, kinds):
+    """(W, W) bytes: row s = what rank s asked the collectives to send each rank, summed over
+    the calls of ``phase`` whose kind ("torch.float32" rows, "torch.int64" counts, "header")
+    is in ``kinds``."""
     out = np.zeros((world, world), dtype=np.int64)
     for rank in range(world):
-        for call_phase, call_dtype, per_rank in counted[rank][name]["sent"]:
-            if call_phase == phase and (call_dtype == "torch.int64") == (dtype == "int64"):
+        for call_phase, kind, per_rank in counted[rank][name]["sent"]:
+            if call_phase == phase and kind in kinds:
                 out[rank] += per_rank
     return out
 
@@ -170,15 +181,17 @@ def test_simulated_bytes_equal_counted_gloo_bytes(world, tmp_path):
             capacity=capacity,
             token_ranks=token_ranks,
         )
-        dispatch = matrix(counted, world, name, "dispatch", "float32")
+        rows, control = {"torch.float32"}, {"torch.int64", "header"}
+        dispatch = matrix(counted, world, name, "dispatch", rows)
         np.testing.assert_array_equal(result.dispatch_bytes, dispatch, err_msg=name)
         np.testing.assert_array_equal(
-            result.combine_bytes, matrix(counted, world, name, "combine", "float32"), err_msg=name
+            result.combine_bytes, matrix(counted, world, name, "combine", rows), err_msg=name
         )
         np.testing.assert_array_equal(
-            result.count_bytes, matrix(counted, world, name, "dispatch", "int64"), err_msg=name
+            result.count_bytes, matrix(counted, world, name, "dispatch", control), err_msg=name
         )
-        assert not matrix(counted, world, name, "combine", "int64").any()  # no counts go back
+        assert matrix(counted, world, name, "dispatch", {"header"}).any()  # the header was seen
+        assert not matrix(counted, world, name, "combine", control).any()  # nothing goes back
         # The loads: rows each expert (ranks in order, local experts in order) really received.
         received = np.concatenate([counted[rank][name]["received"] for rank in range(world)])
         np.testing.assert_array_equal(result.expert_load[0], received, err_msg=name)
@@ -194,3 +207,9 @@ def test_simulated_bytes_equal_counted_gloo_bytes(world, tmp_path):
         if name == "static_capacity":
             assert result.capacity_dropped[0] > 0
             assert result.rows_sent[0] == world * E * capacity
+
+
+def test_header_bytes_match_the_torch_layer():
+    from moerouter_torch import distributed
+
+    assert simulate.HEADER_BYTES == distributed._HEADER_SIZE * 8

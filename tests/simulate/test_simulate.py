@@ -110,7 +110,7 @@ def test_matches_the_row_by_row_twin(placement, capacity, tokens, uneven):
     assert result.combine_time[0] == pytest.approx(brute_time(sent.T * 12, TOPOLOGY), rel=1e-12)
     experts_on = np.bincount(where, minlength=world)
     np.testing.assert_array_equal(
-        result.count_bytes, np.broadcast_to(8 * experts_on, (world, world))
+        result.count_bytes, np.broadcast_to(simulate.HEADER_BYTES + 8 * experts_on, (world, world))
     )
 
 
@@ -137,8 +137,10 @@ def test_cost_model_by_hand():
     # max(100 / 100, 50 / 10) + inter-node latency = 5 + 2.
     assert result.dispatch_time[0] == pytest.approx(7.0)
     assert result.combine_time[0] == pytest.approx(7.0)
-    # Counts: every rank sends each other rank 8 bytes; the inter-node ones dominate.
-    assert result.count_time[0] == pytest.approx(max(8 / 100, 2 * 8 / 10) + 2.0)
+    # Control: every rank sends each other rank its header and 8 bytes of counts; the inter-node
+    # ones dominate.
+    control = simulate.HEADER_BYTES + 8
+    assert result.count_time[0] == pytest.approx(max(control / 100, 2 * control / 10) + 2.0)
 
 
 def test_layers_steps_and_totals():
@@ -164,7 +166,7 @@ def test_layers_steps_and_totals():
     # Every real row is sent once and received once.
     assert result.dispatch_bytes.sum() == result.real_rows.sum() * 4
     np.testing.assert_array_equal(result.rank_load.sum(axis=1), result.real_rows)
-    assert result.count_bytes.sum() == 6 * world * experts * 8
+    assert result.count_bytes.sum() == 6 * world * (world * simulate.HEADER_BYTES + experts * 8)
     document = result.to_dict()
     assert document["totals"] == totals and len(document["rank_load"]) == 6
 
@@ -252,7 +254,8 @@ def test_zero_tokens_still_exchange_counts():
     topology = simulate.Topology(world_size=2, ranks_per_node=1)
     result = simulate.run([np.zeros((0, 2), dtype=np.int32)], num_experts=4, topology=topology)
     assert not result.dispatch_bytes.any() and result.rank_load.sum() == 0
-    assert result.count_bytes.tolist() == [[16, 16], [16, 16]]  # every rank still takes part
+    control = simulate.HEADER_BYTES + 16
+    assert result.count_bytes.tolist() == [[control] * 2] * 2  # every rank still takes part
     assert result.dispatch_time[0] == 0.0 and result.count_time[0] > 0
     assert result.totals()["real_experts_per_token"] == 0.0
 
