@@ -18,7 +18,7 @@ from moerouter import (
     traces,
     workloads,
 )
-from moerouter._registry import BackendInfo
+from moerouter._registry import BackendInfo, KernelSet
 from moerouter.policies import (
     AffinityRouting,
     AnchorRouting,
@@ -60,6 +60,7 @@ __all__ = [
     "FrozenRandomRouter",
     "GShardTop2",
     "HashRouter",
+    "KernelSet",
     "LocalityTopK",
     "NullExperts",
     "Plan",

@@ -6,7 +6,7 @@
 - ``bench``: dispatch/combine/router timings against the same-run copy roof.
 - ``simulate``: expert-parallel traffic, loads and all-to-all time of a workload or a trace on
   a simulated cluster (``moerouter/simulate/_command.py``).
-- ``info``: backends found, versions and devices.
+- ``info``: backends found, versions, devices, and whether each GPU kernel set is on.
 """
 
 from __future__ import annotations
@@ -75,7 +75,18 @@ def info(_: argparse.Namespace) -> int:
         kernels = ", ".join(sorted(plugin.kernels)) or "none (agnostic path)"
         devices = _devices(library) if importlib.util.find_spec(library) else "library missing"
         print(f"  {library:<8} {target:<32} kernels: {kernels}; devices: {devices}")
+        for kernel_set in plugin.kernel_sets:
+            print(f"  {'':<8} kernel set {kernel_set.name}: {_kernel_set_status(kernel_set)}")
     return 0
+
+
+def _kernel_set_status(kernel_set: _registry.KernelSet) -> str:
+    if kernel_set.verified:
+        return f"on (passed on {kernel_set.verified_on})"
+    variable = _registry.UNVERIFIED_KERNELS_VARIABLE
+    if _registry.kernel_set_enabled(kernel_set):
+        return f"on, unverified (asked for by {variable}; has not passed on a GPU yet)"
+    return f"off (has not passed on a GPU yet; {variable}={kernel_set.name} switches it on)"
 
 
 def demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -3,13 +3,17 @@
 Each interpreted grid step is a few XLA ops: keep R * column blocks small (T <= 12 here).
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
+import moerouter_jax
 import numpy as np
 import pytest
 from moerouter_jax import _kernels, _pallas
 
 import moerouter as mr
+from moerouter import _registry
 from moerouter.testing import assert_close, reference_combine, reference_dispatch, to_numpy
 
 HAS_GPU = any(device.platform == "gpu" for device in jax.devices())
@@ -78,6 +82,24 @@ def test_topk_router_rejects_bad_arguments():
         _pallas.topk_router(jnp.zeros((2, 4)), 2, score="relu", interpret=True)
     with pytest.raises(ValueError, match="k must"):
         _pallas.topk_router(jnp.zeros((2, 4)), 5, interpret=True)
+
+
+class OnGpu:
+    """Stands for a jax.Array on a GPU."""
+
+    def devices(self):
+        return [types.SimpleNamespace(platform="gpu")]
+
+
+def test_pallas_runs_only_on_gpu_while_its_set_is_on(monkeypatch):
+    # The Pallas kernels have not passed on a GPU yet: XLA gathers run unless
+    # MOEROUTER_UNVERIFIED_KERNELS names their set; CPU arrays never take them.
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert not _kernels._use_pallas(OnGpu())
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "jax-pallas")
+    assert _kernels._use_pallas(OnGpu())
+    assert not _kernels._use_pallas(jnp.zeros(1))
+    assert moerouter_jax.backend.kernel_sets == (_kernels.PALLAS,)
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """The torch kernels return exactly what the agnostic reference returns, and differentiate."""
 
+import sys
+import types
 from dataclasses import fields
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from moerouter_torch import _kernels, _ops
 
 import moerouter as mr
+from moerouter import _registry
 
 T, D = 24, 16
 
@@ -218,3 +221,18 @@ def test_compile_fullgraph_route_plan_dispatch_combine(use_backend, router, colu
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, grads[0])
     torch.testing.assert_close(weight.grad, grads[1])
+
+
+def test_triton_kernels_run_only_on_cuda_while_their_set_is_on(monkeypatch):
+    # The Triton kernels have not passed on a GPU yet: CUDA tensors take the plain PyTorch
+    # kernels unless MOEROUTER_UNVERIFIED_KERNELS names their set; CPU tensors never use them.
+    fake_module = types.ModuleType("moerouter_torch._triton")
+    monkeypatch.setattr(moerouter_torch, "_triton", fake_module, raising=False)
+    monkeypatch.setitem(sys.modules, "moerouter_torch._triton", fake_module)
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert _ops._triton_for(on_cuda) is None
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "torch-triton")
+    assert _ops._triton_for(on_cuda) is fake_module
+    assert _ops._triton_for(torch.zeros(1)) is None
+    assert _ops.TRITON in moerouter_torch.backend.kernel_sets

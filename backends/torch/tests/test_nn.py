@@ -1,11 +1,14 @@
 """GroupedMLP and MoE equal a dense per-expert loop, and null experts really skip work."""
 
+import types
+
 import moerouter_torch
 import pytest
 import torch
 from moerouter_torch import GroupedMLP, MoE, _grouped
 
 import moerouter as mr
+from moerouter import _registry
 
 T, D, H = 20, 8, 12
 
@@ -114,3 +117,17 @@ def test_moe_compiles_fullgraph(use_backend):
     torch.testing.assert_close(compiled, eager)
     (compiled.sum() + losses["load_balancing"]).backward()
     assert layer.gate.weight.grad is not None
+
+
+def test_grouped_mm_kernel_only_while_its_set_is_on(monkeypatch):
+    # torch._grouped_mm has not run here on a GPU: the per-expert loop runs until its kernel set
+    # passes or is asked for, even on a GPU that could run it.
+    x = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(16, 8))
+    weight = types.SimpleNamespace(dtype=torch.bfloat16, shape=(2, 8, 8))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kwargs: None, raising=False)
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert not _grouped._use_grouped_mm(x, weight)
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "torch-grouped-mm")
+    assert _grouped._use_grouped_mm(x, weight)
+    assert _grouped.GROUPED_MM in moerouter_torch.backend.kernel_sets
