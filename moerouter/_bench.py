@@ -35,7 +35,16 @@ import numpy as np
 import moerouter as mr
 from moerouter import _registry
 
-__all__ = ["SHAPES", "Result", "Shape", "combine_bytes", "dispatch_bytes", "main"]
+__all__ = [
+    "SHAPES",
+    "Result",
+    "Shape",
+    "combine_backward_bytes",
+    "combine_bytes",
+    "dispatch_backward_bytes",
+    "dispatch_bytes",
+    "main",
+]
 
 Array = Any
 
@@ -75,6 +84,19 @@ def dispatch_bytes(*, tokens_read: int, rows: int, dim: int, itemsize: int) -> i
 def combine_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
     """Minimal traffic of combine: ``R`` rows read, ``T`` rows written, ``R`` indices, weights."""
     return (rows + tokens) * dim * itemsize + rows * (INDEX_BYTES + WEIGHT_BYTES)
+
+
+def dispatch_backward_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
+    """Minimal traffic of dispatch's gradient (a gather-sum): ``R`` rows read, ``T`` rows
+    written, ``R`` indices read."""
+    return (rows + tokens) * dim * itemsize + rows * INDEX_BYTES
+
+
+def combine_backward_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
+    """Minimal traffic of combine's gradients: the ``T`` output-gradient rows read once, ``R``
+    expert rows read (for the weight gradient), ``R`` row gradients written; indices and weights
+    read, weight gradients written."""
+    return (tokens + 2 * rows) * dim * itemsize + rows * (INDEX_BYTES + 2 * WEIGHT_BYTES)
 
 
 def plan_bytes(*, tokens: int, rows: int, fan_in: int) -> int:
