@@ -321,6 +321,18 @@ def test_wheels_unpack_without_pip_or_network(kit, tmp_path):
     assert "--download-wheels" in kit.unpack_wheels(["pytest"], None, site)[0]
 
 
+def test_probe_sees_what_the_wheels_add(kit, tmp_path):
+    # After unpacking wheels the kit probes again: that probe, not the first, is what counts.
+    site = tmp_path / "site"
+    site.mkdir()
+    env = kit._environment({}, site)
+    before = kit.probe(sys.executable, env, tmp_path, light=True)["versions"]["array_api_strict"]
+    (site / "array_api_strict").mkdir()
+    (site / "array_api_strict" / "__init__.py").write_text("__version__ = '9.9.9'\n")
+    after = kit.probe(sys.executable, env, tmp_path, light=True)["versions"]["array_api_strict"]
+    assert before != "9.9.9" and after == "9.9.9"
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_benchmark_code_runs_in_smoke_mode(framework, tmp_path):
     # Every case of the GPU benchmark, at tiny shapes on the CPU (Triton's and Pallas's
