@@ -66,16 +66,11 @@ def test_dry_run_fails_on_a_missing_test_file(kit, monkeypatch, capsys):
     assert "test_triton.py has gpu-marked tests but no part runs it" in err
 
 
-def test_dry_run_fails_on_a_missing_benchmark(kit, monkeypatch):
-    monkeypatch.setitem(
-        kit.KERNEL_SETS, "jax-pallas", ("backends/jax/moerouter_jax/_gone.py", ())
-    )  # a kernel set declared elsewhere than the kit believes
+def test_dry_run_fails_when_a_kernel_set_is_not_where_the_kit_looks(kit, monkeypatch):
+    # The report tells where to write a proven set's verified_on: that file must declare it.
+    monkeypatch.setitem(kit.KERNEL_SETS, "jax-pallas", ("backends/jax/moerouter_jax/_gone.py", ()))
     problems = kit.check_layout()
     assert any("kernel set jax-pallas is declared in" in problem for problem in problems)
-    bench = subprocess.run(
-        [sys.executable, str(BENCH), "--dry-run"], cwd=REPO, capture_output=True, text=True
-    )
-    assert bench.returncode == 0, bench.stderr
 
 
 def test_benchmark_dry_run_fails_when_a_kernel_is_missing(monkeypatch, capsys):
