@@ -139,6 +139,38 @@ def test_part_out_of_time_is_interrupted_then_killed_with_its_children(kit, monk
         pytest.fail(f"the part's child {child} outlived the part")
 
 
+def test_stopping_the_kit_stops_the_running_part(tmp_path):
+    # The kit's own SIGTERM (an outer timeout, say) must not leave a part running on the GPU.
+    pid_file, log = tmp_path / "part.pid", str(tmp_path / "log")
+    part = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    script = textwrap.dedent(f"""
+        import importlib.machinery, importlib.util, signal, sys
+        loader = importlib.machinery.SourceFileLoader("gpu_check", {str(KIT)!r})
+        spec = importlib.util.spec_from_loader("gpu_check", loader)
+        kit = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = kit
+        loader.exec_module(kit)
+        signal.signal(signal.SIGTERM, kit._exit_on_signal)
+        kit.run_process([sys.executable, "-c", {part!r}], {{}}, 600.0, kit.Path({log!r}))
+    """)
+    kit_process = subprocess.Popen([sys.executable, "-c", script])
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    kit_process.send_signal(signal.SIGTERM)
+    assert kit_process.wait(timeout=30) == 128 + signal.SIGTERM
+    part_pid = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(part_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the part {part_pid} outlived the kit")
+
+
 FAKE_TESTS = """
 import time
 import pytest
