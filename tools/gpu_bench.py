@@ -825,7 +825,7 @@ class CupySuite(Suite):
         )  # fmt: skip
 
 
-SUITES: dict[str, Callable[[], Suite]] = {
+SUITES: dict[str, Callable[[bool], Suite]] = {
     "torch": TorchSuite,
     "jax": JaxSuite,
     "cupy": CupySuite,
