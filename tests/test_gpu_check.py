@@ -262,8 +262,8 @@ def fake_report(kit):
         {"kind": "roof", "roof": "device copy", "bytes": 2 << 30, "ms": 0.5, "gb_per_s": 4300.0},
         {"kind": "figure", "op": "dispatch", "path": "triton", "shape": "olmoe", "tokens": 4096,
          "dtype": "bfloat16", "ms": 0.05, "gb_per_s": 3500.0, "fraction_of_copy": 0.81,
-         "baseline": "x[idx]", "baseline_ms": 0.06, "speedup": 1.2, "meets_target": True,
-         "check": "ok"},
+         "baseline": "x[idx]", "baseline_ms": 0.06, "speedup": 1.2, "target": 0.8,
+         "meets_target": True, "check": "ok"},
         {"kind": "skipped", "op": "grouped_mlp", "config": "mixtral T=16384 float32",
          "reason": "budget spent"},
     ]  # fmt: skip
@@ -306,6 +306,7 @@ def test_report_says_what_ran_and_what_may_be_marked_verified(kit, tmp_path):
     assert "`torch-triton` in `backends/torch/moerouter_torch/_ops.py`" in text
     assert "| dispatch | olmoe | 4096 | bfloat16 | triton | 0.05 |" in text
     assert "skipped: grouped_mlp mixtral T=16384 float32: budget spent" in text
+    assert "targets met 1 of 1 (dispatch 0.8 of copy)" in text
     assert "| dispatch |" not in kit.markdown(report, benchmarks=False)  # the printed summary
 
 
