@@ -4,6 +4,7 @@ import sys
 import types
 from dataclasses import fields
 
+import moerouter_torch
 import pytest
 import torch
 from moerouter_torch import _kernels, _ops
