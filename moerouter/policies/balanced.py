@@ -7,8 +7,9 @@ from typing import Any
 
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._numerics import sigmoid
 from moerouter.policies._common import check_positive_float, check_positive_int, clean_logits
-from moerouter.policies._token_choice import sigmoid, softmax, token_choice_routing
+from moerouter.policies._token_choice import softmax, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["BalancedAssignment"]

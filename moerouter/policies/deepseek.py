@@ -10,6 +10,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import top_k
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -20,8 +21,7 @@ from moerouter.policies._common import (
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
-    renormalize,
-    sigmoid,
+    renormalized_scores,
     softmax,
     token_choice_routing,
 )
@@ -183,12 +183,12 @@ class DeepSeekTopK:
         choice = top_k(selection, k, xp=xp)
         chosen = xp.take_along_axis(selection, choice, axis=-1)
         routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
-        weights = xp.take_along_axis(scores, choice, axis=-1)
-        weights = (
-            renormalize(weights, routed, xp=xp)
-            if self.normalize
-            else xp.where(routed, weights, xp.zeros_like(weights))
-        )
+        if self.normalize:
+            chosen_logits = xp.take_along_axis(values, choice, axis=-1)
+            weights = renormalized_scores(chosen_logits, routed, score=self.score, xp=xp)
+        else:
+            weights = xp.take_along_axis(scores, choice, axis=-1)
+            weights = xp.where(routed, weights, xp.zeros_like(weights))
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         return token_choice_routing(

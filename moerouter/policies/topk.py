@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -17,8 +18,7 @@ from moerouter.policies._token_choice import (
     DROP_POLICIES,
     choose,
     masked_softmax,
-    renormalize,
-    sigmoid,
+    renormalized_scores,
     softmax,
     token_choice_routing,
 )
@@ -147,12 +147,12 @@ class TopK:
         )
         choice, chosen_logits = choose(clean, k)
         routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
-        if self.softmax_after_topk or (self.score == "softmax" and self.normalize):
+        if self.softmax_after_topk:
             weights = masked_softmax(chosen_logits, routed, xp=xp)
+        elif self.normalize:
+            weights = renormalized_scores(chosen_logits, routed, score=self.score, xp=xp)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-            if self.normalize:
-                weights = renormalize(weights, routed, xp=xp)
         return token_choice_routing(
             clean,
             probs,
