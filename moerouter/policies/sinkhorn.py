@@ -21,7 +21,7 @@ from moerouter.policies._common import (
     check_positive_int,
     clean_logits,
 )
-from moerouter.policies._token_choice import renormalize, softmax, token_choice_routing
+from moerouter.policies._token_choice import renormalized_scores, softmax, token_choice_routing
 from moerouter.policies._transport import (
     expert_layout_routing,
     noisy_logits,
@@ -199,9 +199,11 @@ class SinkhornTokenChoice:
         probs = softmax(combine_from.values, xp=xp)
         chosen_logits = xp.take_along_axis(noisy.values, choice, axis=-1)
         routed = (chosen_logits > -xp.inf) & noisy.finite_rows[..., None]
-        weights = xp.take_along_axis(probs, choice, axis=-1)
         if self.normalize:
-            weights = renormalize(weights, routed, xp=xp)
+            chosen = xp.take_along_axis(combine_from.values, choice, axis=-1)
+            weights = renormalized_scores(chosen, routed, score="softmax", xp=xp)
+        else:
+            weights = xp.take_along_axis(probs, choice, axis=-1)
         return token_choice_routing(
             noisy,
             probs,
