@@ -5,7 +5,9 @@ logits and, when a ``mask`` is given, not padding), :math:`c_e` the number of ch
 :math:`e` (before capacity drops, as Megatron-Core and transformers count),
 :math:`\hat p_{t,e} = p_{t,e} / \sum_j p_{t,j}` the router scores normalised per token (softmax
 probabilities are unchanged; sigmoid scores are normalised as Megatron-Core does for its
-auxiliary losses) and :math:`P_e = \frac{1}{T}\sum_t \hat p_{t,e}`.
+auxiliary losses, with the sum floored at :math:`10^{-15}` where Megatron-Core adds
+:math:`10^{-20}`, so that a token whose every logit is below about -37 keeps a finite gradient
+on every backend) and :math:`P_e = \frac{1}{T}\sum_t \hat p_{t,e}`.
 
 Every loss returns a float32 scalar array of the routing's backend. Every loss takes an optional
 ``mask`` of valid tokens, shape (T,) or (G, S), bool: masked tokens and rows with non-finite logits
@@ -46,6 +48,8 @@ Convention = Literal["megatron", "mixtral", "gshard"]
 _CONVENTIONS = ("megatron", "mixtral", "gshard")
 # t2t's cv_squared adds this to the squared mean so that an all-zero vector gives 0, not NaN.
 _CV_EPSILON = 1e-10
+# Per-token score sums are floored here before normalising (see _normalised_scores).
+_MIN_SCORE_SUM = 1e-15
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,9 +86,14 @@ def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
 
 
 def _normalised_scores(probs: Array, valid: Array, xp: Any) -> Array:
-    """``p / sum_j p`` per token, zero on invalid tokens (and on rows summing to 0)."""
+    """``p / max(sum_j p, 1e-15)`` per token, zero on invalid tokens.
+
+    The floor only touches sigmoid scores whose sum is below 1e-15 (every logit below about
+    -37): their true slope ``1 / sum`` is not representable in float32, and JAX's quotient
+    rule squares the denominator (``0 / y`` has a NaN gradient for y below about 5e-20).
+    """
     total = xp.sum(probs, axis=-1, keepdims=True)
-    scores = probs / xp.where(total > 0, total, xp.ones_like(total))
+    scores = probs / xp.where(total > _MIN_SCORE_SUM, total, xp.full_like(total, _MIN_SCORE_SUM))
     return xp.where(valid[:, None], scores, xp.zeros_like(scores))
 
 

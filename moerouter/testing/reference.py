@@ -501,10 +501,9 @@ def _flat_mask(mask: Any, num_tokens: int) -> np.ndarray:
 
 
 def _normalised_row(row: np.ndarray) -> np.ndarray:
-    """``p / sum(p)`` in float64 (a row summing to 0 stays 0)."""
+    """``p / max(sum(p), 1e-15)`` in float64, the floor of :mod:`moerouter.losses`."""
     row = row.astype(np.float64)
-    total = float(row.sum())
-    return row / total if total > 0 else row
+    return row / max(float(row.sum()), 1e-15)
 
 
 def _balance(
