@@ -175,7 +175,9 @@ def _topk_router_kernel(
     column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
     real = column < num_experts
     if sigmoid:
-        scores = 1.0 / (1.0 + jnp.exp(-logits))
+        # moerouter's stable sigmoid (moerouter._numerics.sigmoid): exp never overflows.
+        small = jnp.exp(-jnp.abs(logits))
+        scores = jnp.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
     else:
         shifted = jnp.exp(logits - jnp.max(logits))
         shifted = jnp.where(real, shifted, 0.0)

@@ -191,7 +191,9 @@ def _topk_router_kernel(
     ).to(tl.float32)
     row_max = tl.max(logits, axis=0)
     if SIGMOID:
-        scores = 1.0 / (1.0 + tl.exp(-logits))
+        # moerouter's stable sigmoid (moerouter._numerics.sigmoid): exp never overflows.
+        small = tl.exp(-tl.abs(logits))
+        scores = tl.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
     else:
         exp = tl.where(in_row, tl.exp(logits - row_max), 0.0)
         scores = exp / tl.sum(exp, axis=0)
