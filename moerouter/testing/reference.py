@@ -506,14 +506,31 @@ def _normalised_row(row: np.ndarray) -> np.ndarray:
     return row / max(float(row.sum()), 1e-15)
 
 
+def _counted_pairs(r: dict[str, Any], count: str) -> list[tuple[int, int]]:
+    """(token, column) pairs the balancing losses count: the ``k`` largest scores of each token
+    (ties to the lower column) for ``"top_k"`` on a token layout, else the raw choices."""
+    if count == "top_k" and r["layout"] == "token":
+        k = r["slots"]
+        return [
+            (t, column)
+            for t in range(r["num_tokens"])
+            for column in sorted(range(r["probs"].shape[-1]), key=lambda e: (-r["probs"][t, e], e))[
+                :k
+            ]
+        ]
+    return [(int(t), int(c)) for t, c in zip(r["token_ids"], r["choice_ids"], strict=True)]
+
+
 def _balance(
     routing: Any,
     convention: str,
     pool_null: bool,
     mask: Any = None,
     per_group: bool = False,
+    count: str = "top_k",
 ) -> float:
     r = _routing(routing)
+    pairs = _counted_pairs(r, count)
     num_columns = r["probs"].shape[-1]
     num_groups = r["num_groups"] if per_group or convention == "gshard" else 1
     group_size = r["num_tokens"] // num_groups
@@ -525,7 +542,7 @@ def _balance(
         if not valid_tokens:
             continue  # a group without valid tokens is left out of the mean over groups
         counts = np.zeros(num_columns)
-        for token, column in zip(r["token_ids"], r["choice_ids"], strict=True):
+        for token, column in pairs:
             if token in valid_tokens:
                 counts[column] += 1
         if pool_null and num_columns > r["num_experts"]:
@@ -540,29 +557,38 @@ def _balance(
     return float(np.mean(losses)) if losses else 0.0
 
 
-def reference_load_balancing(routing: Any, convention: str = "megatron", mask: Any = None) -> float:
+def reference_load_balancing(
+    routing: Any, convention: str = "megatron", mask: Any = None, count: str = "top_k"
+) -> float:
     """:func:`moerouter.losses.load_balancing` in float64: ``E' * sum_e f_e * P_e``.
 
-    ``f_e`` counts raw choices (``choice_ids``, before drops) of valid tokens (finite rows that
-    ``mask`` keeps), normalised by all counted choices ("megatron") or by the valid tokens
-    ("mixtral", and per group "gshard", averaged over groups holding a valid token); ``P_e`` is
-    the mean over valid tokens of the probabilities normalised to sum 1 per token.
+    ``f_e`` counts, for valid tokens (finite rows that ``mask`` keeps), the ``k`` largest
+    probabilities of each token (``count="top_k"``, token layout) or the raw choices
+    (``choice_ids``, before drops), normalised by all counted choices ("megatron") or by the
+    valid tokens ("mixtral", and per group "gshard", averaged over groups holding a valid
+    token); ``P_e`` is the mean over valid tokens of the probabilities normalised to sum 1 per
+    token.
 
     Parameters
     ----------
     routing : Routing or dict
     convention : {"megatron", "mixtral", "gshard"}
     mask : array (T,) or (G, S) bool, optional
+    count : {"top_k", "choices"}
 
     Returns
     -------
     float
     """
-    return _balance(routing, convention, pool_null=False, mask=mask)
+    return _balance(routing, convention, pool_null=False, mask=mask, count=count)
 
 
 def reference_null_load_balancing(
-    routing: Any, null_mode: str = "pooled", convention: str = "megatron", mask: Any = None
+    routing: Any,
+    null_mode: str = "pooled",
+    convention: str = "megatron",
+    mask: Any = None,
+    count: str = "top_k",
 ) -> float:
     """:func:`moerouter.losses.null_load_balancing` in float64.
 
@@ -575,12 +601,13 @@ def reference_null_load_balancing(
     null_mode : {"pooled", "per_expert"}
     convention : {"megatron", "mixtral", "gshard"}
     mask : array (T,) or (G, S) bool, optional
+    count : {"top_k", "choices"}
 
     Returns
     -------
     float
     """
-    return _balance(routing, convention, pool_null=null_mode == "pooled", mask=mask)
+    return _balance(routing, convention, pool_null=null_mode == "pooled", mask=mask, count=count)
 
 
 def reference_z_loss(logits: Any, mask: Any = None) -> float:
