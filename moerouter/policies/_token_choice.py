@@ -75,6 +75,7 @@ def token_choice_routing(
     capacity_multiple_of: int,
     drop_policy: str,
     min_capacity: int = 0,
+    capacity_rounding: str = "exact",
 ) -> Routing:
     """Apply capacity and flatten a token-choice decision into a token-layout Routing.
 
@@ -91,7 +92,13 @@ def token_choice_routing(
     per_expert = None
     if capacity_factor is not None:
         per_expert = capacity(
-            capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
+            capacity_factor,
+            group_size,
+            k,
+            num_experts,
+            capacity_multiple_of,
+            min_capacity,
+            capacity_rounding,
         )
         slot = xp.arange(k, dtype=xp.int32)[None, None, :]
         if drop_policy == "position":
