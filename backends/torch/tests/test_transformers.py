@@ -350,6 +350,28 @@ def test_adamoe_fine_tuning_lowers_the_loss_and_changes_experts_per_token():
     assert all(0 < fraction < 1 for fraction in null_fractions)
 
 
+@pytest.mark.parametrize(
+    ("num_null", "k", "fewest", "most"),
+    [
+        (4, 3, 2, 2),  # E = 4 divides m = 4: ceil(k / (1 + m / E)) = 2 with exact ties
+        (2, 3, 2, 3),  # experts 0 and 1 have a copy, 2 and 3 none: 2 or 3, not always 2
+    ],
+)
+def test_real_experts_right_after_the_conversion(num_null, k, fewest, most):
+    # docs/integrations/transformers.rst: ceil(k / (1 + m / E)) only when E divides m, else a
+    # range [n_min, n_max] (tests/core/test_adamoe_tiling.py checks its formula on a sweep with
+    # exact ties). The router's float32 matmul can round a copy one ulp above its original:
+    # a token may then reach one real expert fewer than n_min.
+    model = to_adamoe(_build("mixtral"), num_null=num_null, k=k)
+    with torch.no_grad(), routing_statistics(model) as stats:
+        model(_tokens(batch=4, length=16))
+    for passes in stats.records.values():
+        histogram = passes[0][1]["real_experts_histogram"]
+        seen = set(torch.nonzero(histogram).flatten().tolist())
+        assert seen <= set(range(fewest - 1, most + 1)), seen
+        assert {fewest, most} <= seen
+
+
 def test_null_choices_cost_no_expert_rows(monkeypatch):
     from moerouter_torch import _grouped
 
