@@ -1,9 +1,11 @@
-"""Argument checks and stable float32 primitives shared by the method modules.
+"""Argument checks and stable float32 primitives shared by the policies and the method modules.
 
 :mod:`moerouter.confidence`, :mod:`moerouter.distillation` and :mod:`moerouter.multitask` take plain
 arrays (logits, labels, expert outputs, masks) rather than a :class:`~moerouter.Routing`; these
 helpers give every one of them the same checks and the same numerically stable building blocks.
-Private helpers require ``xp``.
+:func:`sigmoid`, :func:`log_sigmoid` and :func:`softplus` are the only forms of those functions
+in moerouter: the policies (sigmoid scores, the noisy top-k scale) use them too. Private helpers
+require ``xp``.
 """
 
 from __future__ import annotations

@@ -886,7 +886,9 @@ def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
 
     over valid tokens, with :math:`\hat p` the scores normalised per token (softmax probabilities
     as they are) and :math:`0 \log 0 = 0`. Between 0 (every token certain) and :math:`\log E'`
-    (uniform). :func:`moerouter.stats.summary`'s ``router_entropy`` is the same number.
+    (uniform). :func:`moerouter.stats.summary`'s ``router_entropy`` is the same number (except
+    for tokens whose sigmoid scores sum below :math:`10^{-15}`, which the loss normalises by
+    that floor to keep its gradient finite).
 
     **Sign convention:** this returns :math:`H \geq 0`. Adding ``+ coefficient * H`` to a loss
     that is minimised sharpens each token's routing (confident, specialised choices, as entropy
