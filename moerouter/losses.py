@@ -110,15 +110,27 @@ def _cv_squared(values: Array, xp: Any) -> Array:
 def _counted_choices(routing: Routing, count: str, xp: Any) -> tuple[Array, Array]:
     """(token_ids, column_ids) of the (token, column) pairs :math:`c_e` counts.
 
-    ``"top_k"``: each token's ``k`` best columns by router score (ties to the lower column), as
-    Megatron-Core and transformers count, whatever the policy chose; ``"choices"``: the
-    routing's raw choices. An expert-layout routing has no per-token ``k``: its choices count.
+    ``"top_k"``: each token's ``k`` best columns by router score, as Megatron-Core and
+    transformers count, whatever the policy chose; ``"choices"``: the routing's raw choices.
+    An expert-layout routing has no per-token ``k``: its choices count.
+
+    Equal scores go to the routing's own choices first, then to the lower column. Any order of
+    equal scores is a top-k; this one makes the count exactly the routing's choices for every
+    policy that chose the top-k of its scores, even where scores underflow to equal values on
+    one backend and not on another (XLA flushes denormals to zero).
     """
     check_choice(count, "count", _COUNTS)
     if count == "choices" or routing.layout != "token":
         return routing.token_ids, routing.choice_ids
-    k = routing.slots
-    columns = xp.astype(top_k(routing.probs, k, xp=xp), xp.int32)
+    k, num_columns = routing.slots, routing.num_choices
+    chosen_columns = xp.reshape(routing.choice_ids, (routing.num_tokens, k))
+    columns = xp.arange(num_columns, dtype=xp.int32, device=device(routing.probs))
+    chosen = xp.any(chosen_columns[:, :, None] == columns[None, None, :], axis=1)
+    # Two stable sorts: the routing's choices first, then by descending score.
+    chosen_first = xp.argsort(xp.astype(~chosen, xp.int8), axis=-1, stable=True)
+    scores = xp.take_along_axis(routing.probs, chosen_first, axis=-1)
+    best = xp.take_along_axis(chosen_first, top_k(scores, k, xp=xp), axis=-1)
+    columns = xp.astype(best, xp.int32)
     tokens = xp.arange(routing.num_tokens, dtype=xp.int32, device=device(routing.probs))
     tokens = xp.broadcast_to(tokens[:, None], (routing.num_tokens, k))
     return xp.reshape(tokens, (-1,)), xp.reshape(columns, (-1,))
@@ -193,6 +205,11 @@ def load_balancing(
       not choose by score (hash tables, Sinkhorn) when the loss should see the actual load.
 
     An expert-layout routing has no per-token ``k``: its assignments are counted either way.
+    Equal scores go to the routing's own choices first, so for a policy that picked the top-k of
+    its scores both counts are the same, on every backend. For one that did not, scores that
+    underflow (a softmax probability below about :math:`10^{-38}`) can rank differently on a
+    backend that flushes denormals to zero (XLA) than on others; ``"choices"`` is exact
+    everywhere.
 
     Parameters
     ----------

@@ -507,18 +507,22 @@ def _normalised_row(row: np.ndarray) -> np.ndarray:
 
 
 def _counted_pairs(r: dict[str, Any], count: str) -> list[tuple[int, int]]:
-    """(token, column) pairs the balancing losses count: the ``k`` largest scores of each token
-    (ties to the lower column) for ``"top_k"`` on a token layout, else the raw choices."""
-    if count == "top_k" and r["layout"] == "token":
-        k = r["slots"]
-        return [
-            (t, column)
-            for t in range(r["num_tokens"])
-            for column in sorted(range(r["probs"].shape[-1]), key=lambda e: (-r["probs"][t, e], e))[
-                :k
-            ]
-        ]
-    return [(int(t), int(c)) for t, c in zip(r["token_ids"], r["choice_ids"], strict=True)]
+    """(token, column) pairs the balancing losses count.
+
+    ``"top_k"`` on a token layout: the ``k`` largest scores of each token, equal scores going
+    to the routing's own choices first, then to the lower column; otherwise the raw choices.
+    """
+    choices = [(int(t), int(c)) for t, c in zip(r["token_ids"], r["choice_ids"], strict=True)]
+    if count != "top_k" or r["layout"] != "token":
+        return choices
+    k = r["slots"]
+    pairs = []
+    for t in range(r["num_tokens"]):
+        chosen = {c for token, c in choices if token == t}
+        scores = r["probs"][t]
+        ranked = sorted(range(len(scores)), key=lambda e: (-scores[e], e not in chosen, e))
+        pairs += [(t, column) for column in ranked[:k]]
+    return pairs
 
 
 def _balance(

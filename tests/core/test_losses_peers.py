@@ -197,3 +197,23 @@ def test_bad_count_and_convention_name_the_parameter():
         mr.losses.load_balancing(routing, count="routed")
     with pytest.raises(ValueError, match="convention"):
         mr.losses.sequence_load_balancing(routing, convention="mixtral")
+
+
+@pytest.mark.parametrize("backend", list(Backend), ids=str)
+def test_top_k_count_of_a_top_k_routing_is_its_choices_even_where_scores_underflow(backend):
+    # Softmax probabilities of logits 200 and 300 below the best are both 0 in float32 (and
+    # denormals are 0 under XLA): the count must still follow the routing, which ranked the
+    # logits, rather than give the tie to the lower column.
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    logits = np.asarray(
+        [[-300.0, -200.0, 0.0, -250.0], [-90.0, -95.0, 0.0, -89.0], [0.0, 1.0, 2.0, 3.0]],
+        np.float32,
+    )
+    xp = backend.namespace()
+    for router in (mr.TopK(4, 3), mr.TopK(4, 3, score="sigmoid"), mr.NullExperts(2, 2, 3)):
+        routing = router(backend.asarray(logits))
+        state = mr.losses.accumulate(mr.losses.balance_state_init(4, xp=xp), routing)
+        choices = np.bincount(to_numpy(routing.choice_ids), minlength=4)
+        np.testing.assert_array_equal(to_numpy(state.counts), choices)
