@@ -123,9 +123,9 @@ def _counted_choices(routing: Routing, count: str, xp: Any) -> tuple[Array, Arra
     if count == "choices" or routing.layout != "token":
         return routing.token_ids, routing.choice_ids
     k, num_columns = routing.slots, routing.num_choices
-    chosen_columns = xp.reshape(routing.choice_ids, (routing.num_tokens, k))
-    columns = xp.arange(num_columns, dtype=xp.int32, device=device(routing.probs))
-    chosen = xp.any(chosen_columns[:, :, None] == columns[None, None, :], axis=1)
+    cells = routing.token_ids * num_columns + routing.choice_ids  # O(T E') memory, not O(T k E')
+    chosen = bincount(cells, routing.num_tokens * num_columns, xp=xp) > 0
+    chosen = xp.reshape(chosen, (routing.num_tokens, num_columns))
     # Two stable sorts: the routing's choices first, then by descending score.
     chosen_first = xp.argsort(xp.astype(~chosen, xp.int8), axis=-1, stable=True)
     scores = xp.take_along_axis(routing.probs, chosen_first, axis=-1)
