@@ -4,17 +4,15 @@ Each spawned rank routes its own tokens (recorded with moerouter.traces), runs
 ``distributed.dispatch`` and ``distributed.combine`` with ``torch.distributed.all_to_all_single``
 wrapped to count the bytes it is asked to send to every rank, and writes the counts and its
 trace. The test then simulates the concatenated trace and compares, cell by cell and exactly.
-Every spawn ends within 60 s (small process-group and join timeouts), passing or failing.
+The ranks start from moerouter_torch's fork server (``_ranks.run_ranks``), never by forking this
+process: JAX may be imported here already, and a fork of its threads can deadlock. Every run ends
+within 60 s (small process-group and join timeouts), passing or failing.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import socket
-import time
-import warnings
 
 import numpy as np
 import pytest
@@ -26,11 +24,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("moerouter_torch")
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from moerouter_torch._ranks import run_ranks  # noqa: E402
 
 D = 6  # features per row: float32 rows of 24 bytes
 E = 8  # experts: 4 per rank on 2 ranks, 2 per rank on 4
-SPAWN_SECONDS = 55  # under the 60 s every distributed test must finish in
 
 
 def tokens_on(rank):
@@ -60,21 +57,9 @@ def logits_for(name, rank):
     )
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def worker(rank, world, port, folder):
+def worker(rank, world, folder):
     from moerouter_torch import distributed
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30)
-    )
     sent = []  # (phase, dtype, bytes to each rank)
     phase = ["none"]
     original = dist.all_to_all_single
@@ -116,32 +101,6 @@ def worker(rank, world, port, folder):
     finally:
         dist.all_to_all_single = original
         dist.all_gather = original_gather
-        dist.destroy_process_group()
-
-
-def spawn(world, folder):
-    # fork: the ranks inherit the imported torch instead of importing it again each (seconds
-    # per rank on a busy machine); they use one thread, so no OpenMP pool crosses the fork.
-    with warnings.catch_warnings():
-        # Python >= 3.12 warns about fork in a multi-threaded parent; the ranks start no
-        # thread-pool work before they have their own process group.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        context = mp.start_processes(
-            worker,
-            args=(world, free_port(), str(folder)),
-            nprocs=world,
-            join=False,
-            start_method="fork",
-        )
-    deadline = time.monotonic() + SPAWN_SECONDS
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} Gloo ranks did not finish in {SPAWN_SECONDS} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
 
 
 def matrix(counted, world, name, phase, kinds):
@@ -165,7 +124,7 @@ def matrix(counted, world, name, phase, kinds):
     ],
 )
 def test_simulated_bytes_equal_counted_gloo_bytes(world, tmp_path):
-    spawn(world, tmp_path)
+    run_ranks(worker, world, str(tmp_path), timeout=30.0)
     counted = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     recorded = [traces.load(tmp_path / f"rank{r}.npz") for r in range(world)]
     token_ranks = np.repeat(np.arange(world), [tokens_on(r) for r in range(world)])
