@@ -14,6 +14,10 @@ JAX = "jax[cpu]>=0.4.35"
 FLAX = "flax==0.12.8"  # pinned: a newer flax may pull a newer jax
 TRITON = "triton==3.9.0"
 TRANSFORMERS = "transformers==5.23.0"  # moerouter_torch.integrations.transformers
+# The GPU session (CUDA 13): the JAX the CPU suite runs, with its CUDA plugin; the CuPy of the
+# H200 image tools/gpu-check was written for.
+JAX_CUDA = "jax[cuda13]==0.10.2"
+CUPY_CUDA = "cupy-cuda13x==14.2.0"
 PLUGINS = ["-e", "backends/torch", "-e", "backends/jax", "-e", "backends/cupy"]
 PYTEST = ["pytest", "-p", "no:cacheprovider"]
 
@@ -46,24 +50,33 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def gpu(session: nox.Session) -> None:
-    """The gpu-marked tests (needs a CUDA GPU)."""
-    session.install("torch", "jax[cuda12]", "-e", ".[test]", *PLUGINS)
+    """The gpu-marked tests on a CUDA 13 GPU, every unverified kernel set switched on.
+
+    The same test files as ``tools/gpu-check`` runs (it uses the machine's own Python instead of a
+    virtual environment, and adds the benchmarks); CuPy is installed, so its tests run too.
+    """
+    session.install(TORCH, JAX_CUDA, CUPY_CUDA, "-e", ".[test]", *PLUGINS)
+    listed = session.run("python", "tools/gpu-check", "--list-tests", silent=True)
     session.run(
         *PYTEST,
-        "tests",
-        "backends",
         "-m",
         "gpu",
+        *str(listed).split(),
         *session.posargs,
-        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "MOEROUTER_JAX_PALLAS": "1"},
+        env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "MOEROUTER_UNVERIFIED_KERNELS": "all"},
     )
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Sphinx, warnings as errors."""
-    session.install("-r", "docs/requirements.txt", TORCH, "-e", ".")
+    """Sphinx with the gallery run, warnings as errors; then check the site works offline."""
+    # The gallery's framework examples and the generated kernel table need every plugin, jax and
+    # transformers; [demo]: matplotlib for the gallery's figures.
+    session.install(
+        "-r", "docs/requirements.txt", TORCH, JAX, TRANSFORMERS, "-e", ".[demo]", *PLUGINS
+    )
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+    session.run("python", "docs/check_html.py", "docs/_build/html")
 
 
 @nox.session

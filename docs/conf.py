@@ -1,14 +1,20 @@
 """Sphinx configuration for the moerouter documentation.
 
-The build must work offline: no intersphinx, no remote images, no sphinx-gallery.
+The site must work offline: no intersphinx, no remote images, and MathJax is served from the
+site itself (sphinx-mathjax-offline copies MathJax 3 into ``_static/mathjax``), so formulas render
+on a machine with no network. ``python docs/check_html.py docs/_build/html`` checks both.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import moerouter
+
+sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
 project = "moerouter"
 author = "the moerouter developers"
@@ -20,11 +26,45 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # sets mathjax_path to the copy it ships (MathJax 3.2.2)
     "numpydoc",
+    "moerouter_tables",  # docs/_ext: support tables rendered from the code
+    "sphinx_gallery.gen_gallery",
 ]
 
+# The gallery: examples/plot_*.py run at build time, their figures and output embedded. They
+# live at the repository root, next to the code, so they are runnable scripts for a reader of the
+# repository as well as pages of the site.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"plot_",  # run every example
+    "within_subsection_order": "FileNameSortKey",  # plot_01_... first
+    "abort_on_example_error": True,  # a failing example fails the build
+    "remove_config_comments": True,
+    "download_all_examples": False,
+    "show_signature": False,
+    # Its timing page loads jQuery DataTables from a CDN; the build log prints the same times.
+    "write_computation_times": False,
+}
+
+# textmacros: text-mode macros such as \_ inside \texttt{...} (parameter names in formulas);
+# MathJax 3 leaves them raw without it.
+mathjax3_config = {
+    "loader": {"load": ["[tex]/textmacros"]},
+    "tex": {"packages": {"[+]": ["textmacros"]}},
+}
+
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "check_examples.py", "requirements.txt"]
+exclude_patterns = [
+    "_build",
+    "Thumbs.db",
+    ".DS_Store",
+    "check_examples.py",
+    "check_html.py",
+    "_ext",
+    "requirements.txt",
+]
 root_doc = "index"
 default_role = "py:obj"
 nitpicky = False
@@ -45,7 +85,13 @@ html_title = f"moerouter {release}"
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
-    "secondary_sidebar_items": ["page-toc"],
+    # The generated support tables need the width of the page's table of contents.
+    "secondary_sidebar_items": {
+        "**": ["page-toc"],
+        "index": [],
+        "backends": [],
+        "policies/index": [],
+    },
     "footer_start": ["copyright"],
     "footer_end": ["sphinx-version"],
 }

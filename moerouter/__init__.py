@@ -13,9 +13,12 @@ from moerouter import (
     merging,
     multitask,
     policies,
+    simulate,
     stats,
+    traces,
+    workloads,
 )
-from moerouter._registry import BackendInfo
+from moerouter._registry import BackendInfo, KernelSet
 from moerouter.policies import (
     AffinityRouting,
     AnchorRouting,
@@ -57,6 +60,7 @@ __all__ = [
     "FrozenRandomRouter",
     "GShardTop2",
     "HashRouter",
+    "KernelSet",
     "LocalityTopK",
     "NullExperts",
     "Plan",
@@ -86,7 +90,10 @@ __all__ = [
     "noisy_top_k_std",
     "policies",
     "random_hash_table",
+    "simulate",
     "stats",
+    "traces",
     "update_expert_bias",
     "vmoe_logit_noise",
+    "workloads",
 ]

@@ -1,10 +1,12 @@
-"""``python -m moerouter demo | bench | info``.
+"""``python -m moerouter demo | bench | simulate | info``.
 
 - ``demo``: trains a tiny MoE language model on the standard library's sources once per routing
   policy (top-1, top-2, AdaMoE) and writes a table, a JSON and a plot of loss against expert
   FLOPs (``moerouter/_demo/``).
 - ``bench``: dispatch/combine/router timings against the same-run copy roof.
-- ``info``: backends found, versions and devices.
+- ``simulate``: expert-parallel traffic, loads and all-to-all time of a workload or a trace on
+  a simulated cluster (``moerouter/simulate/_command.py``).
+- ``info``: backends found, versions, devices, and whether each GPU kernel set is on.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 
 import moerouter as mr
 from moerouter import _demo, _registry
+from moerouter.simulate import _command as _simulate
 
 __all__ = ["main"]
 
@@ -72,7 +75,18 @@ def info(_: argparse.Namespace) -> int:
         kernels = ", ".join(sorted(plugin.kernels)) or "none (agnostic path)"
         devices = _devices(library) if importlib.util.find_spec(library) else "library missing"
         print(f"  {library:<8} {target:<32} kernels: {kernels}; devices: {devices}")
+        for kernel_set in plugin.kernel_sets:
+            print(f"  {'':<8} kernel set {kernel_set.name}: {_kernel_set_status(kernel_set)}")
     return 0
+
+
+def _kernel_set_status(kernel_set: _registry.KernelSet) -> str:
+    if kernel_set.verified:
+        return f"on (passed on {kernel_set.verified_on})"
+    variable = _registry.UNVERIFIED_KERNELS_VARIABLE
+    if _registry.kernel_set_enabled(kernel_set):
+        return f"on, unverified (asked for by {variable}; has not passed on a GPU yet)"
+    return f"off (has not passed on a GPU yet; {variable}={kernel_set.name} switches it on)"
 
 
 def demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -92,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result: int = bench_main(argv[1:])
         return result
-    description = "moerouter: demo, benchmarks and environment report"
+    description = "moerouter: demo, benchmarks, simulator and environment report"
     parser = argparse.ArgumentParser(prog="python -m moerouter", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser(
@@ -102,11 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _demo.add_arguments(demo_parser)
     commands.add_parser("bench", help="kernel timings against the copy roof (bench --help)")
+    simulate_parser = commands.add_parser(
+        "simulate",
+        help="expert-parallel traffic, loads and all-to-all time on a simulated cluster",
+        description=_simulate.__doc__.split("\n\n")[1] if _simulate.__doc__ else None,
+    )
+    _simulate.add_arguments(simulate_parser)
     commands.add_parser("info", help="backends, versions, devices").set_defaults(run=info)
     args = parser.parse_args(argv)
     if args.command == "demo":
         args.argv = argv  # recorded in results.json
         return demo(args, demo_parser)
+    if args.command == "simulate":
+        args.argv = argv
+        return _simulate.main(args, simulate_parser)
     status: int = args.run(args)
     return status
 

@@ -23,9 +23,11 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,16 @@ import numpy as np
 import moerouter as mr
 from moerouter import _registry
 
-__all__ = ["SHAPES", "Result", "Shape", "combine_bytes", "dispatch_bytes", "main"]
+__all__ = [
+    "SHAPES",
+    "Result",
+    "Shape",
+    "combine_backward_bytes",
+    "combine_bytes",
+    "dispatch_backward_bytes",
+    "dispatch_bytes",
+    "main",
+]
 
 Array = Any
 
@@ -73,6 +84,19 @@ def dispatch_bytes(*, tokens_read: int, rows: int, dim: int, itemsize: int) -> i
 def combine_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
     """Minimal traffic of combine: ``R`` rows read, ``T`` rows written, ``R`` indices, weights."""
     return (rows + tokens) * dim * itemsize + rows * (INDEX_BYTES + WEIGHT_BYTES)
+
+
+def dispatch_backward_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
+    """Minimal traffic of dispatch's gradient (a gather-sum): ``R`` rows read, ``T`` rows
+    written, ``R`` indices read."""
+    return (rows + tokens) * dim * itemsize + rows * INDEX_BYTES
+
+
+def combine_backward_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
+    """Minimal traffic of combine's gradients: the ``T`` output-gradient rows read once, ``R``
+    expert rows read (for the weight gradient), ``R`` row gradients written; indices and weights
+    read, weight gradients written."""
+    return (tokens + 2 * rows) * dim * itemsize + rows * (INDEX_BYTES + 2 * WEIGHT_BYTES)
 
 
 def plan_bytes(*, tokens: int, rows: int, fan_in: int) -> int:
@@ -413,12 +437,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written as a file, or None; probes its folder with a temporary file
+    (the path itself is left as it is)."""
+    target = Path(path)
+    if target.is_dir():
+        return "it is a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".moerouter-bench-"):
+            pass
+    except OSError as error:
+        return f"folder {str(target.parent)!r}: {error.strerror or error}"
+    if target.exists() and not os.access(target, os.W_OK):
+        return "the file is read-only"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark table; 0 on success, 1 if an op disagreed with its naive baseline."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["--"]:  # ``python -m moerouter bench -- --shape olmoe``
         arguments = arguments[1:]
-    args = _parser().parse_args(arguments)
+    parser = _parser()
+    args = parser.parse_args(arguments)
+    if args.json:
+        problem = _unwritable(args.json)
+        if problem:  # found now, not after the whole benchmark has run
+            parser.error(f"--json {args.json!r} cannot be written: {problem}")
     shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
     libraries, skipped = _libraries(args.backend, args.device)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")

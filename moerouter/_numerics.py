@@ -1,9 +1,11 @@
-"""Argument checks and stable float32 primitives shared by the method modules.
+"""Argument checks and stable float32 primitives shared by the policies and the method modules.
 
 :mod:`moerouter.confidence`, :mod:`moerouter.distillation` and :mod:`moerouter.multitask` take plain
 arrays (logits, labels, expert outputs, masks) rather than a :class:`~moerouter.Routing`; these
 helpers give every one of them the same checks and the same numerically stable building blocks.
-Private helpers require ``xp``.
+:func:`sigmoid`, :func:`log_sigmoid` and :func:`softplus` are the only forms of those functions
+in moerouter: the policies (sigmoid scores, the noisy top-k scale) use them too. Private helpers
+require ``xp``.
 """
 
 from __future__ import annotations
@@ -89,14 +91,41 @@ def log_softmax(values: Array, *, xp: Any) -> Array:
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
 
 
+def _exp_minus_abs(values: Array, *, xp: Any) -> Array:
+    """:math:`e^{-|x|}` in (0, 1]; at x = 0 the gradient comes from the x >= 0 side.
+
+    ``where`` rather than ``abs``: the gradient of ``abs`` at 0 is 0 on torch and JAX, which
+    would zero the slope of every function built on this at x = 0.
+    """
+    return xp.exp(xp.where(values >= 0, -values, values))
+
+
+def softplus(values: Array, *, xp: Any) -> Array:
+    r""":math:`\log(1 + e^{x}) = \max(x, 0) + \log(1 + e^{-|x|})`.
+
+    Value and gradient finite for every finite x (no ``exp`` of a positive number); the value
+    is ``+inf`` at ``+inf`` with slope 1, and 0 at ``-inf`` with slope 0.
+    """
+    positive = xp.where(values >= 0, values, xp.zeros_like(values))
+    return positive + xp.log1p(_exp_minus_abs(values, xp=xp))
+
+
 def log_sigmoid(values: Array, *, xp: Any) -> Array:
     r""":math:`\log\sigma(x) = \min(x, 0) - \log(1 + e^{-|x|})`, finite for every finite x."""
-    return xp.minimum(values, xp.zeros_like(values)) - xp.log1p(xp.exp(-xp.abs(values)))
+    negative = xp.where(values >= 0, xp.zeros_like(values), values)
+    return negative - xp.log1p(_exp_minus_abs(values, xp=xp))
 
 
 def sigmoid(values: Array, *, xp: Any) -> Array:
-    """:math:`1 / (1 + e^{-x})` without overflow for large negative x."""
-    return xp.exp(log_sigmoid(values, xp=xp))
+    r""":math:`\sigma(x) = 1 / (1 + e^{-x})`, the one stable form every moerouter module uses.
+
+    With :math:`z = e^{-|x|} \in (0, 1]`: :math:`1 / (1 + z)` for :math:`x \ge 0` and
+    :math:`z / (1 + z)` below. No ``exp`` overflows, so value and gradient are finite for every
+    finite x (the naive ``1 / (1 + exp(-x))`` has a NaN gradient below about -88.7 in float32,
+    where ``exp(-x)`` is ``inf``); :math:`\sigma(\pm\infty)` is 1 and 0 with slope 0.
+    """
+    z = _exp_minus_abs(values, xp=xp)
+    return xp.where(values >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
 
 def pick_columns(values: Array, columns: Array, *, xp: Any) -> Array:

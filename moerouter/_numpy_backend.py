@@ -14,9 +14,10 @@ They return what the agnostic path (:mod:`moerouter._agnostic.plan`) returns, fa
   product ``C @ ye`` whose row ``t`` holds token ``t``'s weights at its dispatch rows, in slot
   order: SciPy's loop accumulates ``y[t] += w * ye[row]`` in float32, in that order, which is
   exactly the agnostic path's arithmetic. Otherwise (other dtypes, or no SciPy) blocks of tokens
-  gather their rows into a small float32 buffer and reduce them with a batched matmul; that
-  agrees with the agnostic path within float32 rounding. Either way there are no atomics or
-  scatter-adds: the result is the same run to run and does not depend on other tokens' routing.
+  gather one slot's rows at a time and add ``w * row`` in float32 (float64 for float64 rows),
+  slot by slot: the agnostic path's arithmetic again, bit for bit. Either way there are no
+  atomics or scatter-adds: the result is the same run to run and does not depend on other
+  tokens' routing.
   Large combines split the tokens over threads (each token's sum is computed whole by one
   thread, so the split changes no result).
 
@@ -28,9 +29,10 @@ pays a page fault per page on first touch (about halving dispatch bandwidth). A 
 handed out again only when its reference count shows that nothing refers to it any more: the
 caller dropped the returned array and every view of it (a view, a ``memoryview``, a DLPack or
 ``torch.from_numpy`` export each hold a reference). A later call can therefore never overwrite an
-array the caller still holds. The cache keeps at most ``MOEROUTER_NUMPY_CACHE_MB`` megabytes
-(default 1024; 0 turns it off); :func:`clear_cache` frees it. Callers who manage memory
-themselves can pass ``out=`` to :func:`dispatch` and :func:`combine` here.
+array the caller still holds (the rules, shared with the torch plugin, are in
+:mod:`moerouter._buffers`). The cache keeps at most ``MOEROUTER_NUMPY_CACHE_MB`` megabytes
+(default 1024; 0 turns it off), least recently used out; :func:`clear_cache` empties it. Callers
+who manage memory themselves can pass ``out=`` to :func:`dispatch` and :func:`combine` here.
 
 ``MOEROUTER_NUM_THREADS`` caps the threads a large dispatch or combine uses (default: the CPUs
 this process may run on, at most 8). Copies are exact and each token's sum stays on one thread, so
@@ -40,7 +42,6 @@ the thread count never changes a result.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +50,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from moerouter._buffers import BufferPool, numpy_empty
 from moerouter._registry import BackendInfo
 from moerouter.routing import Plan, Routing
 
@@ -58,9 +60,7 @@ IntArray = npt.NDArray[np.int32]
 
 # Below this many output bytes a gather is not split over threads (thread hand-off costs ~50 us).
 _THREADED_MIN_BYTES = 8 << 20
-# Outputs smaller than this are plain np.empty: the cache only pays off for page-faulting sizes.
-_CACHED_MIN_BYTES = 1 << 20
-# Gathered bytes per block in the matmul combine: a block stays in the L2 cache (1 MiB here)
+# Gathered bytes per block in the blocked combine: a block stays in the L2 cache (1 MiB here)
 # or close to it; smaller blocks pay more Python overhead per token.
 _COMBINE_BLOCK_BYTES = 2 << 20
 
@@ -156,53 +156,17 @@ def _token_major(
 # --------------------------------------------------------------------------------------------
 # Output buffers: fresh to the caller, recycled only once nothing refers to them.
 
-
-def _cache_limit_bytes() -> int:
-    return int(float(os.environ.get("MOEROUTER_NUMPY_CACHE_MB", "1024")) * (1 << 20))
-
-
-_cache: list[npt.NDArray[Any]] = []
-_cache_lock = threading.Lock()
-
-
-def _references(buffers: list[npt.NDArray[Any]], index: int) -> int:
-    return sys.getrefcount(buffers[index])
-
-
-# What _references reports for a cached buffer that only the cache holds, measured on this
-# interpreter (reference counting details differ between Python versions).
-_UNREFERENCED = _references([np.empty(0)], 0)
+_pool = BufferPool("MOEROUTER_NUMPY_CACHE_MB")
 
 
 def clear_cache() -> None:
-    """Drop every cached output buffer that nothing refers to (held ones stay with their owner)."""
-    with _cache_lock:
-        held = [i for i in range(len(_cache)) if _references(_cache, i) > _UNREFERENCED]
-        _cache[:] = [_cache[i] for i in held]
+    """Drop every cached output buffer (one a caller still holds is freed with its holder)."""
+    _pool.clear()
 
 
 def _empty(shape: tuple[int, int], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """Like ``np.empty``, but large buffers are recycled once no one refers to them any more."""
-    nbytes = shape[0] * shape[1] * dtype.itemsize
-    limit = _cache_limit_bytes()
-    if nbytes < _CACHED_MIN_BYTES or nbytes > limit:
-        return np.empty(shape, dtype=dtype)
-    with _cache_lock:
-        free = [i for i in range(len(_cache)) if _references(_cache, i) == _UNREFERENCED]
-        for i in free:
-            if _cache[i].shape == shape and _cache[i].dtype == dtype:
-                # A view, so that no caller can reshape the cached array object itself.
-                return _cache[i].view()
-        held = sum(buffer.nbytes for buffer in _cache)
-        for i in reversed(free):  # make room by dropping buffers no one uses
-            if held + nbytes <= limit:
-                break
-            held -= _cache.pop(i).nbytes
-        buffer = np.empty(shape, dtype=dtype)
-        if held + nbytes <= limit:
-            _cache.append(buffer)
-            return buffer.view()
-        return buffer
+    return numpy_empty(_pool, shape, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,8 +328,14 @@ def _combine_blocked(
     counts: IntArray,
     out: npt.NDArray[Any],
 ) -> None:
-    """Blocks of tokens gather their rows into a float32 (or float64) buffer and reduce them with
-    a matmul."""
+    """Blocks of tokens gather their rows, then add ``w * row`` slot by slot in float32 (float64
+    for float64 rows).
+
+    Each product is rounded, then added, in slot order, starting from zero: the agnostic path's
+    arithmetic, element by element. A token's sum therefore depends on its own entries only. (One
+    ``np.matmul`` per block, as before, rounded differently with the block's largest fan-in: a
+    token's output changed by an ulp when its neighbours had more entries.)
+    """
     num_tokens, features = out.shape
     accumulate = np.promote_types(ye.dtype, np.float32)
     max_fan_in = int(counts.max()) if num_tokens else 0
@@ -378,43 +348,40 @@ def _combine_blocked(
         token_weights = weights.reshape(num_tokens, max_fan_in)
     else:
         # Left-align each token's entries into (T, max_fan_in) slots; empty slots read row 0 and
-        # are zeroed after the gather, so rows past num_valid never reach the sum.
+        # are left out of the sum (``where=``), so rows past num_valid never reach it.
         starts = np.cumsum(counts, dtype=np.int64) - counts
         slot = np.arange(max_fan_in)
         filled = slot[None, :] < counts[:, None]
         entry = np.where(filled, starts[:, None] + slot[None, :], 0)
         token_rows = np.where(filled, rows[entry], 0).astype(np.int32, copy=False)
-        token_weights = np.where(filled, weights[entry], 0).astype(accumulate, copy=False)
-    block = max(1, _COMBINE_BLOCK_BYTES // (max_fan_in * features * 4))
-    gathered = np.empty((block * max_fan_in, features), dtype=ye.dtype)
-    gathered32 = gathered if ye.dtype == accumulate else np.empty(gathered.shape, accumulate)
+        token_weights = np.where(filled, weights[entry], 0)
+    token_weights = token_weights.astype(accumulate, copy=False)
+    block = max(1, _COMBINE_BLOCK_BYTES // (features * accumulate.itemsize))
+    gathered = np.empty((block, features), dtype=ye.dtype)
+    # Rows already in the accumulation dtype are scaled where they were gathered.
+    product = gathered if ye.dtype == accumulate else np.empty((block, features), accumulate)
     direct = out.dtype == accumulate
     accumulator = out if direct else np.empty((block, features), accumulate)
-    token_weights = token_weights.astype(accumulate, copy=False)
     for lo in range(0, num_tokens, block):
         hi = min(lo + block, num_tokens)
         size = hi - lo
         fan_in = max_fan_in if filled is None else int(counts[lo:hi].max())
-        target = out[lo:hi] if direct else accumulator[:size]
-        if fan_in == 0:
-            target[...] = 0
-        else:
-            flat = gathered[: size * fan_in]
-            np.take(ye, token_rows[lo:hi, :fan_in].reshape(-1), axis=0, out=flat, mode="clip")
-            values = gathered32[: size * fan_in]
-            if values is not flat:
-                np.copyto(values, flat)
-            values = values.reshape(size, fan_in, features)
-            if filled is not None and not filled[lo:hi, :fan_in].all():
-                np.copyto(values, 0, where=~filled[lo:hi, :fan_in, None])
-            np.matmul(token_weights[lo:hi, None, :fan_in], values, out=target[:, None, :])
+        total = out[lo:hi] if direct else accumulator[:size]
+        total[...] = 0
+        for f in range(fan_in):
+            np.take(ye, token_rows[lo:hi, f], axis=0, out=gathered[:size], mode="clip")
+            np.multiply(token_weights[lo:hi, f, None], gathered[:size], out=product[:size])
+            if filled is None or filled[lo:hi, f].all():
+                np.add(total, product[:size], out=total)
+            else:
+                np.add(total, product[:size], out=total, where=filled[lo:hi, f, None])
         if not direct:
-            np.copyto(out[lo:hi], target, casting="unsafe")
+            np.copyto(out[lo:hi], total, casting="unsafe")
 
 
 backend = BackendInfo(
     name="numpy",
     array_library="numpy",
     kernels={"make_plan": make_plan, "dispatch": dispatch, "combine": combine},
-    description="NumPy (radix-sort plan, np.take dispatch, CSR or batched-matmul combine)",
+    description="NumPy (radix-sort plan, np.take dispatch, CSR or slot-ordered blocked combine)",
 )

@@ -7,6 +7,11 @@ its type's module (``torch.Tensor`` -> ``"torch"``), never by importing anything
 
 ``MOEROUTER_BACKEND=reference`` forces the agnostic path everywhere; ``MOEROUTER_BACKEND=<name>``
 asks for one plugin by name, and then a plugin that fails to load raises instead of falling back.
+
+Device kernels come in :class:`KernelSet` s, each declaring once whether its GPU tests have passed
+on real hardware. A set that has not is off (its arrays take the plugin's other path, or the
+agnostic one) unless ``MOEROUTER_UNVERIFIED_KERNELS`` names it (or says ``all``): a silently wrong
+default is worse than a slower one. ``tools/gpu-check`` sets it to prove them.
 """
 
 from __future__ import annotations
@@ -24,9 +29,12 @@ import array_api_compat
 
 __all__ = [
     "KERNEL_NAMES",
+    "UNVERIFIED_KERNELS_VARIABLE",
     "BackendInfo",
+    "KernelSet",
     "array_library",
     "kernel_for",
+    "kernel_set_enabled",
     "known_plugins",
     "register",
 ]
@@ -48,6 +56,75 @@ BUILTIN_PLUGINS: Mapping[str, str] = {
 # Libraries with no kernels of their own: never look for a plugin for them.
 _AGNOSTIC_ONLY = frozenset({"array_api_strict"})
 
+#: Comma-separated names of unverified kernel sets to switch on anyway, or ``all``.
+UNVERIFIED_KERNELS_VARIABLE = "MOEROUTER_UNVERIFIED_KERNELS"
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """A group of device kernels that is switched on as one, and whether it has run on hardware.
+
+    Kernels that have only run in an interpreter or a compiler are off by default: the arrays they
+    serve take a proven path instead. ``verified_on`` is the one place that records a passing
+    run of the set's ``gpu``-marked tests (``tools/gpu-check`` writes the line to copy here); the
+    variable ``MOEROUTER_UNVERIFIED_KERNELS`` switches unverified sets on by name.
+
+    Parameters
+    ----------
+    name : str
+        Short name used by ``MOEROUTER_UNVERIFIED_KERNELS`` (``"torch-triton"``): letters,
+        digits, ``-`` and ``_``.
+    description : str
+        One line for ``python -m moerouter info``.
+    verified_on : str
+        Where and with what the set's GPU tests passed (device, library versions, date), or
+        ``""`` while they never have.
+    replaces : frozenset of str
+        Names in :attr:`BackendInfo.kernels` that *are* this set: while it is off the registry
+        runs the agnostic path for them. Empty when the plugin itself chooses another path (a
+        set used inside a plugin's kernel).
+    """
+
+    name: str
+    description: str = ""
+    verified_on: str = ""
+    replaces: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "_").isidentifier():
+            raise ValueError(
+                f"KernelSet.name must be letters, digits, '-' and '_', got {self.name!r}"
+            )
+        object.__setattr__(self, "replaces", frozenset(self.replaces))
+        unknown = set(self.replaces) - KERNEL_NAMES
+        if unknown:
+            raise ValueError(
+                f"KernelSet.replaces has unknown kernel names {sorted(unknown)}; "
+                f"known: {sorted(KERNEL_NAMES)}"
+            )
+
+    @property
+    def verified(self) -> bool:
+        """True once the set's GPU tests have passed on real hardware."""
+        return bool(self.verified_on)
+
+
+def _requested_unverified() -> frozenset[str]:
+    value = os.environ.get(UNVERIFIED_KERNELS_VARIABLE, "")
+    return frozenset(part.strip() for part in value.split(",") if part.strip())
+
+
+def kernel_set_enabled(kernel_set: KernelSet) -> bool:
+    """Whether ``kernel_set`` may run: verified on hardware, or asked for by name (or ``all``).
+
+    Read on every call, so setting ``MOEROUTER_UNVERIFIED_KERNELS`` takes effect at once (a
+    function already traced by ``jax.jit`` keeps the path it was traced with).
+    """
+    if kernel_set.verified:
+        return True
+    requested = _requested_unverified()
+    return "all" in requested or kernel_set.name in requested
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -64,12 +141,18 @@ class BackendInfo:
         arguments as the public function of that name. Empty means: agnostic path only.
     description : str
         One line for ``python -m moerouter info``.
+    kernel_sets : tuple of KernelSet
+        The plugin's device kernel sets, each with its verification record (see
+        :class:`KernelSet`); ``python -m moerouter info`` lists them.
     """
 
     name: str
     array_library: str
     kernels: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     description: str = ""
+    kernel_sets: tuple[KernelSet, ...] = ()
+    # kernel name -> the set it belongs to, filled from kernel_sets (a plain dict, as kernels).
+    _gates: dict[str, KernelSet] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -90,6 +173,21 @@ class BackendInfo:
         # A private copy; a plain dict, because torch.compile refuses to read a mappingproxy in a
         # function that also fills the registry's cache.
         object.__setattr__(self, "kernels", dict(self.kernels))
+        object.__setattr__(self, "kernel_sets", tuple(self.kernel_sets))
+        gates: dict[str, KernelSet] = {}
+        for kernel_set in self.kernel_sets:
+            if not isinstance(kernel_set, KernelSet):
+                raise TypeError(
+                    f"BackendInfo.kernel_sets must hold KernelSet, got {type(kernel_set).__name__}"
+                )
+            for kernel_name in kernel_set.replaces:
+                if kernel_name not in self.kernels:
+                    raise ValueError(
+                        f"KernelSet {kernel_set.name!r} replaces {kernel_name!r}, "
+                        "which BackendInfo.kernels does not provide"
+                    )
+                gates[kernel_name] = kernel_set
+        object.__setattr__(self, "_gates", gates)
 
 
 # array library -> loaded BackendInfo, or None once we know there is none (or it failed to load).
@@ -191,6 +289,14 @@ def backend_for(array: object) -> BackendInfo | None:
 
 
 def kernel_for(name: str, array: object) -> Callable[..., Any] | None:
-    """The fast kernel ``name`` for ``array``'s library, or None for the agnostic path."""
+    """The fast kernel ``name`` for ``array``'s library, or None for the agnostic path.
+
+    A kernel belonging to a :class:`KernelSet` that is off (not verified, not asked for) is None.
+    """
     info = backend_for(array)
-    return None if info is None else info.kernels.get(name)
+    if info is None:
+        return None
+    kernel_set = info._gates.get(name)
+    if kernel_set is not None and not kernel_set_enabled(kernel_set):
+        return None
+    return info.kernels.get(name)

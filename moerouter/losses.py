@@ -2,10 +2,13 @@ r"""Balancing losses, each a pure function of a :class:`~moerouter.Routing` (or 
 
 Notation: :math:`E'` router columns (real plus null experts), :math:`T` valid tokens (finite
 logits and, when a ``mask`` is given, not padding), :math:`c_e` the number of choices of column
-:math:`e` (before capacity drops, as Megatron-Core and transformers count),
+:math:`e` (before capacity drops; by default the times :math:`e` is among a token's top-k router
+scores, as Megatron-Core and transformers count, see :func:`load_balancing`'s ``count``),
 :math:`\hat p_{t,e} = p_{t,e} / \sum_j p_{t,j}` the router scores normalised per token (softmax
 probabilities are unchanged; sigmoid scores are normalised as Megatron-Core does for its
-auxiliary losses) and :math:`P_e = \frac{1}{T}\sum_t \hat p_{t,e}`.
+auxiliary losses, with the sum floored at :math:`10^{-15}` where Megatron-Core adds
+:math:`10^{-20}`, so that a token whose every logit is below about -37 keeps a finite gradient
+on every backend) and :math:`P_e = \frac{1}{T}\sum_t \hat p_{t,e}`.
 
 Every loss returns a float32 scalar array of the routing's backend. Every loss takes an optional
 ``mask`` of valid tokens, shape (T,) or (G, S), bool: masked tokens and rows with non-finite logits
@@ -26,7 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-from moerouter._agnostic.select import bincount
+from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of
 from moerouter.policies._common import check_choice, check_positive_int, finite_rows
 from moerouter.routing import Routing
@@ -49,8 +52,12 @@ __all__ = [
 Array = Any
 Convention = Literal["megatron", "mixtral", "gshard"]
 _CONVENTIONS = ("megatron", "mixtral", "gshard")
+Count = Literal["top_k", "choices"]
+_COUNTS = ("top_k", "choices")
 # t2t's cv_squared adds this to the squared mean so that an all-zero vector gives 0, not NaN.
 _CV_EPSILON = 1e-10
+# Per-token score sums are floored here before normalising (see _normalised_scores).
+_MIN_SCORE_SUM = 1e-15
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,9 +102,14 @@ def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
 
 
 def _normalised_scores(probs: Array, valid: Array, xp: Any) -> Array:
-    """``p / sum_j p`` per token, zero on invalid tokens (and on rows summing to 0)."""
+    """``p / max(sum_j p, 1e-15)`` per token, zero on invalid tokens.
+
+    The floor only touches sigmoid scores whose sum is below 1e-15 (every logit below about
+    -37): their true slope ``1 / sum`` is not representable in float32, and JAX's quotient
+    rule squares the denominator (``0 / y`` has a NaN gradient for y below about 5e-20).
+    """
     total = xp.sum(probs, axis=-1, keepdims=True)
-    scores = probs / xp.where(total > 0, total, xp.ones_like(total))
+    scores = probs / xp.where(total > _MIN_SCORE_SUM, total, xp.full_like(total, _MIN_SCORE_SUM))
     return xp.where(valid[:, None], scores, xp.zeros_like(scores))
 
 
@@ -108,18 +120,54 @@ def _cv_squared(values: Array, xp: Any) -> Array:
     return variance / (mean**2 + _CV_EPSILON)
 
 
-def _choice_counts(routing: Routing, valid: Array, num_groups: int, xp: Any) -> Array:
-    """(G, E') float32 raw choices of valid tokens per group (G = 1 pools every group)."""
+def _counted_choices(routing: Routing, count: str, xp: Any) -> tuple[Array, Array]:
+    """(token_ids, column_ids) of the (token, column) pairs :math:`c_e` counts.
+
+    ``"top_k"``: each token's ``k`` best columns by router score, as Megatron-Core and
+    transformers count, whatever the policy chose; ``"choices"``: the routing's raw choices.
+    An expert-layout routing has no per-token ``k``: its choices count.
+
+    Equal scores go to the routing's own choices first, then to the lower column. Any order of
+    equal scores is a top-k; this one makes the count exactly the routing's choices for every
+    policy that chose the top-k of its scores, even where scores underflow to equal values on
+    one backend and not on another (XLA flushes denormals to zero).
+    """
+    check_choice(count, "count", _COUNTS)
+    if count == "choices" or routing.layout != "token":
+        return routing.token_ids, routing.choice_ids
+    k, num_columns = routing.slots, routing.num_choices
+    device = device_of(routing.probs)
+    # A token layout reshapes to (T, k); one comparison per slot: O(T E') memory, no T * E' index.
+    slots = xp.reshape(routing.choice_ids, (routing.num_tokens, k))
+    every_column = xp.arange(num_columns, dtype=slots.dtype, device=device)
+    chosen = xp.zeros((routing.num_tokens, num_columns), dtype=xp.bool, device=device)
+    for slot in range(k):
+        chosen = chosen | (slots[:, slot : slot + 1] == every_column)
+    # Two stable sorts: the routing's choices first, then by descending score.
+    chosen_first = xp.argsort(xp.astype(~chosen, xp.int8), axis=-1, stable=True)
+    scores = xp.take_along_axis(routing.probs, chosen_first, axis=-1)
+    best = xp.take_along_axis(chosen_first, top_k(scores, k, xp=xp), axis=-1)
+    columns = xp.astype(best, xp.int32)
+    tokens = xp.arange(routing.num_tokens, dtype=xp.int32, device=device)
+    tokens = xp.broadcast_to(tokens[:, None], (routing.num_tokens, k))
+    return xp.reshape(tokens, (-1,)), xp.reshape(columns, (-1,))
+
+
+def _choice_counts(
+    routing: Routing, valid: Array, num_groups: int, xp: Any, count: str = "top_k"
+) -> Array:
+    """(G, E') float32 counted choices of valid tokens per group (G = 1 pools every group)."""
     num_columns = routing.num_choices
     check_index_bound("choice buckets", G=num_groups, **{"E'": num_columns})
     device = device_of(routing.choice_ids)
     # At least 1: with zero tokens there is no token id to divide.
     tokens_per_group = max(routing.num_tokens // max(num_groups, 1), 1)
-    chose = xp.take(valid, routing.token_ids)
-    group = routing.token_ids // tokens_per_group
+    token_ids, column_ids = _counted_choices(routing, count, xp)
+    chose = xp.take(valid, token_ids)
+    group = token_ids // tokens_per_group
     # Choices of invalid tokens are not choices: give them an out-of-range id.
     no_choice = xp.asarray(-1, dtype=xp.int32, device=device)
-    bucket = xp.where(chose, group * num_columns + routing.choice_ids, no_choice)
+    bucket = xp.where(chose, group * num_columns + column_ids, no_choice)
     counts = bincount(bucket, num_groups * num_columns, xp=xp, device=device)
     counts = xp.astype(counts, xp.float32)
     return xp.reshape(counts, (num_groups, num_columns))
@@ -131,7 +179,11 @@ def _choice_counts(routing: Routing, valid: Array, num_groups: int, xp: Any) -> 
 
 
 def load_balancing(
-    routing: Routing, *, convention: Convention = "megatron", mask: Array | None = None
+    routing: Routing,
+    *,
+    convention: Convention = "megatron",
+    mask: Array | None = None,
+    count: Count = "top_k",
 ) -> Array:
     r"""Switch-style load-balancing loss :math:`E' \sum_e f_e P_e`.
 
@@ -157,6 +209,30 @@ def load_balancing(
     softmax routers these are the probabilities; for sigmoid routers (DeepSeek-V3) it is the
     normalisation Megatron-Core applies for its auxiliary losses (Megatron-LM issue #1438).
 
+    What :math:`c_e` counts (``count``), for a token-layout routing with ``k`` slots:
+
+    - ``"top_k"`` (default): the tokens whose ``k`` largest router scores (``routing.probs``,
+      ties to the lower column) include :math:`e`, whatever the policy chose. Megatron-Core
+      counts this for every aux loss (``compute_routing_scores_for_aux_loss``: a plain
+      ``topk`` of the scores, without the expert bias and the group limit the routing used),
+      transformers' ``load_balancing_loss_func`` recomputes the top-k of the softmax, and
+      DeepSeek-V3's balance loss counts :math:`\mathrm{TopK}(s_t)` of the unbiased scores. For
+      policies that pick the top-k of their scores (TopK, NullExperts, GShardTop2's first
+      choice, ...) these are the routing's own choices; for a biased or group-limited
+      :class:`~moerouter.DeepSeekTopK`, :class:`~moerouter.LocalityTopK`, Sinkhorn or random
+      routing they are not.
+    - ``"choices"``: the routing's raw choices (``choice_ids``): the experts the tokens were
+      actually sent to, before capacity drops. DeepSeek-V2's device-limited balance loss counts
+      "token t selects expert i" (paper §2.2.3, UNVERIFIED); use it as well for routers that do
+      not choose by score (hash tables, Sinkhorn) when the loss should see the actual load.
+
+    An expert-layout routing has no per-token ``k``: its assignments are counted either way.
+    Equal scores go to the routing's own choices first, so for a policy that picked the top-k of
+    its scores both counts are the same, on every backend. For one that did not, scores that
+    underflow (a softmax probability below about :math:`10^{-38}`) can rank differently on a
+    backend that flushes denormals to zero (XLA) than on others; ``"choices"`` is exact
+    everywhere.
+
     Parameters
     ----------
     routing : Routing
@@ -165,6 +241,8 @@ def load_balancing(
         Normalisation of :math:`f_e`.
     mask : array (T,) or (G, S) bool, optional
         Valid (non-padding) tokens; masked tokens count neither in :math:`f` nor in :math:`P`.
+    count : {"top_k", "choices"}
+        What :math:`c_e` counts: the top-k of the router scores, or the routing's choices.
 
     Returns
     -------
@@ -180,7 +258,7 @@ def load_balancing(
     >>> float(mr.losses.load_balancing(routing))
     1.0
     """
-    return _balance(routing, convention=convention, pool_null=False, mask=mask)
+    return _balance(routing, convention=convention, pool_null=False, mask=mask, count=count)
 
 
 def null_load_balancing(
@@ -189,6 +267,7 @@ def null_load_balancing(
     null_mode: Literal["pooled", "per_expert"] = "pooled",
     convention: Convention = "megatron",
     mask: Array | None = None,
+    count: Count = "top_k",
 ) -> Array:
     r"""AdaMoE's load-balancing loss over real and null experts (Zeng et al. 2024).
 
@@ -212,6 +291,9 @@ def null_load_balancing(
         As in :func:`load_balancing`.
     mask : array (T,) or (G, S) bool, optional
         Valid (non-padding) tokens.
+    count : {"top_k", "choices"}
+        As in :func:`load_balancing`; the same for :class:`~moerouter.NullExperts` routings,
+        which choose the top-k of their scores.
 
     Returns
     -------
@@ -230,11 +312,18 @@ def null_load_balancing(
     """
     if null_mode not in ("pooled", "per_expert"):
         raise ValueError(f"null_mode must be 'pooled' or 'per_expert', got {null_mode!r}")
-    return _balance(routing, convention=convention, pool_null=null_mode == "pooled", mask=mask)
+    return _balance(
+        routing, convention=convention, pool_null=null_mode == "pooled", mask=mask, count=count
+    )
 
 
 def sequence_load_balancing(
-    routing: Routing, *, alpha: float = 1.0, mask: Array | None = None
+    routing: Routing,
+    *,
+    alpha: float = 1.0,
+    mask: Array | None = None,
+    convention: Literal["deepseek", "megatron"] = "deepseek",
+    count: Count = "top_k",
 ) -> Array:
     r"""DeepSeek's sequence-wise auxiliary loss (DeepSeek-V2/V3; algorithms.md §12.6).
 
@@ -250,9 +339,22 @@ def sequence_load_balancing(
 
     the mean running over sequences that hold a valid token. It equals :func:`load_balancing`'s
     ``"megatron"`` form computed per sequence and averaged: 1.0 (times ``alpha``) at uniform
-    routing. Megatron-Core's ``sequence_load_balancing_loss_func`` (``seq_aux_loss``) uses this
-    normalisation, with sigmoid scores normalised per token (:math:`\hat p`). DeepSeek-V3's
-    :math:`\alpha = 10^{-4}` is **UNVERIFIED** against the paper.
+    routing. :math:`\mathrm{TopK}(s_t)` is the top-k of the router scores, not the biased or
+    group-limited choice of a :class:`~moerouter.DeepSeekTopK` routing (DeepSeek-V3's formula,
+    Megatron-Core's ``seq_aux_loss``); ``count="choices"`` counts the routing's choices instead
+    (see :func:`load_balancing`). Sigmoid scores are normalised per token (:math:`\hat p`).
+    DeepSeek-V3's :math:`\alpha = 10^{-4}` is **UNVERIFIED** against the paper.
+
+    **Padding** (``convention``). Without a mask, or with sequences of equal valid length, both
+    conventions give the same number. With uneven padding:
+
+    - ``"deepseek"`` (default): each sequence is normalised by its own valid length
+      :math:`T_g`, as the formula reads, and the mean runs over sequences holding a valid token.
+    - ``"megatron"``: Megatron-Core's ``_apply_seq_aux_loss`` folds the sequences into one
+      routing map and normalises every sequence by the mean valid length
+      :math:`\bar T = \frac{1}{G}\sum_g T_g`, then divides by all :math:`G` sequences:
+      :math:`L = \frac{\alpha}{G} \sum_g \frac{E'}{k \bar T^2} \sum_i c_{g,i}
+      \sum_{t \in g} \hat p_{t,i}`. A short sequence then weighs less than a long one.
 
     Parameters
     ----------
@@ -262,6 +364,10 @@ def sequence_load_balancing(
         Coefficient :math:`\alpha` the loss is multiplied by.
     mask : array (T,) or (G, S) bool, optional
         Valid (non-padding) tokens.
+    convention : {"deepseek", "megatron"}
+        How sequences of different valid lengths are normalised.
+    count : {"top_k", "choices"}
+        What :math:`\mathbb{1}\{i \in \mathrm{TopK}(s_t)\}` counts, as in :func:`load_balancing`.
 
     Returns
     -------
@@ -277,6 +383,12 @@ def sequence_load_balancing(
     >>> routing = mr.TopK(num_experts=2, k=1)(logits)  # sequence 1 balanced, sequence 2 not
     >>> round(float(mr.losses.sequence_load_balancing(routing)), 4)
     1.2311
+    >>> mask = xp.asarray([[True, True], [True, False]])  # sequence 2: one valid token
+    >>> round(float(mr.losses.sequence_load_balancing(routing, mask=mask)), 4)
+    1.2311
+    >>> loss = mr.losses.sequence_load_balancing(routing, mask=mask, convention="megatron")
+    >>> round(float(loss), 4)  # both sequences over the mean valid length 1.5
+    1.2138
     """
     routing = _check_routing(routing)
     if routing.layout != "token":
@@ -286,7 +398,16 @@ def sequence_load_balancing(
         )
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
         raise TypeError(f"alpha must be a finite number, got {alpha!r}")
-    loss = _balance(routing, convention="megatron", pool_null=False, mask=mask, per_group=True)
+    check_choice(convention, "convention", ("deepseek", "megatron"))
+    loss = _balance(
+        routing,
+        convention="megatron",
+        pool_null=False,
+        mask=mask,
+        count=count,
+        per_group=True,
+        mean_length=convention == "megatron",
+    )
     return loss * alpha if alpha != 1.0 else loss
 
 
@@ -296,7 +417,9 @@ def _balance(
     convention: str,
     pool_null: bool,
     mask: Array | None,
+    count: str = "top_k",
     per_group: bool = False,
+    mean_length: bool = False,
 ) -> Array:
     routing = _check_routing(routing)
     check_choice(convention, "convention", _CONVENTIONS)
@@ -306,7 +429,7 @@ def _balance(
     num_groups = routing.num_groups if per_group or convention == "gshard" else 1
     tokens_per_group = routing.num_tokens // num_groups if num_groups else 0
 
-    counts = _choice_counts(routing, valid, num_groups, xp)
+    counts = _choice_counts(routing, valid, num_groups, xp, count)
     if pool_null and num_columns > routing.num_experts:
         real, null = counts[:, : routing.num_experts], counts[:, routing.num_experts :]
         pooled = xp.broadcast_to(xp.mean(null, axis=1, keepdims=True), null.shape)
@@ -316,6 +439,13 @@ def _balance(
     scores = xp.reshape(scores, (num_groups, tokens_per_group, num_columns))
     valid_float = xp.astype(xp.reshape(valid, (num_groups, tokens_per_group)), xp.float32)
     tokens = xp.sum(valid_float, axis=1, keepdims=True)
+    if mean_length:
+        # Megatron-Core's seq_aux_loss: every sequence over the mean valid length, mean over all.
+        sequences = max(num_groups, 1)
+        mean_tokens = xp.clip(xp.sum(tokens) / sequences, min=1.0)
+        prob_sums = xp.sum(scores, axis=1)
+        per_group_loss = xp.sum(counts * prob_sums, axis=1) / (routing.slots * mean_tokens**2)
+        return num_columns * xp.sum(per_group_loss) / sequences
     safe_tokens = xp.clip(tokens, min=1.0)
     mean_probs = xp.sum(scores, axis=1) / safe_tokens
     if convention == "megatron":
@@ -344,7 +474,8 @@ class BalanceState(NamedTuple):
     Attributes
     ----------
     counts : array (E',) int32
-        Raw choices :math:`c_e` of valid tokens (before capacity drops).
+        Counted choices :math:`c_e` of valid tokens (before capacity drops; see
+        :func:`accumulate`'s ``count``).
     prob_sums : array (E',) float32
         :math:`\\sum_t \\hat p_{t,e}` over valid tokens (normalised scores).
     tokens : array () int32
@@ -399,7 +530,9 @@ def _check_state(state: object) -> BalanceState:
     return state
 
 
-def accumulate(state: BalanceState, routing: Routing, *, mask: Array | None = None) -> BalanceState:
+def accumulate(
+    state: BalanceState, routing: Routing, *, mask: Array | None = None, count: Count = "top_k"
+) -> BalanceState:
     r"""Add one routing (a micro-batch, or a layer) to a :class:`BalanceState`.
 
     ``counts += c``, ``prob_sums += sum_t p̂_t``, ``tokens += T`` over the routing's valid
@@ -415,6 +548,9 @@ def accumulate(state: BalanceState, routing: Routing, *, mask: Array | None = No
         Any policy's output with ``E'`` columns; the backend of the state.
     mask : array (T,) or (G, S) bool, optional
         Valid (non-padding) tokens.
+    count : {"top_k", "choices"}
+        What the counts count, as in :func:`load_balancing` (Megatron-Core's
+        ``global_aux_loss`` counts the top-k of the scores).
 
     Returns
     -------
@@ -441,7 +577,7 @@ def accumulate(state: BalanceState, routing: Routing, *, mask: Array | None = No
         )
     xp = array_namespace(routing.probs, state.counts)
     valid = _valid_tokens(routing, mask, xp)
-    counts = _choice_counts(routing, valid, 1, xp)[0, :]
+    counts = _choice_counts(routing, valid, 1, xp, count)[0, :]
     prob_sums = xp.sum(_normalised_scores(routing.probs, valid, xp), axis=0)
     tokens = xp.sum(xp.astype(valid, xp.int32))
     return BalanceState(
@@ -794,7 +930,9 @@ def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
 
     over valid tokens, with :math:`\hat p` the scores normalised per token (softmax probabilities
     as they are) and :math:`0 \log 0 = 0`. Between 0 (every token certain) and :math:`\log E'`
-    (uniform). :func:`moerouter.stats.summary`'s ``router_entropy`` is the same number.
+    (uniform). :func:`moerouter.stats.summary`'s ``router_entropy`` is the same number (except
+    for tokens whose sigmoid scores sum below :math:`10^{-15}`, which the loss normalises by
+    that floor to keep its gradient finite).
 
     **Sign convention:** this returns :math:`H \geq 0`. Adding ``+ coefficient * H`` to a loss
     that is minimised sharpens each token's routing (confident, specialised choices, as entropy

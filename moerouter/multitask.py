@@ -122,13 +122,18 @@ def multi_gate(
     # Hidden logits are replaced before the max and the exp, so they reach neither the value nor
     # (through a where) the gradient, and an inf there cannot produce NaN.
     values = xp.where(shown, logits, xp.zeros_like(logits))
+    alone = (seen == 1)[None, :, None] & shown
+    softmax_values = values
+    if single_expert == "sigmoid":
+        # A lone expert's weight is its sigmoid: keep its (maybe infinite) logit out of the
+        # softmax, whose inf - inf would put a NaN in the gradient.
+        softmax_values = xp.where(alone, xp.zeros_like(values), values)
     floor = xp.full_like(values, -xp.inf)
-    row_max = xp.max(xp.where(shown, values, floor), axis=2, keepdims=True)
-    exp = xp.where(shown, xp.exp(values - row_max), xp.zeros_like(values))
+    row_max = xp.max(xp.where(shown, softmax_values, floor), axis=2, keepdims=True)
+    exp = xp.where(shown, xp.exp(softmax_values - row_max), xp.zeros_like(values))
     total = xp.sum(exp, axis=2, keepdims=True)
     gates = exp / xp.where(total > 0, total, xp.full_like(total, xp.nan))  # NaN, not 0 / 0
     if single_expert == "sigmoid":
-        alone = (seen == 1)[None, :, None] & shown
         gates = xp.where(alone, sigmoid(values, xp=xp), gates)
     return gates
 

@@ -330,9 +330,26 @@ def _check_soft(array: Array, name: str, routing: SoftRouting, *, tokens: bool) 
             f"{name} must have shape {(*expected, 'features')} ({what} of the soft routing), "
             f"got shape {tuple(array.shape)}"
         )
-    if not xp.isdtype(array.dtype, "real floating"):
-        raise TypeError(f"{name} must be a real floating dtype, got {array.dtype}")
+    _check_real_floating(array, name, xp)
     return xp
+
+
+def _check_real_floating(array: Array, name: str, xp: Any) -> None:
+    """Weighted sums need real floating rows: integers would be truncated, complex rejected."""
+    try:
+        real = xp.isdtype(array.dtype, "real floating")
+    except TypeError:  # NumPy cannot classify extension dtypes such as ml_dtypes' bfloat16
+        import numpy as np
+
+        try:
+            real = np.finfo(array.dtype).bits > 0  # ml_dtypes registers finfo for its floats only
+        except (TypeError, ValueError):
+            real = False
+    if not real:
+        raise TypeError(
+            f"{name} must be a real floating dtype (float16, bfloat16, float32 or float64), got "
+            f"{array.dtype}: its rows are weighted and summed"
+        )
 
 
 def dispatch(x: Array, plan: Plan | SoftRouting) -> Array:
@@ -341,7 +358,8 @@ def dispatch(x: Array, plan: Plan | SoftRouting) -> Array:
     Parameters
     ----------
     x : array (T, d), or (G, S, d) for a grouped SoftRouting
-        Token features, any float dtype; the backend of the plan.
+        Token features; the backend of the plan. With a Plan, any dtype (rows are copied
+        exactly); with a SoftRouting, a real floating dtype (rows are weighted and summed).
     plan : Plan or SoftRouting
         From :func:`make_plan`, or a :class:`SoftRouting` from :class:`moerouter.SoftMoE`.
 
@@ -389,7 +407,8 @@ def combine(ye: Array, plan: Plan | SoftRouting) -> Array:
     Parameters
     ----------
     ye : array (R, d), or (N, d) / (G, N, d) for a SoftRouting
-        Expert outputs in dispatch order; rows past ``num_valid`` are ignored.
+        Expert outputs in dispatch order, a real floating dtype (float16, bfloat16, float32,
+        float64; a TypeError names ``ye`` otherwise); rows past ``num_valid`` are ignored.
     plan : Plan or SoftRouting
         From :func:`make_plan`, or the :class:`SoftRouting` the rows were dispatched with.
 
@@ -403,6 +422,7 @@ def combine(ye: Array, plan: Plan | SoftRouting) -> Array:
         xp = _check_soft(ye, "ye", plan, tokens=False)
         return _soft.combine(ye, plan.combine_weights, xp=xp)
     xp = _check_same_backend(ye, "ye", plan)
+    _check_real_floating(ye, "ye", xp)
     if ye.shape[0] != plan.num_rows:
         raise ValueError(f"ye has {ye.shape[0]} rows but the plan has {plan.num_rows}")
     if plan.capacity is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from moerouter import _bench
 
 
@@ -46,3 +48,46 @@ def test_numpy_bench_leaves_torch_unimported():
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(lambda tmp: tmp / "missing" / "x.json", id="missing-folder"),
+        pytest.param(lambda tmp: tmp, id="a-folder"),
+    ],
+)
+def test_unwritable_json_path_exits_2_before_benchmarking(capsys, tmp_path, where):
+    # The path is checked first: a typo must not cost a whole benchmark run and a traceback.
+    path = where(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        _bench.main(
+            ["--shape", "ci-tiny", "--repeat", "1", "--backend", "numpy", "--json", str(path)]
+        )
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert f"--json {str(path)!r} cannot be written" in captured.err
+    assert "copy roof" not in captured.out  # nothing was benchmarked
+
+
+def test_json_is_written(tmp_path):
+    path = tmp_path / "bench.json"
+    status = _bench.main(
+        [
+            "--shape",
+            "ci-tiny",
+            "--repeat",
+            "1",
+            "--backend",
+            "numpy",
+            "--path",
+            "auto",
+            "--roof-mib",
+            "8",
+            "--json",
+            str(path),
+        ]
+    )
+    assert status == 0
+    assert "results" in path.read_text(encoding="utf-8")
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # the probe left nothing

@@ -139,8 +139,10 @@ def sparse_simplex_projection(
     index = xp.arange(1, max_nonzero + 1, dtype=top.dtype, device=device)
     support = xp.sum(xp.astype(top - cumulative / index > 0, xp.int32), axis=-1, keepdims=True)
     # The largest entry is always in the support, so support >= 1; theta = cumulative[support - 1]
-    # / support, read with a mask rather than a gather (torch gathers with int64 only).
-    support = xp.astype(xp.maximum(support, 1), top.dtype)
+    # / support, read with a mask rather than a gather (torch gathers with int64 only). An array,
+    # not the scalar 1: array-api-compat's scalar promotion calls torch.result_type, which
+    # torch.compile(fullgraph=True) cannot trace.
+    support = xp.astype(xp.maximum(support, xp.ones_like(support)), top.dtype)
     at_support = xp.where(index == support, cumulative, xp.zeros_like(cumulative))
     theta = xp.sum(at_support, axis=-1, keepdims=True) / support
     zero = xp.zeros_like(moved)

@@ -53,6 +53,9 @@ def check_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
     return str(value)
 
 
+CAPACITY_ROUNDINGS = ("exact", "megatron")
+
+
 def capacity(
     capacity_factor: float,
     tokens: int,
@@ -60,11 +63,22 @@ def capacity(
     experts: int,
     multiple_of: int,
     minimum: int = 0,
+    rounding: str = "exact",
 ) -> int:
     """``max(ceil(capacity_factor * tokens * per_token / experts), minimum)`` rounded up to
-    ``multiple_of`` (Megatron-Core applies its ``min_capacity`` before vmoe-style rounding)."""
-    # Round away float noise first: 1.1 * 50 is 55.00000000000001 in floats, and must give 55.
-    raw = max(math.ceil(round(capacity_factor * tokens * per_token / experts, 9)), minimum)
+    ``multiple_of`` (Megatron-Core applies its ``min_capacity`` before vmoe-style rounding).
+
+    ``rounding="exact"`` takes the ceiling of the exact product; ``"megatron"`` the ceiling of
+    Megatron-Core's float64 expression ``(tokens * k / experts) * capacity_factor``
+    (``moe_utils.py::get_capacity``), which float noise can push one row higher:
+    ``get_capacity(50, 3, 0.9)`` is 16 where the exact ceiling is 15.
+    """
+    if rounding == "megatron":
+        raw = math.ceil((tokens * per_token / experts) * capacity_factor)
+    else:
+        # Round away float noise: 1.1 * 50 is 55.00000000000001 in floats, and must give 55.
+        raw = math.ceil(round(capacity_factor * tokens * per_token / experts, 9))
+    raw = max(raw, minimum)
     return max(multiple_of, -(-raw // multiple_of) * multiple_of)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from moerouter._agnostic.select import descending_rank, top_k
+from moerouter._arrays import device_of
+from moerouter._numerics import log_sigmoid
 from moerouter.policies._common import CleanLogits, capacity, drop_over_capacity
 from moerouter.routing import Routing
 
@@ -30,10 +32,6 @@ def softmax(values: Array, *, xp: Any) -> Array:
     return exp / xp.sum(exp, axis=-1, keepdims=True)
 
 
-def sigmoid(values: Array, *, xp: Any) -> Array:
-    return 1.0 / (1.0 + xp.exp(-values))
-
-
 def masked_softmax(values: Array, mask: Array, *, xp: Any, device: Any) -> Array:
     """Softmax over the masked-in entries of each row; all-zero for a row with none.
 
@@ -46,6 +44,20 @@ def masked_softmax(values: Array, mask: Array, *, xp: Any, device: Any) -> Array
     row_max = xp.where(row_max > -xp.inf, row_max, xp.zeros_like(row_max))
     exp = xp.where(mask, xp.exp(xp.where(mask, values, row_max) - row_max), xp.zeros_like(values))
     return renormalize(exp, mask, xp=xp)
+
+
+def renormalized_scores(chosen_logits: Array, routed: Array, *, score: str, xp: Any) -> Array:
+    """Scores of the chosen columns renormalised to sum 1 over the routed ones.
+
+    ``softmax(l)_j / sum softmax(l)_i`` and ``sigmoid(l)_j / sum sigmoid(l)_i`` over the chosen
+    columns are both a softmax of log-scores over them (``l`` or ``log sigmoid(l)``). Dividing
+    the scores by their sum instead breaks down when every chosen score is tiny (every sigmoid
+    logit below about -44, or a group-limited or biased choice far below the row's best): the
+    sum's squared inverse overflows float32 and the gradient is NaN on JAX; the log-space form
+    is finite for every finite logit.
+    """
+    log_scores = chosen_logits if score == "softmax" else log_sigmoid(chosen_logits, xp=xp)
+    return masked_softmax(log_scores, routed, xp=xp, device=device_of(chosen_logits))
 
 
 def renormalize(weights: Array, mask: Array, *, xp: Any) -> Array:
@@ -66,6 +78,7 @@ def token_choice_routing(
     capacity_multiple_of: int,
     drop_policy: str,
     min_capacity: int = 0,
+    capacity_rounding: str = "exact",
 ) -> Routing:
     """Apply capacity and flatten a token-choice decision into a token-layout Routing.
 
@@ -82,7 +95,13 @@ def token_choice_routing(
     per_expert = None
     if capacity_factor is not None:
         per_expert = capacity(
-            capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
+            capacity_factor,
+            group_size,
+            k,
+            num_experts,
+            capacity_multiple_of,
+            min_capacity,
+            capacity_rounding,
         )
         slot = xp.arange(k, dtype=xp.int32, device=device)[None, None, :]
         if drop_policy == "position":

@@ -27,6 +27,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._arrays import device_of
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import check_positive_int
 from moerouter.routing import Routing
 
@@ -170,6 +171,8 @@ def anchor_mean_logits(
     return xp.reshape(xp.where(use_shared, shared, values), shape)
 
 
+# grouped=False: an anchor is shared across the whole batch, so groups are not independent.
+@PolicyCapabilities(scores=(), capacity="none", grouped=False, wraps_policy=True)
 @dataclass(frozen=True)
 class AnchorRouting:
     """Any policy, with the tokens of one knowledge anchor routed as one (MEMoE, UNVERIFIED).

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
+from moerouter._capabilities import PolicyCapabilities
+from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._token_choice import sigmoid, softmax, token_choice_routing
+from moerouter.policies._token_choice import softmax, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["BalancedAssignment"]
@@ -20,6 +22,7 @@ __all__ = ["BalancedAssignment"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("sigmoid",), capacity="exact")
 @dataclass(frozen=True)
 class BalancedAssignment:
     r"""BASE-layer routing: a balanced one-expert-per-token assignment of high total affinity.

@@ -9,7 +9,10 @@ from typing import Any, Literal
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import top_k
+from moerouter._capabilities import PolicyCapabilities
+from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
+    CAPACITY_ROUNDINGS,
     check_capacity_factor,
     check_choice,
     check_k,
@@ -20,8 +23,7 @@ from moerouter.policies._common import (
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
-    renormalize,
-    sigmoid,
+    renormalized_scores,
     softmax,
     token_choice_routing,
 )
@@ -32,6 +34,9 @@ __all__ = ["DeepSeekTopK", "update_expert_bias"]
 Array = Any
 
 
+@PolicyCapabilities(
+    scores=("sigmoid", "softmax"), capacity="optional", expert_groups=True, causal=True
+)
 @dataclass(frozen=True)
 class DeepSeekTopK:
     r"""DeepSeek-V3 token choice: sigmoid scores, group-limited top-k, selection-only bias.
@@ -48,8 +53,12 @@ class DeepSeekTopK:
     **for selection only**. With ``num_groups`` :math:`n_g > 1` the experts are split into
     :math:`n_g` contiguous groups of :math:`E / n_g`; group :math:`g` scores
     :math:`\sum \mathrm{top2}(u_{g})` (``group_score="top2_sum"``, DeepSeek-V3; the sum of all
-    entries for groups of one expert) or :math:`\max u_g` (``"max"``, DeepSeek-V2's device-limited
-    routing), and only the ``topk_groups`` best groups stay eligible. The token then picks
+    entries for groups of one expert), :math:`\max u_g` (``"max"``, DeepSeek-V2's device-limited
+    routing, and DeepSeek-V3's ``Gate`` when it has no bias), or the sum of its
+    :math:`\lfloor k / \texttt{topk\_groups} \rfloor` largest entries (``"topk_sum"``,
+    Megatron-Core's ``group_limited_topk``, which generalises the top-2 sum: the two agree when
+    :math:`\lfloor k / \texttt{topk\_groups} \rfloor = 2`, as for DeepSeek-V3's k = 8 over 4
+    groups), and only the ``topk_groups`` best groups stay eligible. The token then picks
     :math:`\mathcal{K} = \mathrm{TopK}(u \text{ on eligible experts}, k)` and weighs them with the
     *unbiased* scores
 
@@ -88,10 +97,11 @@ class DeepSeekTopK:
         Renormalise the k scores to sum to 1 before scaling.
     routed_scaling_factor : float
         ``gamma`` > 0, multiplies every weight.
-    group_score : {"top2_sum", "max"}
-        How a group is scored.
-    capacity_factor, capacity_multiple_of, min_capacity, drop_policy, strict
-        As in :class:`TopK`.
+    group_score : {"top2_sum", "max", "topk_sum"}
+        How a group is scored; ``"topk_sum"`` needs ``k >= topk_groups``.
+    capacity_factor, capacity_multiple_of, min_capacity, drop_policy, strict, capacity_rounding
+        As in :class:`TopK` (``capacity_rounding="megatron"`` reproduces Megatron-Core's
+        ``get_capacity``).
 
     Examples
     --------
@@ -112,12 +122,13 @@ class DeepSeekTopK:
     score: Literal["sigmoid", "softmax"] = "sigmoid"
     normalize: bool = True
     routed_scaling_factor: float = 1.0
-    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    group_score: Literal["top2_sum", "max", "topk_sum"] = "top2_sum"
     capacity_factor: float | None = None
     capacity_multiple_of: int = 1
     min_capacity: int = 0
     drop_policy: Literal["position", "probs", "batch_priority"] = "position"
     strict: bool = False
+    capacity_rounding: Literal["exact", "megatron"] = "exact"
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_experts, "num_experts")
@@ -134,12 +145,14 @@ class DeepSeekTopK:
                 )
         check_k(self.k, self.eligible_experts, "topk_groups * num_experts / num_groups")
         check_choice(self.score, "score", ("sigmoid", "softmax"))
-        check_choice(self.group_score, "group_score", ("top2_sum", "max"))
+        check_choice(self.group_score, "group_score", ("top2_sum", "max", "topk_sum"))
+        self._check_group_k(self.k)
         check_positive_float(self.routed_scaling_factor, "routed_scaling_factor")
         check_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
         check_positive_int(self.min_capacity, "min_capacity", minimum=0)
         check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+        check_choice(self.capacity_rounding, "capacity_rounding", CAPACITY_ROUNDINGS)
 
     @property
     def eligible_experts(self) -> int:
@@ -159,7 +172,10 @@ class DeepSeekTopK:
 
         ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
         """
-        k = self.k if k is None else check_k(k, self.eligible_experts, "eligible experts")
+        if k is None:
+            k = self.k
+        else:
+            k = self._check_group_k(check_k(k, self.eligible_experts, "eligible experts"))
         if capacity_factor is None:
             capacity_factor = self.capacity_factor
         else:
@@ -179,17 +195,17 @@ class DeepSeekTopK:
         lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device)
         selection = xp.where(values > -xp.inf, selection, lowest)
         if self.topk_groups is not None and self.topk_groups < self.num_groups:
-            eligible = self._eligible(selection, xp=xp, device=device)
+            eligible = self._eligible(selection, k, xp=xp, device=device)
             selection = xp.where(eligible, selection, lowest)
         choice = top_k(selection, k, xp=xp)
         chosen = xp.take_along_axis(selection, choice, axis=-1)
         routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
-        weights = xp.take_along_axis(scores, choice, axis=-1)
-        weights = (
-            renormalize(weights, routed, xp=xp)
-            if self.normalize
-            else xp.where(routed, weights, xp.zeros_like(weights))
-        )
+        if self.normalize:
+            chosen_logits = xp.take_along_axis(values, choice, axis=-1)
+            weights = renormalized_scores(chosen_logits, routed, score=self.score, xp=xp)
+        else:
+            weights = xp.take_along_axis(scores, choice, axis=-1)
+            weights = xp.where(routed, weights, xp.zeros_like(weights))
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         return token_choice_routing(
@@ -203,6 +219,7 @@ class DeepSeekTopK:
             capacity_multiple_of=self.capacity_multiple_of,
             drop_policy=self.drop_policy,
             min_capacity=self.min_capacity,
+            capacity_rounding=self.capacity_rounding,
         )
 
     def _check_bias(self, bias: Array, logits: Array) -> Array:
@@ -221,17 +238,30 @@ class DeepSeekTopK:
             raise TypeError(f"bias must be a real floating dtype, got {bias.dtype}")
         return xp.astype(bias, xp.float32)
 
-    def _eligible(self, selection: Array, *, xp: Any, device: Any) -> Array:
+    def _check_group_k(self, k: int) -> int:
+        limited = self.topk_groups is not None and self.topk_groups < self.num_groups
+        if limited and self.group_score == "topk_sum" and k < (self.topk_groups or 1):
+            raise ValueError(
+                f"group_score='topk_sum' sums the top k // topk_groups experts of a group, so k "
+                f"must be >= topk_groups = {self.topk_groups}, got k = {k}"
+            )
+        return k
+
+    def _eligible(self, selection: Array, k: int, *, xp: Any, device: Any) -> Array:
         """(G, S, E) bool: the experts of each token's ``topk_groups`` best groups."""
+        assert self.topk_groups is not None
         num_groups = self.num_groups
         per_group = self.num_experts // num_groups
         grouped = xp.reshape(selection, (*selection.shape[:-1], num_groups, per_group))
-        if self.group_score == "max" or per_group == 1:
+        if self.group_score == "topk_sum":
+            # Megatron-Core's group_limited_topk: the top k // topk_groups scores of the group.
+            ascending = xp.sort(grouped, axis=-1)
+            group_scores = xp.sum(ascending[..., per_group - k // self.topk_groups :], axis=-1)
+        elif self.group_score == "max" or per_group == 1:
             group_scores = xp.max(grouped, axis=-1)
         else:
             ascending = xp.sort(grouped, axis=-1)
             group_scores = ascending[..., -1] + ascending[..., -2]
-        assert self.topk_groups is not None
         best = top_k(group_scores, self.topk_groups, xp=xp)  # (G, S, topk_groups)
         group_ids = xp.arange(num_groups, dtype=best.dtype, device=device)
         kept = xp.any(best[..., :, None] == group_ids, axis=-2)  # (G, S, num_groups)

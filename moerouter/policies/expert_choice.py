@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
@@ -20,6 +21,7 @@ __all__ = ["ExpertChoice"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class ExpertChoice:
     r"""Expert choice routing (Zhou et al., "Mixture-of-Experts with Expert Choice Routing", 2022).

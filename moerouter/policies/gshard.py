@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -29,6 +30,7 @@ __all__ = ["GShardTop2"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class GShardTop2:
     r"""GShard top-2 gating: the second expert is kept at random, in proportion to its gate.

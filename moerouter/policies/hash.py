@@ -12,6 +12,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter import _registry
 from moerouter._arrays import check_index_bound, device_of
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import check_positive_int
 from moerouter.routing import Routing
 
@@ -20,6 +21,7 @@ __all__ = ["HashRouter", "balanced_hash_table", "random_hash_table"]
 Array = Any
 
 
+@PolicyCapabilities(scores=(), capacity="none", causal=True)
 @dataclass(frozen=True, eq=False)
 class HashRouter:
     r"""Hash routing: token id :math:`v` goes to the experts :math:`h(v)`, fixed, never learned.

@@ -36,6 +36,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import descending_rank, top_k
 from moerouter._arrays import device_of
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     CleanLogits,
     capacity,
@@ -87,6 +88,7 @@ def _grouped_nodes(token_nodes: Array, clean: CleanLogits, num_nodes: int) -> Ar
     return xp.reshape(nodes, (clean.num_groups, clean.group_size))
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="optional", expert_groups=True, causal=True)
 @dataclass(frozen=True)
 class LocalityTopK:
     r"""Top-k routing limited to the token's own node and a few others (LocMoE-style locality).
@@ -356,6 +358,7 @@ def affinity_scores(x: Array, gate_weight: Array, *, xp: Any = None) -> Array:
     return xp.clip(dots / xp.where(norms > 0, norms, xp.ones_like(norms)), -1.0, 1.0)
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class AffinityRouting:
     r"""LocMoE+'s affinity-based rearrangement (UNVERIFIED): top-1, then experts keep top-C.

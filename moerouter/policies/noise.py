@@ -15,6 +15,8 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._numerics import softplus
+
 __all__ = ["gaussian_noise", "multiplicative_jitter", "noisy_top_k_std", "vmoe_logit_noise"]
 
 Array = Any
@@ -163,9 +165,7 @@ def noisy_top_k_std(noise_logits: Array, *, noise_epsilon: float = 1e-2) -> Arra
     noise_epsilon = _check_number(noise_epsilon, "noise_epsilon", positive=False)
     xp = _namespace(("noise_logits", noise_logits))
     values = xp.astype(noise_logits, xp.float32)
-    # Stable softplus: max(v, 0) + log1p(exp(-|v|)) never overflows.
-    softplus = xp.maximum(values, xp.zeros_like(values)) + xp.log1p(xp.exp(-xp.abs(values)))
-    return softplus + noise_epsilon
+    return softplus(values, xp=xp) + noise_epsilon
 
 
 def multiplicative_jitter(values: Array, uniform: Array, *, epsilon: float = 1e-2) -> Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -27,6 +28,7 @@ __all__ = ["NullExperts"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class NullExperts:
     r"""AdaMoE token-adaptive routing with null experts (Zeng et al., Findings of EMNLP 2024).

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._agnostic.transport import sinkhorn_potentials
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     CleanLogits,
     capacity,
@@ -22,7 +23,7 @@ from moerouter.policies._common import (
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._token_choice import renormalize, softmax, token_choice_routing
+from moerouter.policies._token_choice import renormalized_scores, softmax, token_choice_routing
 from moerouter.policies._transport import (
     expert_layout_routing,
     noisy_logits,
@@ -98,6 +99,7 @@ def _check_common(policy: Any) -> None:
         raise TypeError(f"noisy_combine must be a bool, got {type(policy.noisy_combine).__name__}")
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="optional")
 @dataclass(frozen=True)
 class SinkhornTokenChoice:
     r"""Sinkhorn token choice: each token takes the top-k experts of a balanced transport plan.
@@ -205,9 +207,11 @@ class SinkhornTokenChoice:
         probs = softmax(combine_from.values, xp=xp)
         chosen_logits = xp.take_along_axis(noisy.values, choice, axis=-1)
         routed = (chosen_logits > -xp.inf) & noisy.finite_rows[..., None]
-        weights = xp.take_along_axis(probs, choice, axis=-1)
         if self.normalize:
-            weights = renormalize(weights, routed, xp=xp)
+            chosen = xp.take_along_axis(combine_from.values, choice, axis=-1)
+            weights = renormalized_scores(chosen, routed, score="softmax", xp=xp)
+        else:
+            weights = xp.take_along_axis(probs, choice, axis=-1)
         return token_choice_routing(
             noisy,
             probs,
@@ -221,6 +225,7 @@ class SinkhornTokenChoice:
         )
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SinkhornExpertChoice:
     r"""Sinkhorn expert choice: each expert takes the top-C tokens of a balanced transport plan.

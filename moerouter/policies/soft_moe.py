@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import check_positive_int, clean_logits
 from moerouter.policies._token_choice import masked_softmax
 from moerouter.routing import SoftRouting
@@ -14,6 +15,7 @@ __all__ = ["SoftMoE"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="exact")
 @dataclass(frozen=True)
 class SoftMoE:
     r"""Soft mixture of experts (Puigcerver, Riquelme, Mustafa, Houlsby, "From Sparse to Soft

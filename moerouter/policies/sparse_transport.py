@@ -7,6 +7,7 @@ from typing import Any
 
 from moerouter._agnostic.transport import sparse_transport_plan
 from moerouter._arrays import device_of
+from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
@@ -24,6 +25,7 @@ __all__ = ["SparsityConstrainedExpertChoice"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SparsityConstrainedExpertChoice:
     r"""Expert choice from a sparsity-constrained optimal transport plan.

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from moerouter._capabilities import PolicyCapabilities
+from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
+    CAPACITY_ROUNDINGS,
     check_capacity_factor,
     check_choice,
     check_k,
@@ -17,8 +20,7 @@ from moerouter.policies._token_choice import (
     DROP_POLICIES,
     choose,
     masked_softmax,
-    renormalize,
-    sigmoid,
+    renormalized_scores,
     softmax,
     token_choice_routing,
 )
@@ -29,6 +31,7 @@ __all__ = ["TopK"]
 Array = Any
 
 
+@PolicyCapabilities(scores=("softmax", "sigmoid"), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class TopK:
     r"""Softmax or sigmoid top-k token choice, with optional capacity.
@@ -91,6 +94,11 @@ class TopK:
         Who keeps their slot when an expert is full.
     strict : bool
         Raise on non-finite logits rows instead of routing them nowhere (concrete values only).
+    capacity_rounding : {"exact", "megatron"}
+        ``"exact"``: the ceiling of the exact :math:`\mathrm{cf} \cdot S k / E`. ``"megatron"``:
+        the ceiling of Megatron-Core's float64 ``(S * k / E) * cf`` (``get_capacity``), which
+        float noise can push one row higher (``S=50, E=3, k=1, cf=0.9``: 16, not 15); for
+        matching Megatron-Core's buffers bit for bit.
 
     Examples
     --------
@@ -113,6 +121,7 @@ class TopK:
     drop_policy: Literal["position", "probs", "batch_priority"] = "position"
     strict: bool = False
     min_capacity: int = 0
+    capacity_rounding: Literal["exact", "megatron"] = "exact"
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_experts, "num_experts")
@@ -122,6 +131,7 @@ class TopK:
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
         check_positive_int(self.min_capacity, "min_capacity", minimum=0)
         check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+        check_choice(self.capacity_rounding, "capacity_rounding", CAPACITY_ROUNDINGS)
 
     def __call__(
         self, logits: Array, *, k: int | None = None, capacity_factor: float | None = None
@@ -149,12 +159,12 @@ class TopK:
         )
         choice, chosen_logits = choose(clean, k)
         routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
-        if self.softmax_after_topk or (self.score == "softmax" and self.normalize):
+        if self.softmax_after_topk:
             weights = masked_softmax(chosen_logits, routed, xp=xp, device=device)
+        elif self.normalize:
+            weights = renormalized_scores(chosen_logits, routed, score=self.score, xp=xp)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-            if self.normalize:
-                weights = renormalize(weights, routed, xp=xp)
         return token_choice_routing(
             clean,
             probs,
@@ -166,4 +176,5 @@ class TopK:
             capacity_multiple_of=self.capacity_multiple_of,
             drop_policy=self.drop_policy,
             min_capacity=self.min_capacity,
+            capacity_rounding=self.capacity_rounding,
         )

@@ -501,10 +501,28 @@ def _flat_mask(mask: Any, num_tokens: int) -> np.ndarray:
 
 
 def _normalised_row(row: np.ndarray) -> np.ndarray:
-    """``p / sum(p)`` in float64 (a row summing to 0 stays 0)."""
+    """``p / max(sum(p), 1e-15)`` in float64, the floor of :mod:`moerouter.losses`."""
     row = row.astype(np.float64)
-    total = float(row.sum())
-    return row / total if total > 0 else row
+    return row / max(float(row.sum()), 1e-15)
+
+
+def _counted_pairs(r: dict[str, Any], count: str) -> list[tuple[int, int]]:
+    """(token, column) pairs the balancing losses count.
+
+    ``"top_k"`` on a token layout: the ``k`` largest scores of each token, equal scores going
+    to the routing's own choices first, then to the lower column; otherwise the raw choices.
+    """
+    choices = [(int(t), int(c)) for t, c in zip(r["token_ids"], r["choice_ids"], strict=True)]
+    if count != "top_k" or r["layout"] != "token":
+        return choices
+    k = r["slots"]
+    pairs = []
+    for t in range(r["num_tokens"]):
+        chosen = {c for token, c in choices if token == t}
+        scores = r["probs"][t]
+        ranked = sorted(range(len(scores)), key=lambda e: (-scores[e], e not in chosen, e))
+        pairs += [(t, column) for column in ranked[:k]]
+    return pairs
 
 
 def _balance(
@@ -513,8 +531,10 @@ def _balance(
     pool_null: bool,
     mask: Any = None,
     per_group: bool = False,
+    count: str = "top_k",
 ) -> float:
     r = _routing(routing)
+    pairs = _counted_pairs(r, count)
     num_columns = r["probs"].shape[-1]
     num_groups = r["num_groups"] if per_group or convention == "gshard" else 1
     group_size = r["num_tokens"] // num_groups
@@ -526,7 +546,7 @@ def _balance(
         if not valid_tokens:
             continue  # a group without valid tokens is left out of the mean over groups
         counts = np.zeros(num_columns)
-        for token, column in zip(r["token_ids"], r["choice_ids"], strict=True):
+        for token, column in pairs:
             if token in valid_tokens:
                 counts[column] += 1
         if pool_null and num_columns > r["num_experts"]:
@@ -541,29 +561,38 @@ def _balance(
     return float(np.mean(losses)) if losses else 0.0
 
 
-def reference_load_balancing(routing: Any, convention: str = "megatron", mask: Any = None) -> float:
+def reference_load_balancing(
+    routing: Any, convention: str = "megatron", mask: Any = None, count: str = "top_k"
+) -> float:
     """:func:`moerouter.losses.load_balancing` in float64: ``E' * sum_e f_e * P_e``.
 
-    ``f_e`` counts raw choices (``choice_ids``, before drops) of valid tokens (finite rows that
-    ``mask`` keeps), normalised by all counted choices ("megatron") or by the valid tokens
-    ("mixtral", and per group "gshard", averaged over groups holding a valid token); ``P_e`` is
-    the mean over valid tokens of the probabilities normalised to sum 1 per token.
+    ``f_e`` counts, for valid tokens (finite rows that ``mask`` keeps), the ``k`` largest
+    probabilities of each token (``count="top_k"``, token layout) or the raw choices
+    (``choice_ids``, before drops), normalised by all counted choices ("megatron") or by the
+    valid tokens ("mixtral", and per group "gshard", averaged over groups holding a valid
+    token); ``P_e`` is the mean over valid tokens of the probabilities normalised to sum 1 per
+    token.
 
     Parameters
     ----------
     routing : Routing or dict
     convention : {"megatron", "mixtral", "gshard"}
     mask : array (T,) or (G, S) bool, optional
+    count : {"top_k", "choices"}
 
     Returns
     -------
     float
     """
-    return _balance(routing, convention, pool_null=False, mask=mask)
+    return _balance(routing, convention, pool_null=False, mask=mask, count=count)
 
 
 def reference_null_load_balancing(
-    routing: Any, null_mode: str = "pooled", convention: str = "megatron", mask: Any = None
+    routing: Any,
+    null_mode: str = "pooled",
+    convention: str = "megatron",
+    mask: Any = None,
+    count: str = "top_k",
 ) -> float:
     """:func:`moerouter.losses.null_load_balancing` in float64.
 
@@ -576,12 +605,13 @@ def reference_null_load_balancing(
     null_mode : {"pooled", "per_expert"}
     convention : {"megatron", "mixtral", "gshard"}
     mask : array (T,) or (G, S) bool, optional
+    count : {"top_k", "choices"}
 
     Returns
     -------
     float
     """
-    return _balance(routing, convention, pool_null=null_mode == "pooled", mask=mask)
+    return _balance(routing, convention, pool_null=null_mode == "pooled", mask=mask, count=count)
 
 
 def reference_z_loss(logits: Any, mask: Any = None) -> float:

@@ -17,6 +17,7 @@ import numpy as np
 from moerouter.testing.backends import to_numpy
 from moerouter.testing.reference import (
     _balance,
+    _counted_pairs,
     _flat_mask,
     _grouped_float32,
     _normalised_row,
@@ -133,17 +134,27 @@ def reference_load_loss(
     return _cv_squared(load)
 
 
-def reference_sequence_load_balancing(routing: Any, alpha: float = 1.0, mask: Any = None) -> float:
+def reference_sequence_load_balancing(
+    routing: Any,
+    alpha: float = 1.0,
+    mask: Any = None,
+    convention: str = "deepseek",
+    count: str = "top_k",
+) -> float:
     """:func:`moerouter.losses.sequence_load_balancing` in float64, sequence by sequence.
 
-    ``f_i = E' / (k T_g) * count_i``, ``P_i = mean_t p̂_{t,i}`` per sequence (group) ``g``,
-    ``alpha * mean_g sum_i f_i P_i`` over sequences holding a valid token.
+    ``"deepseek"``: ``f_i = E' / (k T_g) * count_i``, ``P_i = mean_t p̂_{t,i}`` per sequence
+    (group) ``g``, ``alpha * mean_g sum_i f_i P_i`` over sequences holding a valid token.
+    ``"megatron"``: ``T_g`` replaced by the mean valid length over all ``G`` sequences and the
+    mean taken over all of them (Megatron-Core ``_apply_seq_aux_loss``).
 
     Parameters
     ----------
     routing : Routing or dict
     alpha : float
     mask : array (T,) or (G, S) bool, optional
+    convention : {"deepseek", "megatron"}
+    count : {"top_k", "choices"}
 
     Returns
     -------
@@ -151,28 +162,36 @@ def reference_sequence_load_balancing(routing: Any, alpha: float = 1.0, mask: An
     """
     r = _routing(routing)
     valid = _valid(r, mask)
+    pairs = _counted_pairs(r, count)
     columns = r["probs"].shape[-1]
     k = r["slots"]
     group_size = r["num_tokens"] // r["num_groups"]
+    mean_length = sum(valid) / r["num_groups"]
     losses = []
     for g in range(r["num_groups"]):
         tokens = [t for t in range(g * group_size, (g + 1) * group_size) if valid[t]]
         if not tokens:
+            if convention == "megatron":
+                losses.append(0.0)  # an all-padding sequence still counts in the mean
             continue
+        length = mean_length if convention == "megatron" else len(tokens)
         counts = [0] * columns
-        for token, column in zip(r["token_ids"], r["choice_ids"], strict=True):
+        for token, column in pairs:
             if token in tokens:
                 counts[column] += 1
-        f = [columns * c / (k * len(tokens)) for c in counts]
+        f = [columns * c / (k * length) for c in counts]
         p = np.zeros(columns)
         for t in tokens:
-            p += _normalised_row(r["probs"][t]) / len(tokens)
+            p += _normalised_row(r["probs"][t]) / length
         losses.append(sum(f[i] * float(p[i]) for i in range(columns)))
     return alpha * (sum(losses) / len(losses)) if losses else 0.0
 
 
 def reference_concatenated_load_balancing(
-    routings: Sequence[Any], convention: str = "megatron", masks: Sequence[Any] | None = None
+    routings: Sequence[Any],
+    convention: str = "megatron",
+    masks: Sequence[Any] | None = None,
+    count: str = "top_k",
 ) -> float:
     """:func:`reference_load_balancing` of several routings concatenated along tokens.
 
@@ -203,7 +222,7 @@ def reference_concatenated_load_balancing(
         "slots": parts[0]["slots"],
         "num_groups": 1,
     }
-    return _balance(concatenated, convention, pool_null=False)
+    return _balance(concatenated, convention, pool_null=False, count=count)
 
 
 def reference_entropy(routing: Any, mask: Any = None) -> float:

@@ -126,7 +126,8 @@ def reference_deepseek(
     """What :class:`moerouter.DeepSeekTopK` must return, token by token.
 
     Selection ranks ``float32(float32(score) + float32(bias))`` (groups by the float32 sum of
-    their two best, or their best); weights are the float64 unbiased scores.
+    their two best, their best, or their ``k // topk_groups`` best); weights are the float64
+    unbiased scores.
     """
     values = _grouped_float32(logits)
     num_g, group_size, num_experts = values.shape
@@ -154,7 +155,9 @@ def reference_deepseek(
             probs[g, s] = scores
             selection = _selection(row, bias32, score)
             picked = _pick(selection, k, num_groups, per_group, keep_groups, group_score)
-            eligible = _eligible_columns(selection, num_groups, per_group, keep_groups, group_score)
+            eligible = _eligible_columns(
+                selection, num_groups, per_group, keep_groups, group_score, k
+            )
             routed = [selection[j] > -math.inf and j in eligible for j in picked]
             chosen = [scores[j] if r else 0.0 for j, r in zip(picked, routed, strict=True)]
             total = sum(chosen)
@@ -193,12 +196,14 @@ def _selection(row: np.ndarray, bias32: np.ndarray, score: str) -> list[float]:
 
 
 def _group_scores(
-    selection: list[float], num_groups: int, per_group: int, group_score: str
+    selection: list[float], num_groups: int, per_group: int, group_score: str, top: int
 ) -> list[float]:
     out = []
     for group in range(num_groups):
         members = sorted(selection[group * per_group : (group + 1) * per_group], reverse=True)
-        if group_score == "max" or per_group == 1:
+        if group_score == "topk_sum":  # Megatron-Core: the top k // topk_groups, in float32
+            out.append(float(np.sum(np.asarray(members[:top], np.float32), dtype=np.float32)))
+        elif group_score == "max" or per_group == 1:
             out.append(members[0])
         else:
             out.append(float(np.float32(members[0]) + np.float32(members[1])))
@@ -206,9 +211,15 @@ def _group_scores(
 
 
 def _eligible_columns(
-    selection: list[float], num_groups: int, per_group: int, keep_groups: int, group_score: str
+    selection: list[float],
+    num_groups: int,
+    per_group: int,
+    keep_groups: int,
+    group_score: str,
+    k: int,
 ) -> set[int]:
-    ranked = _descending(_group_scores(selection, num_groups, per_group, group_score))
+    scores = _group_scores(selection, num_groups, per_group, group_score, k // keep_groups)
+    ranked = _descending(scores)
     kept = ranked[:keep_groups]
     return {group * per_group + i for group in kept for i in range(per_group)}
 
@@ -221,7 +232,7 @@ def _pick(
     keep_groups: int,
     group_score: str,
 ) -> list[int]:
-    eligible = _eligible_columns(selection, num_groups, per_group, keep_groups, group_score)
+    eligible = _eligible_columns(selection, num_groups, per_group, keep_groups, group_score, k)
     masked = [v if j in eligible else -math.inf for j, v in enumerate(selection)]
     return _descending(masked)[:k]
 

@@ -164,3 +164,108 @@ def test_plugin_must_expose_backend_info(monkeypatch):
     monkeypatch.setitem(sys.modules, "fake_moerouter_plugin", module)
     with pytest.raises(TypeError, match=r"does not expose a moerouter\.BackendInfo"):
         _registry._import_plugin("fake_moerouter_plugin")
+
+
+# ------------------------------------------------------------------------------- kernel sets
+
+
+def gated_plugin(monkeypatch, verified_on=""):
+    """A fakelib plugin whose dispatch belongs to a kernel set, and its set."""
+    kernel_set = mr.KernelSet(
+        name="fake-gpu", verified_on=verified_on, replaces=frozenset({"dispatch"})
+    )
+    info = mr.BackendInfo(
+        name="fake",
+        array_library="fakelib",
+        kernels={"dispatch": noop, "combine": noop},
+        kernel_sets=(kernel_set,),
+    )
+    monkeypatch.setitem(_registry._loaded, "fakelib", info)
+    return kernel_set
+
+
+@pytest.mark.parametrize(
+    ("variable", "enabled"),
+    [
+        pytest.param(None, False, id="unset"),  # unverified kernels are off by default
+        pytest.param("fake-gpu", True, id="by-name"),  # the documented override, one set
+        pytest.param("other, fake-gpu", True, id="in-a-list"),  # several sets, spaces allowed
+        pytest.param("all", True, id="all"),  # what tools/gpu-check sets
+        pytest.param("fake", False, id="other-name"),  # a prefix is not the name
+        pytest.param("", False, id="empty"),
+    ],
+)
+def test_unverified_kernel_set_runs_only_when_asked_for(monkeypatch, variable, enabled):
+    kernel_set = gated_plugin(monkeypatch)
+    if variable is None:
+        monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, variable)
+    assert _registry.kernel_set_enabled(kernel_set) is enabled
+    assert (_registry.kernel_for("dispatch", FakeArray()) is noop) is enabled
+    # A kernel outside the set is not affected.
+    assert _registry.kernel_for("combine", FakeArray()) is noop
+
+
+def test_verified_kernel_set_is_on_without_the_variable(monkeypatch):
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    kernel_set = gated_plugin(monkeypatch, verified_on="NVIDIA H200, 2026-01-01")
+    assert kernel_set.verified
+    assert _registry.kernel_for("dispatch", FakeArray()) is noop
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        # The variable's values are names: no spaces, no commas.
+        pytest.param({"name": "my set"}, ValueError, "KernelSet.name"),
+        # A misspelt kernel name would never be switched off.
+        pytest.param({"replaces": {"dispath"}}, ValueError, "unknown kernel names"),
+    ],
+)
+def test_kernel_set_validation(options, error, match):
+    with pytest.raises(error, match=match):
+        mr.KernelSet(**{"name": "fake-gpu", **options})
+
+
+def test_backend_info_rejects_a_set_replacing_a_missing_kernel():
+    # A set that replaces a kernel the plugin does not provide would switch off nothing.
+    kernel_set = mr.KernelSet(name="fake-gpu", replaces=frozenset({"combine"}))
+    with pytest.raises(ValueError, match="replaces 'combine'"):
+        mr.BackendInfo(
+            name="fake", array_library="fakelib", kernels={"dispatch": noop},
+            kernel_sets=(kernel_set,),
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="must hold KernelSet"):
+        mr.BackendInfo(name="fake", array_library="fakelib", kernel_sets=("fake-gpu",))
+
+
+def test_info_shows_each_kernel_set(monkeypatch, capsys):
+    # python -m moerouter info says which sets are off, and how to switch one on.
+    from importlib.machinery import ModuleSpec
+
+    from moerouter import __main__
+
+    module = types.ModuleType("fake_moerouter_plugin")
+    module.__spec__ = ModuleSpec("fake_moerouter_plugin", None)  # info asks find_spec
+    module.backend = mr.BackendInfo(
+        name="fake",
+        array_library="fakelib",
+        kernels={"dispatch": noop},
+        kernel_sets=(
+            mr.KernelSet(name="fake-gpu", replaces=frozenset({"dispatch"})),
+            mr.KernelSet(name="fake-proven", verified_on="NVIDIA H200"),
+        ),
+    )
+    monkeypatch.setitem(sys.modules, "fake_moerouter_plugin", module)
+    monkeypatch.setattr(_registry, "BUILTIN_PLUGINS", {"fakelib": "fake_moerouter_plugin"})
+    monkeypatch.setattr(_registry, "_entry_point_plugins", dict)
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert __main__.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel set fake-gpu: off (has not passed on a GPU yet" in out
+    assert "MOEROUTER_UNVERIFIED_KERNELS=fake-gpu switches it on" in out
+    assert "kernel set fake-proven: on (passed on NVIDIA H200)" in out
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "all")
+    __main__.main(["info"])
+    assert "kernel set fake-gpu: on, unverified" in capsys.readouterr().out

@@ -83,6 +83,15 @@ def _soft(a: Inputs, lead: tuple[int, ...]) -> tuple[Any, Any]:
     return soft, slots, mr.combine(slots, soft)
 
 
+def _host_trace() -> mr.traces.Trace:
+    """A trace recorded from NumPy logits (recording copies to the host by design)."""
+    router = mr.traces.traced(mr.TopK(E, K), layer=0)
+    logits = np.random.default_rng(1).standard_normal((6, E)).astype(np.float32)
+    with mr.traces.record(logits=True, probs=True) as recorder:
+        router(logits)
+    return recorder.trace
+
+
 def _mask(a: Inputs, lead: tuple[int, ...]) -> Any:
     return a.bools(*lead)
 
@@ -349,6 +358,21 @@ OTHER: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
     "merging.remap_routing": lambda a, lead: mr.merging.remap_routing(
         _null_routing(a, (5,)), a.ints(0, 2, E), num_groups=2
     ),
+    # ---- workloads: logits generated from a seed, on the backend and device of ``like``
+    **{
+        f"workloads.{name}": (
+            lambda a, lead, name=name: getattr(mr.workloads, name)(16, E, like=a.floats(1))
+        )
+        for name in ("uniform", "zipf", "bursty", "token_correlated", "hot_spikes")
+    },
+    "workloads.from_spec": lambda a, lead: mr.workloads.from_spec("zipf:1.4")(
+        16, E, like=a.floats(1)
+    ),
+    # ---- traces: a host-recorded trace replayed onto the caller's device
+    "traces.replay": lambda a, lead: [
+        list(mr.traces.replay(_host_trace(), like=a.floats(1))),
+        list(mr.traces.replay(_host_trace(), mr.TopK(E, 1), like=a.floats(1))),
+    ],
     # ---- distillation
     "distillation.align_gradients": lambda a, lead: mr.distillation.align_gradients(a.floats(3, 7)),
     "distillation.binary_kl": lambda a, lead: mr.distillation.binary_kl(
@@ -385,10 +409,20 @@ NOT_CALLED: dict[str, str] = {
     "merging.weight_matching_permutation": "host-side: a linear assignment on the weights",
     "merging.align_experts": "host-side: weight matching, then a gather on the device",
     "multitask.hierarchy_mask": "host-side: builds the masks from the categories' values",
+    "traces.to_numpy": "host-side: the host copy every recording makes",
+    "KernelSet": "a plugin declaration, no arrays",
+    "workloads.WORKLOADS": "the table of the workload functions (each called)",
+    # Recording and simulation work on host NumPy copies by design (replay goes back to a device).
+    **{
+        f"traces.{name}": "recording: host NumPy records (replay, called, returns to a device)"
+        for name in mr.traces.__all__
+        if name not in ("replay", "to_numpy")
+    },
+    **{f"simulate.{name}": "the simulator runs on host NumPy" for name in mr.simulate.__all__},
 }
 
 _MODULES = ("policies", "losses", "stats", "multitask", "confidence", "ensemble", "merging")
-_MODULES += ("distillation",)
+_MODULES += ("distillation", "workloads", "traces", "simulate")
 
 
 def public_names() -> set[str]:

@@ -132,6 +132,10 @@ HOST_SIDE = {
         ),
         "align_experts reads the values of expert_map",
     ),
+    "traces.to_numpy": (
+        lambda a: mr.traces.to_numpy(a.floats(3)),
+        "traces.to_numpy reads the values of the array",
+    ),
     "multitask.hierarchy_mask": (
         lambda a: mr.multitask.hierarchy_mask(
             a.ints(0, 2, 3), num_shared=1, num_per_category=1, num_per_task=1

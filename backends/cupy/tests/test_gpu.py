@@ -27,12 +27,9 @@ PLAN_INTEGERS = ("group_sizes", "order", "inverse", "source_tokens", "num_valid"
 
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
-    # The kernels are opt-in until they have passed here; reload the plugin to opt in.
-    import moerouter_cupy
-
+    # The kernel set is off until it has passed here: switch it on by name.
     monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
-    monkeypatch.setenv("MOEROUTER_CUPY_KERNELS", "1")
-    importlib.reload(moerouter_cupy)
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "cupy-cuda")
     _registry._loaded.clear()
     yield
     _registry._loaded.clear()

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
 import moerouter_cupy
 
-from moerouter import BackendInfo
+from moerouter import BackendInfo, _registry
 
 
-def test_backend_declares_kernels(monkeypatch):
-    # Unvalidated kernels are opt-in: none by default, all three with MOEROUTER_CUPY_KERNELS=1.
-    assert isinstance(moerouter_cupy.backend, BackendInfo)
-    assert moerouter_cupy.backend.array_library == "cupy"
-    monkeypatch.delenv("MOEROUTER_CUPY_KERNELS", raising=False)
-    assert dict(importlib.reload(moerouter_cupy).backend.kernels) == {}
-    monkeypatch.setenv("MOEROUTER_CUPY_KERNELS", "1")
-    kernels = importlib.reload(moerouter_cupy).backend.kernels
-    assert set(kernels) == {"make_plan", "dispatch", "combine"}
-    monkeypatch.delenv("MOEROUTER_CUPY_KERNELS")
-    importlib.reload(moerouter_cupy)
+def test_backend_declares_kernels_behind_an_unverified_set(monkeypatch):
+    # All three kernels are declared, and all three belong to the cupy-cuda kernel set, which
+    # stays off (the agnostic path) until it has passed on a GPU or is asked for by name.
+    backend = moerouter_cupy.backend
+    assert isinstance(backend, BackendInfo)
+    assert backend.array_library == "cupy"
+    assert set(backend.kernels) == {"make_plan", "dispatch", "combine"}
+    assert backend.kernel_sets == (moerouter_cupy.KERNELS,)
+    assert moerouter_cupy.KERNELS.replaces == {"make_plan", "dispatch", "combine"}
+    assert not moerouter_cupy.KERNELS.verified
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert not _registry.kernel_set_enabled(moerouter_cupy.KERNELS)
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "cupy-cuda")
+    assert _registry.kernel_set_enabled(moerouter_cupy.KERNELS)
 
 
 def test_import_does_not_import_cupy():

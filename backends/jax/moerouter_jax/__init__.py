@@ -4,7 +4,9 @@ Registers itself for ``jax.Array`` inputs (tracers included) and makes :class:`m
 :class:`moerouter.Plan` and :class:`moerouter.SoftRouting` pytrees, so policies can be called
 inside and returned from ``jax.jit``. Its kernels are ``jax.custom_vjp`` functions whose forward
 and backward passes are gathers and fixed-order reduces (no scatter-add), with Pallas kernels on
-GPU; everything runs under ``jax.jit``, ``jax.grad`` and ``jax.vmap``. :func:`grouped_matmul` and
+GPU once their kernel set ``jax-pallas`` is on (it is off until it has passed on a real GPU;
+``MOEROUTER_UNVERIFIED_KERNELS=jax-pallas`` switches it on); everything runs under ``jax.jit``,
+``jax.grad`` and ``jax.vmap``. :func:`grouped_matmul` and
 the functional MoE layer in :mod:`moerouter_jax.layer` compute the experts on the valid rows only.
 """
 
@@ -58,5 +60,6 @@ backend = _registry.register(
             "combine": _kernels.combine,
         },
         description="JAX (custom_vjp gather-only kernels; Pallas on GPU)",
+        kernel_sets=(_kernels.PALLAS,),
     )
 )

@@ -8,23 +8,30 @@ gather-reduce is deterministic and runs at gather speed.
 
 The integer plan fields equal the NumPy backend's exactly; ``dispatch`` is an exact copy;
 ``combine`` accumulates in float32 (float64 for float64 rows) in slot order, as the agnostic path.
-Row movement runs XLA gathers; ``MOEROUTER_JAX_PALLAS=1`` switches a GPU to the Pallas kernels of
-:mod:`moerouter_jax._pallas`. They are opt-in until they have passed on a real GPU (so far only
-the Pallas interpreter has run them): a silently wrong default is worse than a slower one.
+Row movement runs XLA gathers; on a GPU the kernel set :data:`PALLAS` switches it to the Pallas
+kernels of :mod:`moerouter_jax._pallas`. The set is off until its tests have passed on a real GPU
+(so far only the Pallas interpreter has run them; ``MOEROUTER_UNVERIFIED_KERNELS=jax-pallas``
+switches it on): a silently wrong default is worse than a slower one.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from moerouter import Plan, Routing
+from moerouter import KernelSet, Plan, Routing, _registry
 from moerouter._arrays import device_of as _device_of
 
-__all__ = ["combine", "dispatch", "gather_reduce", "gather_rows", "make_plan"]
+__all__ = ["PALLAS", "combine", "dispatch", "gather_reduce", "gather_rows", "make_plan"]
+
+#: The Pallas (Triton-lowered) row movers on GPU; XLA gathers otherwise.
+PALLAS = KernelSet(
+    name="jax-pallas",
+    description="Pallas dispatch and combine (and their gradients) on GPU (XLA gathers otherwise)",
+    verified_on="",
+)
 
 Array = Any
 
@@ -141,7 +148,7 @@ def _xla_gather_reduce(rows_in: Array, combine_rows: Array, weights: Array | Non
 
 
 def _use_pallas(array: Array) -> bool:
-    if os.environ.get("MOEROUTER_JAX_PALLAS", "0") != "1":
+    if not _registry.kernel_set_enabled(PALLAS):
         return False
     try:
         platforms = {device.platform for device in array.devices()}

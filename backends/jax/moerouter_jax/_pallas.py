@@ -15,7 +15,12 @@ so there are no atomics and results are the same run to run:
 
 Tests run them with ``interpret=True`` on the CPU at tiny shapes. They have not run on a real
 GPU in this repository yet (no GPU was available when they were written): the ``gpu``-marked
-tests check them there.
+tests check them there (``tools/gpu-check``).
+
+They are written for Pallas's Triton lowering (whole-array refs indexed per program, one-row
+blocks), which they ask for explicitly: since JAX 0.10 a ``pallas_call`` on GPU lowers to Mosaic
+GPU unless given Triton compiler parameters. JAX 0.11 deprecates the Triton lowering (a
+``DeprecationWarning`` at compile time); a Mosaic GPU port is future work.
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ MAX_BLOCK_COLUMNS = 1024
 
 #: Set by tests: run every kernel in the Pallas interpreter (CPU).
 INTERPRET = False
+
+
+def _compiler_params(interpret: bool) -> Any:
+    """Triton compiler parameters for a GPU ``pallas_call`` (None when interpreting)."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    # Named TritonCompilerParams before JAX 0.7.
+    params = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
+    return params(num_warps=4, num_stages=1)
+
+
+def _interpret(interpret: bool | None) -> bool:
+    return INTERPRET if interpret is None else interpret
 
 
 def _block_columns(width: int) -> int:
@@ -73,7 +93,8 @@ def gather_rows(
         grid=(num_rows, width // block),
         in_specs=[pl.no_block_spec] * 3,  # whole arrays, indexed by the kernel
         out_specs=pl.BlockSpec((1, block), lambda i, j: (i, j)),
-        interpret=INTERPRET if interpret is None else interpret,
+        interpret=_interpret(interpret),
+        compiler_params=_compiler_params(_interpret(interpret)),
     )(source_tokens.astype(jnp.int32), jnp.reshape(num_valid, (1,)).astype(jnp.int32), x)
 
 
@@ -130,7 +151,8 @@ def gather_reduce(
         grid=(num_tokens, width // block),
         in_specs=[pl.no_block_spec] * 3,
         out_specs=pl.BlockSpec((1, block), lambda t, j: (t, j)),
-        interpret=INTERPRET if interpret is None else interpret,
+        interpret=_interpret(interpret),
+        compiler_params=_compiler_params(_interpret(interpret)),
     )(combine_rows.astype(jnp.int32), weight_input, values)
 
 
@@ -153,7 +175,9 @@ def _topk_router_kernel(
     column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
     real = column < num_experts
     if sigmoid:
-        scores = 1.0 / (1.0 + jnp.exp(-logits))
+        # moerouter's stable sigmoid (moerouter._numerics.sigmoid): exp never overflows.
+        small = jnp.exp(-jnp.abs(logits))
+        scores = jnp.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
     else:
         shifted = jnp.exp(logits - jnp.max(logits))
         shifted = jnp.where(real, shifted, 0.0)
@@ -233,6 +257,7 @@ def topk_router(
             pl.BlockSpec((1, slots), lambda t: (t, 0)),
             pl.BlockSpec((1, slots), lambda t: (t, 0)),
         ),
-        interpret=INTERPRET if interpret is None else interpret,
+        interpret=_interpret(interpret),
+        compiler_params=_compiler_params(_interpret(interpret)),
     )(padded)
     return experts[:, :k], weights[:, :k]

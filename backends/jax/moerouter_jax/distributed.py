@@ -22,6 +22,7 @@ be tested here and is not used.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,19 @@ class Exchange:
     regroup: Any
 
 
+def _check_capacity(capacity: object) -> int:
+    """``capacity`` as an int >= 1; ``True`` is refused rather than taken as 1."""
+    if isinstance(capacity, bool):
+        raise TypeError("capacity must be an int, got bool")
+    try:
+        value = operator.index(capacity)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"capacity must be an int, got {type(capacity).__name__}") from None
+    if value < 1:
+        raise ValueError(f"capacity must be >= 1, got {value}")
+    return value
+
+
 def _slots(plan: mr.Plan, capacity: int) -> tuple[Any, Any]:
     """Dispatch row of each (expert, slot) or -1 for padding; rows kept per expert."""
     sizes = plan.group_sizes
@@ -104,13 +118,19 @@ def dispatch(x: Any, plan: mr.Plan, *, axis_name: str, capacity: int) -> Exchang
     axis_name : str
         The mesh axis the experts are spread over.
     capacity : int
-        Rows per expert sent by each shard (static); more are dropped. ``T * k`` never drops.
+        Rows per expert sent by each shard (static, an int >= 1); more are dropped. ``T * k``
+        never drops.
 
     Returns
     -------
     Exchange
         ``rows`` and ``group_sizes`` go to the local experts; their output goes to
         :func:`combine`.
+
+    A shard with no tokens (``T = 0``) or whose tokens all route nowhere (padding rows with
+    non-finite logits) sends ``E * capacity`` zero rows like any other, still serves its
+    experts, and gets a ``(T, d)`` output from :func:`combine`. Every shard runs one traced
+    program, so the settings cannot differ between shards.
 
     Examples
     --------
@@ -126,8 +146,12 @@ def dispatch(x: Any, plan: mr.Plan, *, axis_name: str, capacity: int) -> Exchang
        y = jax.shard_map(layer, mesh=mesh, in_specs=(P("ep"), P(), P("ep"), P("ep")),
                          out_specs=P("ep"))(x, gate, w_in, w_out)
     """
-    if not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    capacity = _check_capacity(capacity)
+    if plan.capacity is not None:
+        raise ValueError(
+            "plan must be packed (make_plan without pad_to_capacity): its real rows are sent by "
+            "expert, capacity rows each"
+        )
     world = jax.lax.axis_size(axis_name)
     local = experts_per_rank(plan.num_experts, world)
     width = x.shape[1]

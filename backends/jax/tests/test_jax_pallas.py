@@ -3,13 +3,17 @@
 Each interpreted grid step is a few XLA ops: keep R * column blocks small (T <= 12 here).
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
+import moerouter_jax
 import numpy as np
 import pytest
 from moerouter_jax import _kernels, _pallas
 
 import moerouter as mr
+from moerouter import _registry
 from moerouter.testing import assert_close, reference_combine, reference_dispatch, to_numpy
 
 HAS_GPU = any(device.platform == "gpu" for device in jax.devices())
@@ -80,6 +84,69 @@ def test_topk_router_rejects_bad_arguments():
         _pallas.topk_router(jnp.zeros((2, 4)), 5, interpret=True)
 
 
+class StopBeforeLowering(Exception):
+    pass
+
+
+GPU_CALLS = [
+    pytest.param(
+        lambda interpret: _pallas.gather_rows(
+            jnp.zeros((4, 8)), jnp.zeros(4, jnp.int32), jnp.int32(4), interpret=interpret
+        ),
+        id="gather_rows",
+    ),
+    pytest.param(
+        lambda interpret: _pallas.gather_reduce(
+            jnp.zeros((4, 8)), jnp.zeros((2, 2), jnp.int32), None, interpret=interpret
+        ),
+        id="gather_reduce",
+    ),
+    pytest.param(
+        lambda interpret: _pallas.topk_router(jnp.zeros((2, 4)), 2, interpret=interpret),
+        id="topk_router",
+    ),
+]
+
+
+@pytest.mark.parametrize("call", GPU_CALLS)
+def test_gpu_calls_ask_for_the_triton_lowering(monkeypatch, call):
+    # Since JAX 0.10 a pallas_call on GPU lowers to Mosaic GPU unless it is given Triton compiler
+    # parameters; these kernels are written for the Triton lowering.
+    from jax.experimental.pallas import triton as pltriton
+
+    seen = {}
+
+    def pallas_call(kernel, **options):
+        seen.update(options)
+        raise StopBeforeLowering
+
+    monkeypatch.setattr(_pallas.pl, "pallas_call", pallas_call)
+    with pytest.raises(StopBeforeLowering):
+        call(False)
+    assert isinstance(seen["compiler_params"], pltriton.CompilerParams)
+    with pytest.raises(StopBeforeLowering):
+        call(True)
+    assert seen["compiler_params"] is None and seen["interpret"] is True
+
+
+class OnGpu:
+    """Stands for a jax.Array on a GPU."""
+
+    def devices(self):
+        return [types.SimpleNamespace(platform="gpu")]
+
+
+def test_pallas_runs_only_on_gpu_while_its_set_is_on(monkeypatch):
+    # The Pallas kernels have not passed on a GPU yet: XLA gathers run unless
+    # MOEROUTER_UNVERIFIED_KERNELS names their set; CPU arrays never take them.
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert not _kernels._use_pallas(OnGpu())
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "jax-pallas")
+    assert _kernels._use_pallas(OnGpu())
+    assert not _kernels._use_pallas(jnp.zeros(1))
+    assert moerouter_jax.backend.kernel_sets == (_kernels.PALLAS,)
+
+
 @pytest.fixture
 def pallas_everywhere(monkeypatch):
     """Route the public kernels through Pallas (interpreted) as they would be on a GPU."""
@@ -138,3 +205,33 @@ def test_gpu_topk_router_matches_policy(score):
     experts, weights = _pallas.topk_router(logits, 8, score=score)
     np.testing.assert_array_equal(to_numpy(experts).ravel(), to_numpy(routing.expert_ids))
     assert_close(weights.ravel(), routing.weights, "weights", rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU for JAX")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("router", "columns"), ROUTERS)
+def test_gpu_public_path_with_pallas_matches_xla(monkeypatch, use_backend, router, columns, dtype):
+    # The public functions on a GPU with the jax-pallas set on (Pallas forward and backward)
+    # against the same functions with it off (XLA gathers), under jit and grad.
+    logits = jnp.asarray(randn(2048, columns, seed=12))
+    x = jnp.asarray(randn(2048, 384, seed=13)).astype(dtype)  # 384: column blocks of 128
+
+    def loss(logits, x):
+        plan = mr.make_plan(router(logits))
+        y = mr.combine(jnp.sin(mr.dispatch(x, plan)), plan)
+        return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+    def run():
+        (value, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            logits, x
+        )
+        return [value, y, *grads]
+
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "jax-pallas")
+    got = run()
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE)
+    want = run()
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for name, a, b in zip(["loss", "y", "grad logits", "grad x"], got, want, strict=True):
+        assert_close(a.astype(jnp.float32), b.astype(jnp.float32), name, rtol=tol, atol=tol)

@@ -1,9 +1,10 @@
 """Grouped matrix product over expert-grouped rows: only the ``sum(group_sizes)`` valid rows.
 
-``torch._grouped_mm`` where the GPU supports it (bfloat16, compute capability >= 9.0), a loop of
-one matmul per expert elsewhere. Rows past ``sum(group_sizes)`` (dropped assignments, null experts)
-are never multiplied: that is where null experts save FLOPs. Both forms are ``torch.library``
-custom ops with autograd, so a MoE layer still traces under ``torch.compile(fullgraph=True)``.
+``torch._grouped_mm`` where the GPU supports it (bfloat16, compute capability >= 9.0) and its
+kernel set :data:`GROUPED_MM` is on, a loop of one matmul per expert elsewhere. Rows past
+``sum(group_sizes)`` (dropped assignments, null experts) are never multiplied: that is where null
+experts save FLOPs. Both forms are ``torch.library`` custom ops with autograd, so a MoE layer
+still traces under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["grouped_mm"]
+from moerouter import KernelSet, _registry
+
+__all__ = ["GROUPED_MM", "grouped_mm"]
+
+#: ``torch._grouped_mm`` as used here (offsets, rows past the groups zeroed): never run on a GPU
+#: yet, so the per-expert loop runs until it has passed there.
+GROUPED_MM = KernelSet(
+    name="torch-grouped-mm",
+    description="torch._grouped_mm for bfloat16 experts on compute capability >= 9.0 "
+    "(a per-expert loop otherwise)",
+    verified_on="",
+)
 
 
 def _expert_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -22,6 +34,8 @@ def _expert_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
+        return False
+    if not _registry.kernel_set_enabled(GROUPED_MM):
         return False
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         return False

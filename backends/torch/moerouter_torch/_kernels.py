@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from moerouter_torch._workspace import workspace
 
-# Output bytes per embedding_bag call: below glibc's mmap threshold, so temporaries are reused.
-_CHUNK_BYTES = 4 << 20
 # float32 = hi + mid + lo in bfloat16 (8 significant bits each); float16 needs no more.
 _WEIGHT_PARTS = 3
 
@@ -132,28 +130,7 @@ def gather_reduce(
         weights = weights.to(accumulate)
     # embedding_bag "sum" is the token-major gather-reduce: one thread per token, entries in
     # order, multiply-add into a float32 register row (FBGEMM on CPU), one rounding at the end.
-    num_tokens, width = combine_rows.shape[0], ye.shape[1]
-    row_bytes = width * ye.element_size()
-    if ye.device.type != "cpu" or num_tokens * row_bytes <= _CHUNK_BYTES:
-        return F.embedding_bag(rows, ye, offsets, mode="sum", per_sample_weights=weights)
-    # A large fresh output costs a page fault per 4 KiB (as much as the reduction itself): reduce
-    # chunks of tokens into malloc-cached temporaries and copy them, still in cache, into a reused
-    # workspace. Each token is still reduced by one call, in slot order.
-    out = workspace((num_tokens, width), ye.dtype)
-    chunk = max(1, _CHUNK_BYTES // row_bytes)
-    bounds = [*offsets.tolist(), rows.shape[0]]
-    for start in range(0, num_tokens, chunk):
-        stop = min(num_tokens, start + chunk)
-        first, last = bounds[start], bounds[stop]
-        part = F.embedding_bag(
-            rows[first:last],
-            ye,
-            offsets[start:stop] - first,
-            mode="sum",
-            per_sample_weights=None if weights is None else weights[first:last],
-        )
-        out[start:stop].copy_(part)
-    return out
+    return F.embedding_bag(rows, ye, offsets, mode="sum", per_sample_weights=weights)
 
 
 def _split_weights(

@@ -11,16 +11,26 @@ from typing import Any
 
 import torch
 
+from moerouter import KernelSet, _registry
 from moerouter_torch import _kernels
 
-__all__ = ["combine", "dispatch", "gather_sum", "plan_indices"]
+__all__ = ["TRITON", "combine", "dispatch", "gather_sum", "plan_indices"]
 
 _LIB = "moerouter_torch"
 
+#: The Triton kernels of dispatch, combine and their gradients for CUDA tensors. Until they pass
+#: on a GPU, CUDA tensors take the plain PyTorch kernels of ``_kernels`` (the CPU path's code).
+TRITON = KernelSet(
+    name="torch-triton",
+    description="Triton dispatch, combine and their gradients for CUDA tensors "
+    "(plain PyTorch ops otherwise)",
+    verified_on="",
+)
+
 
 def _triton_for(tensor: torch.Tensor) -> Any:
-    """The Triton kernels module when ``tensor`` is on a GPU Triton can target, else None."""
-    if tensor.device.type != "cuda":
+    """The Triton kernels module for a CUDA ``tensor`` while the set is on, else None."""
+    if tensor.device.type != "cuda" or not _registry.kernel_set_enabled(TRITON):
         return None
     try:
         from moerouter_torch import _triton

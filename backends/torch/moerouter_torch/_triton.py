@@ -191,12 +191,19 @@ def _topk_router_kernel(
     ).to(tl.float32)
     row_max = tl.max(logits, axis=0)
     if SIGMOID:
-        scores = 1.0 / (1.0 + tl.exp(-logits))
+        # moerouter's stable sigmoid (moerouter._numerics.sigmoid): exp never overflows.
+        small = tl.exp(-tl.abs(logits))
+        scores = tl.where(logits >= 0, 1.0 / (1.0 + small), small / (1.0 + small))
     else:
         exp = tl.where(in_row, tl.exp(logits - row_max), 0.0)
         scores = exp / tl.sum(exp, axis=0)
     # k rounds of argmax on the logits (monotone with the scores inside a row): ties go to the
     # lower expert, slots come out in descending order, as in moerouter.TopK.
+    # The k picks stay in registers and are stored once: reading back stores of this program
+    # from global memory would race between its threads on a GPU (no barrier orders them).
+    slots = tl.arange(0, K_PAD)
+    kept_experts = tl.zeros([K_PAD], dtype=tl.int32)
+    kept_weights = tl.zeros([K_PAD], dtype=tl.float32)
     remaining = logits
     picked_total = 0.0
     for slot in tl.static_range(K):
@@ -209,13 +216,13 @@ def _topk_router_kernel(
             # Renormalised softmax weights are the softmax of the k chosen logits.
             weight = tl.exp(best - row_max)
         picked_total += weight
-        tl.store(experts_ptr + token * K + slot, expert.to(tl.int32))
-        tl.store(weights_ptr + token * K + slot, weight)
+        kept_experts = tl.where(slots == slot, expert.to(tl.int32), kept_experts)
+        kept_weights = tl.where(slots == slot, weight, kept_weights)
         remaining = tl.where(chosen, -float("inf"), remaining)
     if NORMALIZE:
-        slots = tl.arange(0, K_PAD)
-        stored = tl.load(weights_ptr + token * K + slots, mask=slots < K, other=0.0)
-        tl.store(weights_ptr + token * K + slots, stored / picked_total, mask=slots < K)
+        kept_weights = kept_weights / picked_total
+    tl.store(experts_ptr + token * K + slots, kept_experts, mask=slots < K)
+    tl.store(weights_ptr + token * K + slots, kept_weights, mask=slots < K)
 
 
 def topk_router(

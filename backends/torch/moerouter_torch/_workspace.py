@@ -2,65 +2,37 @@
 
 glibc serves a large ``torch.empty`` with a fresh ``mmap``, so every new output pays one page fault
 per 4 KiB on first touch (measured: ``index_select`` into a fresh tensor 2.6 GB/s, into a reused
-one 16.5 GB/s; reference/performance.md §5.2). The pool keeps a few buffers per (dtype, size) and
-hands out a buffer again only once nothing else holds its storage: the caller's tensor, autograd's
-saved tensors, views and ``.grad`` all count, so a reused buffer can never overwrite live data.
+one 16.5 GB/s; reference/performance.md §5.2). Large outputs therefore come from a
+:class:`moerouter._buffers.BufferPool` of NumPy byte buffers, wrapped with ``torch.frombuffer``:
+the tensor's storage holds a reference to its buffer until the storage itself is freed, so a
+buffer is reused only once no tensor, view, ``UntypedStorage``, autograd-saved tensor or
+``.grad`` can reach it. The pool keeps at most ``MOEROUTER_TORCH_CACHE_MB`` megabytes (default
+1024; 0 turns it off), least recently used out.
 """
 
 from __future__ import annotations
 
-import threading
+import math
 
 import torch
 
-__all__ = ["release_workspaces", "workspace"]
+from moerouter._buffers import BufferPool
 
-#: Buffers kept per (dtype, number of elements); a caller holding more gets fresh allocations.
-MAX_BUFFERS_PER_SIZE = 2
-#: Smaller outputs come from malloc's own caches quickly: pooling them buys nothing.
-MIN_POOLED_BYTES = 1 << 20
+__all__ = ["pool", "release_workspaces", "workspace"]
 
-_lock = threading.Lock()
-_pool: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
-
-
-def _unused(buffer: torch.Tensor) -> bool:
-    # The pool's tensor and the temporary UntypedStorage object are the only two references when
-    # no other tensor (alias, view, autograd's saved copy) shares the storage.
-    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2
+pool = BufferPool("MOEROUTER_TORCH_CACHE_MB")
 
 
 def workspace(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor of ``shape``, reusing a free pooled buffer if any.
+    """An uninitialised contiguous CPU tensor of ``shape``, on a free pooled buffer if worth it.
 
-    The result is a new tensor (not a view) on the pooled storage: while it, or anything derived
-    from it, is alive the buffer is not handed out again.
+    While the result, or anything derived from it, is alive its buffer is not handed out again.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
-    if numel * torch.empty((), dtype=dtype).element_size() < MIN_POOLED_BYTES:
-        return torch.empty(shape, dtype=dtype)
-    key = (dtype, numel)
-    with _lock:
-        buffers = _pool.setdefault(key, [])
-        chosen = next((b for b in buffers if _unused(b)), None)
-        if chosen is None:
-            if len(buffers) >= MAX_BUFFERS_PER_SIZE:
-                return torch.empty(shape, dtype=dtype)
-            chosen = torch.empty(numel, dtype=dtype)
-            buffers.append(chosen)
-        strides = []
-        stride = 1
-        for size in reversed(shape):
-            strides.append(stride)
-            stride *= size
-        return torch.empty(0, dtype=dtype).set_(
-            chosen.untyped_storage(), 0, shape, tuple(reversed(strides))
-        )
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    tensor = pool.take(nbytes, lambda region: torch.frombuffer(region, dtype=dtype).view(shape))
+    return torch.empty(shape, dtype=dtype) if tensor is None else tensor
 
 
 def release_workspaces() -> None:
-    """Drop every pooled buffer (memory returns once callers drop their results too)."""
-    with _lock:
-        _pool.clear()
+    """Empty the pool: free buffers are freed, ones you still hold are freed with your tensors."""
+    pool.clear()

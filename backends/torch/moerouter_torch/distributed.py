@@ -18,12 +18,21 @@ Two transports:
 
 The backward of each all-to-all is the reverse all-to-all, so gradients flow to ``x``, to the
 local expert weights and through the combine weights to the router.
+
+Before the rows move, every :func:`dispatch` gathers a small fixed-size header from each rank:
+its settings (``num_experts``, hidden size, ``capacity``, dtype, gradient mode) and whether it
+failed before the exchange. Mismatched settings raise a ``ValueError`` naming the setting on every
+rank, where the all-to-all itself would abort the process (Gloo) or hang; a rank that raised
+while routing makes its peers raise :class:`PeerRankError` at once instead of waiting for the
+process-group timeout. A rank with no tokens takes part in every exchange like any other.
 """
 
 from __future__ import annotations
 
+import operator
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
@@ -32,7 +41,23 @@ from torch import nn
 import moerouter as mr
 from moerouter_torch.nn import Activation, GroupedMLP
 
-__all__ = ["Exchange", "ExpertParallelMoE", "combine", "dispatch", "experts_per_rank"]
+__all__ = [
+    "Exchange",
+    "ExpertParallelMoE",
+    "PeerRankError",
+    "combine",
+    "dispatch",
+    "experts_per_rank",
+]
+
+
+class PeerRankError(RuntimeError):
+    """Another rank of the expert-parallel group failed before an exchange this rank is in.
+
+    Raised on every rank that was itself fine, in place of waiting for the failed rank until the
+    process-group timeout; the failed rank raises its own error. The message names the failed
+    ranks and their errors. Every rank raises at the same exchange, so the group stays usable.
+    """
 
 
 def experts_per_rank(num_experts: int, world_size: int) -> int:
@@ -51,6 +76,139 @@ def experts_per_rank(num_experts: int, world_size: int) -> int:
             f"{world_size}: expert parallelism places num_experts / world_size experts per rank"
         )
     return num_experts // world_size
+
+
+def _check_capacity(capacity: object) -> int | None:
+    """``capacity`` as an int >= 1, or None; ``True`` is refused rather than taken as 1."""
+    if capacity is None:
+        return None
+    if isinstance(capacity, bool):
+        raise TypeError("capacity must be an int or None, got bool")
+    try:
+        value = operator.index(capacity)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"capacity must be an int or None, got {type(capacity).__name__}") from None
+    if value < 1:
+        raise ValueError(f"capacity must be >= 1, got {value}")
+    return value
+
+
+# The header every rank sends before an exchange (int64): which exchange it is at, whether the
+# rank failed, the length of its error message, its settings, the message's UTF-8 bytes. Its size
+# never depends on the settings, so ranks that disagree still exchange it safely.
+_BUILD, _DISPATCH = 1, 2
+_PHASES = {_BUILD: "building an ExpertParallelMoE", _DISPATCH: "in dispatch"}
+_MAX_SETTINGS = 8
+_MESSAGE_BYTES = 256
+_SETTINGS_AT = 3
+_MESSAGE_AT = _SETTINGS_AT + _MAX_SETTINGS
+_HEADER_SIZE = _MESSAGE_AT + _MESSAGE_BYTES // 8
+_NONE = -1  # how ``capacity=None`` travels; every other setting is >= 0
+
+
+def _code(name: str) -> int:
+    """A name (dtype, activation) as an int that is the same in every process (no hash salt)."""
+    return zlib.crc32(name.encode())
+
+
+# Settings that travel as _code(name) or as 0/1, to be shown back as names and booleans.
+_NAMED_SETTINGS = ("dtype", "activation")
+_FLAG_SETTINGS = ("torch.is_grad_enabled()", "x.requires_grad")
+
+
+def _shown(setting: str, value: int) -> str:
+    if value == _NONE:
+        return "None"
+    if setting in _FLAG_SETTINGS:
+        return str(bool(value))
+    if setting in _NAMED_SETTINGS:
+        dtypes = (str(dtype) for dtype in vars(torch).values() if isinstance(dtype, torch.dtype))
+        names = (*dtypes, *get_args(Activation))
+        return next((name for name in names if _code(name) == value), f"#{value}")
+    return str(value)
+
+
+def _header_device(group: Any, preferred: torch.device | None) -> torch.device:
+    """Where the header goes: the device the group's backend moves, whatever state ``x`` is in."""
+    backend = str(dist.get_backend(group))
+    if backend == "gloo":
+        return torch.device("cpu")
+    if preferred is not None:
+        return preferred
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(
+    group: Any,
+    device: torch.device,
+    phase: int,
+    settings: dict[str, int],
+    failure: Exception | None,
+) -> None:
+    """Gather every rank's header and raise the same error on every rank when something is off.
+
+    ``failure`` is an error this rank hit before the exchange: it is re-raised here after the
+    peers have been told, and they raise :class:`PeerRankError`. Otherwise, settings that differ
+    across ranks raise a ``ValueError`` naming them. Either way every rank stops at this same
+    collective, so none is left waiting in the all-to-all that follows.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # Replaying a CUDA graph runs no Python, so nothing can fail between exchanges, and a
+        # host read here would break the capture; every rank captures the same graph.
+        if failure is not None:
+            raise failure
+        return
+    header = torch.zeros(_HEADER_SIZE, dtype=torch.int64)
+    header[0] = phase
+    if failure is not None:
+        message = f"{type(failure).__name__}: {failure}".encode()[:_MESSAGE_BYTES]
+        header[1] = 1
+        header[2] = len(message)
+        padded = bytearray(message.ljust(_MESSAGE_BYTES, b"\0"))
+        header[_MESSAGE_AT:] = torch.frombuffer(padded, dtype=torch.int64)
+    elif settings:
+        values = torch.tensor(list(settings.values()), dtype=torch.int64)
+        header[_SETTINGS_AT : _SETTINGS_AT + len(settings)] = values
+    header = header.to(device)
+    gathered = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, header, group=group)
+    table = torch.stack(gathered).cpu()
+
+    if failure is not None:
+        raise failure
+    failed = [rank for rank in range(table.shape[0]) if table[rank, 1]]
+    if failed:
+        details = "; ".join(
+            f"rank {rank}: "
+            + bytes(table[rank, _MESSAGE_AT:].numpy().tobytes()[: int(table[rank, 2])]).decode(
+                errors="replace"
+            )
+            for rank in failed
+        )
+        raise PeerRankError(
+            f"rank {', '.join(map(str, failed))} of the expert-parallel group raised before the "
+            f"exchange, so this rank stops too rather than wait for it ({details})"
+        )
+    phases = table[:, 0].tolist()
+    if len(set(phases)) > 1:
+        where = ", ".join(f"rank {rank} {_PHASES[p]}" for rank, p in enumerate(phases))
+        raise RuntimeError(
+            f"the ranks of the expert-parallel group are at different exchanges ({where}): every "
+            "rank must build the same layers and run them in the same order"
+        )
+    disagreements = []
+    for index, name in enumerate(settings):
+        values = table[:, _SETTINGS_AT + index].tolist()
+        if len(set(values)) > 1:
+            per_rank = ", ".join(f"{_shown(name, v)} on rank {r}" for r, v in enumerate(values))
+            disagreements.append(f"{name} is {per_rank}")
+    if disagreements:
+        raise ValueError(
+            "expert parallelism needs the same settings on every rank of the group, but "
+            + "; ".join(disagreements)
+        )
 
 
 def _all_to_all_rows(
@@ -154,14 +312,27 @@ def dispatch(
     group : ProcessGroup, optional
         The expert-parallel group; the default group when omitted.
     capacity : int, optional
-        Static mode: rows per expert sent by each rank, padded with zeros; rows past it are
-        dropped. Dropless with exact, uneven splits when omitted.
+        Static mode: rows per expert sent by each rank (an int >= 1), padded with zeros; rows
+        past it are dropped. Dropless with exact, uneven splits when omitted.
 
     Returns
     -------
     Exchange
         ``exchange.rows`` and ``exchange.group_sizes`` go to the local experts; their output goes
         to :func:`combine` with the exchange.
+
+    Raises
+    ------
+    ValueError
+        On every rank, when the ranks disagree on ``num_experts``, the hidden size, ``capacity``,
+        the dtype of ``x`` or the gradient mode (the message names the setting and each rank's
+        value); or when ``num_experts`` is not a multiple of the group size.
+    PeerRankError
+        On every rank whose own call was fine, when another rank's call failed before the
+        exchange (bad ``plan``, ``x`` or ``capacity``); that rank raises its own error.
+
+    Every rank of the group must call it, also a rank with no tokens (``T = 0``): it sends
+    nothing, still receives its experts' rows, and gets a ``(0, d)`` output from :func:`combine`.
 
     Examples
     --------
@@ -173,11 +344,51 @@ def dispatch(
        ye = local_experts(exchange.rows, exchange.group_sizes)
        y = distributed.combine(ye, exchange)
     """
-    if not isinstance(plan, mr.Plan):
-        raise TypeError(f"plan must be a moerouter.Plan, got {type(plan).__name__}")
+    return _dispatch(x, plan, group, capacity, None)
+
+
+def _exchange_settings(plan: mr.Plan, xe: torch.Tensor, capacity: int | None) -> dict[str, int]:
+    """What must be equal on every rank for the all-to-alls (and their backward) to pair up."""
+    return {
+        "num_experts": plan.num_experts,
+        "hidden size (x.shape[-1])": xe.shape[1],
+        "capacity": _NONE if capacity is None else capacity,
+        "dtype": _code(str(xe.dtype)),
+        # A rank that records no graph skips the reverse all-to-alls its peers wait for.
+        "torch.is_grad_enabled()": int(torch.is_grad_enabled()),
+        "x.requires_grad": int(xe.requires_grad),
+    }
+
+
+def _dispatch(
+    x: torch.Tensor | None,
+    plan: mr.Plan | None,
+    group: Any,
+    capacity: object,
+    failure: Exception | None,
+) -> Exchange:
+    """:func:`dispatch` for a rank that may already have failed (``failure``): it still sends
+    its header, so its peers raise instead of waiting for it."""
     world = dist.get_world_size(group)
-    local = experts_per_rank(plan.num_experts, world)
-    xe = mr.dispatch(x, plan)
+    settings: dict[str, int] = {}
+    if failure is None:
+        try:
+            capacity = _check_capacity(capacity)
+            if not isinstance(plan, mr.Plan):
+                raise TypeError(f"plan must be a moerouter.Plan, got {type(plan).__name__}")
+            if plan.capacity is not None:
+                raise ValueError(
+                    "plan must be packed (make_plan without pad_to_capacity): its real rows are "
+                    "sent by expert; for static sizes pass capacity= instead"
+                )
+            local = experts_per_rank(plan.num_experts, world)
+            xe = mr.dispatch(x, plan)
+            settings = _exchange_settings(plan, xe, capacity)
+        except Exception as error:
+            failure = error
+    preferred = x.device if isinstance(x, torch.Tensor) else None
+    _agree(group, _header_device(group, preferred), _DISPATCH, settings, failure)
+    # Past the header every rank is healthy and agrees on the settings.
     if capacity is not None:
         return _dispatch_capacity(xe, plan, group, world, local, capacity)
 
@@ -199,7 +410,7 @@ def dispatch(
     block_starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
     by_expert_counts = recv_counts.t().reshape(-1)
     by_expert_starts = block_starts.reshape(world, local).t().reshape(-1)
-    position = torch.arange(num_received, device=x.device)
+    position = torch.arange(num_received, device=xe.device)
     first_of_block = torch.cumsum(by_expert_counts, 0) - by_expert_counts
     regroup = torch.repeat_interleave(
         by_expert_starts - first_of_block, by_expert_counts, output_size=num_received
@@ -212,8 +423,8 @@ def dispatch(
         rows=rows,
         group_sizes=recv_counts.sum(0).to(torch.int32),
         plan=plan,
-        rows_sent=torch.tensor(num_sent, dtype=torch.int64),
-        rows_dropped=torch.tensor(0, dtype=torch.int64),
+        rows_sent=torch.tensor(num_sent, dtype=torch.int64, device=xe.device),
+        rows_dropped=torch.zeros((), dtype=torch.int64, device=xe.device),
         send_splits=send_splits,
         recv_splits=recv_splits,
         capacity=None,
@@ -237,8 +448,6 @@ def _capacity_slots(plan: mr.Plan, capacity: int) -> tuple[torch.Tensor, torch.T
 def _dispatch_capacity(
     xe: torch.Tensor, plan: mr.Plan, group: Any, world: int, local: int, capacity: int
 ) -> Exchange:
-    if not isinstance(capacity, int) or capacity < 1:
-        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
     source_rows, kept = _capacity_slots(plan, capacity)
     padded = torch.cat([xe, xe.new_zeros((1, xe.shape[1]))])
     zero_row = xe.shape[0]
@@ -263,7 +472,7 @@ def _dispatch_capacity(
         rows=_Permute.apply(received, regroup, restore),
         group_sizes=recv_kept.sum(0).to(torch.int32),
         plan=plan,
-        rows_sent=torch.tensor(send.shape[0], dtype=torch.int64),
+        rows_sent=torch.tensor(send.shape[0], dtype=torch.int64, device=xe.device),
         rows_dropped=plan.group_sizes.sum() - kept.sum(),
         send_splits=None,
         recv_splits=None,
@@ -347,6 +556,19 @@ class ExpertParallelMoE(nn.Module):
     (y, losses)
         As :class:`moerouter_torch.MoE`; the balancing losses are this rank's (micro-batch
         scope), not reduced over the group.
+
+    Raises
+    ------
+    ValueError
+        At construction, on every rank, when the ranks disagree on ``num_experts``,
+        ``num_null``, ``hidden_size``, ``intermediate_size``, ``capacity``, ``dtype`` or
+        ``activation`` (the message names the setting and each rank's value).
+    PeerRankError
+        On every other rank, when one rank fails while building the layer, or in ``forward``
+        before its tokens leave (gate, router, plan, losses): that rank raises its own error.
+
+    Every rank must construct the layer and run every forward (and backward) together, also a
+    rank with no tokens: it routes nothing, sends nothing and still serves its experts.
     """
 
     def __init__(
@@ -363,15 +585,32 @@ class ExpertParallelMoE(nn.Module):
     ) -> None:
         super().__init__()
         world = dist.get_world_size(group)
+        settings: dict[str, int] = {}
+        failure = None
+        try:
+            capacity = _check_capacity(capacity)
+            num_experts = operator.index(router.num_experts)
+            local = experts_per_rank(num_experts, world)
+            num_null = operator.index(getattr(router, "num_null", 0))
+            settings = {
+                "num_experts": num_experts,
+                "num_null": num_null,
+                "hidden_size": operator.index(hidden_size),
+                "intermediate_size": operator.index(intermediate_size),
+                "capacity": _NONE if capacity is None else capacity,
+                "dtype": _code(str(torch.get_default_dtype() if dtype is None else dtype)),
+                "activation": _code(str(activation)),
+            }
+        except Exception as error:
+            failure = error
+        preferred = None if device is None else torch.device(device)
+        _agree(group, _header_device(group, preferred), _BUILD, settings, failure)
         self.router = router
         self.group = group
         self.capacity = capacity
-        num_experts = router.num_experts
-        local = experts_per_rank(num_experts, world)
         self.first_expert = dist.get_rank(group) * local
-        num_choices = num_experts + getattr(router, "num_null", 0)
         factory = {"device": device, "dtype": dtype}
-        self.gate = nn.Linear(hidden_size, num_choices, bias=False, **factory)
+        self.gate = nn.Linear(hidden_size, num_experts + num_null, bias=False, **factory)
         self.experts = GroupedMLP(
             local, hidden_size, intermediate_size, activation=activation, **factory
         )
@@ -381,19 +620,17 @@ class ExpertParallelMoE(nn.Module):
         cls, moe: nn.Module, *, group: Any = None, capacity: int | None = None
     ) -> ExpertParallelMoE:
         """This rank's share of a single-process :class:`moerouter_torch.MoE` (weights copied)."""
-        if getattr(moe, "shared", None) is not None:
-            raise ValueError("moe has shared experts, which ExpertParallelMoE does not hold")
-        w_in = moe.experts.w_in
-        layer = cls(
-            w_in.shape[1],
-            moe.experts.w_out.shape[1],
-            moe.router,
-            group=group,
-            capacity=capacity,
-            activation=moe.experts.activation,
-            device=w_in.device,
-            dtype=w_in.dtype,
-        )
+        try:
+            if getattr(moe, "shared", None) is not None:
+                raise ValueError("moe has shared experts, which ExpertParallelMoE does not hold")
+            w_in = moe.experts.w_in
+            sizes = (w_in.shape[1], moe.experts.w_out.shape[1], moe.router)
+            options = {"activation": moe.experts.activation, "device": w_in.device}
+        except Exception as error:
+            # The peers are about to build their layer: they must hear of this failure.
+            _agree(group, _header_device(group, None), _BUILD, {}, error)
+            raise  # not reached: _agree re-raises the error once the peers know
+        layer = cls(*sizes, group=group, capacity=capacity, dtype=w_in.dtype, **options)
         local = layer.experts.num_experts
         block = slice(layer.first_expert, layer.first_expert + local)
         with torch.no_grad():
@@ -403,16 +640,25 @@ class ExpertParallelMoE(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``x`` (..., d) -> (``y`` (..., d), losses)."""
-        tokens = x.reshape(-1, x.shape[-1])
-        logits = self.gate(tokens)
-        routing = self.router(logits)
-        plan = mr.make_plan(routing)
-        exchange = dispatch(tokens, plan, group=self.group, capacity=self.capacity)
+        """``x`` (..., d) -> (``y`` (..., d), losses).
+
+        Everything that can fail on this rank alone (gate, router, plan, losses) runs before
+        the first exchange, so a failure there reaches the peers as :class:`PeerRankError`.
+        """
+        tokens = plan = None
+        failure = None
+        try:
+            tokens = x.reshape(-1, x.shape[-1])
+            logits = self.gate(tokens)
+            routing = self.router(logits)
+            plan = mr.make_plan(routing)
+            if getattr(self.router, "num_null", 0):
+                balance = mr.losses.null_load_balancing(routing)
+            else:
+                balance = mr.losses.load_balancing(routing)
+            losses = {"load_balancing": balance, "z_loss": mr.losses.z_loss(logits)}
+        except Exception as error:
+            failure = error
+        exchange = _dispatch(tokens, plan, self.group, self.capacity, failure)
         y = combine(self.experts(exchange.rows, exchange.group_sizes), exchange)
-        if getattr(self.router, "num_null", 0):
-            balance = mr.losses.null_load_balancing(routing)
-        else:
-            balance = mr.losses.load_balancing(routing)
-        losses = {"load_balancing": balance, "z_loss": mr.losses.z_loss(logits)}
         return y.reshape(x.shape), losses

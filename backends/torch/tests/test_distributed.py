@@ -1,16 +1,16 @@
 """Expert parallelism on Gloo: every rank's outputs and gradients equal the single-process MoE.
 
-Spawning processes dominates the cost, so each spawn runs every check in one worker.
+Starting processes dominates the cost, so each start runs every check in one worker. The
+launcher bounds every run (``moerouter_torch._ranks``): a hang fails the test. The fault cases
+(empty ranks, mismatched settings, failing ranks) are in
+tests/reliability/test_distributed_faults.py.
 """
-
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from moerouter_torch import MoE, distributed
+from moerouter_torch._ranks import run_ranks
 from moerouter_torch.distributed import ExpertParallelMoE, experts_per_rank
 
 import moerouter as mr
@@ -20,12 +20,6 @@ TOKENS, D, H, E = 5, 8, 12, 8  # tokens per rank; 8 experts divide over 2 and 4 
 
 def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reference(moe, x_all, upstream):
@@ -126,32 +120,24 @@ def check_capacity_drops(rank, world, capacity):
     assert arrived == kept
 
 
-def worker(rank, world, port):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # Plain top-k: every assignment is real.
-        assert check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world) == (
-            world * TOKENS * 2
-        )
-        # AdaMoE null experts: fewer rows than T * k travel, exactly the real ones.
-        real = check_matches_single_process(
-            mr.NullExperts(num_experts=E, num_null=E, k=2), rank, world
-        )
-        assert real < world * TOKENS * 2
-        # Static capacity large enough for everything: same results as dropless.
-        check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world, capacity=TOKENS)
-        # Static capacity too small: the overflow is dropped and counted.
-        check_capacity_drops(rank, world, capacity=1)
-        check_all_rows_to_one_expert(rank, world)
-        with pytest.raises(ValueError, match=f"num_experts={world + 1}.*world size {world}"):
-            ExpertParallelMoE(D, H, mr.TopK(num_experts=world + 1, k=1))
-    finally:
-        dist.destroy_process_group()
+def worker(rank, world):
+    # Plain top-k: every assignment is real.
+    assert check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world) == (
+        world * TOKENS * 2
+    )
+    # AdaMoE null experts: fewer rows than T * k travel, exactly the real ones.
+    real = check_matches_single_process(mr.NullExperts(num_experts=E, num_null=E, k=2), rank, world)
+    assert real < world * TOKENS * 2
+    # Static capacity large enough for everything: same results as dropless.
+    check_matches_single_process(mr.TopK(num_experts=E, k=2), rank, world, capacity=TOKENS)
+    # Static capacity too small: the overflow is dropped and counted.
+    check_capacity_drops(rank, world, capacity=1)
+    check_all_rows_to_one_expert(rank, world)
+    with pytest.raises(ValueError, match=f"num_experts={world + 1}.*world size {world}"):
+        ExpertParallelMoE(D, H, mr.TopK(num_experts=world + 1, k=1))
 
 
-@pytest.mark.slow  # spawning ranks that each import torch: tens of seconds on 2 cores
+@pytest.mark.slow  # ranks on 2 shared cores: tens of seconds
 @pytest.mark.parametrize(
     "world",
     [
@@ -160,7 +146,7 @@ def worker(rank, world, port):
     ],
 )
 def test_expert_parallel_equals_single_process(world):
-    mp.spawn(worker, args=(world, free_port()), nprocs=world, join=True)
+    run_ranks(worker, world)
 
 
 @pytest.mark.parametrize(
@@ -179,3 +165,75 @@ def test_uneven_experts_per_rank_rejected(num_experts, world_size):
 def test_experts_per_rank():
     assert experts_per_rank(8, 4) == 2
     assert experts_per_rank(8, 1) == 8
+
+
+@pytest.fixture
+def one_rank():
+    """A world of one Gloo rank in this process (an in-memory store, nothing spawned)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def plan_of(tokens, seed=0):
+    return mr.make_plan(mr.TopK(num_experts=E, k=2)(randn(tokens, E, seed=seed)))
+
+
+@pytest.mark.parametrize(
+    ("capacity", "error", "message"),
+    [
+        (True, TypeError, "capacity must be an int or None, got bool"),  # was taken as 1
+        (False, TypeError, "capacity must be an int or None, got bool"),  # was taken as 0
+        (2.0, TypeError, "capacity must be an int or None, got float"),  # not an index
+        ("4", TypeError, "capacity must be an int or None, got str"),
+        (0, ValueError, "capacity must be >= 1, got 0"),
+        (-3, ValueError, "capacity must be >= 1, got -3"),
+    ],
+)
+def test_dispatch_capacity_checked(one_rank, capacity, error, message):
+    with pytest.raises(error, match=message):
+        distributed.dispatch(randn(TOKENS, D, seed=1), plan_of(TOKENS), capacity=capacity)
+
+
+def test_dispatch_capacity_accepts_any_index(one_rank):
+    """A NumPy integer is an index, as for NumPy and the array API."""
+    np = pytest.importorskip("numpy")
+    x, plan = randn(TOKENS, D, seed=1), plan_of(TOKENS)
+    exchange = distributed.dispatch(x, plan, capacity=np.int64(3))
+    assert exchange.capacity == 3 and type(exchange.capacity) is int
+    torch.testing.assert_close(exchange.rows, distributed.dispatch(x, plan, capacity=3).rows)
+
+
+def test_padded_plan_refused(one_rank):
+    """A padded plan's real rows are not the first sum(group_sizes): sending them would mix
+    padding into the experts' rows."""
+    routing = mr.TopK(num_experts=E, k=2, capacity_factor=1.0)(randn(TOKENS, E, seed=0))
+    padded = mr.make_plan(routing, pad_to_capacity=True)
+    with pytest.raises(ValueError, match="plan must be packed"):
+        distributed.dispatch(randn(TOKENS, D, seed=1), padded)
+
+
+@pytest.mark.parametrize("capacity", [None, 3])  # both transports
+def test_zero_tokens_on_one_rank(one_rank, capacity):
+    """T = 0 goes through both transports, forward and backward, to a (0, d) output."""
+    empty = mr.make_plan(
+        mr.Routing(
+            token_ids=torch.zeros(0, dtype=torch.int32),
+            expert_ids=torch.zeros(0, dtype=torch.int32),
+            weights=torch.zeros(0),
+            choice_ids=torch.zeros(0, dtype=torch.int32),
+            probs=torch.zeros(0, E),
+            finite_rows=torch.zeros(0, dtype=torch.bool),
+            num_tokens=0,
+            num_experts=E,
+            layout="token",
+            slots=2,
+        )
+    )
+    x = torch.zeros(0, D, requires_grad=True)
+    exchange = distributed.dispatch(x, empty, capacity=capacity)
+    assert exchange.group_sizes.tolist() == [0] * E
+    assert exchange.rows.shape == ((0 if capacity is None else E * capacity), D)
+    y = distributed.combine(exchange.rows * 2, exchange)
+    y.sum().backward()
+    assert y.shape == (0, D) and x.grad.shape == (0, D)

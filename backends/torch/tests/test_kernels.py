@@ -1,5 +1,7 @@
 """The torch kernels return exactly what the agnostic reference returns, and differentiate."""
 
+import sys
+import types
 from dataclasses import fields
 
 import moerouter_torch
@@ -8,6 +10,7 @@ import torch
 from moerouter_torch import _kernels, _ops
 
 import moerouter as mr
+from moerouter import _registry
 
 T, D = 24, 16
 
@@ -105,19 +108,6 @@ def test_low_precision_weights_split_exactly():
     assert torch.equal(split_offsets, offsets * 3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("router", "columns"), ROUTERS)
-def test_chunked_combine_is_bit_identical(monkeypatch, router, columns, dtype):
-    # Large CPU outputs are reduced in chunks of tokens into a workspace; every token is still
-    # reduced by one call in slot order, so chunking changes no bit (including empty tokens).
-    plan = mr.make_plan(router(logits_for(columns)))
-    ye = random_rows(plan.num_rows, 21, dtype)
-    args = (ye, plan.combine_rows, plan.combine_weights)
-    whole = _kernels.gather_reduce(*args)
-    monkeypatch.setattr(_kernels, "_CHUNK_BYTES", 5 * D * ye.element_size())  # 5-token chunks
-    assert torch.equal(_kernels.gather_reduce(*args), whole)
-
-
 def test_combine_ignores_rows_past_num_valid(use_backend):
     # Experts may leave garbage (even NaN) in rows that belong to no expert.
     plan = mr.make_plan(mr.NullExperts(num_experts=4, num_null=4, k=3)(logits_for(8)))
@@ -158,23 +148,6 @@ def test_token_outputs_do_not_depend_on_other_tokens(use_backend):
         return mr.combine(ye, plan)[0]
 
     assert torch.equal(token0(logits), token0(other))
-
-
-def test_workspace_reuse_never_overwrites_live_results(use_backend, monkeypatch):
-    use_backend("torch")
-    monkeypatch.setattr(moerouter_torch._workspace, "MIN_POOLED_BYTES", 0)
-    moerouter_torch.release_workspaces()
-    plan = mr.make_plan(mr.TopK(num_experts=8, k=2)(logits_for(8)))
-    first = mr.dispatch(random_rows(T, 7), plan)
-    kept = first.clone()
-    second = mr.dispatch(random_rows(T, 8), plan)
-    third = mr.dispatch(random_rows(T, 9), plan)  # pool full: a fresh tensor
-    assert torch.equal(first, kept)
-    assert len({t.data_ptr() for t in (first, second, third)}) == 3
-    pointer = second.data_ptr()
-    del second
-    assert mr.dispatch(random_rows(T, 10), plan).data_ptr() == pointer  # reused once released
-    moerouter_torch.release_workspaces()
 
 
 @pytest.mark.parametrize(("router", "columns"), ROUTERS)
@@ -249,3 +222,18 @@ def test_compile_fullgraph_route_plan_dispatch_combine(use_backend, router, colu
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, grads[0])
     torch.testing.assert_close(weight.grad, grads[1])
+
+
+def test_triton_kernels_run_only_on_cuda_while_their_set_is_on(monkeypatch):
+    # The Triton kernels have not passed on a GPU yet: CUDA tensors take the plain PyTorch
+    # kernels unless MOEROUTER_UNVERIFIED_KERNELS names their set; CPU tensors never use them.
+    fake_module = types.ModuleType("moerouter_torch._triton")
+    monkeypatch.setattr(moerouter_torch, "_triton", fake_module, raising=False)
+    monkeypatch.setitem(sys.modules, "moerouter_torch._triton", fake_module)
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert _ops._triton_for(on_cuda) is None
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "torch-triton")
+    assert _ops._triton_for(on_cuda) is fake_module
+    assert _ops._triton_for(torch.zeros(1)) is None
+    assert _ops.TRITON in moerouter_torch.backend.kernel_sets

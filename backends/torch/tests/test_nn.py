@@ -1,11 +1,14 @@
 """GroupedMLP and MoE equal a dense per-expert loop, and null experts really skip work."""
 
+import types
+
 import moerouter_torch
 import pytest
 import torch
 from moerouter_torch import GroupedMLP, MoE, _grouped
 
 import moerouter as mr
+from moerouter import _registry
 
 T, D, H = 20, 8, 12
 
@@ -114,3 +117,56 @@ def test_moe_compiles_fullgraph(use_backend):
     torch.testing.assert_close(compiled, eager)
     (compiled.sum() + losses["load_balancing"]).backward()
     assert layer.gate.weight.grad is not None
+
+
+def test_grouped_mm_kernel_only_while_its_set_is_on(monkeypatch):
+    # torch._grouped_mm has not run here on a GPU: the per-expert loop runs until its kernel set
+    # passes or is asked for, even on a GPU that could run it.
+    x = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(16, 8))
+    weight = types.SimpleNamespace(dtype=torch.bfloat16, shape=(2, 8, 8))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kwargs: None, raising=False)
+    monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    assert not _grouped._use_grouped_mm(x, weight)
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "torch-grouped-mm")
+    assert _grouped._use_grouped_mm(x, weight)
+    assert _grouped.GROUPED_MM in moerouter_torch.backend.kernel_sets
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("grouped_mm_set", ["on", "off"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_grouped_mlp_matches_float64_loop(monkeypatch, grouped_mm_set, dtype):
+    # GroupedMLP on CUDA (torch._grouped_mm for bfloat16 on compute capability >= 9.0 when its
+    # set is on, the per-expert loop otherwise) against a float64 per-expert loop on the CPU,
+    # forward and backward, with an empty expert and spare rows past the groups.
+    if grouped_mm_set == "on":
+        monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "torch-grouped-mm")
+    else:
+        monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    torch.manual_seed(0)
+    mlp = GroupedMLP(4, 64, 96, device="cuda", dtype=dtype)
+    reference = GroupedMLP(4, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        reference.w_in.copy_(mlp.w_in.double())
+        reference.w_out.copy_(mlp.w_out.double())
+    group_sizes = torch.tensor([300, 0, 517, 211], dtype=torch.int32)
+    xe = randn(1100, 64, seed=3)
+    grad = randn(1100, 64, seed=4)
+    x_gpu = xe.to("cuda", dtype).requires_grad_()
+    x_ref = xe.double().requires_grad_()
+    out = mlp(x_gpu, group_sizes.cuda())
+    want = reference(x_ref, group_sizes)
+    assert torch.all(out[1028:] == 0)  # rows past the groups are zero
+    out.backward(grad.to("cuda", dtype))
+    want.backward(grad.double())
+    # Relative to each tensor's largest entry: bfloat16 rounds the hidden layer (2^-8 each).
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    pairs = [(out, want), (x_gpu.grad, x_ref.grad), (mlp.w_in.grad, reference.w_in.grad),
+             (mlp.w_out.grad, reference.w_out.grad)]  # fmt: skip
+    for have, expected in pairs:
+        scale = expected.detach().abs().max().item()
+        torch.testing.assert_close(
+            have.detach().double().cpu() / scale, expected.detach() / scale, rtol=tol, atol=tol
+        )

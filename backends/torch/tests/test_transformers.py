@@ -350,6 +350,28 @@ def test_adamoe_fine_tuning_lowers_the_loss_and_changes_experts_per_token():
     assert all(0 < fraction < 1 for fraction in null_fractions)
 
 
+@pytest.mark.parametrize(
+    ("num_null", "k", "fewest", "most"),
+    [
+        (4, 3, 2, 2),  # E = 4 divides m = 4: ceil(k / (1 + m / E)) = 2 with exact ties
+        (2, 3, 2, 3),  # experts 0 and 1 have a copy, 2 and 3 none: 2 or 3, not always 2
+    ],
+)
+def test_real_experts_right_after_the_conversion(num_null, k, fewest, most):
+    # docs/integrations/transformers.rst: ceil(k / (1 + m / E)) only when E divides m, else a
+    # range [n_min, n_max] (tests/core/test_adamoe_tiling.py checks its formula on a sweep with
+    # exact ties). The router's float32 matmul can round a copy one ulp above its original:
+    # a token may then reach one real expert fewer than n_min.
+    model = to_adamoe(_build("mixtral"), num_null=num_null, k=k)
+    with torch.no_grad(), routing_statistics(model) as stats:
+        model(_tokens(batch=4, length=16))
+    for passes in stats.records.values():
+        histogram = passes[0][1]["real_experts_histogram"]
+        seen = set(torch.nonzero(histogram).flatten().tolist())
+        assert seen <= set(range(fewest - 1, most + 1)), seen
+        assert {fewest, most} <= seen
+
+
 def test_null_choices_cost_no_expert_rows(monkeypatch):
     from moerouter_torch import _grouped
 
@@ -396,6 +418,184 @@ def test_deepseek_v3_reads_the_correction_bias_on_every_call():
         generator.manual_seed(2)
     ids = _tokens()
     assert _relative_error(routed(ids).logits, reference(ids).logits) <= 1e-5
+
+
+def _flint():
+    return transformers.FlintForCausalLM(
+        transformers.FlintConfig(
+            **COMMON,
+            intermediate_size=24,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[],
+        )
+    )
+
+
+def _mistral4():
+    return transformers.Mistral4ForCausalLM(
+        transformers.Mistral4Config(
+            **COMMON,
+            intermediate_size=24,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.0,
+            norm_topk_prob=True,
+            n_shared_experts=1,
+        )
+    )
+
+
+def _openai_privacy_filter():
+    return transformers.OpenAIPrivacyFilterForTokenClassification(
+        transformers.OpenAIPrivacyFilterConfig(
+            **COMMON,
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+
+
+# Routers no attribute names, reproduced by existing policies (issue 23): the probe finds them.
+PROBED = {
+    # sigmoid scores without bias, renormalised top-k
+    "flint": (_flint, mr.TopK(8, 2, score="sigmoid")),
+    # softmax scores, 4 groups keep 2 (top-2 sums), no bias, renormalised, scaled by 2
+    "mistral4": (
+        _mistral4,
+        mr.DeepSeekTopK(
+            8, 2, num_groups=4, topk_groups=2, score="softmax", routed_scaling_factor=2.0
+        ),
+    ),
+    # a softmax over the chosen logits, divided by k
+    "openai_privacy_filter": (
+        _openai_privacy_filter,
+        mr.DeepSeekTopK(4, 2, score="softmax", routed_scaling_factor=0.5),
+    ),
+}
+
+
+def _weighted_sum(output: torch.Tensor) -> torch.Tensor:
+    weights = torch.linspace(-1.0, 1.0, output.numel()).reshape(output.shape)
+    return (output * weights).sum()
+
+
+@pytest.mark.parametrize("name", sorted(PROBED))
+def test_probed_routers_are_reproduced(name):
+    build, expected_policy = PROBED[name]
+    torch.manual_seed(0)
+    reference = build().float().eval()
+    routed = route_with_moerouter(copy.deepcopy(reference))
+    state = routed.__dict__["_moerouter_state"]
+    assert {block.default_policy for block in state.blocks.values()} == {expected_policy}
+    ids = _tokens()
+    expected, actual = reference(ids).logits, routed(ids).logits
+    assert _relative_error(actual, expected) <= 1e-5
+    _weighted_sum(expected).backward()
+    _weighted_sum(actual).backward()
+    for (param_name, param), (_, routed_param) in zip(
+        reference.named_parameters(), routed.named_parameters(), strict=True
+    ):
+        if param.grad is not None:
+            assert _relative_error(routed_param.grad, param.grad) <= 1e-5, param_name
+
+
+class _ScaledSigmoidRouter(torch.nn.Module):
+    """A router no built-in candidate reproduces: renormalised sigmoid top-k, times 3."""
+
+    def __init__(self, weight: torch.Tensor, top_k: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone())
+        self.top_k = top_k
+
+    def forward(self, hidden_states):
+        logits = torch.nn.functional.linear(
+            hidden_states.reshape(-1, self.weight.shape[1]), self.weight
+        )
+        scores, index = torch.topk(logits.sigmoid(), self.top_k, dim=-1)
+        return logits, 3.0 * scores / scores.sum(dim=-1, keepdim=True), index
+
+
+def _scaled_sigmoid_mixtral():
+    model = _build("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.gate = _ScaledSigmoidRouter(layer.mlp.gate.weight, 2)
+    return model
+
+
+def test_a_given_policy_that_reproduces_an_unknown_router_is_used():
+    reference = _scaled_sigmoid_mixtral()
+    with pytest.raises(TypeError, match="MixtralSparseMoeBlock"):
+        route_with_moerouter(copy.deepcopy(reference))  # nothing to go by
+    policy = mr.DeepSeekTopK(4, 2, routed_scaling_factor=3.0)
+    routed = route_with_moerouter(copy.deepcopy(reference), policy)
+    state = routed.__dict__["_moerouter_state"]
+    assert {block.default_policy for block in state.blocks.values()} == {policy}
+    ids = _tokens()
+    assert _relative_error(routed(ids).logits, reference(ids).logits) <= 1e-5
+
+
+def test_a_given_policy_that_does_not_reproduce_an_unknown_router_is_refused():
+    with pytest.raises(TypeError, match="the given policy does not reproduce it either"):
+        route_with_moerouter(_scaled_sigmoid_mixtral(), mr.TopK(4, 2, score="sigmoid"))
+
+
+def test_a_given_policy_on_a_probed_router():
+    # Before issue 23 an explicit policy did not help a block the probe could not identify.
+    torch.manual_seed(0)
+    model = route_with_moerouter(_flint().float().eval(), mr.TopK(8, 1, score="sigmoid"))
+    with routing_statistics(model) as stats:
+        model(_tokens())
+    assert stats.real_experts_per_token() == 1.0
+
+
+def _hy_v3():
+    return transformers.HYV3ForCausalLM(
+        transformers.HYV3Config(
+            **COMMON,
+            intermediate_size=24,
+            moe_intermediate_size=16,
+            num_local_experts=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+        )
+    )
+
+
+def _minimax_m2():
+    return transformers.MiniMaxM2ForCausalLM(
+        transformers.MiniMaxM2Config(
+            **COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "block"),
+    [(_hy_v3, "HYV3MoE"), (_minimax_m2, "MiniMaxM2SparseMoeBlock")],
+    ids=["hy_v3", "minimax_m2"],
+)
+@pytest.mark.parametrize("given", [None, mr.TopK(8, 2, score="sigmoid")], ids=["default", "policy"])
+def test_router_taking_the_correction_bias_per_call_is_refused_cleanly(build, block, given):
+    # These routers take the block's e_score_correction_bias as a forward argument; the probe
+    # used to end in "forward() missing ... 'e_score_correction_bias'" instead of this refusal.
+    torch.manual_seed(0)
+    model = build().float().eval()
+    with pytest.raises(TypeError, match=f"{block}.*'e_score_correction_bias'.*not pass"):
+        route_with_moerouter(model, given)
+    assert "_moerouter_state" not in model.__dict__
+    model(_tokens())  # untouched
 
 
 def test_unsupported_block_names_its_class():

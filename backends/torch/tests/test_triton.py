@@ -15,6 +15,7 @@ import torch
 from moerouter_torch import _kernels
 
 import moerouter as mr
+from moerouter import _registry
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA and "triton" not in sys.modules:
@@ -95,11 +96,21 @@ def test_interpreter_topk_router_matches_policy(triton_kernels, num_experts, k, 
     torch.testing.assert_close(weights.reshape(-1), routing.weights, rtol=1e-6, atol=1e-7)
 
 
+@pytest.fixture(params=["triton", "eager"])
+def cuda_path(request, monkeypatch):
+    """CUDA tensors through the Triton kernels (their set switched on) or the plain PyTorch ops."""
+    if request.param == "triton":
+        monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "torch-triton")
+    else:
+        monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("router", "columns"), ROUTERS)
-def test_gpu_public_api_matches_cpu(use_backend, router, columns, dtype):
+def test_gpu_public_api_matches_cpu(use_backend, cuda_path, router, columns, dtype):
     use_backend("torch")
     logits = randn(4096, columns, seed=5)
     x = randn(4096, 256, seed=6, dtype=dtype)
@@ -113,3 +124,48 @@ def test_gpu_public_api_matches_cpu(use_backend, router, columns, dtype):
     assert torch.equal(mr.combine(ye.cuda(), plan_gpu), y_gpu)  # bit-identical run to run
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y_gpu.cpu(), mr.combine(ye, plan), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("router", "columns"), ROUTERS)
+def test_gpu_gradients_match_cpu(use_backend, cuda_path, router, columns, dtype):
+    # The backward kernels (dispatch's gather-sum, combine's two gradients) against the CPU
+    # kernels, through autograd, down to the router logits.
+    use_backend("torch")
+
+    def gradients(device):
+        logits = randn(1024, columns, seed=8).to(device).requires_grad_()
+        x = randn(1024, 128, seed=9, dtype=dtype).to(device).requires_grad_()
+        plan = mr.make_plan(router(logits))
+        xe = mr.dispatch(x, plan)
+        y = mr.combine(xe * 2 + 1, plan)  # an affine "expert": ye depends on xe
+        grad_y = randn(*y.shape, seed=10, dtype=dtype).to(device)
+        return [g.float().cpu() for g in torch.autograd.grad(y, (x, logits), grad_y)]
+
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for have, want in zip(gradients("cuda"), gradients("cpu"), strict=True):
+        torch.testing.assert_close(have, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("num_experts", "k", "score", "normalize"),
+    [
+        (64, 8, "softmax", True),  # OLMoE
+        (8, 2, "softmax", True),  # Mixtral
+        (6, 1, "softmax", False),  # Switch; E not a power of two
+        (256, 8, "sigmoid", True),  # DeepSeek-V3 style
+    ],
+)
+def test_gpu_topk_router_matches_policy(triton_kernels, num_experts, k, score, normalize):
+    logits = randn(4096, num_experts, seed=11)
+    logits[0, 1] = logits[0, 4] = logits[0].max() + 1  # an exact tie: the lower expert first
+    routing = mr.TopK(num_experts=num_experts, k=k, score=score, normalize=normalize)(logits)
+    experts, weights = triton_kernels.topk_router(
+        logits.cuda(), k, score=score, normalize=normalize
+    )
+    assert torch.equal(experts.reshape(-1).cpu(), routing.expert_ids)
+    torch.testing.assert_close(weights.reshape(-1).cpu(), routing.weights, rtol=1e-5, atol=1e-6)

@@ -73,7 +73,9 @@ __global__ void topk_router(const T* __restrict__ logits, int num_tokens, int nu
   } else {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-      scores[i] = 1.0f / (1.0f + expf(-values[i]));
+      // moerouter's stable sigmoid (moerouter._numerics.sigmoid): expf never overflows.
+      const float small = expf(-fabsf(values[i]));
+      scores[i] = values[i] >= 0.0f ? 1.0f / (1.0f + small) : small / (1.0f + small);
     }
   }
   float* probs_row = probs + token * num_experts;

@@ -15,11 +15,15 @@ those two forwards on each block instance, and nothing else:
   so are the hooks transformers uses to return ``router_logits`` and compute its auxiliary loss.
 
 By default each block gets the policy that reproduces its original routing, found from the
-router's attributes and checked on a probe input: softmax top-k with or without renormalising
-(Mixtral, Qwen2-MoE and Qwen3-MoE with ``norm_topk_prob``, OLMoE, gpt-oss, any other router of
-that form) or DeepSeek-V3's sigmoid, group-limited selection with correction bias and scaling
-(:class:`moerouter.DeepSeekTopK`, given the router's ``e_score_correction_bias`` on every
-call). A router the probe cannot reproduce raises ``TypeError`` naming the block class.
+router's attributes and checked on a probe input: softmax or sigmoid top-k with or without
+renormalising (Mixtral, Qwen2-MoE and Qwen3-MoE with ``norm_topk_prob``, OLMoE, gpt-oss,
+Flint, any other router of that form), DeepSeek-V3's sigmoid, group-limited selection with
+correction bias and scaling (:class:`moerouter.DeepSeekTopK`, given the router's
+``e_score_correction_bias`` on every call), group-limited routing without a bias (Mistral 4) or
+a softmax over the chosen logits scaled by 1/k (OpenAI privacy filter). A policy given to
+:func:`route_with_moerouter` is checked on the probe as well. A router none of these reproduces,
+or whose forward needs more than the hidden states (HY-V3, MiniMax-M2: a per-call bias), raises
+``TypeError`` naming the block class.
 
 :func:`to_adamoe` turns the model into AdaMoE (null experts, Zeng et al. 2024) and
 :func:`from_adamoe` back; :func:`routing_statistics` collects :func:`moerouter.stats.summary`
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,13 +69,16 @@ class RoutingStats:
     tokens and :func:`moerouter.stats.summary` of its routing (detached tensors).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_routing: Callable[[str, Any, torch.Tensor], None] | None = None) -> None:
         self.records: dict[str, list[tuple[int, dict[str, torch.Tensor]]]] = {}
+        self._on_routing = on_routing
 
-    def _add(self, name: str, routing: Any) -> None:
+    def _add(self, name: str, routing: Any, logits: torch.Tensor) -> None:
         with torch.no_grad():
             summary = {key: value.detach() for key, value in mr.stats.summary(routing).items()}
         self.records.setdefault(name, []).append((int(routing.num_tokens), summary))
+        if self._on_routing is not None:
+            self._on_routing(name, routing, logits)
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Every layer's statistics over all recorded passes, as Python numbers.
@@ -143,7 +151,7 @@ class _Model:
 
     def record(self, block: _Block, logits: torch.Tensor, routing: Any) -> None:
         for collector in self.stats:
-            collector._add(block.name, routing)
+            collector._add(block.name, routing, logits)
         adamoe = self.adamoe
         if adamoe is not None and adamoe.records is not None:
             adamoe.records.append((logits, routing))
@@ -200,24 +208,55 @@ def _check_experts(block: nn.Module, name: str, experts: nn.Module, hidden_size:
     return int(up.shape[0])
 
 
-def _softmax_candidates(router: nn.Module, num_experts: int, k: int) -> list[Any]:
+def _candidates(router: nn.Module, num_experts: int, k: int) -> list[Any]:
+    """Policies that may reproduce ``router``, most likely first (read from its attributes).
+
+    The probe keeps the first that gives the router's own choices and weights: DeepSeek-V3's
+    biased group-limited sigmoid; softmax or sigmoid top-k, renormalised or not (Mixtral,
+    Qwen, OLMoE, gpt-oss; Flint); group-limited routing without a bias (Mistral 4: softmax,
+    groups, scaling); a softmax over the chosen logits scaled by 1 / k (OpenAI privacy filter).
+    """
     renormalise = getattr(router, "norm_topk_prob", None)
     order = [True, False] if renormalise is None or renormalise else [False, True]
-    return [mr.TopK(num_experts=num_experts, k=k, normalize=flag) for flag in order]
-
-
-def _group_limited(router: nn.Module, num_experts: int, k: int) -> mr.DeepSeekTopK | None:
-    if not isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
-        return None
     groups = getattr(router, "num_group", getattr(router, "n_group", None))
-    return mr.DeepSeekTopK(
-        num_experts=num_experts,
-        k=k,
-        num_groups=int(groups) if groups else 1,
-        topk_groups=int(getattr(router, "topk_group", 1) or 1),
-        normalize=bool(getattr(router, "norm_topk_prob", True)),
-        routed_scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
-    )
+    num_groups = int(groups) if groups and num_experts % int(groups) == 0 else 1
+    topk_groups = min(int(getattr(router, "topk_group", 1) or 1), num_groups)
+    scaling = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
+    candidates: list[Any] = []
+    grouped = {"num_groups": num_groups, "topk_groups": topk_groups}
+    if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
+        candidates.append(
+            _deepseek(num_experts, k, normalize=order[0], routed_scaling_factor=scaling, **grouped)
+        )
+    for score in ("softmax", "sigmoid"):
+        candidates += [mr.TopK(num_experts, k, score=score, normalize=flag) for flag in order]
+    if num_groups > 1:
+        for score in ("softmax", "sigmoid"):
+            candidates += [
+                _deepseek(num_experts, k, score=score, normalize=flag, **grouped) for flag in order
+            ]
+            candidates += [
+                _deepseek(
+                    num_experts,
+                    k,
+                    score=score,
+                    normalize=flag,
+                    routed_scaling_factor=scaling,
+                    **grouped,
+                )
+                for flag in order
+                if scaling != 1.0
+            ]
+    candidates.append(_deepseek(num_experts, k, score="softmax", routed_scaling_factor=1.0 / k))
+    return [candidate for candidate in candidates if candidate is not None]
+
+
+def _deepseek(num_experts: int, k: int, **options: Any) -> mr.DeepSeekTopK | None:
+    """A DeepSeekTopK, or None where the router's attributes make an invalid one."""
+    try:
+        return mr.DeepSeekTopK(num_experts=num_experts, k=k, **options)
+    except ValueError:
+        return None
 
 
 def _run_policy(policy: Any, logits: torch.Tensor, router: nn.Module) -> Any:
@@ -255,12 +294,17 @@ def _probe(router: nn.Module, candidates: list[Any], hidden_size: int) -> Any | 
     Rows whose logits are all equal (an uninitialised router) say nothing and are skipped; if
     every row is such, the first candidate (read from the router's attributes) is trusted.
     """
+    if not candidates:
+        return None
     weight = router.weight
     generator = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
     probe = probe.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        outputs = type(router).forward(router, probe)
+        try:
+            outputs = type(router).forward(router, probe)
+        except TypeError:  # a forward that needs more than the hidden states
+            return None
         if not (isinstance(outputs, tuple) and len(outputs) >= 3):
             return None
         logits, their_weights, their_index = outputs[0], outputs[1], outputs[2]
@@ -291,25 +335,56 @@ def _probe(router: nn.Module, candidates: list[Any], hidden_size: int) -> Any | 
     return None
 
 
-def _reproducing_policy(block: nn.Module, name: str, router: nn.Module, num_experts: int) -> Any:
+def _extra_forward_arguments(router: nn.Module) -> list[str]:
+    """Required arguments of the router's forward besides the hidden states."""
+    try:
+        signature = inspect.signature(type(router).forward)
+    except (TypeError, ValueError):
+        return []
+    required = [
+        parameter.name
+        for parameter in list(signature.parameters.values())[1:]  # after self
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return required[1:]  # after the hidden states
+
+
+def _reproducing_policy(
+    block: nn.Module, name: str, router: nn.Module, num_experts: int, given: Any = None
+) -> Any:
+    """The policy that reproduces the block's router, checked on a probe input.
+
+    The probe tries the built-in candidates, then ``given`` (a policy passed to
+    :func:`route_with_moerouter`): a router none of them reproduces is refused.
+    """
+    extra = _extra_forward_arguments(router)
+    if extra:
+        # HYV3 and MiniMax-M2 pass the block's e_score_correction_bias to the router on every
+        # call; the routed forward receives only the hidden states.
+        raise _unsupported(
+            block,
+            name,
+            f"its router {type(router).__name__}.forward takes {', '.join(map(repr, extra))} "
+            "besides the hidden states (a per-call correction bias held by the block), which "
+            "moerouter does not pass to a policy yet",
+        )
     k = getattr(router, "top_k", getattr(block, "top_k", None))
     if not isinstance(k, int):
         raise _unsupported(block, name, f"its router {type(router).__name__} has no int top_k")
     hidden_size = int(router.weight.shape[1])
-    group_limited = _group_limited(router, num_experts, k)
-    candidates = (
-        [group_limited]
-        if group_limited is not None
-        else _softmax_candidates(router, num_experts, k)
-    )
-    policy = _probe(router, candidates, hidden_size)
+    policy = _probe(router, _candidates(router, num_experts, k), hidden_size)
+    if policy is None and given is not None:
+        policy = _probe(router, [given], hidden_size)
     if policy is None:
         raise _unsupported(
             block,
             name,
-            f"its router {type(router).__name__} is neither a top-k softmax router (with or "
-            "without renormalising) nor DeepSeek-V3's group-limited sigmoid router: moerouter "
-            "could not reproduce its choices on a probe input",
+            f"moerouter could not reproduce the choices of its router {type(router).__name__} "
+            "on a probe input: it is not a softmax or sigmoid top-k router (with or without "
+            "renormalising), a group-limited router (DeepSeek-V3's biased sigmoid, or without "
+            "a bias) or a softmax over the chosen logits scaled by 1/k"
+            + ("; the given policy does not reproduce it either" if given is not None else ""),
         )
     return policy
 
@@ -451,8 +526,10 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
     policy : moerouter policy, callable or None
         None: each block's reproducing policy (outputs equal the original model's within float32
         rounding). A policy (:class:`moerouter.TopK`, :class:`moerouter.ExpertChoice`, ...): used
-        by every block; its ``num_experts`` (plus ``num_null``) must match the router's rows. A
-        callable ``policy(name, reproducing_policy) -> policy``: chooses per block.
+        by every block; its ``num_experts`` (plus ``num_null``) must match the router's rows. It
+        is also checked on the probe of a block whose router no built-in candidate reproduces,
+        and accepted (as that block's reproducing policy) when it reproduces it. A callable
+        ``policy(name, reproducing_policy) -> policy``: chooses per block.
 
     Returns
     -------
@@ -462,8 +539,9 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
     Raises
     ------
     TypeError
-        A block whose router or experts moerouter cannot reproduce (the message names its class),
-        or a model with no MoE block.
+        A block whose router or experts moerouter cannot reproduce (the message names its class;
+        a router whose forward needs more than the hidden states included), or a model with no
+        MoE block.
     ValueError
         A policy whose columns do not match a router's rows.
 
@@ -499,7 +577,8 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
                     name,
                     f"its router has {weight.shape[0]} rows for {num_experts} experts",
                 )
-            default = _reproducing_policy(module, name, router, num_experts)
+            given = policy if _is_policy(policy) else None
+            default = _reproducing_policy(module, name, router, num_experts, given)
             state.blocks[name] = _Block(
                 name, module, router, module.experts, num_experts, default, default, state
             )
@@ -518,10 +597,14 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
     return model
 
 
+def _is_policy(policy: PolicyChoice) -> bool:
+    return policy is not None and hasattr(policy, "num_experts")
+
+
 def _choose(policy: PolicyChoice, block: _Block) -> Any:
     if policy is None:
         chosen = block.default_policy
-    elif hasattr(policy, "num_experts"):
+    elif _is_policy(policy):
         chosen = policy
     elif callable(policy):
         chosen = policy(block.name, block.default_policy)
@@ -718,8 +801,13 @@ def _adamoe_after(
 
 
 @contextlib.contextmanager
-def routing_statistics(model: nn.Module) -> Iterator[RoutingStats]:
+def routing_statistics(
+    model: nn.Module, *, on_routing: Callable[[str, Any, torch.Tensor], None] | None = None
+) -> Iterator[RoutingStats]:
     """Collect :func:`moerouter.stats.summary` of every routed block during the ``with`` body.
+
+    ``on_routing(name, routing, logits)``, when given, also receives each block's routing and
+    router logits as they are made (:func:`moerouter.traces.record_transformers` records them).
 
     Examples
     --------
@@ -729,7 +817,7 @@ def routing_statistics(model: nn.Module) -> Iterator[RoutingStats]:
     2.0
     """
     state = _require_state(model, "routing_statistics")
-    collector = RoutingStats()
+    collector = RoutingStats(on_routing)
     state.stats.append(collector)
     try:
         yield collector
