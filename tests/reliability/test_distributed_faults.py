@@ -185,12 +185,6 @@ def check_core_policy_zero_tokens(rank, world):
     assert y.shape == x.shape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch.multiprocessing.ProcessRaisedException,
-    reason="mr.TopK refuses T = 0 until the core's zero-token fix (issue 14 item 9) is merged; "
-    "then this passes: remove the mark",
-)
 def test_zero_token_rank_with_core_policy():
     run_ranks(check_core_policy_zero_tokens, 2)
 
