@@ -135,7 +135,7 @@ EXPERT_CHOICE = [
     pytest.param(1.0, 1, (2, 16), id="cf1-groups"),
     # C rounded up to a multiple of 4.
     pytest.param(0.5, 4, (2, 16), id="multiple-of-4"),
-    # C > S before the cap: every expert takes every token, non-finite rows as expert -1.
+    # C > S before the cap: every slot filled, so non-finite rows and -inf logits show as expert -1.
     pytest.param(50.0, 1, (2, 10), id="capacity-above-S"),
 ]
 
