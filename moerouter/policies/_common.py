@@ -80,6 +80,73 @@ def capacity(
     return max(multiple_of, -(-raw // multiple_of) * multiple_of)
 
 
+def to_float32(values: Array, *, xp: Any) -> Array:
+    """``values`` as float32, finite values beyond float32's range saturated to its largest.
+
+    A plain cast turns a float64 1e39 into inf, and its row would then route nowhere although
+    every entry is finite. Saturated, the row stays routable and keeps its order, except that
+    entries beyond the range tie at the largest float32 (ties go to the lower index). -inf (a
+    mask), +inf and NaN (non-finite rows) keep their meaning.
+    """
+    largest = float(xp.finfo(xp.float32).max)
+    if float(xp.finfo(values.dtype).max) > largest:
+        saturated = xp.clip(values, min=-largest, max=largest)
+        values = xp.where(xp.isfinite(values), saturated, values)
+    return xp.astype(values, xp.float32)
+
+
+def raise_if_unroutable(logits: Array, finite: Array, *, xp: Any) -> None:
+    """``strict=True``: raise, naming the first offending row and what is wrong with it, when a
+    logits row is non-finite or holds finite values beyond float32's range (concrete values only).
+
+    ``finite`` is :func:`finite_rows` of the float32 logits, (G, S) or (T,).
+    """
+    rows = xp.reshape(logits, (-1, logits.shape[-1]))
+    nonfinite = ~xp.reshape(finite, (-1,))
+    largest = float(xp.finfo(xp.float32).max)
+    beyond = xp.zeros_like(nonfinite)
+    if float(xp.finfo(logits.dtype).max) > largest:
+        beyond = xp.any(xp.isfinite(rows) & (xp.abs(rows) > largest), axis=-1)
+    try:
+        if not bool(xp.any(nonfinite | beyond)):
+            return
+    except Exception:  # traced (jax.jit): nothing concrete to check
+        return
+
+    def first(mask: Array) -> tuple[int, int]:
+        count = int(xp.sum(xp.astype(mask, xp.int32)))
+        index = int(xp.argmax(xp.astype(mask, xp.int32))) if count else -1
+        return count, index
+
+    def name(index: int) -> str:
+        if logits.ndim == 2:
+            return f"row {index}"
+        return f"row ({index // logits.shape[1]}, {index % logits.shape[1]})"
+
+    counts, details = [], []
+    count, index = first(nonfinite)
+    if count:
+        row = rows[index, ...]
+        if bool(xp.any(xp.isnan(row))):
+            cause = "holds NaN"
+        elif bool(xp.any(row == xp.inf)):
+            cause = "holds +inf"
+        else:
+            cause = "is all -inf"
+        counts.append(f"{count} non-finite row(s)")
+        details.append(f"{name(index)} {cause}")
+    count, index = first(beyond)
+    if count:
+        row = rows[index, ...]
+        outside = xp.isfinite(row) & (xp.abs(row) > largest)
+        value = float(row[int(xp.argmax(xp.astype(outside, xp.int32)))])
+        counts.append(
+            f"{count} row(s) with finite values outside float32 range (|x| > {largest:.8g})"
+        )
+        details.append(f"{name(index)} holds {value:.6g}")
+    raise ValueError(f"logits hold {' and '.join(counts)} and strict=True: {'; '.join(details)}")
+
+
 def finite_rows(values: Array, *, xp: Any) -> Array:
     """Rows that can be routed: no NaN, no +inf, and at least one entry above -inf."""
     no_nan_or_inf = xp.all(xp.isfinite(values) | (values == -xp.inf), axis=-1)
@@ -103,7 +170,9 @@ def clean_logits(
     """Validate ``logits`` and bring them to float32 ``(G, S, E')``.
 
     A row is non-finite when it holds a NaN or +inf, or when every entry is -inf. Such a row routes
-    nowhere; ``strict=True`` raises instead, when the values are concrete (not traced).
+    nowhere; ``strict=True`` raises instead, when the values are concrete (not traced). Finite
+    values beyond float32's range are saturated (:func:`to_float32`); ``strict=True`` raises on
+    them too.
     """
     if not is_array_api_obj(logits):
         raise TypeError(f"logits must be an array, got {type(logits).__name__}")
@@ -123,7 +192,7 @@ def clean_logits(
         )
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"logits must be a real floating dtype, got {logits.dtype}")
-    values = xp.astype(logits, xp.float32)
+    values = to_float32(logits, xp=xp)
     if values.ndim == 2:
         values = values[None, ...]
     num_groups, group_size = int(values.shape[0]), int(values.shape[1])
@@ -131,13 +200,7 @@ def clean_logits(
         raise ValueError("logits must hold at least one token")
     finite = finite_rows(values, xp=xp)
     if strict:
-        try:
-            all_finite = bool(xp.all(finite))
-        except Exception:  # traced (jax.jit): nothing concrete to check
-            all_finite = True
-        if not all_finite:
-            bad = int(xp.sum(xp.astype(~finite, xp.int32)))
-            raise ValueError(f"logits hold {bad} non-finite row(s) and strict=True")
+        raise_if_unroutable(logits, finite, xp=xp)
     values = xp.where(finite[..., None], values, xp.zeros_like(values))
     return CleanLogits(values, finite, num_groups, group_size, xp)
 

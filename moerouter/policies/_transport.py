@@ -7,7 +7,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.expert_choice import select_per_expert
-from moerouter.policies._common import CleanLogits, clean_logits
+from moerouter.policies._common import CleanLogits, clean_logits, to_float32
 from moerouter.routing import Routing
 
 Array = Any
@@ -36,7 +36,7 @@ def noisy_logits(
     xp = clean.xp
     if not xp.isdtype(noise.dtype, "real floating"):
         raise TypeError(f"noise must be a real floating dtype, got {noise.dtype}")
-    raw = xp.astype(logits, xp.float32) + xp.astype(noise, xp.float32)
+    raw = to_float32(logits, xp=xp) + xp.astype(noise, xp.float32)
     noisy = clean_logits(raw, num_columns, columns_name="num_experts", strict=strict)
     finite = noisy.finite_rows & clean.finite_rows
     mask = finite[..., None]
