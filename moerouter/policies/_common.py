@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,21 @@ def capacity(
         raw = math.ceil(round(capacity_factor * tokens * per_token / experts, 9))
     raw = max(raw, minimum)
     return max(multiple_of, -(-raw // multiple_of) * multiple_of)
+
+
+def concrete_all(condition: Array, *, xp: Any) -> bool | None:
+    """``bool(xp.all(condition))`` where the values can be read; None while they are traced.
+
+    Traced means inside ``jax.jit`` (reading raises) or ``torch.compile`` (reading would break the
+    graph, so it is not tried): an argument check that always runs must not cost a graph break.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(condition, torch.Tensor) and torch.compiler.is_compiling():
+        return None
+    try:
+        return bool(xp.all(condition))
+    except Exception:  # a JAX tracer: nothing concrete to read
+        return None
 
 
 def to_float32(values: Array, *, xp: Any) -> Array:

@@ -1,6 +1,11 @@
 """Failure model: bad or extreme input is refused by name, or handled as documented, never silently
 turned into a wrong routing.
 
+Kinds of input a hostile (or merely careless) user sends, each with the rule it must meet:
+
+* **A non-finite selection bias** (``DeepSeekTopK``'s expert bias, ``update_expert_bias``'s
+  inputs): a ValueError naming the parameter whenever the values can be read; under ``jax.jit``
+  the documented fallback (a NaN entry excludes its expert).
 * **float64 logits beyond float32's range** (1e39): finite, so the row stays routable (saturated
   to the largest float32, as the policies document) rather than becoming inf and routing nowhere;
   ``strict=True`` says exactly that, not "non-finite".
@@ -20,6 +25,87 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 def _float64(backend: Backend) -> None:
     if backend is Backend.JAX:
         pytest.skip("JAX without x64 casts float64 to float32 in jnp.asarray, before moerouter")
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSeek's expert bias and its update.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        # An all-NaN bias used to route every token nowhere while finite_rows said all fine.
+        pytest.param([np.nan] * 4, id="all-nan"),
+        # One NaN silently removed its expert from every selection.
+        pytest.param([0.0, np.nan, 0.0, 0.0], id="one-nan"),
+        # +inf forces its expert into every top k.
+        pytest.param([0.0, 0.0, np.inf, 0.0], id="plus-inf"),
+        # -inf removes its expert; a mask belongs in the logits, not the balancing bias.
+        pytest.param([-np.inf, 0.0, 0.0, 0.0], id="minus-inf"),
+    ],
+)
+def test_deepseek_non_finite_bias_is_an_error(backend, bad):
+    router = mr.DeepSeekTopK(num_experts=4, k=2)
+    logits = backend.asarray(np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match=r"bias must be finite, got [0-9]+ non-finite entr"):
+        router(logits, backend.asarray(np.asarray(bad, np.float32)))
+
+
+def test_deepseek_bias_beyond_float32_is_not_called_non_finite(backend):
+    # A finite float64 bias of 1e39 saturates like logits do: expert 3 wins every selection.
+    _float64(backend)
+    router = mr.DeepSeekTopK(num_experts=4, k=1)
+    logits = backend.asarray(np.random.default_rng(0).standard_normal((5, 4)))
+    bias = backend.asarray(np.asarray([0.0, 0.0, 0.0, 1e39]))
+    assert to_numpy(router(logits, bias).expert_ids).tolist() == [3] * 5
+
+
+def test_deepseek_nan_bias_under_jit_is_the_documented_fallback():
+    # Traced values cannot be checked; the docstring says what happens instead.
+    jax = pytest.importorskip("jax")
+    router = mr.DeepSeekTopK(num_experts=4, k=2)
+    logits = jax.numpy.asarray(np.random.default_rng(1).standard_normal((6, 4)), np.float32)
+    route = jax.jit(lambda logits, bias: router(logits, bias).expert_ids)
+    one_nan = np.asarray([np.nan, 0.0, 0.0, 0.0], np.float32)
+    experts = np.asarray(route(logits, jax.numpy.asarray(one_nan)))
+    assert np.all((experts != 0) & (experts >= 0))  # expert 0 excluded, the others still routed
+    all_nan = np.full(4, np.nan, np.float32)
+    assert np.all(np.asarray(route(logits, jax.numpy.asarray(all_nan))) == -1)
+
+
+@pytest.mark.parametrize(
+    ("bias", "counts", "error", "match"),
+    [
+        # A NaN bias would stay NaN for ever.
+        pytest.param([np.nan, 0.0], [1, 2], ValueError, "bias must be finite", id="nan-bias"),
+        # A NaN count turns the whole bias row NaN through the mean.
+        pytest.param(
+            [0.0, 0.0],
+            [np.nan, 1.0],
+            ValueError,
+            "tokens_per_expert must be finite",
+            id="nan-count",
+        ),
+        # A count is never negative: a sign error upstream, caught here.
+        pytest.param(
+            [0.0, 0.0],
+            [-1.0, 1.0],
+            ValueError,
+            "tokens_per_expert must be .* >= 0",
+            id="negative-count",
+        ),
+        # Booleans are not counts.
+        pytest.param(
+            [0.0, 0.0], [True, False], TypeError, "tokens_per_expert must be", id="bool-count"
+        ),
+    ],
+)
+def test_update_expert_bias_inputs(backend, bias, counts, error, match):
+    with pytest.raises(error, match=match):
+        mr.update_expert_bias(
+            backend.asarray(np.asarray(bias, np.float32)), backend.asarray(np.asarray(counts)), 0.1
+        )
 
 
 # --------------------------------------------------------------------------------------------
