@@ -39,7 +39,7 @@ from moerouter._numerics import (
     namespace,
     sigmoid,
 )
-from moerouter.policies._common import check_positive_int
+from moerouter.policies._common import check_int, check_positive_int
 
 __all__ = [
     "expert_collapse",
@@ -642,9 +642,7 @@ def _categories(task_category: Any) -> list[int]:
             raise TypeError("task_category must be a sequence of ints or an int array")
         categories = []
         for value in task_category:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"task_category must hold ints, got {type(value).__name__}")
-            categories.append(value)
+            categories.append(check_int(value, "task_category"))
     if not categories:
         raise ValueError("task_category must name at least one task")
     if min(categories) < 0:

@@ -216,9 +216,10 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
     """
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    if not isinstance(pad_to_capacity, bool):
-        raise TypeError(f"pad_to_capacity must be a bool, got {type(pad_to_capacity).__name__}")
-    if pad_to_capacity:
+    # Imported here: the policies import this module.
+    from moerouter.policies._common import check_bool
+
+    if check_bool(pad_to_capacity, "pad_to_capacity"):
         return _padded_plan(routing)
     kernel = _registry.kernel_for("make_plan", routing.expert_ids)
     if kernel is not None:

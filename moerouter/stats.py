@@ -12,6 +12,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount
+from moerouter.policies._common import check_int
 from moerouter.routing import Routing
 
 __all__ = ["co_occurrence", "processed_by_at_least", "summary"]
@@ -239,8 +240,7 @@ def processed_by_at_least(
             raise TypeError(f"thresholds must be a sequence of int, got {thresholds!r}")
         chosen = []
         for t in thresholds:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"thresholds must hold ints, got {t!r}")
+            t = check_int(t, "thresholds")
             if not 0 <= t <= fan_in:
                 raise ValueError(f"thresholds must lie in [0, {fan_in}] (fan_in), got {t}")
             chosen.append(t)

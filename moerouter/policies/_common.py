@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+import operator
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter import _registry
@@ -15,16 +19,33 @@ from moerouter._agnostic.select import position_in_bucket
 Array = Any
 
 
+def check_bool(value: object, name: str) -> bool:
+    """A flag: ``True`` or ``False`` (NumPy's bool too), never a truthy string or number."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_int(value: object, name: str) -> int:
+    """Any integer ``operator.index`` takes (``numpy.int64``, a 0-d integer array), not a bool;
+    returned as a Python int so that sizes computed from it are exact."""
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
 def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    number = check_int(value, name)
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
 
 
 def check_positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -34,9 +55,27 @@ def check_positive_float(value: object, name: str) -> float:
 def check_capacity_factor(value: object, name: str = "capacity_factor") -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
     return check_positive_float(value, name)
+
+
+def check_fields(policy: Any) -> None:
+    """Check every ``bool`` and ``int`` field of a policy dataclass, as its annotations say.
+
+    Called first by every policy's ``__post_init__`` (range checks follow there): a flag must be
+    a bool (``strict="no"`` would otherwise be true), an integer goes through :func:`check_int`
+    and is stored as a Python int. ``int | None`` fields may be None.
+    """
+    for field in dataclasses.fields(policy):
+        if not field.init:  # derived in __post_init__, possibly not set yet
+            continue
+        value = getattr(policy, field.name)
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        if kind == "bool":
+            object.__setattr__(policy, field.name, check_bool(value, field.name))
+        elif kind == "int" or (kind == "int | None" and value is not None):
+            object.__setattr__(policy, field.name, check_int(value, field.name))
 
 
 def check_k(value: object, num_columns: int, columns_name: str = "num_experts") -> int:

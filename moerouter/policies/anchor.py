@@ -27,7 +27,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import check_positive_int, to_float32
+from moerouter.policies._common import check_fields, check_positive_int, to_float32
 from moerouter.routing import Routing
 
 __all__ = ["AnchorRouting", "anchor_mean_logits", "anchor_router_input"]
@@ -201,6 +201,7 @@ class AnchorRouting:
     num_anchors: int
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not callable(self.policy):
             raise TypeError(f"policy must be a moerouter policy, got {type(self.policy).__name__}")
         check_positive_int(self.num_anchors, "num_anchors")

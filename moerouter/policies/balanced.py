@@ -8,7 +8,12 @@ from typing import Any
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._numerics import sigmoid
-from moerouter.policies._common import check_positive_float, check_positive_int, clean_logits
+from moerouter.policies._common import (
+    check_fields,
+    check_positive_float,
+    check_positive_int,
+    clean_logits,
+)
 from moerouter.policies._token_choice import softmax, token_choice_routing
 from moerouter.routing import Routing
 
@@ -90,6 +95,7 @@ class BalancedAssignment:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_float(self.epsilon, "epsilon")
         check_positive_int(self.num_iters, "num_iters")

@@ -15,6 +15,7 @@ from moerouter.policies._common import (
     CAPACITY_ROUNDINGS,
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_k,
     check_positive_float,
     check_positive_int,
@@ -132,6 +133,7 @@ class DeepSeekTopK:
     capacity_rounding: Literal["exact", "megatron"] = "exact"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.num_groups, "num_groups")
         if self.num_experts % self.num_groups:

@@ -9,6 +9,7 @@ from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
+    check_fields,
     check_positive_int,
     clean_logits,
 )
@@ -74,6 +75,7 @@ class ExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")

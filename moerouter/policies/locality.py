@@ -41,6 +41,7 @@ from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_positive_int,
     clean_logits,
     drop_over_capacity,
@@ -139,6 +140,7 @@ class LocalityTopK:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.k, "k")
         check_positive_int(self.num_nodes, "num_nodes")
@@ -392,6 +394,7 @@ class AffinityRouting:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")

@@ -17,6 +17,7 @@ from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_positive_float,
     check_positive_int,
     clean_logits,
@@ -93,8 +94,6 @@ def _check_common(policy: Any) -> None:
     check_positive_int(policy.num_experts, "num_experts")
     check_positive_float(policy.epsilon, "epsilon")
     check_positive_int(policy.num_iters, "num_iters")
-    if not isinstance(policy.noisy_combine, bool):
-        raise TypeError(f"noisy_combine must be a bool, got {type(policy.noisy_combine).__name__}")
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="optional")
@@ -177,6 +176,7 @@ class SinkhornTokenChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check_common(self)
         check_positive_int(self.k, "k")
         if self.k > self.num_experts:
@@ -274,6 +274,7 @@ class SinkhornExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check_common(self)
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")

@@ -1,7 +1,7 @@
 """Failure model: bad or extreme input is refused by name, or handled as documented, never silently
 turned into a wrong routing.
 
-Kinds of input a hostile (or merely careless) user sends, each with the rule it must meet:
+Three kinds of input a hostile (or merely careless) user sends, each with the rule it must meet:
 
 * **A non-finite selection bias** (``DeepSeekTopK``'s expert bias, ``update_expert_bias``'s
   inputs): a ValueError naming the parameter whenever the values can be read; under ``jax.jit``
@@ -9,9 +9,14 @@ Kinds of input a hostile (or merely careless) user sends, each with the rule it 
 * **float64 logits beyond float32's range** (1e39): finite, so the row stays routable (saturated
   to the largest float32, as the policies document) rather than becoming inf and routing nowhere;
   ``strict=True`` says exactly that, not "non-finite".
+* **Hyper-parameters of the wrong type**: a flag must be a bool (``strict="no"`` is truthy) and a
+  count any integer ``operator.index`` takes (``numpy.int64`` from a config or a shape), never a
+  bool; every public policy's fields are checked, from their annotations.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -184,3 +189,142 @@ def test_strict_names_the_row_and_the_cause(backend, row, cause):
         ValueError, match=f"1 non-finite row\\(s\\) and strict=True: row \\(1, 2\\) {cause}"
     ):
         mr.TopK(num_experts=3, k=1, strict=True)(backend.asarray(logits))
+
+
+# --------------------------------------------------------------------------------------------
+# Flags and counts of every public policy.
+# --------------------------------------------------------------------------------------------
+
+POLICY_ARGS = {
+    "AffinityRouting": {"num_experts": 4, "capacity_factor": 1.0},
+    "AnchorRouting": {"policy": mr.TopK(4, 1), "num_anchors": 2},
+    "BalancedAssignment": {"num_experts": 4},
+    "DeepSeekTopK": {"num_experts": 4, "k": 2, "num_groups": 2, "topk_groups": 1},
+    "ExpertChoice": {"num_experts": 4},
+    "FrozenRandomRouter": {"d_model": 8, "num_experts": 4, "seed": 0},
+    "GShardTop2": {"num_experts": 4},
+    "HashRouter": {"num_experts": 4},
+    "LocalityTopK": {"num_experts": 4, "k": 1, "num_nodes": 2},
+    "NullExperts": {"num_experts": 4, "num_null": 2, "k": 2},
+    "SinkhornExpertChoice": {"num_experts": 4},
+    "SinkhornTokenChoice": {"num_experts": 4},
+    "SoftMoE": {"num_experts": 4},
+    "SparsityConstrainedExpertChoice": {"num_experts": 4},
+    "TopK": {"num_experts": 4, "k": 2},
+}
+
+
+def _fields(kind: str) -> list:
+    """(policy name, field name) for every init field annotated ``kind``."""
+    found = []
+    for name in POLICY_ARGS:
+        for field in dataclasses.fields(getattr(mr.policies, name)):
+            if field.init and field.type == kind:
+                found.append(pytest.param(name, field.name, id=f"{name}.{field.name}"))
+    return found
+
+
+def test_every_policy_is_listed():
+    public = {n for n in mr.policies.__all__ if isinstance(getattr(mr.policies, n), type)}
+    assert public == set(POLICY_ARGS)
+
+
+def test_the_field_lists_are_not_empty():
+    # Guards the introspection below against an annotation style it does not read.
+    assert len(_fields("bool")) >= 15 and len(_fields("int")) >= 25
+
+
+def _value(name: str, field: str) -> object:
+    default = getattr(mr.policies, name).__dataclass_fields__[field].default
+    return POLICY_ARGS[name].get(field, default)
+
+
+@pytest.mark.parametrize(("name", "field"), _fields("bool"))
+@pytest.mark.parametrize("bad", ["no", 1, None], ids=["str", "int", "none"])
+def test_flags_must_be_bools(name, field, bad):
+    # strict="no" used to turn strict on; normalize="no" normalised.
+    with pytest.raises(TypeError, match=f"{field} must be a bool, got {type(bad).__name__}"):
+        getattr(mr.policies, name)(**{**POLICY_ARGS[name], field: bad})
+
+
+@pytest.mark.parametrize(("name", "field"), _fields("bool"))
+def test_numpy_bools_are_flags(name, field):
+    value = bool(_value(name, field))
+    policy = getattr(mr.policies, name)(**{**POLICY_ARGS[name], field: np.bool_(value)})
+    assert type(getattr(policy, field)) is bool and getattr(policy, field) is value
+
+
+@pytest.mark.parametrize(("name", "field"), _fields("int") + _fields("int | None"))
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint8, np.asarray], ids=str)
+def test_counts_take_any_integer(name, field, integer):
+    # "k must be an int, got int64": NumPy integers (and 0-d integer arrays) are integers.
+    value = _value(name, field)
+    if value is None:
+        value = 1
+    cls = getattr(mr.policies, name)
+    policy = cls(**{**POLICY_ARGS[name], field: integer(value)})
+    assert type(getattr(policy, field)) is int  # stored exact: sizes computed from it stay int
+    plain = cls(**{**POLICY_ARGS[name], field: value})
+    for other in dataclasses.fields(cls):
+        if other.init:  # derived fields may hold arrays, which do not compare to one bool
+            assert getattr(policy, other.name) == getattr(plain, other.name)
+
+
+@pytest.mark.parametrize(("name", "field"), _fields("int"))
+@pytest.mark.parametrize("bad", [True, 2.0, "2"], ids=["bool", "float", "str"])
+def test_counts_refuse_non_integers(name, field, bad):
+    shown = "bool" if bad is True else type(bad).__name__
+    with pytest.raises(TypeError, match=f"{field} must be an int, got {shown}"):
+        getattr(mr.policies, name)(**{**POLICY_ARGS[name], field: bad})
+
+
+def test_call_time_k_takes_any_integer(backend):
+    logits = backend.asarray(np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32))
+    for router in (mr.TopK(4, 2), mr.NullExperts(2, 2, 2), mr.DeepSeekTopK(4, 2)):
+        expected = to_numpy(router(logits, k=1).expert_ids)
+        np.testing.assert_array_equal(to_numpy(router(logits, k=np.int64(1)).expert_ids), expected)
+        with pytest.raises(TypeError, match="k must be an int, got bool"):
+            router(logits, k=True)
+
+
+def test_capacity_factor_takes_numpy_numbers():
+    # float32 and int64 are real numbers too (numbers.Real).
+    assert mr.TopK(4, 1, capacity_factor=np.float32(1.5)).capacity_factor == 1.5
+    assert mr.ExpertChoice(4, capacity_factor=np.int64(2)).capacity(8) == 4
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        # Each of these had its own isinstance(int) check before the shared one.
+        pytest.param(lambda i: mr.random_hash_table(i(6), i(3), seed=i(0), k=i(2)), id="hash"),
+        pytest.param(
+            lambda i: mr.k_schedule(
+                i(5),
+                mode="multi_step_increase",
+                k_min=i(1),
+                k_max=i(4),
+                total_steps=i(10),
+                milestones=(i(1), i(2), i(4)),
+            ),
+            id="k-schedule",
+        ),
+        pytest.param(
+            lambda i: to_numpy(
+                mr.stats.processed_by_at_least(
+                    mr.TopK(4, 2)(np.zeros((3, 4), np.float32)), thresholds=[i(0), i(2)]
+                )
+            ),
+            id="stats-thresholds",
+        ),
+    ],
+)
+def test_functions_take_any_integer(call):
+    np.testing.assert_array_equal(np.asarray(call(np.int64)), np.asarray(call(int)))
+
+
+def test_make_plan_flag_must_be_a_bool():
+    routing = mr.TopK(4, 1, capacity_factor=1.0)(np.zeros((4, 4), np.float32))
+    with pytest.raises(TypeError, match="pad_to_capacity must be a bool, got str"):
+        mr.make_plan(routing, pad_to_capacity="no")
+    assert mr.make_plan(routing, pad_to_capacity=np.True_).capacity == 1
