@@ -32,7 +32,7 @@ def check_int(value: object, name: str) -> int:
     if isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be an int, got bool")
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        return operator.index(value)  # type: ignore[arg-type]  # its TypeError is the check
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 
