@@ -641,8 +641,8 @@ def _categories(task_category: Any) -> list[int]:
         if isinstance(task_category, str | bytes) or not sequence:
             raise TypeError("task_category must be a sequence of ints or an int array")
         categories = []
-        for value in task_category:
-            categories.append(check_int(value, "task_category"))
+        for position, value in enumerate(task_category):
+            categories.append(check_int(value, f"task_category[{position}]"))
     if not categories:
         raise ValueError("task_category must name at least one task")
     if min(categories) < 0:

@@ -239,8 +239,8 @@ def processed_by_at_least(
         if isinstance(thresholds, str) or not isinstance(thresholds, Sequence):
             raise TypeError(f"thresholds must be a sequence of int, got {thresholds!r}")
         chosen = []
-        for t in thresholds:
-            t = check_int(t, "thresholds")
+        for position, value in enumerate(thresholds):
+            t = check_int(value, f"thresholds[{position}]")
             if not 0 <= t <= fan_in:
                 raise ValueError(f"thresholds must lie in [0, {fan_in}] (fan_in), got {t}")
             chosen.append(t)

@@ -196,7 +196,7 @@ def k_schedule(
     elif mode == "exp_decrease":
         k = round(spread * 0.99 ** (step // (total_steps // 300))) + k_min
     else:
-        steps = [check_int(m, "milestones") for m in milestones]
+        steps = [check_int(m, f"milestones[{i}]") for i, m in enumerate(milestones)]
         if not steps or min(steps) < 1:
             raise ValueError(f"milestones must be positive ints, got {milestones!r}")
         values = steps if mode == "multi_step_increase" else steps[::-1]
