@@ -37,7 +37,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import device_of, host_copy
-from moerouter.policies._common import check_choice, check_positive_int
+from moerouter.policies._common import check_choice, check_int, check_positive_int
 from moerouter.routing import Routing
 
 __all__ = [
@@ -438,8 +438,7 @@ def align_experts(
     for name, axis in neuron_axis.items():
         if name not in checked:
             raise ValueError(f"neuron_axis names {name!r}, which is not in weights")
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"neuron_axis[{name!r}] must be an int")
+        axis = check_int(axis, f"neuron_axis[{name!r}]")
         if not -(checked[name].ndim - 1) <= axis < checked[name].ndim - 1:
             raise ValueError(f"neuron_axis[{name!r}] = {axis} is out of range")
     xp = array_namespace(*checked.values()) if xp is None else xp

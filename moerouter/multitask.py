@@ -40,7 +40,7 @@ from moerouter._numerics import (
     namespace,
     sigmoid,
 )
-from moerouter.policies._common import check_positive_int
+from moerouter.policies._common import check_int, check_positive_int
 
 __all__ = [
     "expert_collapse",
@@ -640,10 +640,8 @@ def _categories(task_category: Any) -> list[int]:
         if isinstance(task_category, str | bytes) or not sequence:
             raise TypeError("task_category must be a sequence of ints or an int array")
         categories = []
-        for value in task_category:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"task_category must hold ints, got {type(value).__name__}")
-            categories.append(value)
+        for position, value in enumerate(task_category):
+            categories.append(check_int(value, f"task_category[{position}]"))
     if not categories:
         raise ValueError("task_category must name at least one task")
     if min(categories) < 0:

@@ -217,8 +217,10 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
     """
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    if not isinstance(pad_to_capacity, bool):
-        raise TypeError(f"pad_to_capacity must be a bool, got {type(pad_to_capacity).__name__}")
+    # Imported here: the policies import this module.
+    from moerouter.policies._common import check_bool
+
+    pad_to_capacity = check_bool(pad_to_capacity, "pad_to_capacity")
     _check_plan_bounds(routing)
     if pad_to_capacity:
         return _padded_plan(routing)

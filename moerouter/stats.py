@@ -18,6 +18,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 from moerouter._agnostic.select import bincount
 from moerouter._arrays import check_index_bound, device_of
 from moerouter.losses import _mask_shapes
+from moerouter.policies._common import check_int
 from moerouter.routing import Routing
 
 __all__ = ["co_occurrence", "processed_by_at_least", "summary"]
@@ -248,9 +249,8 @@ def processed_by_at_least(
         if isinstance(thresholds, str) or not isinstance(thresholds, Sequence):
             raise TypeError(f"thresholds must be a sequence of int, got {thresholds!r}")
         chosen = []
-        for t in thresholds:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise TypeError(f"thresholds must hold ints, got {t!r}")
+        for position, value in enumerate(thresholds):
+            t = check_int(value, f"thresholds[{position}]")
             if not 0 <= t <= fan_in:
                 raise ValueError(f"thresholds must lie in [0, {fan_in}] (fan_in), got {t}")
             chosen.append(t)

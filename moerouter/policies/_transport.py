@@ -1,4 +1,4 @@
-"""What the transport-based policies share: argument checks, noisy logits, the expert layout."""
+"""What the expert-layout and transport-based policies share: noisy logits, the expert layout."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-from moerouter.policies._common import CleanLogits, clean_logits
+from moerouter._agnostic.expert_choice import select_per_expert
+from moerouter.policies._common import CleanLogits, clean_logits, to_float32
 from moerouter.routing import Routing
 
 Array = Any
@@ -35,7 +36,7 @@ def noisy_logits(
     xp = clean.xp
     if not xp.isdtype(noise.dtype, "real floating"):
         raise TypeError(f"noise must be a real floating dtype, got {noise.dtype}")
-    raw = xp.astype(logits, xp.float32) + xp.astype(noise, xp.float32)
+    raw = to_float32(logits, xp=xp) + xp.astype(noise, xp.float32)
     noisy = clean_logits(raw, num_columns, columns_name="num_experts", strict=strict)
     finite = noisy.finite_rows & clean.finite_rows
     mask = finite[..., None]
@@ -52,41 +53,30 @@ def expert_layout_routing(
 ) -> Routing:
     """Every expert takes the ``per_expert`` tokens with the largest ``ranking`` in its column.
 
-    ``ranking`` and ``probs`` are (G, S, E); ties go to the lower token index. Pairs that cannot be
-    routed (a non-finite row, or a -inf logit) rank last and, if still taken, get expert -1 and
-    weight 0. The combine weight of a taken pair is its ``probs`` entry. Returns an "expert" layout
-    Routing (R = G * E * C).
+    ``ranking`` and ``probs`` are (G, S, E); the selection is
+    :func:`moerouter._agnostic.expert_choice.select_per_expert`: ties go to the lower token index,
+    and a pair that cannot be routed (a non-finite row, or a -inf logit) is never given an expert
+    (it only fills slots left over, as expert -1 with weight 0). The combine weight of a taken
+    pair is its ``probs`` entry. Returns an "expert" layout Routing (R = G * E * C).
     """
-    xp, device = clean.xp, clean.device
-    num_groups, group_size = clean.num_groups, clean.group_size
+    xp = clean.xp
     finite = clean.finite_rows[..., None]
     probs = xp.where(finite, probs, xp.zeros_like(probs))
     routable = finite & (clean.values > -xp.inf)
-    ranking = xp.where(routable, ranking, xp.full_like(ranking, -xp.inf))
-    best = xp.argsort(-ranking, axis=1, stable=True)[:, :per_expert, :]  # (G, C, E)
-    weights = xp.take_along_axis(probs, best, axis=1)
-    taken_finite = xp.take_along_axis(routable, best, axis=1)
-    experts = xp.broadcast_to(
-        xp.arange(num_experts, dtype=xp.int32, device=device)[None, None, :], best.shape
+    token_ids, expert_ids, weights, choice_ids = select_per_expert(
+        ranking, probs, routable, per_expert=per_expert, xp=xp, device=clean.device
     )
-    expert_ids = xp.where(taken_finite, experts, xp.asarray(-1, dtype=xp.int32, device=device))
-    weights = xp.where(taken_finite, weights, xp.zeros_like(weights))
-    group_start = xp.arange(num_groups, dtype=xp.int32, device=device)[:, None, None] * group_size
-
-    def expert_major(a: Array) -> Array:
-        return xp.reshape(xp.permute_dims(a, (0, 2, 1)), (-1,))  # (G, C, E) -> (G*E*C,)
-
-    num_tokens = num_groups * group_size
+    num_tokens = clean.num_groups * clean.group_size
     return Routing(
-        token_ids=expert_major(xp.astype(best, xp.int32) + group_start),
-        expert_ids=expert_major(expert_ids),
-        weights=expert_major(weights),
-        choice_ids=expert_major(experts),
+        token_ids=token_ids,
+        expert_ids=expert_ids,
+        weights=weights,
+        choice_ids=choice_ids,
         probs=xp.reshape(probs, (num_tokens, num_experts)),
         finite_rows=xp.reshape(clean.finite_rows, (-1,)),
         num_tokens=num_tokens,
         num_experts=num_experts,
         layout="expert",
         slots=per_expert,
-        num_groups=num_groups,
+        num_groups=clean.num_groups,
     )

@@ -28,7 +28,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import check_positive_int
+from moerouter.policies._common import check_fields, check_positive_int, to_float32
 from moerouter.routing import Routing
 
 __all__ = ["AnchorRouting", "anchor_mean_logits", "anchor_router_input"]
@@ -154,7 +154,7 @@ def anchor_mean_logits(
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"logits must be a real floating dtype, got {logits.dtype}")
     shape = logits.shape
-    values = xp.reshape(xp.astype(logits, xp.float32), (-1, shape[-1]))
+    values = xp.reshape(to_float32(logits, xp=xp), (-1, shape[-1]))
     ids = _check_anchor_ids(anchor_ids, values.shape[0], xp=xp)
     finite = xp.all(xp.isfinite(values), axis=-1)
     # One-hot membership (T, A): a matmul sums each anchor's rows in a fixed order, without
@@ -203,6 +203,7 @@ class AnchorRouting:
     num_anchors: int
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not callable(self.policy):
             raise TypeError(f"policy must be a moerouter policy, got {type(self.policy).__name__}")
         check_positive_int(self.num_anchors, "num_anchors")

@@ -9,6 +9,7 @@ from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
+    check_fields,
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
@@ -95,6 +96,7 @@ class BalancedAssignment:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_float(self.epsilon, "epsilon")
         check_positive_int(self.num_iters, "num_iters")

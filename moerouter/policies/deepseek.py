@@ -15,11 +15,14 @@ from moerouter.policies._common import (
     CAPACITY_ROUNDINGS,
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_k,
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
     clean_logits,
+    concrete_all,
+    to_float32,
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
@@ -131,6 +134,7 @@ class DeepSeekTopK:
     capacity_rounding: Literal["exact", "megatron"] = "exact"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.num_groups, "num_groups")
         if self.num_experts % self.num_groups:
@@ -171,6 +175,10 @@ class DeepSeekTopK:
         """Route ``logits`` (T, E) or (G, S, E) with an optional selection bias (E,).
 
         ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
+        A non-finite ``bias`` raises a ValueError when its values can be read (one device sync on
+        an accelerator). Under ``jax.jit`` or ``torch.compile`` it is not checked: a NaN or -inf
+        entry then keeps that expert out of every selection (an all-NaN bias routes nothing),
+        and a +inf entry puts it in every token's top k.
         """
         if k is None:
             k = self.k
@@ -236,7 +244,14 @@ class DeepSeekTopK:
             )
         if not xp.isdtype(bias.dtype, "real floating"):
             raise TypeError(f"bias must be a real floating dtype, got {bias.dtype}")
-        return xp.astype(bias, xp.float32)
+        bias = to_float32(bias, xp=xp)
+        # NaN would silently keep its expert out of every selection while finite_rows says fine.
+        if concrete_all(xp.isfinite(bias), xp=xp) is False:
+            bad = int(xp.sum(xp.astype(~xp.isfinite(bias), xp.int32)))
+            raise ValueError(
+                f"bias must be finite, got {bad} non-finite entr{'y' if bad == 1 else 'ies'}"
+            )
+        return bias
 
     def _check_group_k(self, k: int) -> int:
         limited = self.topk_groups is not None and self.topk_groups < self.num_groups
@@ -289,8 +304,8 @@ def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Ar
     bias : array (..., E), real floating
         Current bias, e.g. ``(E,)`` or one row per layer ``(L, E)``.
     tokens_per_expert : array (..., E)
-        Assignments each expert received (integer or float), same backend, broadcastable to
-        ``bias``; e.g. ``mr.stats.summary(routing)["tokens_per_expert"]``.
+        Assignments each expert received (integer or float, finite and >= 0), same backend,
+        broadcastable to ``bias``; e.g. ``mr.stats.summary(routing)["tokens_per_expert"]``.
     rate : float
         ``gamma`` >= 0.
 
@@ -298,6 +313,12 @@ def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Ar
     -------
     array
         The new bias, dtype and shape of ``bias``.
+
+    Raises
+    ------
+    ValueError
+        A non-finite ``bias``, or a non-finite or negative count, when the values can be read
+        (not under ``jax.jit`` or ``torch.compile``, where they propagate into the bias).
 
     Examples
     --------
@@ -326,6 +347,19 @@ def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Ar
         raise TypeError(f"rate must be a number, got {type(rate).__name__}")
     if not math.isfinite(rate) or rate < 0:
         raise ValueError(f"rate must be a finite number >= 0, got {rate}")
+    if tokens_per_expert.dtype == xp.bool or not xp.isdtype(
+        tokens_per_expert.dtype, ("integral", "real floating")
+    ):
+        raise TypeError(
+            f"tokens_per_expert must be an integer or real floating array, "
+            f"got {tokens_per_expert.dtype}"
+        )
+    # One read of both (a device sync, skipped when traced); the parameter at fault is then named.
+    counts_ok = xp.isfinite(tokens_per_expert) & (tokens_per_expert >= 0)
+    if concrete_all(xp.all(xp.isfinite(bias)) & xp.all(counts_ok), xp=xp) is False:
+        if not bool(xp.all(xp.isfinite(bias))):
+            raise ValueError("bias must be finite")
+        raise ValueError("tokens_per_expert must be finite and >= 0")
     load = xp.astype(tokens_per_expert, bias.dtype)
     offset = xp.mean(load, axis=-1, keepdims=True) - load
     return bias + rate * xp.sign(offset)

@@ -10,10 +10,12 @@ from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
     check_expert_layout_bounds,
+    check_fields,
     check_positive_int,
     clean_logits,
 )
 from moerouter.policies._token_choice import softmax
+from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["ExpertChoice"]
@@ -39,8 +41,9 @@ class ExpertChoice:
     causal: do not use it in an autoregressive decoder.
 
     The routing has the "expert" layout: ``R = G * E * C`` assignments, reshaping to (G, E, C),
-    slot ``c`` of expert ``e`` holding its ``c``-th best token. Tokens with non-finite logits rank
-    last and, if still taken, get expert -1 and weight 0.
+    slot ``c`` of expert ``e`` holding its ``c``-th best token. A token is never routed to an expert
+    whose logit is -inf, nor anywhere when its row is non-finite: such pairs rank last and, when an
+    expert has fewer than ``C`` other tokens, fill its remaining slots as expert -1 with weight 0.
 
     ``capacity_factor`` can be changed per call (``router(logits, capacity_factor=1.0)``), as in
     :class:`TopK`, e.g. a lower capacity at inference; the constructor's value is the default.
@@ -73,6 +76,7 @@ class ExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")
@@ -104,39 +108,9 @@ class ExpertChoice:
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )
-        xp, device = clean.xp, clean.device
-        num_groups, group_size = clean.num_groups, clean.group_size
-        per_expert = self.capacity(group_size, capacity_factor)
-        finite = clean.finite_rows[..., None]
-        probs = xp.where(finite, softmax(clean.values, xp=xp), xp.zeros_like(clean.values))
-        # Non-finite rows rank below every real probability (which is >= 0).
-        ranking = xp.where(finite, probs, xp.full_like(probs, -1.0))
-        best = xp.argsort(-ranking, axis=1, stable=True)[:, :per_expert, :]  # (G, C, E)
-        weights = xp.take_along_axis(probs, best, axis=1)
-        taken_finite = xp.take_along_axis(xp.broadcast_to(finite, probs.shape), best, axis=1)
-        experts = xp.broadcast_to(
-            xp.arange(self.num_experts, dtype=xp.int32, device=device)[None, None, :], best.shape
-        )
-        expert_ids = xp.where(taken_finite, experts, xp.asarray(-1, dtype=xp.int32, device=device))
-        weights = xp.where(taken_finite, weights, xp.zeros_like(weights))
-        group_start = (
-            xp.arange(num_groups, dtype=xp.int32, device=device)[:, None, None] * group_size
-        )
-
-        def expert_major(a: Array) -> Array:
-            return xp.reshape(xp.permute_dims(a, (0, 2, 1)), (-1,))  # (G, C, E) -> (G*E*C,)
-
-        num_tokens = num_groups * group_size
-        return Routing(
-            token_ids=expert_major(xp.astype(best, xp.int32) + group_start),
-            expert_ids=expert_major(expert_ids),
-            weights=expert_major(weights),
-            choice_ids=expert_major(experts),
-            probs=xp.reshape(probs, (num_tokens, self.num_experts)),
-            finite_rows=xp.reshape(clean.finite_rows, (-1,)),
-            num_tokens=num_tokens,
-            num_experts=self.num_experts,
-            layout="expert",
-            slots=per_expert,
-            num_groups=num_groups,
+        xp = clean.xp
+        per_expert = self.capacity(clean.group_size, capacity_factor)
+        probs = softmax(clean.values, xp=xp)
+        return expert_layout_routing(
+            clean, probs, probs, per_expert=per_expert, num_experts=self.num_experts
         )

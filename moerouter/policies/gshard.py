@@ -11,6 +11,7 @@ from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
@@ -93,6 +94,7 @@ class GShardTop2:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts", minimum=2)
         check_choice(self.second_expert_policy, "second_expert_policy", ("random", "all"))
         threshold = self.second_expert_threshold

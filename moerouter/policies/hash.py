@@ -13,7 +13,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 from moerouter import _registry
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import check_positive_int
+from moerouter.policies._common import check_fields, check_int, check_positive_int
 from moerouter.routing import Routing
 
 __all__ = ["HashRouter", "balanced_hash_table", "random_hash_table"]
@@ -65,6 +65,7 @@ class HashRouter:
     _table: npt.NDArray[np.int32] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         if self.table is None:
             return
@@ -168,9 +169,7 @@ def random_hash_table(
     check_positive_int(k, "k")
     if k > num_experts:
         raise ValueError(f"k must be <= num_experts = {num_experts}, got {k}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_int(seed, "seed"))
     table = np.argsort(rng.random((vocab_size, num_experts)), axis=1)[:, :k].astype(np.int32)
     return table[:, 0] if k == 1 else table
 

@@ -42,6 +42,7 @@ from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_positive_int,
     check_token_layout_bounds,
     clean_logits,
@@ -141,6 +142,7 @@ class LocalityTopK:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.k, "k")
         check_positive_int(self.num_nodes, "num_nodes")
@@ -402,6 +404,7 @@ class AffinityRouting:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")

@@ -16,6 +16,7 @@ from typing import Any
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._numerics import softplus
+from moerouter.policies._common import to_float32
 
 __all__ = ["gaussian_noise", "multiplicative_jitter", "noisy_top_k_std", "vmoe_logit_noise"]
 
@@ -87,7 +88,7 @@ def gaussian_noise(logits: Array, normal: Array, std: Array | float) -> Array:
         xp = _namespace(("logits", logits), ("normal", normal), ("std", std))
         scale = xp.astype(std, xp.float32)
     _same_shape("normal", normal, logits, "logits")
-    return xp.astype(logits, xp.float32) + xp.astype(normal, xp.float32) * scale
+    return to_float32(logits, xp=xp) + xp.astype(normal, xp.float32) * scale
 
 
 def vmoe_logit_noise(logits: Array, normal: Array, *, noise_std: float = 1.0) -> Array:
@@ -200,4 +201,4 @@ def multiplicative_jitter(values: Array, uniform: Array, *, epsilon: float = 1e-
     xp = _namespace(("values", values), ("uniform", uniform))
     _same_shape("uniform", uniform, values, "values")
     scale = (1.0 - epsilon) + (2.0 * epsilon) * xp.astype(uniform, xp.float32)
-    return xp.astype(values, xp.float32) * scale
+    return to_float32(values, xp=xp) * scale

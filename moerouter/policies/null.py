@@ -9,6 +9,7 @@ from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_k,
     check_positive_int,
     check_token_layout_bounds,
@@ -85,6 +86,7 @@ class NullExperts:
     min_capacity: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.num_null, "num_null", minimum=0)
         check_k(self.k, self.num_experts + self.num_null, "num_experts + num_null")

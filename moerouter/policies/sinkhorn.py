@@ -18,6 +18,7 @@ from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
     check_expert_layout_bounds,
+    check_fields,
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
@@ -95,8 +96,6 @@ def _check_common(policy: Any) -> None:
     check_positive_int(policy.num_experts, "num_experts")
     check_positive_float(policy.epsilon, "epsilon")
     check_positive_int(policy.num_iters, "num_iters")
-    if not isinstance(policy.noisy_combine, bool):
-        raise TypeError(f"noisy_combine must be a bool, got {type(policy.noisy_combine).__name__}")
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="optional")
@@ -179,6 +178,7 @@ class SinkhornTokenChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check_common(self)
         check_positive_int(self.k, "k")
         if self.k > self.num_experts:
@@ -282,6 +282,7 @@ class SinkhornExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         _check_common(self)
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")

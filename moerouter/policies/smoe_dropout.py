@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from array_api_compat import array_namespace, device, is_array_api_obj
 
-from moerouter.policies._common import check_choice, check_positive_int
+from moerouter.policies._common import check_choice, check_fields, check_int, check_positive_int
 
 __all__ = ["FrozenRandomRouter", "evaluate_at_k", "k_schedule"]
 
@@ -70,10 +70,9 @@ class FrozenRandomRouter:
     bias_vector: npt.NDArray[np.float32] | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.d_model, "d_model")
         check_positive_int(self.num_experts, "num_experts")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         rng = np.random.default_rng(self.seed)
         bound = 1.0 / math.sqrt(self.d_model)
         weight = rng.uniform(-bound, bound, (self.d_model, self.num_experts)).astype(np.float32)
@@ -197,11 +196,10 @@ def k_schedule(
     elif mode == "exp_decrease":
         k = round(spread * 0.99 ** (step // (total_steps // 300))) + k_min
     else:
-        if not milestones or any(
-            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones
-        ):
+        steps = [check_int(m, f"milestones[{i}]") for i, m in enumerate(milestones)]
+        if not steps or min(steps) < 1:
             raise ValueError(f"milestones must be positive ints, got {milestones!r}")
-        values = list(milestones) if mode == "multi_step_increase" else list(milestones)[::-1]
+        values = steps if mode == "multi_step_increase" else steps[::-1]
         k = values[min(int(len(values) * step / total_steps), len(values) - 1)]
     return int(min(max(k, k_min), k_max))
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import check_positive_int, clean_logits
+from moerouter.policies._common import check_fields, check_positive_int, clean_logits
 from moerouter.policies._token_choice import masked_softmax
 from moerouter.routing import SoftRouting
 
@@ -73,6 +73,7 @@ class SoftMoE:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.slots_per_expert, "slots_per_expert")
 

@@ -12,6 +12,7 @@ from moerouter.policies._common import (
     capacity,
     check_capacity_factor,
     check_expert_layout_bounds,
+    check_fields,
     check_positive_float,
     check_positive_int,
     clean_logits,
@@ -94,6 +95,7 @@ class SparsityConstrainedExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")

@@ -11,6 +11,7 @@ from moerouter.policies._common import (
     CAPACITY_ROUNDINGS,
     check_capacity_factor,
     check_choice,
+    check_fields,
     check_k,
     check_positive_int,
     check_token_layout_bounds,
@@ -124,6 +125,7 @@ class TopK:
     capacity_rounding: Literal["exact", "megatron"] = "exact"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_k(self.k, self.num_experts)
         check_choice(self.score, "score", ("softmax", "sigmoid"))

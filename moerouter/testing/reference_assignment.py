@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 
 from moerouter.testing.backends import to_numpy
-from moerouter.testing.reference import _descending, _row_is_finite, reference_capacity
+from moerouter.testing.reference import (
+    _descending,
+    _expert_layout,
+    _row_is_finite,
+    reference_capacity,
+)
 
 __all__ = [
     "reference_balanced_assignment",
@@ -107,38 +112,6 @@ def reference_sinkhorn_plan(logits: Any, *, epsilon: float = 1.0, num_iters: int
     plan = np.exp(scaled + u[..., None] + v[:, None, :])
     plan = np.where(finite[..., None], plan, 0.0)
     return plan.reshape(to_numpy(logits).shape)
-
-
-def _expert_layout(
-    ranking: np.ndarray, probs: np.ndarray, pairs: np.ndarray, finite: np.ndarray, per_expert: int
-) -> dict[str, Any]:
-    """Each expert takes the ``per_expert`` tokens of largest ranking; unroutable pairs last."""
-    num_groups, group_size, num_experts = ranking.shape
-    token_ids, expert_ids, weights, choice_ids = [], [], [], []
-    for g in range(num_groups):
-        for e in range(num_experts):
-            column = [
-                float(ranking[g, s, e]) if pairs[g, s, e] else -math.inf for s in range(group_size)
-            ]
-            for s in _descending(column)[:per_expert]:
-                token_ids.append(g * group_size + s)
-                expert_ids.append(e if pairs[g, s, e] else -1)
-                weights.append(float(probs[g, s, e]) if pairs[g, s, e] else 0.0)
-                choice_ids.append(e)
-    num_tokens = num_groups * group_size
-    return {
-        "token_ids": np.array(token_ids, np.int32),
-        "expert_ids": np.array(expert_ids, np.int32),
-        "weights": np.array(weights, np.float64),
-        "choice_ids": np.array(choice_ids, np.int32),
-        "probs": probs.reshape(num_tokens, num_experts),
-        "finite_rows": finite.reshape(-1),
-        "num_tokens": num_tokens,
-        "num_experts": num_experts,
-        "layout": "expert",
-        "slots": per_expert,
-        "num_groups": num_groups,
-    }
 
 
 def _probs(values: np.ndarray, finite: np.ndarray) -> np.ndarray:

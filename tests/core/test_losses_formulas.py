@@ -680,7 +680,7 @@ def test_errors():
         ),
         (
             TypeError,
-            "thresholds must hold ints",
+            r"thresholds\[0\] must be an int, got float",
             lambda: mr.stats.processed_by_at_least(routing, thresholds=[1.5]),
         ),
         (TypeError, "routing must be a moerouter.Routing", lambda: mr.stats.co_occurrence(LOGITS)),

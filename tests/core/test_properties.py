@@ -162,11 +162,14 @@ def test_expert_choice_properties(backend, case, capacity_factor, multiple_of):
     for g in range(num_groups):
         for e in range(experts):
             # Each expert takes exactly C distinct tokens of its own group: the top C by its own
-            # float32 probabilities, non-finite rows last, ties to the lower token index.
-            ranking = np.where(finite[g], probs[g, :, e], -1.0)
+            # float32 probabilities among tokens with a finite row and a logit above -inf, ties
+            # to the lower token index; slots left over hold the other tokens in token order,
+            # as expert -1 (a -inf logit is never routed to).
+            usable = finite[g] & (grouped[g, :, e] > -np.inf)
+            ranking = np.where(usable, probs[g, :, e], -1.0)
             best = sorted(range(group_size), key=lambda s, r=ranking: (-r[s], s))[:capacity]
             assert (tokens[g, e] - g * group_size).tolist() == best
-            kept = finite[g, best]
+            kept = usable[best]
             assert np.all(expert_ids[g, e][kept] == e) and np.all(expert_ids[g, e][~kept] == -1)
             np.testing.assert_array_equal(weights[g, e], np.where(kept, probs[g, best, e], 0))
     check_plan(backend, routing)

@@ -8,6 +8,7 @@ from :func:`~moerouter.testing.reference.edge_case_logits`: random rows plus -in
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import moerouter as mr
@@ -16,6 +17,8 @@ from moerouter.testing import (
     edge_case_logits,
     reference_expert_choice,
     reference_null_experts,
+    reference_sinkhorn_expert_choice,
+    reference_sparsity_constrained_expert_choice,
     reference_topk,
 )
 
@@ -135,7 +138,7 @@ EXPERT_CHOICE = [
     pytest.param(1.0, 1, (2, 16), id="cf1-groups"),
     # C rounded up to a multiple of 4.
     pytest.param(0.5, 4, (2, 16), id="multiple-of-4"),
-    # C > S before the cap: every expert takes every token, non-finite rows as expert -1.
+    # C > S before the cap: every slot filled, so non-finite rows and -inf logits show as expert -1.
     pytest.param(50.0, 1, (2, 10), id="capacity-above-S"),
 ]
 
@@ -153,6 +156,42 @@ def test_expert_choice(backend, capacity_factor, multiple_of, groups):
     routing = router(backend.asarray(logits))
     reference = reference_expert_choice(logits, capacity_factor, capacity_multiple_of=multiple_of)
     assert_routing_equal(routing, reference)
+
+
+EXPERT_LAYOUT = [
+    # Probabilities; cf = 3 asks every expert for 9 of 12 tokens, more than most have usable.
+    pytest.param(
+        lambda: mr.ExpertChoice(num_experts=4, capacity_factor=3.0),
+        lambda logits: reference_expert_choice(logits, 3.0),
+        id="expert-choice",
+    ),
+    # Sinkhorn potentials rank the tokens; the same selection code.
+    pytest.param(
+        lambda: mr.SinkhornExpertChoice(num_experts=4, capacity_factor=3.0),
+        lambda logits: reference_sinkhorn_expert_choice(logits, 3.0),
+        id="sinkhorn",
+    ),
+    # A sparse transport plan ranks them; again the same selection code.
+    pytest.param(
+        lambda: mr.SparsityConstrainedExpertChoice(num_experts=4, capacity_factor=3.0),
+        lambda logits: reference_sparsity_constrained_expert_choice(logits, 3.0),
+        id="sparse-transport",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_router", "reference"), EXPERT_LAYOUT)
+def test_expert_layout_with_neg_inf_masks(backend, make_router, reference):
+    # Up to two of four logits per row -inf: experts run out of usable tokens, and the slots left
+    # over must be expert -1 (never a -inf pair taken with weight 0), the same on every backend.
+    # Two finite entries stay: rows with one would tie exactly in the transport rankings, where
+    # float32 and float64 round the tie differently (the documented near-tie caveat).
+    rng = np.random.default_rng(12)
+    logits = rng.standard_normal((2, 12, 4)).astype(np.float32)
+    for row in logits.reshape(-1, 4):
+        row[rng.permutation(4)[: rng.integers(0, 3)]] = -np.inf
+    routing = make_router()(backend.asarray(logits))
+    assert_routing_equal(routing, reference(logits))
 
 
 HALF_POLICIES = [
