@@ -267,7 +267,7 @@ TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
 
 # Calls of functions that are not token-wise (expert tables, per-row method diagnostics).
 OTHER: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
-    "update_expert_bias": lambda a, lead: mr.update_expert_bias(a.floats(E), a.floats(E), 0.1),
+    "update_expert_bias": lambda a, lead: mr.update_expert_bias(a.floats(E), a.ints(0, 9, E), 0.1),
     # ---- multitask
     "multitask.expert_collapse": lambda a, lead: mr.multitask.expert_collapse(a.floats(5, E, D)),
     "multitask.expert_degradation": lambda a, lead: mr.multitask.expert_degradation(
