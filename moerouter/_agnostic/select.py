@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moerouter import _registry
+
 Array = Any
 
 
@@ -16,10 +18,26 @@ def top_k(scores: Array, k: int, *, xp: Any) -> Array:
     """Columns of the ``k`` largest entries of each row, best first; ties go to the lower column.
 
     Sorting ``-scores`` ascending with a stable sort gives exactly that order on every backend
-    (negation is exact in floating point, and stability keeps equal scores in column order).
+    (negation is exact in floating point, and stability keeps equal scores in column order):
+    ``-inf`` entries come after every finite one, NaN entries last. This is the reference of the
+    ``top_k`` kernel slot (:func:`select_top_k`).
     """
     order = xp.argsort(-scores, axis=-1, stable=True)
     return order[..., :k]
+
+
+def select_top_k(scores: Array, k: int, *, xp: Any) -> Array:
+    """:func:`top_k` through the array library's ``top_k`` kernel when its plugin has one.
+
+    The kernels return exactly :func:`top_k`'s columns (same order, same ties) in ``O(T * E)``
+    work instead of a full sort of every row: a partial selection of ``k + 1`` entries, and the
+    exact sort only for the rows where two of them are equal (a tie that touches the chosen set
+    or its boundary) or not comparable (NaN).
+    """
+    kernel = _registry.kernel_for("top_k", scores)
+    if kernel is None:
+        return top_k(scores, k, xp=xp)
+    return kernel(scores, k)
 
 
 def inverse_permutation(permutation: Array, *, xp: Any) -> Array:

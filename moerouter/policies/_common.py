@@ -226,15 +226,11 @@ class CleanLogits:
         return device_of(self.values)
 
 
-def clean_logits(
-    logits: Array, num_columns: int, *, columns_name: str, strict: bool
-) -> CleanLogits:
-    """Validate ``logits`` and bring them to float32 ``(G, S, E')``.
+def check_logits(logits: Array, num_columns: int, *, columns_name: str) -> Any:
+    """Check that ``logits`` is a real floating (T, E') or (G, S, E') array; its namespace.
 
-    A row is non-finite when it holds a NaN or +inf, or when every entry is -inf. Such a row routes
-    nowhere; ``strict=True`` raises instead, when the values are concrete (not traced). Finite
-    values beyond float32's range are saturated (:func:`to_float32`); ``strict=True`` raises on
-    them too.
+    The checks of :func:`clean_logits`, without its float32 copy: a router kernel that cleans
+    the rows itself calls this alone.
     """
     if not is_array_api_obj(logits):
         raise TypeError(f"logits must be an array, got {type(logits).__name__}")
@@ -254,6 +250,20 @@ def clean_logits(
         )
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"logits must be a real floating dtype, got {logits.dtype}")
+    return xp
+
+
+def clean_logits(
+    logits: Array, num_columns: int, *, columns_name: str, strict: bool
+) -> CleanLogits:
+    """Validate ``logits`` and bring them to float32 ``(G, S, E')``.
+
+    A row is non-finite when it holds a NaN or +inf, or when every entry is -inf. Such a row routes
+    nowhere; ``strict=True`` raises instead, when the values are concrete (not traced). Finite
+    values beyond float32's range are saturated (:func:`to_float32`); ``strict=True`` raises on
+    them too.
+    """
+    xp = check_logits(logits, num_columns, columns_name=columns_name)
     values = to_float32(logits, xp=xp)
     if values.ndim == 2:
         values = values[None, ...]

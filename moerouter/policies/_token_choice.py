@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from moerouter._agnostic.select import descending_rank, top_k
+from moerouter._agnostic.select import descending_rank, select_top_k
 from moerouter._arrays import device_of
 from moerouter._numerics import log_sigmoid
 from moerouter.policies._common import CleanLogits, capacity, drop_over_capacity
@@ -15,6 +15,20 @@ Array = Any
 DROP_POLICIES = ("position", "probs", "batch_priority")
 
 
+class RowState(Protocol):
+    """What :func:`token_choice_routing` reads of the routed rows: a ``CleanLogits`` or a
+    router's ``RouterResult``."""
+
+    @property
+    def xp(self) -> Any: ...
+
+    @property
+    def finite_rows(self) -> Array: ...
+
+    @property
+    def device(self) -> Any: ...
+
+
 def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
     """Top-k columns of each row and their logits.
 
@@ -22,7 +36,7 @@ def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
     when the Routing is built.
     """
     xp = clean.xp
-    choice = top_k(clean.values, k, xp=xp)
+    choice = select_top_k(clean.values, k, xp=xp)
     return choice, xp.take_along_axis(clean.values, choice, axis=-1)
 
 
@@ -67,7 +81,7 @@ def renormalize(weights: Array, mask: Array, *, xp: Any) -> Array:
 
 
 def token_choice_routing(
-    clean: CleanLogits,
+    clean: RowState,
     probs: Array,
     choice: Array,
     routed: Array,
@@ -79,6 +93,7 @@ def token_choice_routing(
     drop_policy: str,
     min_capacity: int = 0,
     capacity_rounding: str = "exact",
+    probs_masked: bool = False,
 ) -> Routing:
     """Apply capacity and flatten a token-choice decision into a token-layout Routing.
 
@@ -86,12 +101,15 @@ def token_choice_routing(
     to a real expert, and its combine weight. Priority inside one choice rank is token order
     ("position"), the probability of that choice ("probs"), or the probability of the token's
     first choice, the same for all its k choices ("batch_priority", V-MoE's BPR).
+    ``probs_masked``: ``probs`` are already zero on non-finite rows (a router's result), so the
+    pass that zeroes them is skipped.
     """
     xp, device = clean.xp, clean.device
     num_groups, group_size, k = choice.shape
     choice_ids = xp.astype(choice, xp.int32)
     expert_ids = xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32, device=device))
-    probs = xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs))
+    if not probs_masked:
+        probs = xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs))
     per_expert = None
     if capacity_factor is not None:
         per_expert = capacity(

@@ -8,15 +8,15 @@ from typing import Any, Literal
 
 from array_api_compat import array_namespace, is_array_api_obj
 
-from moerouter._agnostic.select import top_k
+from moerouter._agnostic.select import select_top_k
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
     CAPACITY_ROUNDINGS,
     check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
+    check_logits,
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
@@ -24,12 +24,14 @@ from moerouter.policies._common import (
     concrete_all,
     to_float32,
 )
-from moerouter.policies._token_choice import (
-    DROP_POLICIES,
-    renormalized_scores,
-    softmax,
-    token_choice_routing,
+from moerouter.policies._router import (
+    RouterResult,
+    biased_selection,
+    chosen_weights,
+    route_token_choice,
+    scores_of,
 )
+from moerouter.policies._token_choice import DROP_POLICIES, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["DeepSeekTopK", "update_expert_bias"]
@@ -191,43 +193,65 @@ class DeepSeekTopK:
         check_token_layout_bounds(
             logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
         )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
-        xp, device = clean.xp, clean.device
-        values = clean.values
-        scores = sigmoid(values, xp=xp) if self.score == "sigmoid" else softmax(values, xp=xp)
-        selection = scores
-        if bias is not None:
-            selection = selection + self._check_bias(bias, logits)
-        lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device)
-        selection = xp.where(values > -xp.inf, selection, lowest)
-        if self.topk_groups is not None and self.topk_groups < self.num_groups:
-            eligible = self._eligible(selection, k, xp=xp, device=device)
-            selection = xp.where(eligible, selection, lowest)
-        choice = top_k(selection, k, xp=xp)
-        chosen = xp.take_along_axis(selection, choice, axis=-1)
-        routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
-        if self.normalize:
-            chosen_logits = xp.take_along_axis(values, choice, axis=-1)
-            weights = renormalized_scores(chosen_logits, routed, score=self.score, xp=xp)
+        # The logits are checked first: their errors name them, not the bias.
+        check_logits(logits, self.num_experts, columns_name="num_experts")
+        checked_bias = None if bias is None else self._check_bias(bias, logits)
+        rule = "renormalize" if self.normalize else "raw"
+        if self.topk_groups is None or self.topk_groups == self.num_groups:
+            # Selection on the scores (plus the bias): 0.0 when there is no bias.
+            decision: RouterResult = route_token_choice(
+                logits,
+                k,
+                num_columns=self.num_experts,
+                columns_name="num_experts",
+                strict=self.strict,
+                score=self.score,
+                weights=rule,
+                bias=0.0 if checked_bias is None else checked_bias,
+            )
         else:
-            weights = xp.take_along_axis(scores, choice, axis=-1)
-            weights = xp.where(routed, weights, xp.zeros_like(weights))
+            decision = self._group_limited(logits, k, checked_bias, rule)
+        weights = decision.weights
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         return token_choice_routing(
-            clean,
-            scores,
-            choice,
-            routed,
+            decision,
+            decision.probs,
+            decision.choice,
+            decision.routed,
             weights,
+            probs_masked=True,
             num_experts=self.num_experts,
             capacity_factor=capacity_factor,
             capacity_multiple_of=self.capacity_multiple_of,
             drop_policy=self.drop_policy,
             min_capacity=self.min_capacity,
             capacity_rounding=self.capacity_rounding,
+        )
+
+    def _group_limited(self, logits: Array, k: int, bias: Array | None, rule: str) -> RouterResult:
+        """The router's result when only the ``topk_groups`` best groups are eligible."""
+        clean = clean_logits(
+            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        )
+        xp, device, values = clean.xp, clean.device, clean.values
+        scores = scores_of(values, self.score, xp=xp)
+        selection = biased_selection(values, scores, 0.0 if bias is None else bias, xp=xp)
+        lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device)
+        selection = xp.where(self._eligible(selection, k, xp=xp, device=device), selection, lowest)
+        choice = select_top_k(selection, k, xp=xp)
+        chosen = xp.take_along_axis(selection, choice, axis=-1)
+        routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
+        chosen_logits = xp.take_along_axis(values, choice, axis=-1)
+        return RouterResult(
+            choice=choice,
+            routed=routed,
+            weights=chosen_weights(
+                chosen_logits, routed, scores, choice, score=self.score, weights=rule, xp=xp
+            ),
+            probs=xp.where(clean.finite_rows[..., None], scores, xp.zeros_like(scores)),
+            finite_rows=clean.finite_rows,
+            xp=xp,
         )
 
     def _check_bias(self, bias: Array, logits: Array) -> Array:
@@ -277,7 +301,7 @@ class DeepSeekTopK:
         else:
             ascending = xp.sort(grouped, axis=-1)
             group_scores = ascending[..., -1] + ascending[..., -2]
-        best = top_k(group_scores, self.topk_groups, xp=xp)  # (G, S, topk_groups)
+        best = select_top_k(group_scores, self.topk_groups, xp=xp)  # (G, S, topk_groups)
         group_ids = xp.arange(num_groups, dtype=best.dtype, device=device)
         kept = xp.any(best[..., :, None] == group_ids, axis=-2)  # (G, S, num_groups)
         kept = xp.broadcast_to(kept[..., None], grouped.shape)

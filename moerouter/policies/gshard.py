@@ -15,15 +15,9 @@ from moerouter.policies._common import (
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
-    clean_logits,
 )
-from moerouter.policies._token_choice import (
-    DROP_POLICIES,
-    choose,
-    renormalize,
-    softmax,
-    token_choice_routing,
-)
+from moerouter.policies._router import route_token_choice
+from moerouter.policies._token_choice import DROP_POLICIES, renormalize, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["GShardTop2"]
@@ -122,32 +116,36 @@ class GShardTop2:
         check_token_layout_bounds(
             logits, 2, num_experts=self.num_experts, with_capacity=capacity_factor is not None
         )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
+        decision = route_token_choice(
+            logits,
+            2,
+            num_columns=self.num_experts,
+            columns_name="num_experts",
+            strict=self.strict,
+            weights="raw",
         )
-        xp = clean.xp
-        probs = softmax(clean.values, xp=xp)
-        choice, chosen_logits = choose(clean, 2)
-        routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
-        weights = xp.take_along_axis(probs, choice, axis=-1)
+        xp, routed = decision.xp, decision.routed
+        num_groups, group_size = (int(size) for size in decision.finite_rows.shape)
+        # lingvo renormalises the two gates g_i / (g_1 + g_2), not in log space.
         weights = (
-            renormalize(weights, routed, xp=xp)
+            renormalize(decision.weights, routed, xp=xp)
             if self.normalize
-            else xp.where(routed, weights, xp.zeros_like(weights))
+            else xp.where(routed, decision.weights, xp.zeros_like(decision.weights))
         )
         if self.second_expert_policy == "random":
-            draws = self._check_uniform(uniform, logits, clean.num_groups, clean.group_size)
+            draws = self._check_uniform(uniform, logits, num_groups, group_size)
             keep_second = draws < weights[..., 1] / self.second_expert_threshold
             routed = routed & xp.stack([xp.ones_like(keep_second), keep_second], axis=-1)
             weights = xp.where(routed, weights, xp.zeros_like(weights))
         elif uniform is not None:
             raise ValueError('uniform is only used with second_expert_policy="random"')
         return token_choice_routing(
-            clean,
-            probs,
-            choice,
+            decision,
+            decision.probs,
+            decision.choice,
             routed,
             weights,
+            probs_masked=True,
             num_experts=self.num_experts,
             capacity_factor=capacity_factor,
             capacity_multiple_of=self.capacity_multiple_of,

@@ -13,15 +13,9 @@ from moerouter.policies._common import (
     check_k,
     check_positive_int,
     check_token_layout_bounds,
-    clean_logits,
 )
-from moerouter.policies._token_choice import (
-    DROP_POLICIES,
-    choose,
-    masked_softmax,
-    softmax,
-    token_choice_routing,
-)
+from moerouter.policies._router import route_token_choice
+from moerouter.policies._token_choice import DROP_POLICIES, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["NullExperts"]
@@ -114,24 +108,23 @@ class NullExperts:
         check_token_layout_bounds(
             logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
         )
-        clean = clean_logits(
+        # The real choices' weights are the softmax of their logits (AdaMoE's renormalisation).
+        decision = route_token_choice(
             logits,
-            self.num_experts + self.num_null,
+            k,
+            num_columns=self.num_experts + self.num_null,
             columns_name="num_experts + num_null",
             strict=self.strict,
+            weights="renormalize",
+            num_real=self.num_experts,
         )
-        xp = clean.xp
-        choice, chosen_logits = choose(clean, k)
-        routed = (
-            (choice < self.num_experts) & (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
-        )
-        weights = masked_softmax(chosen_logits, routed, xp=xp, device=clean.device)
         return token_choice_routing(
-            clean,
-            softmax(clean.values, xp=xp),
-            choice,
-            routed,
-            weights,
+            decision,
+            decision.probs,
+            decision.choice,
+            decision.routed,
+            decision.weights,
+            probs_masked=True,
             num_experts=self.num_experts,
             capacity_factor=capacity_factor,
             capacity_multiple_of=self.capacity_multiple_of,

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._numerics import sigmoid
 from moerouter.policies._common import (
     CAPACITY_ROUNDINGS,
     check_capacity_factor,
@@ -15,16 +14,9 @@ from moerouter.policies._common import (
     check_k,
     check_positive_int,
     check_token_layout_bounds,
-    clean_logits,
 )
-from moerouter.policies._token_choice import (
-    DROP_POLICIES,
-    choose,
-    masked_softmax,
-    renormalized_scores,
-    softmax,
-    token_choice_routing,
-)
+from moerouter.policies._router import route_token_choice
+from moerouter.policies._token_choice import DROP_POLICIES, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["TopK"]
@@ -150,29 +142,26 @@ class TopK:
         check_token_layout_bounds(
             logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
         )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
-        xp, device = clean.xp, clean.device
-        probs = (
-            softmax(clean.values, xp=xp)
-            if self.score == "softmax"
-            else sigmoid(clean.values, xp=xp)
-        )
-        choice, chosen_logits = choose(clean, k)
-        routed = (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
         if self.softmax_after_topk:
-            weights = masked_softmax(chosen_logits, routed, xp=xp, device=device)
-        elif self.normalize:
-            weights = renormalized_scores(chosen_logits, routed, score=self.score, xp=xp)
+            rule = "softmax_after_topk"
         else:
-            weights = xp.take_along_axis(probs, choice, axis=-1)
+            rule = "renormalize" if self.normalize else "raw"
+        decision = route_token_choice(
+            logits,
+            k,
+            num_columns=self.num_experts,
+            columns_name="num_experts",
+            strict=self.strict,
+            score=self.score,
+            weights=rule,
+        )
         return token_choice_routing(
-            clean,
-            probs,
-            choice,
-            routed,
-            weights,
+            decision,
+            decision.probs,
+            decision.choice,
+            decision.routed,
+            decision.weights,
+            probs_masked=True,
             num_experts=self.num_experts,
             capacity_factor=capacity_factor,
             capacity_multiple_of=self.capacity_multiple_of,

@@ -1,0 +1,165 @@
+"""The token-choice router kernel slot: scores, exact top-k choice, weights, finite rows.
+
+``TopK``, ``NullExperts``, ``GShardTop2`` and ``DeepSeekTopK`` (without group limiting) route
+through :func:`route_token_choice`. It runs the array library's ``router`` kernel when its plugin
+registers one (and the kernel set it belongs to is on), and :func:`reference_router`, written
+once against the array API, otherwise. Every kernel has one signature::
+
+    kernel(values, k, *, score, weights, num_real, bias) -> RouterResult | None
+
+``values`` are the float32 logits ``(G, S, E')``, not cleaned: the kernel finds the non-finite
+rows itself (one pass: a row is routable iff its maximum is finite). ``score`` is ``"softmax"``
+or ``"sigmoid"``; ``weights`` one of :data:`WEIGHT_RULES`; columns ``>= num_real`` are null
+experts (chosen, never routed); ``bias``, when given (a float32 ``(E',)`` array, or ``0.0``),
+moves the selection from the logits to ``scores + bias`` (DeepSeek's selection on the scores,
+with V3's selection-only bias; ``-inf`` logits stay unchosen). A kernel
+returns None to hand a call it does not cover to the reference. Its result must equal the
+reference's: the same ``choice`` and ``routed`` (ties to the lower column, slots best first),
+``weights`` and ``probs`` within float32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moerouter import _registry
+from moerouter._agnostic.select import select_top_k
+from moerouter._arrays import device_of
+from moerouter._numerics import sigmoid
+from moerouter.policies._common import (
+    CleanLogits,
+    check_logits,
+    clean_logits,
+    raise_if_unroutable,
+    to_float32,
+)
+from moerouter.policies._token_choice import masked_softmax, renormalized_scores, softmax
+
+__all__ = ["WEIGHT_RULES", "RouterResult", "reference_router", "route_token_choice"]
+
+Array = Any
+
+#: ``"renormalize"``: the chosen scores over their routed sum (a softmax of log-scores over the
+#: routed choices); ``"softmax_after_topk"``: a softmax of the routed chosen logits;
+#: ``"raw"``: the chosen scores as they are.
+WEIGHT_RULES = ("renormalize", "softmax_after_topk", "raw")
+
+
+@dataclass(frozen=True)
+class RouterResult:
+    """What a router returns; every array is ``(G, S, ...)``, of the logits' backend and device.
+
+    ``choice`` (k columns, best first, the backend's index dtype), ``routed`` (bool: a real
+    expert with a finite logit in a finite row), ``weights`` (float32, the weight rule's, not yet
+    zeroed where not routed), ``probs`` (float32 scores over all E' columns, zero on non-finite
+    rows) and ``finite_rows`` (bool). ``probs`` is what the losses and ``Routing.probs`` use.
+    """
+
+    choice: Array
+    routed: Array
+    weights: Array
+    probs: Array
+    finite_rows: Array
+    xp: Any
+
+    @property
+    def device(self) -> Any:
+        """The logits' device."""
+        return device_of(self.probs)
+
+
+def scores_of(values: Array, score: str, *, xp: Any) -> Array:
+    """Softmax or sigmoid scores of float32 logits."""
+    return softmax(values, xp=xp) if score == "softmax" else sigmoid(values, xp=xp)
+
+
+def biased_selection(values: Array, probs: Array, bias: Array | float, *, xp: Any) -> Array:
+    """``probs + bias`` where the logit is above ``-inf``, ``-inf`` elsewhere (never chosen)."""
+    lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device_of(values))
+    return xp.where(values > -xp.inf, probs + bias, lowest)
+
+
+def chosen_weights(
+    chosen_logits: Array,
+    routed: Array,
+    probs: Array,
+    choice: Array,
+    *,
+    score: str,
+    weights: str,
+    xp: Any,
+) -> Array:
+    """The weight rule applied to the k chosen columns (shared by the reference and kernels)."""
+    if weights == "softmax_after_topk":
+        return masked_softmax(chosen_logits, routed, xp=xp, device=device_of(chosen_logits))
+    if weights == "renormalize":
+        return renormalized_scores(chosen_logits, routed, score=score, xp=xp)
+    return xp.take_along_axis(probs, choice, axis=-1)
+
+
+def reference_router(
+    clean: CleanLogits,
+    k: int,
+    *,
+    score: str,
+    weights: str,
+    num_real: int,
+    bias: Array | float | None = None,
+) -> RouterResult:
+    """The agnostic router on cleaned logits: the reference every kernel must equal."""
+    xp, values = clean.xp, clean.values
+    probs = scores_of(values, score, xp=xp)
+    selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
+    choice = select_top_k(selection, k, xp=xp)
+    chosen = xp.take_along_axis(selection, choice, axis=-1)
+    chosen_logits = chosen if bias is None else xp.take_along_axis(values, choice, axis=-1)
+    routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
+    if num_real < values.shape[-1]:
+        routed = routed & (choice < num_real)
+    return RouterResult(
+        choice=choice,
+        routed=routed,
+        weights=chosen_weights(
+            chosen_logits, routed, probs, choice, score=score, weights=weights, xp=xp
+        ),
+        probs=xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs)),
+        finite_rows=clean.finite_rows,
+        xp=xp,
+    )
+
+
+def route_token_choice(
+    logits: Array,
+    k: int,
+    *,
+    num_columns: int,
+    columns_name: str,
+    strict: bool,
+    score: str = "softmax",
+    weights: str = "renormalize",
+    num_real: int | None = None,
+    bias: Array | float | None = None,
+) -> RouterResult:
+    """Check ``logits`` (T, E') or (G, S, E') and route them through the router slot.
+
+    ``bias`` must already be checked and float32 ``(E',)``, or ``0.0`` to select on the scores.
+    ``strict=True`` raises on non-finite rows (concrete values only), as
+    :func:`~moerouter.policies._common.clean_logits` does.
+    """
+    num_real = num_columns if num_real is None else num_real
+    kernel = _registry.kernel_for("router", logits)
+    if kernel is not None:
+        xp = check_logits(logits, num_columns, columns_name=columns_name)
+        values = logits if logits.dtype == xp.float32 else to_float32(logits, xp=xp)
+        if values.ndim == 2:
+            values = values[None, ...]
+        result: RouterResult | None = kernel(
+            values, k, score=score, weights=weights, num_real=num_real, bias=bias
+        )
+        if result is not None:
+            if strict:
+                raise_if_unroutable(logits, result.finite_rows, xp=xp)
+            return result
+    clean = clean_logits(logits, num_columns, columns_name=columns_name, strict=strict)
+    return reference_router(clean, k, score=score, weights=weights, num_real=num_real, bias=bias)
