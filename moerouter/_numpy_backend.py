@@ -49,12 +49,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from array_api_compat import array_namespace
 
 from moerouter._buffers import BufferPool, numpy_empty
+from moerouter._numerics import sigmoid
 from moerouter._registry import BackendInfo
+from moerouter.policies._router import RouterResult, biased_selection, chosen_weights
 from moerouter.routing import Plan, Routing
 
-__all__ = ["backend", "clear_cache", "combine", "dispatch", "make_plan"]
+__all__ = ["backend", "clear_cache", "combine", "dispatch", "make_plan", "router", "top_k"]
 
 IntArray = npt.NDArray[np.int32]
 
@@ -379,9 +382,96 @@ def _combine_blocked(
             np.copyto(out[lo:hi], total, casting="unsafe")
 
 
+# --------------------------------------------------------------------------------------------
+# router
+
+
+def _reference_top_k(scores: npt.NDArray[Any], k: int) -> npt.NDArray[np.intp]:
+    return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+
+
+def top_k(scores: npt.NDArray[Any], k: int) -> npt.NDArray[np.intp]:
+    """The ``k`` best columns of each row, best first, ties to the lower column.
+
+    Exactly the agnostic ``argsort(-scores, stable=True)[..., :k]`` in ``O(T * E)``:
+    ``argpartition`` puts the ``k`` best of each row first and the ``(k + 1)``-th best right after
+    them, a sort of the ``k`` orders them, and only rows whose ``k + 1`` best values are not
+    strictly decreasing (equal values touching the chosen set or its boundary, NaN) are sorted
+    whole with the stable sort.
+    """
+    num_columns = scores.shape[-1]
+    if k >= num_columns or scores.size == 0:
+        return _reference_top_k(scores, k)
+    negated = -scores
+    partition = np.argpartition(negated, k, axis=-1)[..., : k + 1]
+    values = np.take_along_axis(negated, partition, axis=-1)
+    order = np.argsort(values[..., :k], axis=-1)
+    columns = np.take_along_axis(partition[..., :k], order, axis=-1)
+    ranked = np.take_along_axis(values[..., :k], order, axis=-1)
+    distinct = np.all(ranked[..., 1:] > ranked[..., :-1], axis=-1) & (
+        ranked[..., -1] < values[..., k]
+    )
+    if not distinct.all():
+        rows = np.flatnonzero(~distinct)
+        flat = columns.reshape(-1, k)
+        flat[rows] = _reference_top_k(scores.reshape(-1, num_columns)[rows], k)
+    return columns
+
+
+def router(
+    values: npt.NDArray[np.float32],
+    k: int,
+    *,
+    score: str,
+    weights: str,
+    num_real: int,
+    bias: Any = None,
+) -> Any:
+    """The ``router`` slot for NumPy (see :mod:`moerouter.policies._router`).
+
+    One pass finds the row maxima: a row is routable iff its maximum is finite, and the softmax
+    shifts by it. A batch with a non-finite row goes to the reference (returns None).
+    """
+    if values.size == 0:
+        return None
+    row_max = values.max(axis=-1, keepdims=True)
+    finite_rows = np.isfinite(row_max[..., 0])
+    if not finite_rows.all():
+        return None
+    xp = array_namespace(values)
+    if score == "softmax":
+        probs = np.exp(values - row_max)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    else:
+        probs = sigmoid(values, xp=xp)
+    selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
+    choice = top_k(selection, k)
+    chosen = np.take_along_axis(selection, choice, axis=-1)
+    chosen_logits = chosen if bias is None else np.take_along_axis(values, choice, axis=-1)
+    routed = chosen > -np.inf
+    if num_real < values.shape[-1]:
+        routed &= choice < num_real
+    return RouterResult(
+        choice=choice,
+        routed=routed,
+        weights=chosen_weights(
+            chosen_logits, routed, probs, choice, score=score, weights=weights, xp=xp
+        ),
+        probs=probs,
+        finite_rows=finite_rows,
+        xp=xp,
+    )
+
+
 backend = BackendInfo(
     name="numpy",
     array_library="numpy",
-    kernels={"make_plan": make_plan, "dispatch": dispatch, "combine": combine},
+    kernels={
+        "make_plan": make_plan,
+        "dispatch": dispatch,
+        "combine": combine,
+        "top_k": top_k,
+        "router": router,
+    },
     description="NumPy (radix-sort plan, np.take dispatch, CSR or slot-ordered blocked combine)",
 )

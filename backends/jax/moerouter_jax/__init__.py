@@ -58,6 +58,7 @@ backend = _registry.register(
             "make_plan": _kernels.make_plan,
             "dispatch": _kernels.dispatch,
             "combine": _kernels.combine,
+            "top_k": _kernels.top_k,
         },
         description="JAX (custom_vjp gather-only kernels; Pallas on GPU)",
         kernel_sets=(_kernels.PALLAS,),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from moerouter import KernelSet, Plan, Routing, _registry
 from moerouter._arrays import device_of as _device_of
 
-__all__ = ["PALLAS", "combine", "dispatch", "gather_reduce", "gather_rows", "make_plan"]
+__all__ = ["PALLAS", "combine", "dispatch", "gather_reduce", "gather_rows", "make_plan", "top_k"]
 
 #: The Pallas (Triton-lowered) row movers on GPU; XLA gathers otherwise.
 PALLAS = KernelSet(
@@ -275,3 +275,31 @@ def combine(ye: Array, plan: Plan) -> Array:
     (and through them to the routing weights and logits).
     """
     return _combine(ye, plan.combine_weights, plan.combine_rows, plan.source_tokens, plan.num_valid)
+
+
+def _order_key(scores: Array) -> Array:
+    """int32 keys in the order of the float32 ``scores``, with ``-0.0 == 0.0`` and NaN lowest.
+
+    The IEEE bits of a float order like a sign-magnitude integer: flipping the magnitude bits of
+    negative values makes them a two's complement order. ``lax.top_k`` would otherwise rank
+    ``0.0`` above ``-0.0`` and NaN above everything, where the reference (a stable sort of
+    ``-scores``) treats the zeros as equal and puts NaN last.
+    """
+    scores = scores.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    key = jnp.where(scores == 0, jnp.int32(0), key)
+    return jnp.where(jnp.isnan(scores), jnp.iinfo(jnp.int32).min, key)
+
+
+def top_k(scores: Array, k: int) -> Array:
+    """The ``k`` best columns of each row, best first, ties to the lower column (int32).
+
+    ``jax.lax.top_k`` already returns equal values lower index first (XLA's TopK sorts with the
+    index as a tie-breaker; ``tests/core/test_fast_selection.py`` checks it on ties), so on the
+    order-preserving integer key it equals the reference ``argsort(-scores, stable=True)`` with
+    no fallback, under ``jax.jit`` too.
+    """
+    if scores.dtype != jnp.float32:
+        return jnp.argsort(-scores, axis=-1, stable=True)[..., :k]
+    return jax.lax.top_k(_order_key(scores), k)[1]

@@ -13,7 +13,7 @@ and the ``torch-triton`` kernel set is on (the same PyTorch ops as on CPU otherw
 """
 
 from moerouter import BackendInfo, _registry
-from moerouter_torch import _backend, _ops
+from moerouter_torch import _backend, _ops, _router
 from moerouter_torch._grouped import GROUPED_MM, grouped_mm
 from moerouter_torch._workspace import release_workspaces
 from moerouter_torch.nn import GroupedMLP, MoE
@@ -29,6 +29,8 @@ backend = _registry.register(
             "make_plan": _backend.make_plan,
             "dispatch": _backend.dispatch,
             "combine": _backend.combine,
+            "top_k": _router.top_k,
+            "router": _router.router,
         },
         description="PyTorch (custom ops: gather/embedding_bag kernels, Triton on CUDA)",
         kernel_sets=(_ops.TRITON, GROUPED_MM),
