@@ -1,0 +1,193 @@
+"""The fast selection kernels (``top_k`` and ``router`` slots) equal the stable-sort reference.
+
+Every case draws logits from a handful of values, so ties are everywhere: among the chosen, at
+the boundary of the chosen set, among ``-inf`` masks, and whole rows of NaN, +inf or -inf. The
+reference is the agnostic ``argsort(-scores, stable=True)`` (the implementation before the fast
+kernels) and, for the policies, the same policy under ``MOEROUTER_BACKEND=reference``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moerouter as mr
+from moerouter import _registry
+from moerouter._agnostic.select import select_top_k
+from moerouter.testing.backends import Backend, to_numpy
+
+# Few distinct values: most rows hold ties. -0.0 must tie with 0.0 (JAX's top_k would not).
+TIE_VALUES = [-np.inf, -2.0, -1.0, -0.0, 0.0, 1.0, 2.0]
+BAD_VALUES = [np.nan, np.inf]
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+# Backends with a top_k kernel; array_api_strict runs the reference (checked against NumPy's).
+FAST = {Backend.NUMPY, Backend.TORCH, Backend.JAX}
+
+
+@contextlib.contextmanager
+def reference_backend():
+    previous = os.environ.get("MOEROUTER_BACKEND")
+    os.environ["MOEROUTER_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MOEROUTER_BACKEND"]
+        else:
+            os.environ["MOEROUTER_BACKEND"] = previous
+
+
+@st.composite
+def tied_logits(draw, *, bad_rows: bool, max_columns: int = 12):
+    """(G, S, E) float32 logits full of ties, with an optional NaN/+inf entry or bad row."""
+    groups = draw(st.integers(1, 2))
+    tokens = draw(st.integers(0, 9))
+    columns = draw(st.integers(1, max_columns))
+    values = TIE_VALUES + (BAD_VALUES if bad_rows else [])
+    flat = draw(
+        st.lists(
+            st.sampled_from(values),
+            min_size=groups * tokens * columns,
+            max_size=groups * tokens * columns,
+        )
+    )
+    logits = np.asarray(flat, dtype=np.float32).reshape(groups, tokens, columns)
+    if bad_rows and tokens:
+        row = draw(st.integers(0, tokens - 1))
+        logits[0, row] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return logits
+
+
+def reference_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+
+
+@SETTINGS
+@given(data=st.data())
+def test_top_k_slot_equals_stable_sort(backend, xp, data):
+    # Ties, -inf, NaN and +inf anywhere; k from 1 to E (k = E takes every column).
+    logits = data.draw(tied_logits(bad_rows=True))
+    k = data.draw(st.integers(1, logits.shape[-1]))
+    array = backend.asarray(logits)
+    if backend in FAST:
+        assert _registry.kernel_for("top_k", array) is not None  # the fast path is what runs
+    got = to_numpy(select_top_k(array, k, xp=xp))
+    np.testing.assert_array_equal(got, reference_top_k(logits, k))
+
+
+@pytest.mark.parametrize(
+    "k",
+    [
+        pytest.param(1, id="k=1"),  # the argmax: the boundary is the second best
+        pytest.param(3, id="k=3"),
+        pytest.param(8, id="k=E"),  # no boundary: the whole row, sorted
+    ],
+)
+def test_top_k_slot_on_all_equal_and_masked_rows(backend, xp, k):
+    # Rows where every check falls back: all equal, all -inf, all NaN, one finite among -inf.
+    logits = np.array(
+        [
+            [1.0] * 8,
+            [-np.inf] * 8,
+            [np.nan] * 8,
+            [-np.inf] * 5 + [3.0] + [-np.inf] * 2,
+            [0.0, -0.0, 0.0, -0.0, 1.0, 1.0, -1.0, -1.0],
+            [7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # no tie at all: no fallback
+        ],
+        dtype=np.float32,
+    )
+    got = to_numpy(select_top_k(backend.asarray(logits), k, xp=xp))
+    np.testing.assert_array_equal(got, reference_top_k(logits, k))
+
+
+def test_jax_top_k_breaks_ties_by_lower_index():
+    # The JAX kernel relies on this (no fallback): XLA's TopK ranks equal values by index,
+    # -inf included. It ranks 0.0 above -0.0 and NaN first, which the kernel's integer key fixes.
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    values = jnp.asarray([[1.0, 3.0, 3.0, 0.0, 3.0], [-jnp.inf, -jnp.inf, 0.0, -jnp.inf, 1.0]])
+    _, columns = jax.jit(lambda v: jax.lax.top_k(v, 5))(values)
+    np.testing.assert_array_equal(np.asarray(columns), [[1, 2, 4, 0, 3], [4, 2, 0, 1, 3]])
+
+
+def test_jax_top_k_kernel_under_jit():
+    # Traced scores: no data-dependent fallback is possible, and none is needed.
+    jax = pytest.importorskip("jax")
+    from moerouter_jax import _kernels
+
+    logits = np.array([[np.nan, 1.0, -0.0, 0.0, -np.inf, 1.0]], dtype=np.float32)
+    got = jax.jit(_kernels.top_k, static_argnums=1)(jax.numpy.asarray(logits), 6)
+    np.testing.assert_array_equal(np.asarray(got), reference_top_k(logits, 6))
+
+
+def _policies(num_columns: int, k: int, rng: np.random.Generator):
+    """(policy, extra arguments as NumPy, what it covers) for every router-slot user."""
+    cases = [
+        (mr.TopK(num_columns, k), (), "softmax, renormalised"),
+        (mr.TopK(num_columns, k, score="sigmoid"), (), "sigmoid, log-space renormalisation"),
+        (mr.TopK(num_columns, k, normalize=False), (), "raw probabilities"),
+        (mr.TopK(num_columns, k, softmax_after_topk=True), (), "softmax after top-k"),
+        (mr.DeepSeekTopK(num_columns, k), (), "selection on sigmoid scores"),
+        (
+            mr.DeepSeekTopK(num_columns, k),
+            (rng.choice([-0.5, 0.0, 0.5], num_columns).astype(np.float32),),
+            "selection on scores + bias (bias ties too)",
+        ),
+        (mr.TopK(num_columns, k, capacity_factor=1.0), (), "capacity after the router"),
+    ]
+    if num_columns >= 2:
+        cases.append((mr.NullExperts(num_columns // 2, num_columns - num_columns // 2, k), (), ""))
+        cases.append((mr.GShardTop2(num_columns, second_expert_policy="all"), (), "gate ratio"))
+    if num_columns % 2 == 0 and k <= num_columns // 2:
+        grouped = mr.DeepSeekTopK(num_columns, k, num_groups=2, topk_groups=1)
+        cases.append((grouped, (), "group-limited selection"))
+    return cases
+
+
+@SETTINGS
+@given(data=st.data())
+def test_router_slot_equals_reference(backend, xp, data):
+    # Every token-choice policy on the router slot equals the reference path: identical integer
+    # fields, weights and probabilities within float32 rounding (bitwise on NumPy).
+    logits = data.draw(tied_logits(bad_rows=data.draw(st.booleans())))
+    k = data.draw(st.integers(1, logits.shape[-1]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    for policy, extra, _ in _policies(logits.shape[-1], k, rng):
+        arguments = [backend.asarray(value) for value in (logits, *extra)]
+        got = policy(*arguments)
+        with reference_backend():
+            expected = policy(*arguments)
+        for name in ("token_ids", "expert_ids", "choice_ids", "finite_rows"):
+            np.testing.assert_array_equal(
+                to_numpy(getattr(got, name)), to_numpy(getattr(expected, name)), err_msg=name
+            )
+        exact = backend is Backend.NUMPY
+        for name in ("weights", "probs"):
+            actual, desired = to_numpy(getattr(got, name)), to_numpy(getattr(expected, name))
+            if exact:
+                np.testing.assert_array_equal(actual, desired, err_msg=name)
+            else:
+                np.testing.assert_allclose(actual, desired, rtol=2e-6, atol=1e-7, err_msg=name)
+
+
+def test_torch_router_gradient_equals_reference():
+    # The fused CPU router keeps the gradient: weights and probs back to the logits.
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 16, generator=generator)
+    for policy in (mr.TopK(16, 4), mr.TopK(16, 4, score="sigmoid"), mr.NullExperts(8, 8, 4)):
+        grads = []
+        for reference in (False, True):
+            logits = base.clone().requires_grad_(True)
+            with reference_backend() if reference else contextlib.nullcontext():
+                routing = policy(logits)
+            (routing.weights.square().sum() + routing.probs.square().sum()).backward()
+            grads.append(logits.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
