@@ -18,6 +18,7 @@ imported only when asked for: ``import moerouter`` stays framework-free.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -383,6 +384,140 @@ def _bench_shape(
     return results, failures
 
 
+# ----------------------------------------------------------------------------------- routers
+
+#: ``--router`` shapes (T, E, k) by ``--shape``: issue 16's table for ``all``.
+ROUTER_SHAPES: dict[str, list[tuple[int, int, int]]] = {
+    "ci-tiny": [(64, 8, 2)],
+    "mixtral": [(4096, 8, 2)],
+    "olmoe": [(4096, 64, 8)],
+    "all": [(4096, 8, 2), (4096, 64, 8), (16384, 64, 8), (65536, 64, 8)],
+}
+
+
+def _eager_router(library: str, k: int) -> tuple[str, Callable[[Any], Any]]:
+    """The top-k router a user would write by hand in ``library`` (no exact ties, no checks)."""
+    if library == "numpy":
+
+        def numpy_router(logits: Any) -> Any:
+            exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs = exp / exp.sum(axis=-1, keepdims=True)
+            chosen = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
+            weights = np.take_along_axis(probs, chosen, axis=-1)
+            return chosen, weights / weights.sum(axis=-1, keepdims=True)
+
+        return "softmax+argpartition", numpy_router
+    if library == "torch":
+        import torch
+
+        def torch_router(logits: Any) -> Any:
+            weights, chosen = torch.topk(torch.softmax(logits, dim=-1), k, dim=-1)
+            return chosen, weights / weights.sum(dim=-1, keepdim=True)
+
+        return "softmax+topk+renorm", torch_router
+    import jax
+
+    @jax.jit
+    def jax_router(logits: Any) -> Any:
+        weights, chosen = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+        return chosen, weights / weights.sum(axis=-1, keepdims=True)
+
+    return "jit(softmax+top_k)", jax_router
+
+
+def _router_policies(experts: int, k: int, rng: np.random.Generator) -> list[tuple[str, Any, int]]:
+    """(name, policy, logits columns); DeepSeekTopK gets a selection bias."""
+    num_null = max(1, experts // 2)
+    groups = min(8, experts)
+    return [
+        ("TopK", mr.TopK(experts, k), experts),
+        (f"NullExperts(+{num_null})", mr.NullExperts(experts, num_null, k), experts + num_null),
+        ("DeepSeekTopK+bias", mr.DeepSeekTopK(experts, k), experts),
+        (
+            f"DeepSeekTopK groups {groups}/{max(1, groups // 2)}",
+            mr.DeepSeekTopK(experts, k, num_groups=groups, topk_groups=max(1, groups // 2)),
+            experts,
+        ),
+        ("GShardTop2", mr.GShardTop2(experts, second_expert_policy="all"), experts),
+    ]
+
+
+def router_table(
+    libraries: Sequence[str], shape_name: str, repeat: int, seed: int
+) -> list[dict[str, Any]]:
+    """Each token-choice router against the hand-written eager router, in one run.
+
+    ``vs eager`` is eager time / router time (above 1: the router is faster). JAX runs both
+    under ``jax.jit``. ``path`` "kernel" is what the registry picks, "agnostic" the reference.
+    """
+    rows: list[dict[str, Any]] = []
+    for library in libraries:
+        for tokens, experts, k in ROUTER_SHAPES[shape_name]:
+            rng = np.random.default_rng(seed)
+            eager_name, eager = _eager_router(library, k)
+            convert, sync, wrap = _router_library(library)
+            for name, policy, columns in _router_policies(experts, k, rng):
+                host = rng.standard_normal((tokens, columns), dtype=np.float32)
+                logits = convert(host)
+                extra = (
+                    (convert((rng.standard_normal(experts) * 0.01).astype(np.float32)),)
+                    if name.startswith("DeepSeekTopK+bias")
+                    else ()
+                )
+                eager_logits = logits if columns == experts else convert(host[:, :experts])
+                eager_s = _median_seconds(functools.partial(eager, eager_logits), sync, repeat)
+                for path in ("kernel", "agnostic"):
+                    with _Variant(path, force_reference=path == "agnostic"):
+                        route = wrap(policy)
+                        seconds = _median_seconds(
+                            functools.partial(route, logits, *extra), sync, repeat
+                        )
+                    rows.append(
+                        {
+                            "backend": library,
+                            "T,E,k": f"{tokens},{experts},{k}",
+                            "router": name,
+                            "path": path,
+                            "ms": 1e3 * seconds,
+                            "eager": eager_name,
+                            "eager_ms": 1e3 * eager_s,
+                            "vs_eager": eager_s / seconds,
+                        }
+                    )
+    return rows
+
+
+def _router_library(library: str) -> tuple[Callable[..., Any], Callable[[Any], None], Any]:
+    """(NumPy -> array, wait for a result, wrap a policy: jax.jit on JAX) for ``library``."""
+    if library == "numpy":
+        return np.asarray, lambda _: None, lambda policy: policy
+    if library == "torch":
+        import torch
+
+        return torch.from_numpy, lambda _: None, lambda policy: policy
+    import jax
+
+    def block(result: Any) -> None:
+        jax.block_until_ready(result)  # type: ignore[no-untyped-call]
+
+    # A fresh jit per path: the trace reads MOEROUTER_BACKEND once.
+    return jax.numpy.asarray, block, lambda policy: jax.jit(lambda *a: policy(*a))
+
+
+def _format_router_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = (
+        f"{'backend':<7} {'T,E,k':<11} {'router':<28} {'path':<8} {'ms':>9} "
+        f"{'eager':<21} {'eager ms':>9} {'vs eager':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['backend']:<7} {r['T,E,k']:<11} {r['router']:<28} {r['path']:<8} "
+            f"{r['ms']:>9.3f} {r['eager']:<21} {r['eager_ms']:>9.3f} {r['vs_eager']:>8.2f}x"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------- table
 
 
@@ -416,7 +551,7 @@ def _parser() -> argparse.ArgumentParser:
         "'vs naive' = naive time / op time. Use asv (asv_bench/) for history.",
     )
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="ci-tiny")
-    parser.add_argument("--backend", choices=["numpy", "torch", "all"], default="all")
+    parser.add_argument("--backend", choices=["numpy", "torch", "jax", "all"], default="all")
     parser.add_argument("--repeat", type=_positive, default=5, help="timed runs per op (median)")
     parser.add_argument(
         "--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)"
@@ -431,6 +566,13 @@ def _parser() -> argparse.ArgumentParser:
         help="auto: the kernel the registry picks; agnostic: force the array-API reference "
         "(MOEROUTER_BACKEND=reference); both: each, where a backend has a kernel "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--router",
+        action="store_true",
+        help="time each token-choice router against the eager top-k a user would write "
+        "(numpy, torch, jax under jit); --shape all: T,E,k = 4096,8,2 / 4096,64,8 / "
+        "16384,64,8 / 65536,64,8",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
@@ -464,6 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = _unwritable(args.json)
         if problem:  # found now, not after the whole benchmark has run
             parser.error(f"--json {args.json!r} cannot be written: {problem}")
+    if args.router:
+        return _router_main(args)
     shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
     libraries, skipped = _libraries(args.backend, args.device)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
@@ -510,6 +654,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failure in failures:
         print(f"MISMATCH: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _router_main(args: argparse.Namespace) -> int:
+    wanted = ["numpy", "torch", "jax"] if args.backend == "all" else [args.backend]
+    libraries = []
+    for library in wanted:
+        try:
+            __import__(library)
+        except ImportError:
+            print(f"skipped {library}: not installed")
+            continue
+        libraries.append(library)
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(
+        f"moerouter {mr.__version__} bench --router: python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}; median of {args.repeat}"
+    )
+    rows = router_table(libraries, args.shape, args.repeat, args.seed)
+    print(_format_router_table(rows))
+    print("\nvs eager = eager time / router time, measured in the same run (> 1: faster).")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"routers": rows}, handle, indent=1)
+    return 0
 
 
 if __name__ == "__main__":

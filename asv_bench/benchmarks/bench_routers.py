@@ -154,3 +154,52 @@ class TransportRouters:
 
     def time_route(self, shape: str, backend: str, router: str) -> None:
         common.sync(self._output())
+
+
+class RoutersVsEager:
+    """Each token-choice router against the eager top-k a user would write in the same framework
+    (torch: softmax + topk + renorm; NumPy: softmax + argpartition; JAX: jax.nn.softmax +
+    jax.lax.top_k, both under jit), issue 16's shapes. ``track_vs_eager`` is eager time / router
+    time measured in one setup (> 1: the router is faster, with exact ties)."""
+
+    params = (
+        ["4096,8,2", "4096,64,8", "16384,64,8", "65536,64,8"],
+        ["numpy", "torch", "jax"],
+        ["TopK", "NullExperts", "DeepSeekTopK+bias", "GShardTop2"],
+    )
+    param_names = ("T,E,k", "backend", "router")
+    number = 1
+    repeat = (1, 5, 20.0)
+    timeout = 300.0
+
+    def setup(self, shape: str, backend: str, router: str) -> None:
+        common.skip_unless_installed(backend)
+        from moerouter import _bench
+
+        tokens, experts, k = (int(part) for part in shape.split(","))
+        rng = np.random.default_rng(0)
+        policies = {
+            name.split("(")[0]: (policy, columns)
+            for name, policy, columns in _bench._router_policies(experts, k, rng)
+        }
+        policy, columns = policies[router]
+        convert, self.sync, wrap = _bench._router_library(backend)
+        self.logits = convert(rng.standard_normal((tokens, columns), dtype=np.float32))
+        self.eager_logits = convert(rng.standard_normal((tokens, experts), dtype=np.float32))
+        bias = (rng.standard_normal(experts) * 0.01).astype(np.float32)
+        self.extra = (convert(bias),) if router == "DeepSeekTopK+bias" else ()
+        self.route = wrap(policy)
+        self.eager = _bench._eager_router(backend, k)[1]
+
+    def time_route(self, shape: str, backend: str, router: str) -> None:
+        self.sync(self.route(self.logits, *self.extra))
+
+    def time_eager(self, shape: str, backend: str, router: str) -> None:
+        self.sync(self.eager(self.eager_logits))
+
+    def track_vs_eager(self, shape: str, backend: str, router: str) -> float:
+        eager = common.median_seconds(lambda: self.sync(self.eager(self.eager_logits)))
+        route = common.median_seconds(lambda: self.sync(self.route(self.logits, *self.extra)))
+        return eager / route
+
+    track_vs_eager.unit = "x"  # type: ignore[attr-defined]
