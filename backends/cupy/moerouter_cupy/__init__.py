@@ -15,17 +15,17 @@ here also accept torch and JAX CUDA arrays through DLPack, without a copy.
 """
 
 from moerouter import BackendInfo, KernelSet, _registry
-from moerouter_cupy._kernels import combine, dispatch, make_plan, topk_router
+from moerouter_cupy._kernels import combine, dispatch, make_plan, router, topk_router
 
 __all__ = ["KERNELS", "backend", "combine", "dispatch", "make_plan", "topk_router"]
 
-#: The CUDA kernels behind make_plan, dispatch and combine for CuPy arrays.
+#: The CUDA kernels behind make_plan, dispatch, combine and the token-choice router for CuPy arrays.
 KERNELS = KernelSet(
     name="cupy-cuda",
-    description="CUDA RawModule kernels: counting-sort plan, vector dispatch, combine "
-    "(the agnostic path otherwise)",
+    description="CUDA RawModule kernels: counting-sort plan, vector dispatch, combine, fused "
+    "top-k router (the agnostic path otherwise)",
     verified_on="",
-    replaces=frozenset({"make_plan", "dispatch", "combine"}),
+    replaces=frozenset({"make_plan", "dispatch", "combine", "router"}),
 )
 
 # Registered on import, so torch.compile/jax.jit never trace the registry's lazy import.
@@ -33,7 +33,12 @@ backend = _registry.register(
     BackendInfo(
         name="cupy",
         array_library="cupy",
-        kernels={"make_plan": make_plan, "dispatch": dispatch, "combine": combine},
+        kernels={
+            "make_plan": make_plan,
+            "dispatch": dispatch,
+            "combine": combine,
+            "router": router,
+        },
         description="CuPy (CUDA RawModule kernels)",
         kernel_sets=(KERNELS,),
     )

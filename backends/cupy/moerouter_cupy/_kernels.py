@@ -20,7 +20,7 @@ import numpy as np
 
 from moerouter.routing import Plan, Routing
 
-__all__ = ["NAME_EXPRESSIONS", "combine", "dispatch", "make_plan", "topk_router"]
+__all__ = ["NAME_EXPRESSIONS", "combine", "dispatch", "make_plan", "router", "topk_router"]
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 #: The same macros go to nvcc in the compile test. CuPy bundles its own cuda_fp16.h while
@@ -234,6 +234,45 @@ def topk_router(
         layout="token",
         slots=k,
         num_groups=num_groups,
+    )
+
+
+def router(
+    values: Any, k: int, *, score: str, weights: str, num_real: int, bias: Any = None
+) -> Any:
+    """The ``router`` slot (:mod:`moerouter.policies._router`) on :func:`topk_router`.
+
+    Serves what the fused kernel computes: no null columns, no selection bias, ``E <= 512`` and
+    ``k <= 32``; anything else returns None (the agnostic reference).
+    """
+    from array_api_compat import array_namespace
+
+    from moerouter.policies._router import RouterResult
+
+    num_groups, group_size, num_columns = (int(size) for size in values.shape)
+    if (
+        bias is not None
+        or num_real != num_columns
+        or num_columns > 32 * ROUTER_PER_LANE[-1]
+        or k > ROUTER_MAX_K
+        or num_groups * group_size == 0
+    ):
+        return None
+    fused = topk_router(
+        values,
+        k=k,
+        score=score,
+        normalize=weights == "renormalize",
+        softmax_after_topk=weights == "softmax_after_topk",
+    )
+    chosen_shape = (num_groups, group_size, k)
+    return RouterResult(
+        choice=fused.choice_ids.reshape(chosen_shape),
+        routed=(fused.expert_ids >= 0).reshape(chosen_shape),
+        weights=fused.weights.reshape(chosen_shape),
+        probs=fused.probs.reshape(num_groups, group_size, num_columns),
+        finite_rows=fused.finite_rows.reshape(num_groups, group_size),
+        xp=array_namespace(values),
     )
 
 
