@@ -109,7 +109,8 @@ def test_top_k_slot_on_all_equal_and_masked_rows(backend, xp, k):
 
 def test_jax_top_k_breaks_ties_by_lower_index():
     # The JAX kernel relies on this (no fallback): XLA's TopK ranks equal values by index,
-    # -inf included. It ranks 0.0 above -0.0 and NaN first, which the kernel's integer key fixes.
+    # -inf included. It ranks 0.0 above -0.0 and NaN first: the kernel maps -0.0 to 0.0 and
+    # sends a batch holding NaN to the stable sort.
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
     values = jnp.asarray([[1.0, 3.0, 3.0, 0.0, 3.0], [-jnp.inf, -jnp.inf, 0.0, -jnp.inf, 1.0]])
