@@ -116,12 +116,20 @@ def router(
     routed = chosen > -torch.inf
     if num_real < values.shape[-1]:
         routed &= choice < num_real
+    softmax_of_chosen = weights == "softmax_after_topk" or (
+        weights == "renormalize" and score == "softmax"
+    )
+    if softmax_of_chosen and bool(routed.all()):
+        # Nothing masked (the common case): the reference's masked softmax is a plain one.
+        routed_weights = torch.softmax(chosen_logits, dim=-1)
+    else:
+        routed_weights = chosen_weights(
+            chosen_logits, routed, probs, choice, score=score, weights=weights, xp=xp
+        )
     return RouterResult(
         choice=choice,
         routed=routed,
-        weights=chosen_weights(
-            chosen_logits, routed, probs, choice, score=score, weights=weights, xp=xp
-        ),
+        weights=routed_weights,
         probs=probs,
         finite_rows=finite_rows,
         xp=xp,
