@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import platform
@@ -496,6 +497,9 @@ def _router_library(library: str) -> tuple[Callable[..., Any], Callable[[Any], N
 
         return torch.from_numpy, lambda _: None, lambda policy: policy
     import jax
+
+    # Makes Routing a pytree even when MOEROUTER_BACKEND=reference keeps the plugin unloaded.
+    importlib.import_module("moerouter_jax")
 
     def block(result: Any) -> None:
         jax.block_until_ready(result)  # type: ignore[no-untyped-call]
