@@ -1,4 +1,4 @@
-"""NumPy kernels for make_plan, dispatch and combine: the built-in plugin for ``numpy.ndarray``.
+"""NumPy kernels for make_plan, dispatch, combine and the router: the plugin for ``numpy.ndarray``.
 
 They return what the agnostic path (:mod:`moerouter._agnostic.plan`) returns, faster:
 
@@ -20,6 +20,11 @@ They return what the agnostic path (:mod:`moerouter._agnostic.plan`) returns, fa
   tokens' routing.
   Large combines split the tokens over threads (each token's sum is computed whole by one
   thread, so the split changes no result).
+
+* ``top_k`` and ``router`` (the token-choice router slot, :mod:`moerouter.policies._router`):
+  ``argpartition`` of ``k + 1`` entries and a sort of the ``k`` chosen, the stable sort only for
+  rows with a tie at the top; the row maxima give the routable rows and the softmax's shift in
+  one pass. Bit-identical to the agnostic path.
 
 Output buffers
 --------------
