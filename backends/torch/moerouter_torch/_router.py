@@ -52,13 +52,12 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return columns
 
 
-def _triton_router(
-    values: torch.Tensor, k: int, *, score: str, weights: str, num_real: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Choice and weights from the fused Triton kernel, where it computes the same thing."""
+def _triton_for(values: torch.Tensor, *, weights: str, num_real: int, bias: Any) -> Any:
+    """The Triton module when its fused router computes this call, else None (no sync here)."""
     if (
         values.device.type != "cuda"
         or not _registry.kernel_set_enabled(TRITON)
+        or bias is not None
         or num_real != values.shape[-1]
         or weights == "softmax_after_topk"
         or values.requires_grad  # the kernel has no backward
@@ -68,12 +67,7 @@ def _triton_router(
         from moerouter_torch import _triton
     except ImportError:
         return None
-    rows = values.reshape(-1, values.shape[-1])
-    experts, kernel_weights = _triton.topk_router(
-        rows, k, score=score, normalize=weights == "renormalize"
-    )
-    shape = (*values.shape[:-1], k)
-    return experts.to(torch.int64).reshape(shape), kernel_weights.reshape(shape)
+    return _triton
 
 
 def _scores(values: torch.Tensor, score: str) -> torch.Tensor:
@@ -96,15 +90,23 @@ def router(
     xp = array_namespace(values)
     finite_rows = torch.isfinite(torch.amax(values, dim=-1))
     if values.device.type != "cpu":
+        triton = _triton_for(values, weights=weights, num_real=num_real, bias=bias)
         # The fused kernel assumes finite logits (no -inf masks, no bad rows): one sync checks.
-        if bias is not None or not bool(torch.isfinite(values).all()):
+        if triton is None or not bool(torch.isfinite(values).all()):
             return None
-        fused = _triton_router(values, k, score=score, weights=weights, num_real=num_real)
-        if fused is None:
-            return None
-        choice, fused_weights = fused
+        rows = values.reshape(-1, values.shape[-1])
+        experts, fused_weights = triton.topk_router(
+            rows, k, score=score, normalize=weights == "renormalize"
+        )
+        shape = (*values.shape[:-1], k)
+        choice = experts.to(torch.int64).reshape(shape)
         return RouterResult(
-            choice, choice < num_real, fused_weights, _scores(values, score), finite_rows, xp
+            choice,
+            choice < num_real,
+            fused_weights.reshape(shape),
+            _scores(values, score),
+            finite_rows,
+            xp,
         )
     if not bool(finite_rows.all()):
         return None  # the reference cleans the bad rows (and keeps their gradient zero)
