@@ -395,14 +395,14 @@ def _reference_top_k(scores: npt.NDArray[Any], k: int) -> npt.NDArray[np.intp]:
     return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
 
 
-def top_k(scores: npt.NDArray[Any], k: int) -> npt.NDArray[np.intp]:
+def top_k(scores: npt.NDArray[Any], k: int, *, nan_free: bool = False) -> npt.NDArray[np.intp]:
     """The ``k`` best columns of each row, best first, ties to the lower column.
 
     Exactly the agnostic ``argsort(-scores, stable=True)[..., :k]`` in ``O(T * E)``:
     ``argpartition`` puts the ``k`` best of each row first and the ``(k + 1)``-th best right after
     them, a sort of the ``k`` orders them, and only rows whose ``k + 1`` best values are not
     strictly decreasing (equal values touching the chosen set or its boundary, NaN) are sorted
-    whole with the stable sort.
+    whole with the stable sort (so ``nan_free`` is not needed).
     """
     num_columns = scores.shape[-1]
     if k >= num_columns or scores.size == 0:

@@ -43,8 +43,8 @@ ENTRY_POINT_GROUP = "moerouter.backends"
 
 #: The kernels a plugin may provide; anything it leaves out runs on the agnostic path.
 #: ``make_plan``, ``dispatch`` and ``combine`` take the public functions' arguments. ``top_k`` is
-#: ``top_k(scores, k) -> columns``: the k best columns of each row (ties to the lower column, best
-#: first, ``-inf`` after every finite value, NaN last), the agnostic
+#: ``top_k(scores, k, *, nan_free) -> columns``: the k best columns of each row (ties to the lower
+#: column, best first, ``-inf`` after every finite value, NaN last), the agnostic
 #: :func:`moerouter._agnostic.select.top_k`. ``router`` is the token-choice router of
 #: :func:`moerouter.policies._router.route_token_choice` (its ``kernel`` signature).
 KERNEL_NAMES = frozenset({"make_plan", "dispatch", "combine", "top_k", "router"})

@@ -26,18 +26,19 @@ def top_k(scores: Array, k: int, *, xp: Any) -> Array:
     return order[..., :k]
 
 
-def select_top_k(scores: Array, k: int, *, xp: Any) -> Array:
+def select_top_k(scores: Array, k: int, *, xp: Any, nan_free: bool = False) -> Array:
     """:func:`top_k` through the array library's ``top_k`` kernel when its plugin has one.
 
     The kernels return exactly :func:`top_k`'s columns (same order, same ties) in ``O(T * E)``
     work instead of a full sort of every row: a partial selection of ``k + 1`` entries, and the
     exact sort only for the rows where two of them are equal (a tie that touches the chosen set
-    or its boundary) or not comparable (NaN).
+    or its boundary) or not comparable (NaN). ``nan_free=True`` promises that ``scores`` hold no
+    NaN (cleaned logits), which lets a kernel skip ranking NaN last.
     """
     kernel = _registry.kernel_for("top_k", scores)
     if kernel is None:
         return top_k(scores, k, xp=xp)
-    return kernel(scores, k)
+    return kernel(scores, k, nan_free=nan_free)
 
 
 def inverse_permutation(permutation: Array, *, xp: Any) -> Array:

@@ -111,7 +111,8 @@ def reference_router(
     xp, values = clean.xp, clean.values
     probs = scores_of(values, score, xp=xp)
     selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
-    choice = select_top_k(selection, k, xp=xp)
+    # Cleaned logits hold no NaN; scores plus an unchecked (traced) bias may.
+    choice = select_top_k(selection, k, xp=xp, nan_free=bias is None)
     chosen = xp.take_along_axis(selection, choice, axis=-1)
     chosen_logits = chosen if bias is None else xp.take_along_axis(values, choice, axis=-1)
     routed = (chosen > -xp.inf) & clean.finite_rows[..., None]

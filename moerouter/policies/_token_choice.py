@@ -36,7 +36,7 @@ def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
     when the Routing is built.
     """
     xp = clean.xp
-    choice = select_top_k(clean.values, k, xp=xp)
+    choice = select_top_k(clean.values, k, xp=xp, nan_free=True)
     return choice, xp.take_along_axis(clean.values, choice, axis=-1)
 
 

@@ -107,6 +107,16 @@ def test_top_k_slot_on_all_equal_and_masked_rows(backend, xp, k):
     np.testing.assert_array_equal(got, reference_top_k(logits, k))
 
 
+@SETTINGS
+@given(data=st.data())
+def test_top_k_slot_with_nan_free_promise(backend, xp, data):
+    # Cleaned logits promise no NaN (nan_free=True): JAX then skips its second top_k.
+    logits = data.draw(tied_logits(bad_rows=False))
+    k = data.draw(st.integers(1, logits.shape[-1]))
+    got = to_numpy(select_top_k(backend.asarray(logits), k, xp=xp, nan_free=True))
+    np.testing.assert_array_equal(got, reference_top_k(logits, k))
+
+
 def test_jax_top_k_breaks_ties_by_lower_index():
     # The JAX kernel relies on this (no fallback): XLA's TopK ranks equal values by index,
     # -inf included. It ranks 0.0 above -0.0 and NaN first: the kernel maps -0.0 to 0.0 and

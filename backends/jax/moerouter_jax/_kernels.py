@@ -287,22 +287,30 @@ def _lax_top_k(scores: Array, k: int) -> Array:
     return jax.lax.top_k(scores, k)[1]
 
 
-def top_k(scores: Array, k: int) -> Array:
+def top_k(scores: Array, k: int, *, nan_free: bool = False) -> Array:
     """The ``k`` best columns of each row, best first, ties to the lower column (int32).
 
     ``jax.lax.top_k`` already returns equal values lower index first (XLA's TopK breaks ties by
     index, ``-inf`` included; ``tests/core/test_fast_selection.py`` checks it), so it equals the
     reference ``argsort(-scores, stable=True)`` with no per-row fallback, under ``jax.jit`` too.
-    Two differences are fixed: ``-0.0`` is made ``0.0``, and a batch holding a NaN (which
-    ``lax.top_k`` ranks first, the reference last) takes the stable sort, chosen by
-    ``lax.cond`` at run time. ``lax.top_k`` on float32 is used as is: on an integer key it is
-    about 9x slower on XLA's CPU backend (measured, T = 4096, E = 64).
+    Two differences are fixed: ``-0.0`` is made ``0.0``, and NaN, which ``lax.top_k`` ranks
+    first and the reference last, is ranked as ``-inf`` by a first ``top_k`` while a second one,
+    on a key that puts ``-inf`` before NaN, orders the unfinite tail of each row (skipped when
+    the caller promises ``nan_free`` scores). Branch-free, so it also runs inside
+    ``shard_map``. ``lax.top_k`` on float32 is used as is: on an integer key it is about 9x
+    slower on XLA's CPU backend (measured, T = 4096, E = 64).
     """
     if scores.dtype != jnp.float32:
         return _reference_top_k(scores, k)
-    return jax.lax.cond(
-        jnp.any(jnp.isnan(scores)),
-        lambda values: _reference_top_k(values, k),
-        lambda values: _lax_top_k(values, k),
-        scores,
-    )
+    if nan_free:
+        return _lax_top_k(scores, k)
+    nan = jnp.isnan(scores)
+    lowest = jnp.asarray(-jnp.inf, dtype=scores.dtype)
+    finite_first = _lax_top_k(jnp.where(nan, lowest, scores), k)
+    # Key of the tail: -inf (2) before NaN (1), each by index; other entries (0) last.
+    tail_key = jnp.where(scores == -jnp.inf, 2.0, jnp.where(nan, 1.0, 0.0)).astype(jnp.float32)
+    tail = jax.lax.top_k(tail_key, k)[1]
+    above = jnp.sum((scores > -jnp.inf) & ~nan, axis=-1, keepdims=True, dtype=jnp.int32)
+    slot = jnp.arange(k, dtype=jnp.int32)
+    from_tail = jnp.clip(slot - above, 0, k - 1)
+    return jnp.where(slot < above, finite_first, jnp.take_along_axis(tail, from_tail, axis=-1))

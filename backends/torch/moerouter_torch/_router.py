@@ -35,8 +35,12 @@ def _reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(-scores, dim=-1, stable=True)[..., :k]
 
 
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` best columns of each row, best first, ties to the lower column (int64)."""
+def top_k(scores: torch.Tensor, k: int, *, nan_free: bool = False) -> torch.Tensor:
+    """The ``k`` best columns of each row, best first, ties to the lower column (int64).
+
+    ``nan_free`` is not needed here: a NaN fails the strictly-decreasing check and its row
+    takes the stable sort.
+    """
     num_columns = scores.shape[-1]
     if not _exact(scores) or k >= num_columns or scores.numel() == 0:
         return _reference(scores, k)
