@@ -188,6 +188,31 @@ def test_router_slot_equals_reference(backend, xp, data):
                 np.testing.assert_allclose(actual, desired, rtol=2e-6, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize(
+    "other_row",
+    [
+        pytest.param([0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0], id="tie"),  # takes the stable sort
+        pytest.param([1.0, -np.inf, -np.inf] + [-np.inf] * 5, id="masked-choice"),  # not routed
+        pytest.param([np.nan] * 8, id="nan-row"),  # the batch goes to the reference
+    ],
+)
+def test_router_slot_is_batch_invariant(backend, xp, other_row):
+    # Token 0's weights and probabilities must not change when another token has a tie, a
+    # masked choice or a NaN row (a batch-wide shortcut or layout would change its rounding).
+    rng = np.random.default_rng(3)
+    plain = rng.standard_normal((24, 8)).astype(np.float32)
+    changed = plain.copy()
+    changed[5] = other_row
+    for policy in (mr.TopK(8, 2), mr.TopK(8, 3, score="sigmoid"), mr.NullExperts(4, 4, 3)):
+        first, second = (policy(backend.asarray(logits)) for logits in (plain, changed))
+        for name in ("weights", "probs"):
+            np.testing.assert_array_equal(
+                to_numpy(getattr(first, name))[: 3 if name == "weights" else 1],
+                to_numpy(getattr(second, name))[: 3 if name == "weights" else 1],
+                err_msg=name,
+            )
+
+
 def test_torch_router_gradient_equals_reference():
     # The fused CPU router keeps the gradient: weights and probs back to the logits.
     torch = pytest.importorskip("torch")

@@ -9,10 +9,11 @@ strictly decreasing values there is only one answer. The fallback reads how many
 stable sort runs (the reference), and CUDA tensors take the Triton router when its kernel set is
 on.
 
-:func:`router` is the ``router`` kernel: for rows that are all routable (checked in one pass,
-``isfinite(amax(row))``) it computes the scores once with ``torch.softmax`` / ``torch.sigmoid``
-and selects with :func:`top_k`; the weights use the reference's own helpers on the k chosen
-columns. A batch with a non-finite row goes to the reference.
+:func:`router` is the ``router`` kernel on CPU: it finds the routable rows in one pass
+(``isfinite(amax(row))``), zeroes the others as the reference does, computes the scores once
+with ``torch.softmax`` / ``torch.sigmoid`` and selects with :func:`top_k`; the weights use the
+reference's own helpers on the k chosen columns, whatever the batch holds, so a token's result
+never depends on the other tokens.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def top_k(scores: torch.Tensor, k: int, *, nan_free: bool = False) -> torch.Tens
     values, columns = torch.topk(scores, k + 1, dim=-1, sorted=True)
     # Exact iff the k + 1 best are strictly decreasing (False for NaN and for equal values).
     distinct = (values[..., :-1] > values[..., 1:]).all(dim=-1)
-    columns = columns[..., :k]
+    # Contiguous either way: the layout must not depend on whether some row had a tie.
+    columns = columns[..., :k].contiguous()
     if not bool(distinct.all()):
         rows = (~distinct).reshape(-1).nonzero().squeeze(1)
         flat = columns.reshape(-1, k).clone()
@@ -112,8 +114,12 @@ def router(
             finite_rows,
             xp,
         )
-    if not bool(finite_rows.all()):
-        return None  # the reference cleans the bad rows (and keeps their gradient zero)
+    all_finite = bool(finite_rows.all())
+    if not all_finite:
+        # Clean the bad rows here, as the reference does (zero logits, so no NaN reaches a
+        # gradient), rather than hand the batch to the reference: its softmax rounds
+        # differently, and a token's result must not depend on another token's row.
+        values = torch.where(finite_rows[..., None], values, 0.0)
     probs = _scores(values, score)
     selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
     choice = top_k(selection, k)
@@ -122,16 +128,14 @@ def router(
     routed = chosen > -torch.inf
     if num_real < values.shape[-1]:
         routed &= choice < num_real
-    softmax_of_chosen = weights == "softmax_after_topk" or (
-        weights == "renormalize" and score == "softmax"
+    if not all_finite:
+        routed &= finite_rows[..., None]
+        probs = torch.where(finite_rows[..., None], probs, 0.0)
+    # The reference's weight formula for every batch: a shortcut taken only when no row is
+    # masked would make a token's rounding depend on the other tokens (batch invariance).
+    routed_weights = chosen_weights(
+        chosen_logits, routed, probs, choice, score=score, weights=weights, xp=xp
     )
-    if softmax_of_chosen and bool(routed.all()):
-        # Nothing masked (the common case): the reference's masked softmax is a plain one.
-        routed_weights = torch.softmax(chosen_logits, dim=-1)
-    else:
-        routed_weights = chosen_weights(
-            chosen_logits, routed, probs, choice, score=score, weights=weights, xp=xp
-        )
     return RouterResult(
         choice=choice,
         routed=routed,
