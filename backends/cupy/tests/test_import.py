@@ -11,14 +11,15 @@ from moerouter import BackendInfo, _registry
 
 
 def test_backend_declares_kernels_behind_an_unverified_set(monkeypatch):
-    # All three kernels are declared, and all three belong to the cupy-cuda kernel set, which
-    # stays off (the agnostic path) until it has passed on a GPU or is asked for by name.
+    # All four kernels (the fused router too) are declared, and all belong to the cupy-cuda
+    # kernel set, which stays off (the agnostic path) until it has passed on a GPU or is asked
+    # for by name.
     backend = moerouter_cupy.backend
     assert isinstance(backend, BackendInfo)
     assert backend.array_library == "cupy"
-    assert set(backend.kernels) == {"make_plan", "dispatch", "combine"}
+    assert set(backend.kernels) == {"make_plan", "dispatch", "combine", "router"}
     assert backend.kernel_sets == (moerouter_cupy.KERNELS,)
-    assert moerouter_cupy.KERNELS.replaces == {"make_plan", "dispatch", "combine"}
+    assert moerouter_cupy.KERNELS.replaces == {"make_plan", "dispatch", "combine", "router"}
     assert not moerouter_cupy.KERNELS.verified
     monkeypatch.delenv(_registry.UNVERIFIED_KERNELS_VARIABLE, raising=False)
     assert not _registry.kernel_set_enabled(moerouter_cupy.KERNELS)
