@@ -24,6 +24,7 @@ class Routers:
         common.BACKENDS,
         [
             "TopK",
+            "TopP",
             "NullExperts",
             "ExpertChoice",
             "DeepSeekTopK",
@@ -47,6 +48,9 @@ class Routers:
         extra: tuple[Any, ...] = ()
         if router == "TopK":
             policy = mr.TopK(s.experts, s.k)
+        elif router == "TopP":
+            # Huang et al.'s p = 0.4, at most k experts: never more rows than top-k.
+            policy = mr.TopP(s.experts, 0.4, s.k)
         elif router == "NullExperts":
             # reference/performance.md §10.2: E real plus E/2 null experts, same k.
             num_null = max(1, s.experts // 2)

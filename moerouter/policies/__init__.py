@@ -30,6 +30,7 @@ function of the logits when called. One module per family:
 - :mod:`~moerouter.policies.hash`: :class:`HashRouter`, token id to fixed experts (hash layers).
 - :mod:`~moerouter.policies.smoe_dropout`: SMoE-Dropout's frozen random router and k schedules.
 - :mod:`~moerouter.policies.cosine`: Tutel's cosine router logits.
+- :mod:`~moerouter.policies.top_p`: :class:`TopP`, top-p (dynamic) routing.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
@@ -57,6 +58,7 @@ from moerouter.policies.sinkhorn import SinkhornExpertChoice, SinkhornTokenChoic
 from moerouter.policies.smoe_dropout import FrozenRandomRouter, evaluate_at_k, k_schedule
 from moerouter.policies.soft_moe import SoftMoE
 from moerouter.policies.sparse_transport import SparsityConstrainedExpertChoice
+from moerouter.policies.top_p import TopP
 from moerouter.policies.topk import TopK
 
 __all__ = [
@@ -75,6 +77,7 @@ __all__ = [
     "SoftMoE",
     "SparsityConstrainedExpertChoice",
     "TopK",
+    "TopP",
     "affinity_scores",
     "anchor_mean_logits",
     "anchor_router_input",

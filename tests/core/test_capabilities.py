@@ -48,6 +48,7 @@ def tokens_on(blocks):
 
 EXAMPLES: dict[type, Example] = {
     mr.TopK: Example(lambda **kw: mr.TopK(E, 2, **kw)),
+    mr.TopP: Example(lambda **kw: mr.TopP(E, p=0.6, max_k=2, **kw)),
     mr.NullExperts: Example(lambda **kw: mr.NullExperts(E, 3, 2, **kw), columns=E + 3),
     mr.ExpertChoice: Example(lambda **kw: mr.ExpertChoice(E, **kw)),
     mr.SinkhornTokenChoice: Example(lambda **kw: mr.SinkhornTokenChoice(E, k=2, num_iters=3, **kw)),
