@@ -323,6 +323,7 @@ def _bench_shape(
     routers: list[tuple[str, Callable[[], mr.Routing], int]] = [
         ("route TopK", lambda: mr.TopK(experts, k)(logits), experts),
         ("route TopP(0.4)", lambda: mr.TopP(experts, 0.4, k)(logits), experts),
+        ("route ReLURouting", lambda: mr.ReLURouting(experts, k)(logits), experts),
         (
             f"route NullExperts(+{num_null})",
             lambda: mr.NullExperts(experts, num_null, k)(null_logits),

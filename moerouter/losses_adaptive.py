@@ -14,9 +14,16 @@ from array_api_compat import array_namespace
 
 from moerouter._agnostic.select import bincount
 from moerouter.losses import _check_routing, _valid_tokens, entropy
+from moerouter.policies._common import check_positive_int
 from moerouter.routing import Routing
 
-__all__ = ["dynamic_loss", "routed_load_balancing"]
+__all__ = [
+    "dynamic_loss",
+    "relu_cut_fraction",
+    "relu_l1_loss",
+    "relu_sparsity",
+    "routed_load_balancing",
+]
 
 Array = Any
 
@@ -102,3 +109,119 @@ def routed_load_balancing(routing: Routing, *, mask: Array | None = None) -> Arr
     probs = xp.where(valid[:, None], real, xp.zeros_like(real))
     tokens = xp.clip(xp.sum(xp.astype(valid, xp.float32)), min=1.0)
     return routing.num_experts * xp.sum(share * xp.sum(probs, axis=0)) / tokens
+
+
+def _valid_gates(routing: Routing, mask: Array | None) -> tuple[Array, Array, Any]:
+    """(T, E) gates of valid tokens (zero elsewhere), (T,) valid, namespace."""
+    routing = _check_routing(routing)
+    xp = array_namespace(routing.probs)
+    valid = _valid_tokens(routing, mask, xp)
+    gates = routing.probs[:, : routing.num_experts]
+    return xp.where(valid[:, None], gates, xp.zeros_like(gates)), valid, xp
+
+
+def relu_l1_loss(
+    routing: Routing, *, target_k: int | None = None, mask: Array | None = None
+) -> Array:
+    r"""ReMoE's L1 penalty on the ReLU gates (Wang et al., ICLR 2025, arXiv:2412.14711).
+
+    Plain (``target_k=None``, the paper's eq. 6) and load-balanced (``target_k=k``, eq. 8):
+
+    .. math::
+
+        L_{\text{reg}} = \frac{1}{T} \sum_t \sum_e R_{t,e}, \qquad
+        L_{\text{reg,lb}} = \frac{1}{T} \sum_t \sum_e f_e R_{t,e}, \quad
+        f_e = \frac{E}{k T} \sum_t \mathbb{1}[R_{t,e} > 0],
+
+    over valid tokens, with :math:`R` the gates (``Routing.probs`` of
+    :class:`~moerouter.ReLURouting`) and :math:`f_e` a constant (an indicator count). The
+    balanced form is what the authors' code uses (``ReLURouter.apply_l1_reg``, through
+    Megatron's ``switch_load_balancing_loss_func`` with their ``topk``), so it pushes the gates of
+    busy experts harder. Counts are of positive gates, before ``max_k`` cuts or capacity drops.
+    Multiply by the coefficient of :func:`moerouter.policies.update_l1_coefficient`'s state; the
+    code adds it per layer (the paper averages over layers, a factor the adaptive coefficient
+    absorbs).
+
+    Parameters
+    ----------
+    routing : Routing
+        :class:`~moerouter.ReLURouting`'s output.
+    target_k : int, optional
+        ``k`` of the target sparsity ``1 - k/E``; turns load balancing on.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array ()
+        float32 scalar; 0 with no valid token.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> routing = mr.ReLURouting(num_experts=2, max_k=2)(xp.asarray([[1.0, -1.0], [3.0, 0.5]]))
+    >>> float(mr.losses.relu_l1_loss(routing))  # (1 + 3.5) / 2
+    2.25
+    """
+    gates, valid, xp = _valid_gates(routing, mask)
+    tokens = xp.clip(xp.sum(xp.astype(valid, xp.float32)), min=1.0)
+    if target_k is None:
+        return xp.sum(gates) / tokens
+    k = check_positive_int(target_k, "target_k")
+    if k > routing.num_experts:
+        raise ValueError(f"target_k must be <= num_experts = {routing.num_experts}, got {k}")
+    active = xp.sum(xp.astype(gates > 0, xp.float32), axis=0)
+    share = routing.num_experts * active / (k * tokens)
+    return xp.sum(share * xp.sum(gates, axis=0)) / tokens
+
+
+def relu_sparsity(routing: Routing, *, mask: Array | None = None) -> Array:
+    r"""Share of zero gates over valid tokens, :math:`S = 1 - \frac{1}{TE}\sum_{t,e}
+    \mathbb{1}[R_{t,e} > 0]` (ReMoE's :math:`S_i`; 1.0 with no valid token).
+
+    The input of :func:`moerouter.policies.update_l1_coefficient`; counted before ``max_k``
+    cuts and capacity drops, as in the authors' code. ``E (1 - S)`` is the mean number of
+    positive gates per token.
+
+    Parameters
+    ----------
+    routing : Routing
+        :class:`~moerouter.ReLURouting`'s output.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array ()
+        float32 scalar, not differentiable (a count).
+    """
+    gates, valid, xp = _valid_gates(routing, mask)
+    cells = xp.clip(xp.sum(xp.astype(valid, xp.float32)) * routing.num_experts, min=1.0)
+    return 1.0 - xp.sum(xp.astype(gates > 0, xp.float32)) / cells
+
+
+def relu_cut_fraction(routing: Routing, *, mask: Array | None = None) -> Array:
+    """Share of positive gates of valid tokens that got no slot because of the ``max_k`` cap.
+
+    0 when ``max_k = num_experts``; capacity drops are not cuts (see
+    :func:`moerouter.stats.summary`'s ``dropped_fraction``).
+
+    Parameters
+    ----------
+    routing : Routing
+        :class:`~moerouter.ReLURouting`'s output (token layout).
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array ()
+        float32 scalar; 0 when no gate is positive.
+    """
+    gates, _, xp = _valid_gates(routing, mask)
+    positive = xp.sum(xp.astype(gates > 0, xp.float32))
+    cells = routing.token_ids * routing.num_experts + routing.choice_ids
+    in_slot = xp.take(xp.reshape(gates, (-1,)), cells) > 0
+    slotted = xp.sum(xp.astype(in_slot, xp.float32))
+    return (positive - slotted) / xp.clip(positive, min=1.0)

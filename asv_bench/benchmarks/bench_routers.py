@@ -25,6 +25,7 @@ class Routers:
         [
             "TopK",
             "TopP",
+            "ReLURouting",
             "NullExperts",
             "ExpertChoice",
             "DeepSeekTopK",
@@ -51,6 +52,9 @@ class Routers:
         elif router == "TopP":
             # Huang et al.'s p = 0.4, at most k experts: never more rows than top-k.
             policy = mr.TopP(s.experts, 0.4, s.k)
+        elif router == "ReLURouting":
+            # Every positive gate up to k: about half the experts are positive at random logits.
+            policy = mr.ReLURouting(s.experts, s.k)
         elif router == "NullExperts":
             # reference/performance.md §10.2: E real plus E/2 null experts, same k.
             num_null = max(1, s.experts // 2)

@@ -31,6 +31,8 @@ function of the logits when called. One module per family:
 - :mod:`~moerouter.policies.smoe_dropout`: SMoE-Dropout's frozen random router and k schedules.
 - :mod:`~moerouter.policies.cosine`: Tutel's cosine router logits.
 - :mod:`~moerouter.policies.top_p`: :class:`TopP`, top-p (dynamic) routing.
+- :mod:`~moerouter.policies.relu`: :class:`ReLURouting`, ReMoE's ReLU routing and its adaptive
+  L1 coefficient.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
@@ -54,6 +56,12 @@ from moerouter.policies.noise import (
     vmoe_logit_noise,
 )
 from moerouter.policies.null import NullExperts
+from moerouter.policies.relu import (
+    ReLURouting,
+    ReLURoutingState,
+    relu_state_init,
+    update_l1_coefficient,
+)
 from moerouter.policies.sinkhorn import SinkhornExpertChoice, SinkhornTokenChoice, sinkhorn_plan
 from moerouter.policies.smoe_dropout import FrozenRandomRouter, evaluate_at_k, k_schedule
 from moerouter.policies.soft_moe import SoftMoE
@@ -72,6 +80,8 @@ __all__ = [
     "HashRouter",
     "LocalityTopK",
     "NullExperts",
+    "ReLURouting",
+    "ReLURoutingState",
     "SinkhornExpertChoice",
     "SinkhornTokenChoice",
     "SoftMoE",
@@ -91,7 +101,9 @@ __all__ = [
     "multiplicative_jitter",
     "noisy_top_k_std",
     "random_hash_table",
+    "relu_state_init",
     "sinkhorn_plan",
     "update_expert_bias",
+    "update_l1_coefficient",
     "vmoe_logit_noise",
 ]

@@ -24,7 +24,12 @@ from moerouter.testing.reference import (
     reference_capacity,
 )
 
-__all__ = ["reference_routed_load_balancing", "reference_top_p"]
+__all__ = [
+    "reference_relu_l1_loss",
+    "reference_relu_routing",
+    "reference_routed_load_balancing",
+    "reference_top_p",
+]
 
 
 def _token_routing(
@@ -149,3 +154,56 @@ def reference_routed_load_balancing(routing: Any) -> float:
     mean_probs = probs[finite][:, :num_experts].sum(axis=0) / tokens
     share = counts / counts.sum() if counts.sum() > 0 else counts
     return float(num_experts * np.sum(share * mean_probs))
+
+
+def reference_relu_routing(
+    logits: Any, max_k: int, *, capacity_factor: float | None = None, drop_policy: str = "position"
+) -> dict[str, Any]:
+    """What :class:`moerouter.ReLURouting` must return, token by token in float64.
+
+    Gates ``max(l, 0)``; the token's ``max_k`` largest logits (ties to the lower index) take
+    slots, and a slot routes when its logit is positive, weighted by its gate.
+    """
+    values = _grouped_float32(logits)
+
+    def decide(row: np.ndarray) -> tuple[np.ndarray, list[int], list[bool], list[float]]:
+        gates = np.maximum(row.astype(np.float64), 0.0)
+        picked = _ranked_columns(row)[:max_k]
+        routed = [bool(row[j] > 0) for j in picked]
+        return gates, picked, routed, [gates[j] for j in picked]
+
+    return _token_routing(
+        values,
+        values.shape[-1],
+        max_k,
+        decide,
+        capacity_factor=capacity_factor,
+        drop_policy=drop_policy,
+    )
+
+
+def reference_relu_l1_loss(routing: Any, target_k: int | None = None) -> dict[str, float]:
+    """ReMoE's L1 penalty (plain or load-balanced), sparsity and cut fraction, with loops."""
+    gates = to_numpy(routing.probs).astype(np.float64)
+    finite = to_numpy(routing.finite_rows)
+    num_experts = routing.num_experts
+    tokens = [t for t in range(gates.shape[0]) if finite[t]]
+    count = max(len(tokens), 1)
+    active = [sum(1 for t in tokens if gates[t, e] > 0) for e in range(num_experts)]
+    total = 0.0
+    for t in tokens:
+        for e in range(num_experts):
+            scale = 1.0 if target_k is None else num_experts * active[e] / (target_k * count)
+            total += scale * gates[t, e]
+    positive = sum(active)
+    slotted = 0
+    for t, c in zip(
+        to_numpy(routing.token_ids).tolist(), to_numpy(routing.choice_ids).tolist(), strict=True
+    ):
+        if finite[t] and gates[t, c] > 0:
+            slotted += 1
+    return {
+        "l1": total / count,
+        "sparsity": 1.0 - positive / (count * num_experts),
+        "cut_fraction": (positive - slotted) / max(positive, 1),
+    }

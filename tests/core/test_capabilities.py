@@ -49,6 +49,7 @@ def tokens_on(blocks):
 EXAMPLES: dict[type, Example] = {
     mr.TopK: Example(lambda **kw: mr.TopK(E, 2, **kw)),
     mr.TopP: Example(lambda **kw: mr.TopP(E, p=0.6, max_k=2, **kw)),
+    mr.ReLURouting: Example(lambda **kw: mr.ReLURouting(E, max_k=3, **kw)),
     mr.NullExperts: Example(lambda **kw: mr.NullExperts(E, 3, 2, **kw), columns=E + 3),
     mr.ExpertChoice: Example(lambda **kw: mr.ExpertChoice(E, **kw)),
     mr.SinkhornTokenChoice: Example(lambda **kw: mr.SinkhornTokenChoice(E, k=2, num_iters=3, **kw)),
@@ -173,7 +174,7 @@ def test_every_policy_declares_and_has_an_example():
 
 def test_a_declaration_is_validated():
     with pytest.raises(ValueError, match="scores"):
-        PolicyCapabilities(scores=("relu",), capacity="none")
+        PolicyCapabilities(scores=("tanh",), capacity="none")
     with pytest.raises(ValueError, match="capacity"):
         PolicyCapabilities(scores=(), capacity="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="wrapped"):
