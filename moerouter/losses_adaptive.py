@@ -13,11 +13,14 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from moerouter._agnostic.select import bincount
+from moerouter._numerics import softplus
 from moerouter.losses import _check_routing, _valid_tokens, entropy
 from moerouter.policies._common import check_positive_int
+from moerouter.policies.causal_expert_choice import expert_choice_targets
 from moerouter.routing import Routing
 
 __all__ = [
+    "causal_predictor_loss",
     "dynamic_loss",
     "relu_cut_fraction",
     "relu_l1_loss",
@@ -225,3 +228,58 @@ def relu_cut_fraction(routing: Routing, *, mask: Array | None = None) -> Array:
     in_slot = xp.take(xp.reshape(gates, (-1,)), cells) > 0
     slotted = xp.sum(xp.astype(in_slot, xp.float32))
     return (positive - slotted) / xp.clip(positive, min=1.0)
+
+
+def causal_predictor_loss(
+    predictor_logits: Array, routing: Routing, *, mask: Array | None = None
+) -> Array:
+    r"""Binary cross-entropy of a causal expert-choice predictor (Mixture-of-Depths §3.5).
+
+    .. math::
+
+        L = \frac{1}{T E} \sum_{t, e} \Bigl( \mathrm{softplus}(z_{t,e}) - z_{t,e}\, y_{t,e}
+            \Bigr),
+
+    the mean over valid tokens and experts of the cross-entropy between the predictor's logits
+    :math:`z` and the batch expert-choice membership :math:`y_{t,e} \in \{0, 1\}`
+    (:func:`moerouter.policies.expert_choice_targets`), in the form that stays finite for every
+    finite :math:`z`. The predictor should see a stop-gradient copy of the router's input, so
+    that this loss trains the predictor only; at inference
+    :class:`~moerouter.CausalExpertChoice` (``mode="predictor"``) routes where :math:`z > 0`.
+
+    Parameters
+    ----------
+    predictor_logits : array (T, E) or (G, S, E)
+        The predictor's outputs for the routing's tokens, real floating.
+    routing : Routing
+        ``router(logits, training=True)`` of a :class:`~moerouter.CausalExpertChoice`.
+    mask : array (T,) or (G, S) bool, optional
+        Valid (non-padding) tokens.
+
+    Returns
+    -------
+    array ()
+        float32 scalar; 0 with no valid token.
+    """
+    routing = _check_routing(routing)
+    targets = expert_choice_targets(routing)
+    xp = array_namespace(predictor_logits, targets)
+    if predictor_logits.ndim not in (2, 3) or predictor_logits.shape[-1] != routing.num_experts:
+        raise ValueError(
+            f"predictor_logits must have shape (T, {routing.num_experts}) or "
+            f"(G, S, {routing.num_experts}), got {tuple(predictor_logits.shape)}"
+        )
+    if not xp.isdtype(predictor_logits.dtype, "real floating"):
+        raise TypeError(
+            f"predictor_logits must be a real floating dtype, got {predictor_logits.dtype}"
+        )
+    z = xp.reshape(xp.astype(predictor_logits, xp.float32), (-1, routing.num_experts))
+    if int(z.shape[0]) != routing.num_tokens:
+        raise ValueError(
+            f"predictor_logits hold {z.shape[0]} tokens, the routing {routing.num_tokens}"
+        )
+    valid = _valid_tokens(routing, mask, xp)
+    per_cell = softplus(z, xp=xp) - z * targets
+    per_cell = xp.where(valid[:, None], per_cell, xp.zeros_like(per_cell))
+    cells = xp.clip(xp.sum(xp.astype(valid, xp.float32)) * routing.num_experts, min=1.0)
+    return xp.sum(per_cell) / cells

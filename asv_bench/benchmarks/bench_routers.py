@@ -26,6 +26,7 @@ class Routers:
             "TopK",
             "TopP",
             "ReLURouting",
+            "CausalExpertChoice",
             "NullExperts",
             "ExpertChoice",
             "DeepSeekTopK",
@@ -55,6 +56,10 @@ class Routers:
         elif router == "ReLURouting":
             # Every positive gate up to k: about half the experts are positive at random logits.
             policy = mr.ReLURouting(s.experts, s.k)
+        elif router == "CausalExpertChoice":
+            # The inference rule (thresholds at the uniform probability), per token.
+            policy = mr.CausalExpertChoice(s.experts, float(s.k))
+            extra = (common.asarray(backend, np.full(s.experts, 1 / s.experts, np.float32)),)
         elif router == "NullExperts":
             # reference/performance.md §10.2: E real plus E/2 null experts, same k.
             num_null = max(1, s.experts // 2)

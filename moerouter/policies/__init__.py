@@ -31,12 +31,21 @@ function of the logits when called. One module per family:
 - :mod:`~moerouter.policies.smoe_dropout`: SMoE-Dropout's frozen random router and k schedules.
 - :mod:`~moerouter.policies.cosine`: Tutel's cosine router logits.
 - :mod:`~moerouter.policies.top_p`: :class:`TopP`, top-p (dynamic) routing.
+- :mod:`~moerouter.policies.causal_expert_choice`: :class:`CausalExpertChoice`, expert choice
+  with a causal inference rule (thresholds or a predictor).
 - :mod:`~moerouter.policies.relu`: :class:`ReLURouting`, ReMoE's ReLU routing and its adaptive
   L1 coefficient.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
 from moerouter.policies.balanced import BalancedAssignment
+from moerouter.policies.causal_expert_choice import (
+    CausalExpertChoice,
+    ThresholdState,
+    expert_choice_targets,
+    threshold_state_init,
+    update_thresholds,
+)
 from moerouter.policies.cosine import cosine_router_logits
 from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
 from moerouter.policies.expert_choice import ExpertChoice
@@ -73,6 +82,7 @@ __all__ = [
     "AffinityRouting",
     "AnchorRouting",
     "BalancedAssignment",
+    "CausalExpertChoice",
     "DeepSeekTopK",
     "ExpertChoice",
     "FrozenRandomRouter",
@@ -86,6 +96,7 @@ __all__ = [
     "SinkhornTokenChoice",
     "SoftMoE",
     "SparsityConstrainedExpertChoice",
+    "ThresholdState",
     "TopK",
     "TopP",
     "affinity_scores",
@@ -94,6 +105,7 @@ __all__ = [
     "balanced_hash_table",
     "cosine_router_logits",
     "evaluate_at_k",
+    "expert_choice_targets",
     "gaussian_noise",
     "grouped_average_pooling",
     "k_schedule",
@@ -103,7 +115,9 @@ __all__ = [
     "random_hash_table",
     "relu_state_init",
     "sinkhorn_plan",
+    "threshold_state_init",
     "update_expert_bias",
     "update_l1_coefficient",
+    "update_thresholds",
     "vmoe_logit_noise",
 ]

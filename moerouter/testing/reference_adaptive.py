@@ -25,6 +25,7 @@ from moerouter.testing.reference import (
 )
 
 __all__ = [
+    "reference_causal_expert_choice",
     "reference_relu_l1_loss",
     "reference_relu_routing",
     "reference_routed_load_balancing",
@@ -207,3 +208,40 @@ def reference_relu_l1_loss(routing: Any, target_k: int | None = None) -> dict[st
         "sparsity": 1.0 - positive / (count * num_experts),
         "cut_fraction": (positive - slotted) / max(positive, 1),
     }
+
+
+def reference_causal_expert_choice(
+    logits: Any, *, thresholds: Any = None, predictor_logits: Any = None
+) -> dict[str, Any]:
+    """What :class:`moerouter.CausalExpertChoice` must return at inference, token by token.
+
+    ``E`` slots in descending logit order (ties to the lower index); expert ``e`` routes when
+    ``softmax(l)_e >= thresholds[e]`` (threshold mode) or ``predictor_logits[t, e] > 0``
+    (predictor mode), never at a ``-inf`` logit; weight ``softmax(l)_e``.
+    """
+    values = _grouped_float32(logits)
+    num_groups, group_size, num_experts = values.shape
+    if thresholds is not None:
+        passes_of = to_numpy(thresholds).astype(np.float32).astype(np.float64)
+    else:
+        predicted = to_numpy(predictor_logits).astype(np.float32).reshape(-1, num_experts)
+    # _token_routing calls ``decide`` on the finite rows in token order.
+    finite_tokens = iter(
+        g * group_size + s
+        for g in range(num_groups)
+        for s in range(group_size)
+        if _row_is_finite(values[g, s])
+    )
+
+    def decide(row: np.ndarray) -> tuple[np.ndarray, list[int], list[bool], list[float]]:
+        token = next(finite_tokens)
+        probs = _softmax(row)
+        picked = _ranked_columns(row)
+        if thresholds is not None:
+            passes = [bool(probs[e] >= passes_of[e]) for e in picked]
+        else:
+            passes = [bool(predicted[token, e] > 0) for e in picked]
+        routed = [p and bool(row[e] > -math.inf) for p, e in zip(passes, picked, strict=True)]
+        return probs, picked, routed, [probs[e] for e in picked]
+
+    return _token_routing(values, num_experts, num_experts, decide)
