@@ -22,7 +22,8 @@ LIGHT_BACKENDS = [
 ZERO_TOKENS_XFAIL = pytest.mark.xfail(
     raises=ValueError,
     strict=True,
-    reason="main's clean_logits refuses T = 0; fix/devices-zero-int32 makes an empty batch legal",
+    reason="main's clean_logits (and token_choice_routing's reshape) refuse T = 0; "
+    "fix/devices-zero-int32 makes an empty batch legal",
 )
 
 META_XFAIL = pytest.mark.xfail(
