@@ -1119,3 +1119,10 @@ def aggregate(
     if any(isinstance(entry, Mapping) for entry in entries):
         raise TypeError("per_layer must hold only arrays or only dicts, not both")
     return combine(entries, "per_layer")
+
+
+# The adaptive-compute policies' losses live in their own module and are reached from here too.
+from moerouter.losses_adaptive import *  # noqa: E402, F403
+from moerouter.losses_adaptive import __all__ as _adaptive_names  # noqa: E402
+
+__all__ += _adaptive_names

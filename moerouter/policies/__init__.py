@@ -30,10 +30,22 @@ function of the logits when called. One module per family:
 - :mod:`~moerouter.policies.hash`: :class:`HashRouter`, token id to fixed experts (hash layers).
 - :mod:`~moerouter.policies.smoe_dropout`: SMoE-Dropout's frozen random router and k schedules.
 - :mod:`~moerouter.policies.cosine`: Tutel's cosine router logits.
+- :mod:`~moerouter.policies.top_p`: :class:`TopP`, top-p (dynamic) routing.
+- :mod:`~moerouter.policies.causal_expert_choice`: :class:`CausalExpertChoice`, expert choice
+  with a causal inference rule (thresholds or a predictor).
+- :mod:`~moerouter.policies.relu`: :class:`ReLURouting`, ReMoE's ReLU routing and its adaptive
+  L1 coefficient.
 """
 
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
 from moerouter.policies.balanced import BalancedAssignment
+from moerouter.policies.causal_expert_choice import (
+    CausalExpertChoice,
+    ThresholdState,
+    expert_choice_targets,
+    threshold_state_init,
+    update_thresholds,
+)
 from moerouter.policies.cosine import cosine_router_logits
 from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
 from moerouter.policies.expert_choice import ExpertChoice
@@ -53,16 +65,24 @@ from moerouter.policies.noise import (
     vmoe_logit_noise,
 )
 from moerouter.policies.null import NullExperts
+from moerouter.policies.relu import (
+    ReLURouting,
+    ReLURoutingState,
+    relu_state_init,
+    update_l1_coefficient,
+)
 from moerouter.policies.sinkhorn import SinkhornExpertChoice, SinkhornTokenChoice, sinkhorn_plan
 from moerouter.policies.smoe_dropout import FrozenRandomRouter, evaluate_at_k, k_schedule
 from moerouter.policies.soft_moe import SoftMoE
 from moerouter.policies.sparse_transport import SparsityConstrainedExpertChoice
+from moerouter.policies.top_p import TopP
 from moerouter.policies.topk import TopK
 
 __all__ = [
     "AffinityRouting",
     "AnchorRouting",
     "BalancedAssignment",
+    "CausalExpertChoice",
     "DeepSeekTopK",
     "ExpertChoice",
     "FrozenRandomRouter",
@@ -70,17 +90,22 @@ __all__ = [
     "HashRouter",
     "LocalityTopK",
     "NullExperts",
+    "ReLURouting",
+    "ReLURoutingState",
     "SinkhornExpertChoice",
     "SinkhornTokenChoice",
     "SoftMoE",
     "SparsityConstrainedExpertChoice",
+    "ThresholdState",
     "TopK",
+    "TopP",
     "affinity_scores",
     "anchor_mean_logits",
     "anchor_router_input",
     "balanced_hash_table",
     "cosine_router_logits",
     "evaluate_at_k",
+    "expert_choice_targets",
     "gaussian_noise",
     "grouped_average_pooling",
     "k_schedule",
@@ -88,7 +113,11 @@ __all__ = [
     "multiplicative_jitter",
     "noisy_top_k_std",
     "random_hash_table",
+    "relu_state_init",
     "sinkhorn_plan",
+    "threshold_state_init",
     "update_expert_bias",
+    "update_l1_coefficient",
+    "update_thresholds",
     "vmoe_logit_noise",
 ]
