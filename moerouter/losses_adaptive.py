@@ -13,6 +13,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from moerouter._agnostic.select import bincount
+from moerouter._arrays import device_of
 from moerouter._numerics import softplus
 from moerouter.losses import _check_routing, _valid_tokens, entropy
 from moerouter.policies._common import check_positive_int
@@ -70,8 +71,9 @@ def dynamic_loss(routing: Routing, *, mask: Array | None = None) -> Array:
 def _routed_per_expert(routing: Routing, valid: Array, xp: Any) -> Array:
     """(E,) float32: assignments of valid tokens that reach each real expert (after drops)."""
     counted = xp.take(valid, routing.token_ids) & (routing.expert_ids >= 0)
-    ids = xp.where(counted, routing.expert_ids, xp.asarray(-1, dtype=xp.int32))
-    return xp.astype(bincount(ids, routing.num_experts, xp=xp), xp.float32)
+    where = device_of(routing.expert_ids)
+    ids = xp.where(counted, routing.expert_ids, xp.asarray(-1, dtype=xp.int32, device=where))
+    return xp.astype(bincount(ids, routing.num_experts, xp=xp, device=where), xp.float32)
 
 
 def routed_load_balancing(routing: Routing, *, mask: Array | None = None) -> Array:

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from array_api_compat import array_namespace, device, is_array_api_obj
+from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.select import bincount, top_k
+from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
@@ -331,10 +332,12 @@ def expert_choice_targets(routing: Routing) -> Array:
         raise TypeError("routing must be an expert-layout Routing (router(..., training=True))")
     xp = array_namespace(routing.expert_ids)
     num_experts = routing.num_experts
+    check_index_bound("token-expert cells", T=routing.num_tokens, E=num_experts)
+    where = device_of(routing.expert_ids)
     cell = xp.where(
         routing.expert_ids >= 0,
         routing.token_ids * num_experts + routing.expert_ids,
-        xp.asarray(-1, dtype=xp.int32, device=device(routing.expert_ids)),
+        xp.asarray(-1, dtype=xp.int32, device=where),
     )
-    taken = bincount(cell, routing.num_tokens * num_experts, xp=xp)
+    taken = bincount(cell, routing.num_tokens * num_experts, xp=xp, device=where)
     return xp.reshape(xp.astype(taken > 0, xp.float32), (routing.num_tokens, num_experts))

@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from array_api_compat import device as _device
-
+from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
 from moerouter.policies._common import (
     check_capacity_factor,
@@ -53,11 +52,11 @@ def top_p_keep(chosen_probs: Array, p: float, *, xp: Any) -> Array:
     would make ``p = 1`` depend on each backend's rounding.
     """
     if p >= 1.0:
-        return xp.ones(chosen_probs.shape, dtype=xp.bool, device=_device(chosen_probs))
+        return xp.ones(chosen_probs.shape, dtype=xp.bool, device=device_of(chosen_probs))
     # Mass of the strictly better slots: an exclusive cumulative sum, not ``inclusive - own``,
     # which rounds differently and could flip a slot sitting exactly at ``p``.
     before = xp.cumulative_sum(chosen_probs, axis=-1, include_initial=True)[..., :-1]
-    first = xp.arange(chosen_probs.shape[-1], device=_device(chosen_probs)) == 0
+    first = xp.arange(chosen_probs.shape[-1], device=device_of(chosen_probs)) == 0
     return first | (before < p)
 
 

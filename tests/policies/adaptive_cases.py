@@ -19,20 +19,6 @@ LIGHT_BACKENDS = [
     pytest.param(Backend.ARRAY_API_STRICT, id="array_api_strict"),
 ]
 
-ZERO_TOKENS_XFAIL = pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="main's clean_logits (and token_choice_routing's reshape) refuse T = 0; "
-    "fix/devices-zero-int32 makes an empty batch legal",
-)
-
-META_XFAIL = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="main's token_choice_routing builds token_ids without device=; "
-    "fix/devices-zero-int32 places them on the logits' device",
-)
-
 
 def array_fields(routing):
     """Every array field of a Routing, as NumPy, by name."""

@@ -8,9 +8,7 @@ import pytest
 from adaptive_cases import (
     COMPILE_WARNING,
     LIGHT_BACKENDS,
-    META_XFAIL,
     PROPERTY,
-    ZERO_TOKENS_XFAIL,
     assert_on_meta,
     jax_jitted,
     same_routing,
@@ -229,7 +227,6 @@ def test_bad_inputs_are_named():
         mr.losses.causal_predictor_loss(np.zeros((3, E), np.float32), router(logits, training=True))
 
 
-@ZERO_TOKENS_XFAIL
 @pytest.mark.parametrize("backend", LIGHT_BACKENDS)
 def test_zero_tokens(backend):
     router = mr.CausalExpertChoice(E, capacity_factor=2.0)
@@ -237,7 +234,6 @@ def test_zero_tokens(backend):
     assert routing.num_tokens == 0 and to_numpy(routing.expert_ids).shape == (0,)
 
 
-@META_XFAIL
 def test_torch_meta_device():
     torch = pytest.importorskip("torch")
     router = mr.CausalExpertChoice(E, capacity_factor=2.0)
