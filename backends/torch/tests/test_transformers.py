@@ -16,9 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 from moerouter_torch.integrations.transformers import (  # noqa: E402
     from_adamoe,
+    load_adamoe,
     remove_moerouter,
     route_with_moerouter,
     routing_statistics,
+    save_adamoe,
     to_adamoe,
 )
 
@@ -631,3 +633,32 @@ def test_wrong_policy_and_adamoe_on_deepseek_are_rejected():
     with pytest.raises(ValueError, match="call route_with_moerouter"):
         with routing_statistics(_build("olmoe")):
             pass
+
+
+def test_save_and_load_adamoe_keeps_the_null_rows(tmp_path):
+    model = to_adamoe(_build("mixtral"), num_null=6, k=4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight[4:].add_(1.0)  # as if fine-tuned
+    save_adamoe(model, str(tmp_path))
+    assert model.config.output_router_logits is True  # restored after saving
+    loaded = load_adamoe(transformers.MixtralForCausalLM, str(tmp_path))
+    gate = loaded.model.layers[0].mlp.gate.weight
+    assert gate.shape == (10, 32)
+    torch.testing.assert_close(gate, model.model.layers[0].mlp.gate.weight)
+    ids = _tokens()
+    expected, actual = model(ids, labels=ids), loaded(ids, labels=ids)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(actual.aux_loss, expected.aux_loss)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe_norm", "deepseek_v3", "olmoe"])
+def test_greedy_generate_is_identical(name):
+    # The major lines of benchmarks/bench_transformers.py: the routed model decodes the same
+    # tokens (prefill and the cached one-token steps both go through moerouter).
+    reference = _build(name)
+    routed = route_with_moerouter(copy.deepcopy(reference))
+    prompt = _tokens(length=6)
+    with torch.no_grad():
+        expected = reference.generate(prompt, max_new_tokens=6, do_sample=False)
+        actual = routed.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(actual, expected)

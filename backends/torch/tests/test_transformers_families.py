@@ -248,18 +248,27 @@ def test_refused_family_says_why(family):
 )
 def test_adamoe_conversion_keeps_the_top_k_outputs(family):
     # Null rows start as copies of real rows and ties go to the lower index (the real expert):
-    # with k equal to the model's and as many null experts as real, every token keeps its top-k
-    # real experts at the conversion. Renormalising routers (most) are then unchanged; the
-    # others' weights become renormalised, so compare with the renormalising top-k policy.
+    # with as many null experts as real (m = E = 8) and twice the model's k (4), every token
+    # picks its top-2 real experts and their copies, the copies weigh nothing. Renormalising
+    # routers (most) are then unchanged; the others' weights become renormalised, so compare
+    # with the renormalising top-k policy.
     import moerouter as mr
 
     reference = route_with_moerouter(
         build_tiny(family),
         lambda name, default: mr.TopK(default.num_experts, default.k, normalize=True),
     )
-    converted = to_adamoe(copy.deepcopy(reference), num_null=0, k=2)
+    converted = to_adamoe(copy.deepcopy(reference), num_null=8, k=4)
     ids = _tokens()
     with torch.no_grad():
         expected = _output(reference, ids)
         actual = _output(converted, ids)
     assert _relative_error(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "family", [name for name in _families("supported") if FAMILIES[name].no_adamoe]
+)
+def test_adamoe_refusal_says_why(family):
+    with pytest.raises(ValueError, match="per-expert tensors"):
+        to_adamoe(build_tiny(family), num_null=8, k=4)

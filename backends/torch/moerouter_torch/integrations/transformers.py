@@ -50,11 +50,16 @@ from moerouter_torch._grouped import grouped_mm
 __all__ = [
     "RoutingStats",
     "from_adamoe",
+    "load_adamoe",
     "remove_moerouter",
     "route_with_moerouter",
     "routing_statistics",
+    "save_adamoe",
     "to_adamoe",
 ]
+
+_ADAMOE_FILE = "moerouter_adamoe.json"
+_ROUTERS_FILE = "moerouter_adamoe_routers.safetensors"
 
 _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_expert", "shared_expert_gate", "shared_experts", "shared_mlp")
@@ -769,6 +774,23 @@ def to_adamoe(
                 f"to_adamoe needs softmax top-k routers, but {type(block.block).__name__} "
                 f"({name!r}) routes with {block.default_policy!r}"
             )
+        linear_tensors = {id(tensor) for tensor in block.linear.parameters(recurse=False)}
+        per_expert = [
+            tensor_name
+            for tensor_name, tensor in [
+                *block.router.named_parameters(),
+                *block.router.named_buffers(),
+            ]
+            if id(tensor) not in linear_tensors and block.num_experts in tensor.shape
+        ]
+        if per_expert:
+            # Ernie 4.5 adds its moe_statics bias (one entry per expert) to the logits: it
+            # would not fit the E + m columns.
+            raise ValueError(
+                f"to_adamoe: the router of {type(block.block).__name__} ({name!r}) holds "
+                f"per-expert tensors besides its weight ({', '.join(per_expert)}) that its "
+                "forward applies to E columns; null experts would need them widened"
+            )
         policies[name] = mr.NullExperts(num_experts=block.num_experts, num_null=num_null, k=k)
     for name, block in state.blocks.items():
         _resize_router(block.linear, block.num_experts + num_null)
@@ -894,3 +916,72 @@ def routing_statistics(
         yield collector
     finally:
         state.stats.remove(collector)
+
+
+def save_adamoe(model: nn.Module, path: str) -> None:
+    """Save an AdaMoE model (``to_adamoe``) with ``save_pretrained`` plus its conversion.
+
+    ``save_pretrained`` writes the weights with their null rows, but the config does not know
+    about them; ``moerouter_adamoe.json`` beside it records ``num_null``, ``k`` and the loss
+    options, and ``moerouter_adamoe_routers.safetensors`` every router's rows, so that
+    :func:`load_adamoe` rebuilds the same model.
+    """
+    import json
+    import os
+
+    state = _require_state(model, "save_adamoe")
+    adamoe = state.adamoe
+    if adamoe is None:
+        raise ValueError("save_adamoe: the model is not AdaMoE (to_adamoe was not called)")
+    config = getattr(model, "config", None)
+    before = getattr(config, "output_router_logits", None)
+    if config is not None and adamoe.output_router_logits_before is not None:
+        config.output_router_logits = adamoe.output_router_logits_before  # the original's
+    try:
+        model.save_pretrained(path)  # type: ignore[operator]
+    finally:
+        if config is not None:
+            config.output_router_logits = before
+    options = {
+        "num_null": adamoe.num_null,
+        "k": adamoe.k,
+        "null_mode": adamoe.null_mode,
+        "convention": adamoe.convention,
+        "aux_loss_coef": adamoe.aux_loss_coef,
+    }
+    with open(os.path.join(path, _ADAMOE_FILE), "w") as file:
+        json.dump(options, file)
+    from safetensors.torch import save_file
+
+    routers = {
+        f"{name}.{key}": tensor.detach().contiguous().cpu()
+        for name, block in state.blocks.items()
+        for key, tensor in block.linear.named_parameters(recurse=False)
+    }
+    save_file(routers, os.path.join(path, _ROUTERS_FILE))
+
+
+def load_adamoe(model_class: Any, path: str) -> nn.Module:
+    """Load a model saved by :func:`save_adamoe`: null rows, policy and loss as they were.
+
+    ``model_class`` is the transformers class (``MixtralForCausalLM``, ...). Everything but the
+    routers loads through ``from_pretrained`` (its checkpoint conversions included); the model
+    is converted with the saved options and its routers get the saved rows, null rows included.
+    """
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, _ADAMOE_FILE)) as file:
+        options = json.load(file)
+    # The routers' E + m rows do not fit the config's E: they are re-read below.
+    model = model_class.from_pretrained(path, ignore_mismatched_sizes=True)
+    to_adamoe(model, **options)
+    routers = load_file(os.path.join(path, _ROUTERS_FILE))
+    state = _require_state(model, "load_adamoe")
+    with torch.no_grad():
+        for name, block in state.blocks.items():
+            for key, tensor in block.linear.named_parameters(recurse=False):
+                tensor.copy_(routers[f"{name}.{key}"])
+    return model.eval()

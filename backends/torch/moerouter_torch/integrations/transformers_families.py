@@ -37,6 +37,8 @@ class Family:
     not_built : str
         Why the tests build no tiny model of the family from its default configuration; the
         integration is then not exercised on it.
+    no_adamoe : str
+        Why :func:`to_adamoe` refuses a softmax top-k family (its ``ValueError`` says so).
     """
 
     policy: str = ""
@@ -44,11 +46,12 @@ class Family:
     refused: str = ""
     refused_match: str = ""
     not_built: str = ""
+    no_adamoe: str = ""
 
     @property
     def adamoe(self) -> bool:
-        """:func:`to_adamoe` applies: the router is a softmax top-k."""
-        return self.policy == "TopK" and self.score == "softmax"
+        """:func:`to_adamoe` applies: the router is a softmax top-k and ``no_adamoe`` is empty."""
+        return self.policy == "TopK" and self.score == "softmax" and not self.no_adamoe
 
     @property
     def status(self) -> str:
@@ -98,7 +101,11 @@ FAMILIES: dict[str, Family] = {
     "diffusion_gemma": _not_built("per-layer configs (config.per_layer_config) are not shrunk"),
     "dots1": _not_built("its default config leaves sizes the tiny config needs unset (None)"),
     "dots3_note": _not_built("per-layer configs (config.per_layer_config) are not shrunk"),
-    "ernie4_5_moe": _SOFTMAX,
+    "ernie4_5_moe": Family(
+        "TopK",
+        "softmax",
+        no_adamoe="its router adds a per-expert bias (moe_statics) of E entries to the logits",
+    ),
     "ernie4_5_vl_moe": _not_built(
         "the tiny text config has no multimodal expert split (text/vision experts of size 0)"
     ),
