@@ -158,12 +158,14 @@ def tile_null_rows(weight: Array, num_null: int, *, axis: int = 0) -> Array:
 
 
 def drop_null_rows(weight: Array, num_experts: int, *, axis: int = 0) -> Array:
-    """The first ``num_experts`` rows of ``weight`` along ``axis``: undoes :func:`tile_null_rows`."""
+    """The first ``num_experts`` rows of ``weight`` along ``axis``: undoes the tiling."""
     axis = _check_axis(weight, axis)
     check_positive_int(num_experts, "num_experts")
     if num_experts > weight.shape[axis]:
         raise ValueError(
             f"num_experts must be <= the {weight.shape[axis]} rows of weight, got {num_experts}"
         )
-    index = tuple(slice(0, num_experts) if dim == axis else slice(None) for dim in range(axis + 1))
+    index = tuple(
+        slice(0, num_experts) if dim == axis else slice(None) for dim in range(weight.ndim)
+    )
     return weight[index]

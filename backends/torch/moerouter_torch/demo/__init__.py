@@ -411,8 +411,9 @@ def _train_and_report(args: argparse.Namespace, device: str, threads: int, corpu
     (out / "results.txt").write_text(text, encoding="utf-8")
     print(
         "\nvs top-2 (paired): loss minus top-2's on the same windows. vs top-1/top-2 line: loss"
-        " minus the straight line through top-1 and top-2 at the same real experts per token (negative:"
-        " below the line, better; * extrapolated). ± one standard error over the windows.\n"
+        " minus the straight line through top-1 and top-2 at the same real experts per token"
+        " (negative: below the line, better; * extrapolated). ± one standard error over the"
+        " windows.\n"
         f"Wrote {out / 'results.txt'}, {out / 'results.json'}"
         + (f" and {out / 'demo.png'}" if plotted else "; plot skipped: matplotlib is not installed")
         + f" ({wall:.0f} s)."
