@@ -118,7 +118,7 @@ def test_bad_conversion_names_the_parameter(kwargs, error, message):
 
 
 def test_bad_tiling_and_back_conversion():
-    with pytest.raises(TypeError, match="router must be a moerouter.NullExperts"):
+    with pytest.raises(TypeError, match=r"router must be a moerouter\.NullExperts"):
         top_k_router(mr.TopK(8, k=2), k=2)
     with pytest.raises(ValueError, match="k must be <= num_experts"):
         top_k_router(mr.NullExperts(8, 8, 4), k=9)
