@@ -88,6 +88,6 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: ``python -m moerouter demo`` (trains four tiny MoE models; about 5 minutes)."""
+    """The main job: ``python -m moerouter demo`` (pretrains a tiny MoE, fine-tunes it four ways)."""
     session.install(TORCH, "-e", ".[demo]", "-e", "backends/torch")  # [demo]: matplotlib
     session.run("python", "-m", "moerouter", "demo", *session.posargs)
