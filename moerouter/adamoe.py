@@ -133,7 +133,7 @@ def _check_axis(weight: Array, axis: int) -> int:
     check_array(weight, "weight")
     if not -weight.ndim <= axis < weight.ndim:
         raise ValueError(f"axis must be in [{-weight.ndim}, {weight.ndim}), got {axis}")
-    return axis % weight.ndim
+    return int(axis % weight.ndim)
 
 
 def tile_null_rows(weight: Array, num_null: int, *, axis: int = 0) -> Array:
