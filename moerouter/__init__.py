@@ -6,6 +6,7 @@ Nothing here imports a framework: the backend is chosen per call from the arrays
 """
 
 from moerouter import (
+    adamoe,
     confidence,
     distillation,
     ensemble,
@@ -78,6 +79,7 @@ __all__ = [
     "TopK",
     "TopP",
     "__version__",
+    "adamoe",
     "balanced_hash_table",
     "combine",
     "confidence",
