@@ -183,7 +183,7 @@ def relu_l1_loss(
 
 def relu_sparsity(routing: Routing, *, mask: Array | None = None) -> Array:
     r"""Share of zero gates over valid tokens, :math:`S = 1 - \frac{1}{TE}\sum_{t,e}
-    \mathbb{1}[R_{t,e} > 0]` (ReMoE's :math:`S_i`; 1.0 with no valid token).
+    \mathbb{1}[R_{t,e} > 0]` (ReMoE's :math:`S_i`; 0.0 with no valid token, as every loss and stat).
 
     The input of :func:`moerouter.policies.update_l1_coefficient`; counted before ``max_k``
     cuts and capacity drops, as in the authors' code. ``E (1 - S)`` is the mean number of
@@ -202,8 +202,10 @@ def relu_sparsity(routing: Routing, *, mask: Array | None = None) -> Array:
         float32 scalar, not differentiable (a count).
     """
     gates, valid, xp = _valid_gates(routing, mask)
-    cells = xp.clip(xp.sum(xp.astype(valid, xp.float32)) * routing.num_experts, min=1.0)
-    return 1.0 - xp.sum(xp.astype(gates > 0, xp.float32)) / cells
+    cells = xp.sum(xp.astype(valid, xp.float32)) * routing.num_experts
+    zero = xp.sum(xp.astype((gates <= 0) & valid[:, None], xp.float32))
+    # The share of zero gates among valid cells: 0.0 with no valid token, as every loss and stat.
+    return zero / xp.clip(cells, min=1.0)
 
 
 def relu_cut_fraction(routing: Routing, *, mask: Array | None = None) -> Array:
