@@ -28,16 +28,16 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from moerouter._numerics import (
+from moerouter._agnostic.scores import log_softmax, sigmoid
+from moerouter._agnostic.select import pick_columns
+from moerouter._typing import Array
+from moerouter._validation import (
     check_array,
     check_real,
     check_shape,
     class_labels,
     float_array,
-    log_softmax,
     namespace,
-    pick_columns,
-    sigmoid,
 )
 
 __all__ = [
@@ -49,8 +49,6 @@ __all__ = [
     "predict_mixed",
     "weighted_loss",
 ]
-
-Array = Any
 
 
 def dispersion(weak_logits: Array, *, xp: Any = None) -> Array:

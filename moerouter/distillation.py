@@ -21,16 +21,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moerouter._numerics import (
-    check_real,
-    check_shape,
-    class_labels,
-    float_array,
-    log_sigmoid,
-    log_softmax,
-    namespace,
-    pick_columns,
-)
+from moerouter._agnostic.scores import log_sigmoid, log_softmax
+from moerouter._agnostic.select import pick_columns
+from moerouter._typing import Array
+from moerouter._validation import check_real, check_shape, class_labels, float_array, namespace
 
 __all__ = [
     "align_gradients",
@@ -39,8 +33,6 @@ __all__ = [
     "cross_entropy",
     "dual_head_loss",
 ]
-
-Array = Any
 
 
 def cross_entropy(logits: Array, labels: Array, *, xp: Any = None) -> Array:

@@ -32,11 +32,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import array_namespace
 
+from moerouter._agnostic.scores import log_softmax
 from moerouter._agnostic.select import top_k
 from moerouter._arrays import check_concrete, device_of
-from moerouter.policies._common import check_choice, check_positive_int
+from moerouter._typing import Array
+from moerouter._validation import check_choice, check_floating, check_positive_int, is_array
 
 __all__ = [
     "average_parameters",
@@ -46,31 +48,6 @@ __all__ = [
     "top_k_prior",
     "update_prior",
 ]
-
-Array = Any
-
-
-def _is_array(value: object) -> bool:
-    # A plain bool, not array-api-compat's TypeGuard, so mypy keeps Array as Any.
-    return bool(is_array_api_obj(value))
-
-
-def _check_float_array(value: Array, name: str, *, ndim: int | None = None) -> Array:
-    if not _is_array(value):
-        raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-    xp = array_namespace(value)
-    if not xp.isdtype(value.dtype, "real floating"):
-        raise TypeError(f"{name} must be a real floating dtype, got {value.dtype}")
-    if ndim is not None and value.ndim < ndim:
-        raise ValueError(f"{name} must have at least {ndim} dimension(s), got shape {value.shape}")
-    return value
-
-
-def _log_softmax(values: Array, *, xp: Any) -> Array:
-    peak = xp.max(values, axis=-1, keepdims=True)
-    peak = xp.where(peak > -xp.inf, peak, xp.zeros_like(peak))
-    shifted = values - peak
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
 
 
 def domain_posterior(
@@ -116,8 +93,8 @@ def domain_posterior(
     >>> [round(float(v), 4) for v in w[1, :]]                             # 0.5 : 0.1 after token 0
     [0.8333, 0.1667]
     """
-    log_likelihoods = _check_float_array(log_likelihoods, "log_likelihoods", ndim=2)
-    prior = _check_float_array(prior, "prior", ndim=1)
+    log_likelihoods = check_floating(log_likelihoods, "log_likelihoods", min_ndim=2)
+    prior = check_floating(prior, "prior", min_ndim=1)
     xp = array_namespace(log_likelihoods, prior) if xp is None else xp
     check_choice(first_position, "first_position", ("uniform", "prior"))
     num_experts = log_likelihoods.shape[-1]
@@ -149,7 +126,7 @@ def domain_posterior(
                 axis=-2,
             )
             evidence = evidence + pad
-    posterior = xp.exp(_log_softmax(log_prior + evidence, xp=xp))
+    posterior = xp.exp(log_softmax(log_prior + evidence, xp=xp))
     if first_position == "uniform":
         count = xp.sum(xp.astype(allowed, xp.float32), axis=-1, keepdims=True)
         start = xp.astype(allowed, xp.float32) / count
@@ -184,8 +161,8 @@ def ensemble_log_likelihood(log_likelihoods: Array, weights: Array, *, xp: Any =
     >>> round(float(xp.exp(log_mix)[0]), 6)
     0.3
     """
-    log_likelihoods = _check_float_array(log_likelihoods, "log_likelihoods", ndim=1)
-    weights = _check_float_array(weights, "weights", ndim=1)
+    log_likelihoods = check_floating(log_likelihoods, "log_likelihoods", min_ndim=1)
+    weights = check_floating(weights, "weights", min_ndim=1)
     xp = array_namespace(log_likelihoods, weights) if xp is None else xp
     if weights.shape[-1] != log_likelihoods.shape[-1]:
         raise ValueError(
@@ -235,7 +212,7 @@ def update_prior(
     >>> prior
     Array([0.5, 0.5], dtype=array_api_strict.float32)
     """
-    posteriors = _check_float_array(posteriors, "posteriors", ndim=1)
+    posteriors = check_floating(posteriors, "posteriors", min_ndim=1)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha <= 1:
         raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
     arrays = [posteriors] if prior is None else [posteriors, prior]
@@ -246,7 +223,7 @@ def update_prior(
     if rows.ndim != 2:
         raise ValueError(f"posteriors must have shape (B, J) or (J,), got {posteriors.shape}")
     if prior is not None:
-        prior = _check_float_array(prior, "prior", ndim=1)
+        prior = check_floating(prior, "prior", min_ndim=1)
         if tuple(prior.shape) != (rows.shape[1],):
             raise ValueError(f"prior must have shape ({rows.shape[1]},), got {prior.shape}")
         state = xp.astype(prior, xp.float32)
@@ -284,7 +261,7 @@ def top_k_prior(prior: Array, k: int, *, xp: Any = None) -> Array:
     >>> mr.ensemble.top_k_prior(xp.asarray([0.1, 0.6, 0.3]), 2)
     Array([0.        , 0.6666667 , 0.33333334], dtype=array_api_strict.float32)
     """
-    prior = _check_float_array(prior, "prior", ndim=1)
+    prior = check_floating(prior, "prior", min_ndim=1)
     xp = array_namespace(prior) if xp is None else xp
     check_positive_int(k, "k")
     num_experts = prior.shape[-1]
@@ -301,7 +278,7 @@ def top_k_prior(prior: Array, k: int, *, xp: Any = None) -> Array:
 
 def _mix_weights(weights: Any, count: int, name: str, function: str) -> list[float]:
     """Concrete non-negative mixing weights, normalised to sum 1 (read on the host)."""
-    if _is_array(weights):
+    if is_array(weights):
         check_concrete(weights, name, function)
         if weights.ndim != 1:
             raise ValueError(f"weights must be one-dimensional, got shape {weights.shape}")
@@ -322,7 +299,7 @@ def _mix_weights(weights: Any, count: int, name: str, function: str) -> list[flo
 
 def _average_leaves(leaves: list[Any], weights: list[float], path: str) -> Any:
     first = leaves[0]
-    if not _is_array(first):
+    if not is_array(first):
         raise TypeError(f"parameter {path} is a {type(first).__name__}, not an array")
     xp = array_namespace(*leaves)
     for leaf in leaves[1:]:

@@ -29,9 +29,17 @@ from typing import Any, Literal, NamedTuple
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._agnostic.scores import finite_rows
 from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of
-from moerouter.policies._common import check_choice, check_positive_int, finite_rows
+from moerouter._typing import Array
+from moerouter._validation import (
+    check_choice,
+    check_positive_int,
+    check_routing,
+    flat_mask,
+    valid_tokens,
+)
 from moerouter.routing import Routing
 
 __all__ = [
@@ -49,7 +57,6 @@ __all__ = [
     "z_loss",
 ]
 
-Array = Any
 Convention = Literal["megatron", "mixtral", "gshard"]
 _CONVENTIONS = ("megatron", "mixtral", "gshard")
 Count = Literal["top_k", "choices"]
@@ -63,42 +70,6 @@ _MIN_SCORE_SUM = 1e-15
 # --------------------------------------------------------------------------------------------
 # Shared pieces: argument checks, valid tokens, per-token normalised scores.
 # --------------------------------------------------------------------------------------------
-
-
-def _check_routing(routing: object) -> Routing:
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    return routing
-
-
-def _flat_mask(mask: Array, shapes: tuple[tuple[int, ...], ...], xp: Any) -> Array | None:
-    """``mask`` checked against the accepted token shapes and flattened to (T,); None stays None."""
-    if mask is None:
-        return None
-    if not is_array_api_obj(mask):
-        raise TypeError(f"mask must be a bool array, got {type(mask).__name__}")
-    if mask.dtype != xp.bool:
-        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-    if tuple(mask.shape) not in shapes:
-        accepted = " or ".join(str(s) for s in dict.fromkeys(shapes))
-        raise ValueError(f"mask must have shape {accepted}, got shape {tuple(mask.shape)}")
-    return xp.reshape(mask, (-1,))
-
-
-def _mask_shapes(routing: Routing, mask: Array) -> tuple[tuple[int, ...], ...]:
-    """The shapes a token mask of ``routing`` may have: (T,) or (G, S)."""
-    if routing.num_groups:
-        group_size = routing.num_tokens // routing.num_groups
-    else:  # G = 0 groups of any size S: every (0, S) mask fits.
-        group_size = int(mask.shape[-1]) if getattr(mask, "ndim", 0) == 2 else 0
-    return ((routing.num_tokens,), (routing.num_groups, group_size))
-
-
-def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
-    """(T,) bool: finite logits rows that the mask (if any) keeps."""
-    shapes = _mask_shapes(routing, mask)
-    flat = _flat_mask(mask, shapes, xp)
-    return routing.finite_rows if flat is None else routing.finite_rows & flat
 
 
 def _normalised_scores(probs: Array, valid: Array, xp: Any) -> Array:
@@ -390,7 +361,7 @@ def sequence_load_balancing(
     >>> round(float(loss), 4)  # both sequences over the mean valid length 1.5
     1.2138
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     if routing.layout != "token":
         raise ValueError(
             "sequence_load_balancing needs a token-choice routing (layout 'token'), "
@@ -421,10 +392,10 @@ def _balance(
     per_group: bool = False,
     mean_length: bool = False,
 ) -> Array:
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     check_choice(convention, "convention", _CONVENTIONS)
     xp = array_namespace(routing.probs)
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     num_columns = routing.num_choices
     num_groups = routing.num_groups if per_group or convention == "gshard" else 1
     tokens_per_group = routing.num_tokens // num_groups if num_groups else 0
@@ -569,14 +540,14 @@ def accumulate(
     (Array([1, 1], dtype=array_api_strict.int32), 1.0)
     """
     state = _check_state(state)
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     if int(state.counts.shape[0]) != routing.num_choices:
         raise ValueError(
             f"state has {state.counts.shape[0]} columns but the routing has "
             f"{routing.num_choices} (E')"
         )
     xp = array_namespace(routing.probs, state.counts)
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     counts = _choice_counts(routing, valid, 1, xp, count)[0, :]
     prob_sums = xp.sum(_normalised_scores(routing.probs, valid, xp), axis=0)
     tokens = xp.sum(xp.astype(valid, xp.int32))
@@ -640,12 +611,12 @@ def load_balancing_from_state(
             raise ValueError("mask applies to routing, which was not given")
         mean_probs = state.prob_sums / tokens
     else:
-        routing = _check_routing(routing)
+        routing = check_routing(routing)
         if routing.num_choices != num_columns:
             raise ValueError(
                 f"state has {num_columns} columns but the routing has {routing.num_choices} (E')"
             )
-        valid = _valid_tokens(routing, mask, xp)
+        valid = valid_tokens(routing, mask, xp)
         local_tokens = xp.clip(xp.sum(xp.astype(valid, xp.float32)), min=1.0)
         mean_probs = xp.sum(_normalised_scores(routing.probs, valid, xp), axis=0) / local_tokens
     if convention == "megatron":
@@ -714,10 +685,10 @@ def importance_loss(
     >>> float(mr.losses.importance_loss(routing))  # all the importance on expert 0: E - 1
     1.0
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     check_choice(source, "source", ("weights", "probs"))
     xp = array_namespace(routing.probs)
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     if source == "probs":
         probs = xp.where(valid[:, None], routing.probs, xp.zeros_like(routing.probs))
         importance = xp.sum(probs, axis=0)
@@ -852,7 +823,7 @@ def load_loss(
     noisy = xp.reshape(xp.astype(noisy_logits, xp.float32), (-1, num_experts))
     std = xp.reshape(std, (-1, num_experts)) if std.ndim > 0 else std
     shapes = (tuple(logits.shape[:-1]), (int(clean.shape[0]),))
-    flat = _flat_mask(mask, shapes, xp)
+    flat = flat_mask(mask, shapes, xp)
     valid = finite_rows(clean, xp=xp) & finite_rows(noisy, xp=xp)
     valid = valid if flat is None else valid & flat
     clean = xp.where(valid[:, None], clean, xp.zeros_like(clean))
@@ -962,9 +933,9 @@ def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
     >>> round(float(mr.losses.entropy(routing)), 4)  # log 2
     0.6931
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     xp = array_namespace(routing.probs)
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     scores = _normalised_scores(routing.probs, valid, xp)
     positive = scores > 0
     safe = xp.where(positive, scores, xp.ones_like(scores))
@@ -1016,7 +987,7 @@ def z_loss(logits: Array, *, mask: Array | None = None, xp: Any = None) -> Array
         raise TypeError(f"logits must be a real floating dtype, got {logits.dtype}")
     values = xp.reshape(xp.astype(logits, xp.float32), (-1, logits.shape[-1]))
     shapes = (tuple(logits.shape[:-1]), (int(values.shape[0]),))
-    flat = _flat_mask(mask, shapes, xp)
+    flat = flat_mask(mask, shapes, xp)
     finite = finite_rows(values, xp=xp)
     finite = finite if flat is None else finite & flat
     values = xp.where(finite[:, None], values, xp.zeros_like(values))

@@ -33,11 +33,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import array_namespace
 
 from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import device_of, host_copy
-from moerouter.policies._common import check_choice, check_int, check_positive_int
+from moerouter._typing import Array
+from moerouter._validation import (
+    check_choice,
+    check_int,
+    check_positive_int,
+    check_routing,
+    is_array,
+)
 from moerouter.routing import Routing
 
 __all__ = [
@@ -54,13 +61,6 @@ __all__ = [
     "remap_routing",
     "weight_matching_permutation",
 ]
-
-Array = Any
-
-
-def _is_array(value: object) -> bool:
-    # A plain bool, not array-api-compat's TypeGuard, so mypy keeps Array as Any.
-    return bool(is_array_api_obj(value))
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,6 @@ class RoutingStatistics:
     logit_gram: Array
     num_tokens: Array
     num_experts: int
-
-
-def _check_routing(routing: object) -> Routing:
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    return routing
 
 
 def collect_routing_statistics(
@@ -130,7 +124,7 @@ def collect_routing_statistics(
     >>> stats.usage
     Array([2., 0., 1.], dtype=array_api_strict.float32)
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     check_choice(count, "count", ("all", "top1"))
     xp = array_namespace(routing.expert_ids) if xp is None else xp
     num_experts = routing.num_experts
@@ -152,7 +146,7 @@ def collect_routing_statistics(
     if logits is None:
         values = routing.probs[:, :num_experts]
     else:
-        if not _is_array(logits):
+        if not is_array(logits):
             raise TypeError(f"logits must be an array, got {type(logits).__name__}")
         if logits.ndim not in (2, 3) or logits.shape[-1] < num_experts:
             raise ValueError(
@@ -323,7 +317,7 @@ def _check_weights(weights: object, num_experts: int | None) -> dict[str, Array]
         raise TypeError("weights must be a non-empty mapping of name -> array (E, ...)")
     out: dict[str, Array] = {}
     for name, value in weights.items():
-        if not _is_array(value) or value.ndim < 1:
+        if not is_array(value) or value.ndim < 1:
             raise TypeError(f"weights[{name!r}] must be an array with a leading expert axis")
         if num_experts is None:
             num_experts = int(value.shape[0])
@@ -533,7 +527,7 @@ def merge_experts(
     Array([[2., 2.],
            [5., 7.]], dtype=array_api_strict.float64)
     """
-    if not _is_array(expert_map) or expert_map.ndim != 1:
+    if not is_array(expert_map) or expert_map.ndim != 1:
         raise ValueError("expert_map must be a one-dimensional integer array (E,)")
     checked = _check_weights(weights, int(expert_map.shape[0]))
     check_positive_int(num_groups, "num_groups")
@@ -617,7 +611,7 @@ def remap_routing(
     >>> mr.merging.remap_routing(routing, xp.asarray([0, 1, 0]), num_groups=2).expert_ids
     Array([0], dtype=array_api_strict.int32)
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     xp = array_namespace(routing.expert_ids, expert_map) if xp is None else xp
     check_positive_int(num_groups, "num_groups")
     num_experts = routing.num_experts
@@ -683,7 +677,7 @@ def low_rank_factors(weight: Array, rank: int, *, xp: Any = None) -> tuple[Array
     Array([[2., 0.],
            [0., 0.]], dtype=array_api_strict.float64)
     """
-    if not _is_array(weight) or weight.ndim < 2:
+    if not is_array(weight) or weight.ndim < 2:
         raise TypeError("weight must be an array of shape (..., m, n)")
     xp = array_namespace(weight) if xp is None else xp
     if not xp.isdtype(weight.dtype, "real floating"):

@@ -31,16 +31,18 @@ from typing import Any, Literal
 
 from array_api_compat import is_array_api_obj
 
+from moerouter._agnostic.scores import sigmoid, softmax
 from moerouter._arrays import device_of, host_copy
-from moerouter._numerics import (
+from moerouter._typing import Array
+from moerouter._validation import (
     bool_array,
+    check_int,
+    check_positive_int,
     check_real,
     check_shape,
     float_array,
     namespace,
-    sigmoid,
 )
-from moerouter.policies._common import check_int, check_positive_int
 
 __all__ = [
     "expert_collapse",
@@ -53,8 +55,6 @@ __all__ = [
     "multi_gate",
     "self_gate",
 ]
-
-Array = Any
 
 
 def multi_gate(
@@ -376,9 +376,7 @@ def self_gate(
     if outputs.shape[1] == 1:
         weights = sigmoid(logits, xp=xp)
     else:
-        shifted = logits - xp.max(logits, axis=1, keepdims=True)
-        exp = xp.exp(shifted)
-        weights = exp / xp.sum(exp, axis=1, keepdims=True)
+        weights = softmax(logits, xp=xp)
     gated = xp.matmul(weights[:, None, :], outputs)[:, 0, :]
     if residual is None:
         return gated

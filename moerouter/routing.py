@@ -17,10 +17,9 @@ from moerouter import _registry
 from moerouter._agnostic import plan as _plan
 from moerouter._agnostic import soft as _soft
 from moerouter._arrays import check_index_bound, device_of
+from moerouter._typing import Array
 
 __all__ = ["Plan", "Routing", "SoftRouting", "combine", "dispatch", "make_plan"]
-
-Array = Any
 
 
 @dataclass(frozen=True)
@@ -215,10 +214,10 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
     >>> plan.group_sizes
     Array([1, 0, 1], dtype=array_api_strict.int32)
     """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    # Imported here: the policies import this module.
-    from moerouter.policies._common import check_bool
+    # Imported here: moerouter._validation imports this module's types.
+    from moerouter._validation import check_bool, check_routing
+
+    routing = check_routing(routing)
 
     pad_to_capacity = check_bool(pad_to_capacity, "pad_to_capacity")
     _check_plan_bounds(routing)

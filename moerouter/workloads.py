@@ -41,6 +41,8 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from moerouter._typing import Array
+
 __all__ = [
     "WORKLOADS",
     "bursty",
@@ -51,7 +53,6 @@ __all__ = [
     "zipf",
 ]
 
-Array = Any
 Seed = int | Sequence[int]
 
 

@@ -1,16 +1,30 @@
-"""The shared half of every token-choice policy: scores, top-k choice, weights, capacity."""
+"""The shared half of every token-choice policy: top-k choice, weights, capacity.
+
+``softmax``, ``masked_softmax`` and ``renormalize`` (now in :mod:`moerouter._agnostic.scores`)
+stay importable from here for code written against the earlier layout.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from moerouter._agnostic.scores import log_sigmoid, masked_softmax, renormalize, softmax
 from moerouter._agnostic.select import descending_rank, top_k
 from moerouter._arrays import device_of
-from moerouter._numerics import log_sigmoid
-from moerouter.policies._common import CleanLogits, capacity, drop_over_capacity
+from moerouter._typing import Array
+from moerouter._validation import CleanLogits
+from moerouter.policies._common import capacity, drop_over_capacity
 from moerouter.routing import Routing
 
-Array = Any
+__all__ = [
+    "DROP_POLICIES",
+    "choose",
+    "masked_softmax",
+    "renormalize",
+    "renormalized_scores",
+    "softmax",
+    "token_choice_routing",
+]
 
 DROP_POLICIES = ("position", "probs", "batch_priority")
 
@@ -26,26 +40,6 @@ def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
     return choice, xp.take_along_axis(clean.values, choice, axis=-1)
 
 
-def softmax(values: Array, *, xp: Any) -> Array:
-    shifted = values - xp.max(values, axis=-1, keepdims=True)
-    exp = xp.exp(shifted)
-    return exp / xp.sum(exp, axis=-1, keepdims=True)
-
-
-def masked_softmax(values: Array, mask: Array, *, xp: Any, device: Any) -> Array:
-    """Softmax over the masked-in entries of each row; all-zero for a row with none.
-
-    Masked-out entries never reach ``exp``, so they get no gradient (AdaMoE's null logits).
-    """
-    if values.shape[-1] == 0:  # rows of no entries (Soft MoE's slots over zero tokens)
-        return xp.zeros_like(values)
-    lowest = xp.asarray(-xp.inf, dtype=values.dtype, device=device)
-    row_max = xp.max(xp.where(mask, values, lowest), axis=-1, keepdims=True)
-    row_max = xp.where(row_max > -xp.inf, row_max, xp.zeros_like(row_max))
-    exp = xp.where(mask, xp.exp(xp.where(mask, values, row_max) - row_max), xp.zeros_like(values))
-    return renormalize(exp, mask, xp=xp)
-
-
 def renormalized_scores(chosen_logits: Array, routed: Array, *, score: str, xp: Any) -> Array:
     """Scores of the chosen columns renormalised to sum 1 over the routed ones.
 
@@ -58,12 +52,6 @@ def renormalized_scores(chosen_logits: Array, routed: Array, *, score: str, xp: 
     """
     log_scores = chosen_logits if score == "softmax" else log_sigmoid(chosen_logits, xp=xp)
     return masked_softmax(log_scores, routed, xp=xp, device=device_of(chosen_logits))
-
-
-def renormalize(weights: Array, mask: Array, *, xp: Any) -> Array:
-    weights = xp.where(mask, weights, xp.zeros_like(weights))
-    total = xp.sum(weights, axis=-1, keepdims=True)
-    return weights / xp.where(total > 0, total, xp.ones_like(total))
 
 
 def token_choice_routing(

@@ -7,9 +7,10 @@ from typing import Any
 
 from array_api_compat import array_namespace, device, is_array_api_obj
 
+from moerouter._typing import Array
+
 __all__ = ["cosine_router_logits"]
 
-Array = Any
 
 MAX_LOG_SCALE = math.log(1.0 / 0.01)
 

@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._agnostic.scores import sigmoid, softmax, to_float32
 from moerouter._agnostic.select import top_k
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._numerics import sigmoid
-from moerouter.policies._common import (
-    CAPACITY_ROUNDINGS,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
@@ -22,19 +22,16 @@ from moerouter.policies._common import (
     check_token_layout_bounds,
     clean_logits,
     concrete_all,
-    to_float32,
 )
+from moerouter.policies._common import CAPACITY_ROUNDINGS
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
     renormalized_scores,
-    softmax,
     token_choice_routing,
 )
 from moerouter.routing import Routing
 
 __all__ = ["DeepSeekTopK", "update_expert_bias"]
-
-Array = Any
 
 
 @PolicyCapabilities(

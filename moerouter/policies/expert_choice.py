@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from moerouter._agnostic.scores import softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
-    capacity,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_expert_layout_bounds,
     check_fields,
     check_positive_int,
     clean_logits,
 )
-from moerouter.policies._token_choice import softmax
+from moerouter.policies._common import capacity
 from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["ExpertChoice"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="always")

@@ -32,28 +32,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import array_namespace
 
+from moerouter._agnostic.scores import masked_softmax, softmax
 from moerouter._agnostic.select import descending_rank, top_k
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     CleanLogits,
-    capacity,
     check_capacity_factor,
     check_choice,
     check_fields,
     check_positive_int,
+    check_routing,
     check_token_layout_bounds,
     clean_logits,
-    drop_over_capacity,
+    is_array,
 )
-from moerouter.policies._token_choice import (
-    choose,
-    masked_softmax,
-    softmax,
-    token_choice_routing,
-)
+from moerouter.policies._common import capacity, drop_over_capacity
+from moerouter.policies._token_choice import choose, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = [
@@ -64,17 +62,10 @@ __all__ = [
     "locality_loss",
 ]
 
-Array = Any
-
-
-def _is_array(value: object) -> bool:
-    # A plain bool, not array-api-compat's TypeGuard, so mypy keeps Array as Any.
-    return bool(is_array_api_obj(value))
-
 
 def _grouped_nodes(token_nodes: Array, clean: CleanLogits, num_nodes: int) -> Array:
     xp = clean.xp
-    if not _is_array(token_nodes):
+    if not is_array(token_nodes):
         raise TypeError(f"token_nodes must be an array, got {type(token_nodes).__name__}")
     num_tokens = clean.num_groups * clean.group_size
     if token_nodes.ndim != 1 or token_nodes.shape[0] != num_tokens:
@@ -256,14 +247,13 @@ def locality_loss(routing: Routing, token_nodes: Array, *, num_nodes: int, xp: A
     >>> round(float(mr.policies.locality_loss(routing, xp.asarray([0]), num_nodes=2)), 6)
     0.0
     """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+    routing = check_routing(routing)
     xp = array_namespace(routing.probs) if xp is None else xp
     check_positive_int(num_nodes, "num_nodes")
     num_experts = routing.num_experts
     if num_experts % num_nodes:
         raise ValueError(f"num_experts = {num_experts} must be a multiple of num_nodes")
-    if not _is_array(token_nodes) or tuple(token_nodes.shape) != (routing.num_tokens,):
+    if not is_array(token_nodes) or tuple(token_nodes.shape) != (routing.num_tokens,):
         raise ValueError(f"token_nodes must be an int array of shape ({routing.num_tokens},)")
     per_node = num_experts // num_nodes
     device = device_of(routing.probs)
@@ -306,7 +296,7 @@ def grouped_average_pooling(x: Array, num_experts: int, *, xp: Any = None) -> Ar
     >>> mr.policies.grouped_average_pooling(xp.asarray([[1.0, 3.0, 5.0, 7.0]]), 2)
     Array([[2., 6.]], dtype=array_api_strict.float64)
     """
-    if not _is_array(x):
+    if not is_array(x):
         raise TypeError(f"x must be an array, got {type(x).__name__}")
     xp = array_namespace(x) if xp is None else xp
     check_positive_int(num_experts, "num_experts")
@@ -344,7 +334,7 @@ def affinity_scores(x: Array, gate_weight: Array, *, xp: Any = None) -> Array:
     Array([[0.6, 0.8]], dtype=array_api_strict.float32)
     """
     for value, name in ((x, "x"), (gate_weight, "gate_weight")):
-        if not _is_array(value) or value.ndim != 2:
+        if not is_array(value) or value.ndim != 2:
             raise ValueError(f"{name} must be a 2-D array")
     xp = array_namespace(x, gate_weight) if xp is None else xp
     if x.shape[1] != gate_weight.shape[1]:
@@ -424,7 +414,7 @@ class AffinityRouting:
         if affinity is None:
             scores = probs
         else:
-            if not _is_array(affinity) or tuple(affinity.shape) != tuple(logits.shape):
+            if not is_array(affinity) or tuple(affinity.shape) != tuple(logits.shape):
                 raise ValueError(
                     f"affinity must be an array of the logits' shape {tuple(logits.shape)}"
                 )

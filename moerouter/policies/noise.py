@@ -10,49 +10,13 @@ Apply noise in training only; evaluate on clean logits.
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from array_api_compat import is_array_api_obj
 
-from array_api_compat import array_namespace, is_array_api_obj
-
-from moerouter._numerics import softplus
-from moerouter.policies._common import to_float32
+from moerouter._agnostic.scores import softplus, to_float32
+from moerouter._typing import Array
+from moerouter._validation import check_real, check_same_shape, float_namespace
 
 __all__ = ["gaussian_noise", "multiplicative_jitter", "noisy_top_k_std", "vmoe_logit_noise"]
-
-Array = Any
-
-
-def _namespace(*named: tuple[str, Array]) -> Any:
-    for name, value in named:
-        if not is_array_api_obj(value):
-            raise TypeError(f"{name} must be an array, got {type(value).__name__}")
-    try:
-        xp = array_namespace(*(value for _, value in named))
-    except TypeError as error:
-        names = " and ".join(name for name, _ in named)
-        raise TypeError(f"{names} must be arrays of one backend") from error
-    for name, value in named:
-        if not xp.isdtype(value.dtype, "real floating"):
-            raise TypeError(f"{name} must be a real floating dtype, got {value.dtype}")
-    return xp
-
-
-def _same_shape(name: str, value: Array, reference: Array, reference_name: str) -> None:
-    if tuple(value.shape) != tuple(reference.shape):
-        raise ValueError(
-            f"{name} must have the shape of {reference_name} {tuple(reference.shape)}, "
-            f"got {tuple(value.shape)}"
-        )
-
-
-def _check_number(value: object, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-    return float(value)
 
 
 def gaussian_noise(logits: Array, normal: Array, std: Array | float) -> Array:
@@ -81,13 +45,13 @@ def gaussian_noise(logits: Array, normal: Array, std: Array | float) -> Array:
     Array([1.5, 1.5], dtype=array_api_strict.float32)
     """
     if isinstance(std, int | float) and not isinstance(std, bool):
-        xp = _namespace(("logits", logits), ("normal", normal))
-        _check_number(std, "std", positive=False)
+        xp = float_namespace(("logits", logits), ("normal", normal))
+        check_real(std, "std", nonnegative=True)
         scale: Array = std
     else:
-        xp = _namespace(("logits", logits), ("normal", normal), ("std", std))
+        xp = float_namespace(("logits", logits), ("normal", normal), ("std", std))
         scale = xp.astype(std, xp.float32)
-    _same_shape("normal", normal, logits, "logits")
+    check_same_shape("normal", normal, logits, "logits")
     return to_float32(logits, xp=xp) + xp.astype(normal, xp.float32) * scale
 
 
@@ -122,7 +86,7 @@ def vmoe_logit_noise(logits: Array, normal: Array, *, noise_std: float = 1.0) ->
     >>> mr.vmoe_logit_noise(xp.zeros((1, 4)), xp.ones((1, 4)), noise_std=2.0)
     Array([[0.5, 0.5, 0.5, 0.5]], dtype=array_api_strict.float32)
     """
-    noise_std = _check_number(noise_std, "noise_std", positive=False)
+    noise_std = check_real(noise_std, "noise_std", nonnegative=True)
     if is_array_api_obj(logits) and logits.ndim < 1:
         raise ValueError("logits must have an expert axis (last dimension)")
     num_columns = int(logits.shape[-1]) if is_array_api_obj(logits) else 1
@@ -163,8 +127,8 @@ def noisy_top_k_std(noise_logits: Array, *, noise_epsilon: float = 1e-2) -> Arra
     >>> mr.noisy_top_k_std(xp.asarray([0.0, -30.0]), noise_epsilon=0.01)  # log 2 + 0.01, ~0.01
     Array([0.7031472, 0.01     ], dtype=array_api_strict.float32)
     """
-    noise_epsilon = _check_number(noise_epsilon, "noise_epsilon", positive=False)
-    xp = _namespace(("noise_logits", noise_logits))
+    noise_epsilon = check_real(noise_epsilon, "noise_epsilon", nonnegative=True)
+    xp = float_namespace(("noise_logits", noise_logits))
     values = xp.astype(noise_logits, xp.float32)
     return softplus(values, xp=xp) + noise_epsilon
 
@@ -197,8 +161,8 @@ def multiplicative_jitter(values: Array, uniform: Array, *, epsilon: float = 1e-
     >>> mr.multiplicative_jitter(xp.asarray([2.0, 2.0]), xp.asarray([0.0, 0.5]), epsilon=0.25)
     Array([1.5, 2. ], dtype=array_api_strict.float32)
     """
-    epsilon = _check_number(epsilon, "epsilon", positive=False)
-    xp = _namespace(("values", values), ("uniform", uniform))
-    _same_shape("uniform", uniform, values, "values")
+    epsilon = check_real(epsilon, "epsilon", nonnegative=True)
+    xp = float_namespace(("values", values), ("uniform", uniform))
+    check_same_shape("uniform", uniform, values, "values")
     scale = (1.0 - epsilon) + (2.0 * epsilon) * xp.astype(uniform, xp.float32)
     return to_float32(values, xp=xp) * scale

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from moerouter._agnostic.scores import masked_softmax, softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
@@ -15,18 +17,10 @@ from moerouter.policies._common import (
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._token_choice import (
-    DROP_POLICIES,
-    choose,
-    masked_softmax,
-    softmax,
-    token_choice_routing,
-)
+from moerouter.policies._token_choice import DROP_POLICIES, choose, token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["NullExperts"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     CleanLogits,
-    capacity,
     check_capacity_factor,
     check_choice,
     check_expert_layout_bounds,
@@ -24,7 +25,8 @@ from moerouter.policies._common import (
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._token_choice import renormalized_scores, softmax, token_choice_routing
+from moerouter.policies._common import capacity
+from moerouter.policies._token_choice import renormalized_scores, token_choice_routing
 from moerouter.policies._transport import (
     expert_layout_routing,
     noisy_logits,
@@ -32,8 +34,6 @@ from moerouter.policies._transport import (
 from moerouter.routing import Routing
 
 __all__ = ["SinkhornExpertChoice", "SinkhornTokenChoice", "sinkhorn_plan"]
-
-Array = Any
 
 
 def _log_plan(clean: CleanLogits, epsilon: float, num_iters: int) -> tuple[Array, Array, Array]:

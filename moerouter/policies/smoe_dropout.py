@@ -5,17 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from array_api_compat import array_namespace, device, is_array_api_obj
 
-from moerouter.policies._common import check_choice, check_fields, check_int, check_positive_int
+from moerouter._typing import Array
+from moerouter._validation import check_choice, check_fields, check_int, check_positive_int
 
 __all__ = ["FrozenRandomRouter", "evaluate_at_k", "k_schedule"]
 
-Array = Any
 
 K_SCHEDULES = (
     "linear_increase",

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sparse_transport_plan
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
-    capacity,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_expert_layout_bounds,
     check_fields,
@@ -17,13 +18,11 @@ from moerouter.policies._common import (
     check_positive_int,
     clean_logits,
 )
-from moerouter.policies._token_choice import softmax
+from moerouter.policies._common import capacity
 from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["SparsityConstrainedExpertChoice"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="always")

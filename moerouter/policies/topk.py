@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from moerouter._agnostic.scores import masked_softmax, sigmoid, softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._numerics import sigmoid
-from moerouter.policies._common import (
-    CAPACITY_ROUNDINGS,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
@@ -17,19 +17,16 @@ from moerouter.policies._common import (
     check_token_layout_bounds,
     clean_logits,
 )
+from moerouter.policies._common import CAPACITY_ROUNDINGS
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
     choose,
-    masked_softmax,
     renormalized_scores,
-    softmax,
     token_choice_routing,
 )
 from moerouter.routing import Routing
 
 __all__ = ["TopK"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax", "sigmoid"), capacity="optional", causal=True)
