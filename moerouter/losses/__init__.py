@@ -1,0 +1,58 @@
+r"""Balancing losses, each a pure function of a :class:`~moerouter.Routing` (or of logits).
+
+Notation: :math:`E'` router columns (real plus null experts), :math:`T` valid tokens (finite
+logits and, when a ``mask`` is given, not padding), :math:`c_e` the number of choices of column
+:math:`e` (before capacity drops; by default the times :math:`e` is among a token's top-k router
+scores, as Megatron-Core and transformers count, see :func:`load_balancing`'s ``count``),
+:math:`\hat p_{t,e} = p_{t,e} / \sum_j p_{t,j}` the router scores normalised per token (softmax
+probabilities are unchanged; sigmoid scores are normalised as Megatron-Core does for its
+auxiliary losses, with the sum floored at :math:`10^{-15}` where Megatron-Core adds
+:math:`10^{-20}`, so that a token whose every logit is below about -37 keeps a finite gradient
+on every backend) and :math:`P_e = \frac{1}{T}\sum_t \hat p_{t,e}`.
+
+Every loss returns a float32 scalar array of the routing's backend. Every loss takes an optional
+``mask`` of valid tokens, shape (T,) or (G, S), bool: masked tokens and rows with non-finite logits
+contribute nothing, and every mean counts valid tokens only, so a padded batch gives the loss of
+the batch without its padding. There is no registry of losses: add them to your objective with
+your own coefficients, per layer, and use :func:`aggregate` to combine layers.
+
+**Zero tokens.** A batch with no valid token (``T = 0``, ``G = 0`` groups, or every token masked
+or non-finite) is legal, as an expert-parallel rank or a last micro-batch may hold none: every
+loss then returns ``0.0``, a constant with a zero gradient, so it adds nothing to the objective.
+
+**Layout.** One module per job: :mod:`~moerouter.losses.balancing` (Switch-style and sequence-wise
+load balancing), :mod:`~moerouter.losses.null` (AdaMoE's null-aware form),
+:mod:`~moerouter.losses.state` (global-batch balancing, state in, state out),
+:mod:`~moerouter.losses.shazeer` (importance and load losses),
+:mod:`~moerouter.losses.regularisers` (entropy, z-loss) and :mod:`~moerouter.losses.layers`
+(:func:`aggregate`); import every loss from ``moerouter.losses``.
+"""
+
+from moerouter.losses.balancing import load_balancing, sequence_load_balancing
+from moerouter.losses.layers import aggregate
+from moerouter.losses.null import null_load_balancing
+from moerouter.losses.regularisers import entropy, z_loss
+from moerouter.losses.shazeer import _erfc as _erfc  # private: tests import it from here
+from moerouter.losses.shazeer import _normal_cdf as _normal_cdf
+from moerouter.losses.shazeer import importance_loss, load_loss
+from moerouter.losses.state import (
+    BalanceState,
+    accumulate,
+    balance_state_init,
+    load_balancing_from_state,
+)
+
+__all__ = [
+    "BalanceState",
+    "accumulate",
+    "aggregate",
+    "balance_state_init",
+    "entropy",
+    "importance_loss",
+    "load_balancing",
+    "load_balancing_from_state",
+    "load_loss",
+    "null_load_balancing",
+    "sequence_load_balancing",
+    "z_loss",
+]
