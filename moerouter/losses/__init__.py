@@ -25,11 +25,13 @@ load balancing), :mod:`~moerouter.losses.null` (AdaMoE's null-aware form),
 :mod:`~moerouter.losses.state` (global-batch balancing, state in, state out),
 :mod:`~moerouter.losses.shazeer` (importance and load losses),
 :mod:`~moerouter.losses.regularisers` (entropy, z-loss) and :mod:`~moerouter.losses.layers`
-(:func:`aggregate`); import every loss from ``moerouter.losses``.
+(:func:`aggregate`), :mod:`~moerouter.losses.locality` (LocMoE's locality loss); import every
+loss from ``moerouter.losses``.
 """
 
 from moerouter.losses.balancing import load_balancing, sequence_load_balancing
 from moerouter.losses.layers import aggregate
+from moerouter.losses.locality import locality_loss
 from moerouter.losses.null import null_load_balancing
 from moerouter.losses.regularisers import entropy, z_loss
 from moerouter.losses.shazeer import _erfc as _erfc  # private: tests import it from here
@@ -52,6 +54,7 @@ __all__ = [
     "load_balancing",
     "load_balancing_from_state",
     "load_loss",
+    "locality_loss",
     "null_load_balancing",
     "sequence_load_balancing",
     "z_loss",
