@@ -16,7 +16,7 @@ import operator
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from array_api_compat import array_namespace, is_array_api_obj
@@ -59,6 +59,19 @@ def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
     return number
 
 
+def check_int_at_least(value: object, name: str, minimum: int = 1) -> int:
+    """A Python or NumPy integer (not a bool, not an array) >= ``minimum``, as a Python int.
+
+    Stricter than :func:`check_int`: the workload generators and the simulator take sizes
+    from the command line and configuration files, never from arrays.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_positive_float(value: object, name: str) -> float:
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -73,6 +86,13 @@ def check_capacity_factor(value: object, name: str = "capacity_factor") -> float
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
     return check_positive_float(value, name)
+
+
+def check_required_capacity_factor(value: object, name: str = "capacity_factor") -> float:
+    """A capacity factor that may not be None (expert-layout policies always have a capacity)."""
+    if value is None:
+        raise TypeError(f"{name} must be a number, got None")
+    return cast(float, check_capacity_factor(value, name))
 
 
 def check_fields(policy: Any) -> None:

@@ -228,7 +228,13 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
         plan: Plan = kernel(routing)
         return plan
     xp = array_namespace(routing.token_ids, routing.expert_ids, routing.weights)
-    arrays = _plan.plan_arrays(
+    arrays = _packed_plan_arrays(routing, xp=xp, device=device_of(routing.expert_ids))
+    return Plan(**arrays, num_tokens=routing.num_tokens, num_experts=routing.num_experts)
+
+
+def _packed_plan_arrays(routing: Routing, *, xp: Any, device: Any) -> dict[str, Array]:
+    """The agnostic plan of ``routing``: its real rows packed by expert."""
+    arrays: dict[str, Array] = _plan.plan_arrays(
         routing.token_ids,
         routing.expert_ids,
         routing.weights,
@@ -237,9 +243,9 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
         fan_in=routing.fan_in,
         token_layout=routing.layout == "token",
         xp=xp,
-        device=device_of(routing.expert_ids),
+        device=device,
     )
-    return Plan(**arrays, num_tokens=routing.num_tokens, num_experts=routing.num_experts)
+    return arrays
 
 
 def _check_plan_bounds(routing: Routing) -> None:
@@ -262,17 +268,7 @@ def _padded_plan(routing: Routing) -> Plan:
     _registry.backend_for(routing.expert_ids)  # loads the JAX pytree registration, as policies do
     xp = array_namespace(routing.token_ids, routing.expert_ids, routing.weights)
     device = device_of(routing.expert_ids)
-    packed = _plan.plan_arrays(
-        routing.token_ids,
-        routing.expert_ids,
-        routing.weights,
-        num_tokens=routing.num_tokens,
-        num_experts=routing.num_experts,
-        fan_in=routing.fan_in,
-        token_layout=routing.layout == "token",
-        xp=xp,
-        device=device,
-    )
+    packed = _packed_plan_arrays(routing, xp=xp, device=device)
     arrays = _plan.pad_to_capacity(
         packed,
         xp.astype(routing.expert_ids, xp.int32),

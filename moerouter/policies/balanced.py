@@ -138,7 +138,4 @@ class BalancedAssignment:
             routed,
             weights,
             num_experts=self.num_experts,
-            capacity_factor=None,
-            capacity_multiple_of=1,
-            drop_policy="position",
         )

@@ -45,13 +45,19 @@ from moerouter._validation import (
     check_choice,
     check_fields,
     check_positive_int,
+    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
     is_array,
 )
 from moerouter.losses.locality import locality_loss
 from moerouter.policies._common import capacity, drop_over_capacity
-from moerouter.policies._token_choice import choose, token_choice_routing
+from moerouter.policies._token_choice import (
+    choose,
+    clean_token_choice_logits,
+    route_token_choice,
+    token_choice_routing,
+)
 from moerouter.routing import Routing
 
 __all__ = [
@@ -160,15 +166,7 @@ class LocalityTopK:
         ``token_nodes`` holds node ids in ``[0, N)``; they are not checked on the device, and an
         id outside that range forces no node (the token takes the best ``max_nodes`` nodes).
         """
-        check_token_layout_bounds(
-            logits,
-            self.k,
-            num_experts=self.num_experts,
-            with_capacity=self.capacity_factor is not None,
-        )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
+        clean = clean_token_choice_logits(self, logits, self.k, self.capacity_factor)
         xp, device = clean.xp, clean.device
         nodes = _grouped_nodes(token_nodes, clean, self.num_nodes)
         probs = softmax(clean.values, xp=xp)
@@ -201,16 +199,8 @@ class LocalityTopK:
             weights = masked_softmax(chosen_logits, routed, xp=xp, device=device)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-        return token_choice_routing(
-            clean,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        return route_token_choice(
+            self, clean, probs, choice, routed, weights, capacity_factor=self.capacity_factor
         )
 
 
@@ -341,9 +331,7 @@ class AffinityRouting:
     def __post_init__(self) -> None:
         check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_required_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def __call__(self, logits: Array, affinity: Array | None = None) -> Routing:
@@ -392,7 +380,4 @@ class AffinityRouting:
             routed,
             weights,
             num_experts=self.num_experts,
-            capacity_factor=None,
-            capacity_multiple_of=1,
-            drop_policy="position",
         )

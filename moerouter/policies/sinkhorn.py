@@ -22,11 +22,15 @@ from moerouter._validation import (
     check_fields,
     check_positive_float,
     check_positive_int,
+    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
 )
 from moerouter.policies._common import capacity
-from moerouter.policies._token_choice import renormalized_scores, token_choice_routing
+from moerouter.policies._token_choice import (
+    renormalized_scores,
+    route_token_choice,
+)
 from moerouter.policies._transport import (
     expert_layout_routing,
     noisy_logits,
@@ -212,16 +216,8 @@ class SinkhornTokenChoice:
             weights = renormalized_scores(chosen, routed, score="softmax", xp=xp)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-        return token_choice_routing(
-            noisy,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        return route_token_choice(
+            self, noisy, probs, choice, routed, weights, capacity_factor=self.capacity_factor
         )
 
 
@@ -284,9 +280,7 @@ class SinkhornExpertChoice:
     def __post_init__(self) -> None:
         check_fields(self)
         _check_common(self)
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_required_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def capacity(self, group_size: int) -> int:
