@@ -22,6 +22,10 @@ stored here. Shapes: ``N`` rows (samples), ``E`` experts, ``d`` features, ``task
 definitions are from the abstract, and the formulas of the fixes follow reference/algorithms.md
 §7, cross-checked against an unofficial re-implementation. The self-gate formula especially is a
 best reading, not the paper's text.
+
+**Size.** Over 500 lines, kept as one module: it is one paper's method (three fixes and the
+three diagnostics that measure what they fix, on the same gate and activation shapes); more
+than half of it is numpydoc docstrings with runnable examples.
 """
 
 from __future__ import annotations
