@@ -59,3 +59,9 @@ __all__ = [
     "sequence_load_balancing",
     "z_loss",
 ]
+
+# Every public name reports this package as its module, as before the split: repr, pickling by
+# reference, doctest.testmod(mr.losses) and the docs see one moerouter.losses.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name
