@@ -29,6 +29,11 @@ load balancing), :mod:`~moerouter.losses.null` (AdaMoE's null-aware form),
 loss from ``moerouter.losses``.
 """
 
+# Private names of the former losses.py that branches written against it import from here.
+from moerouter._validation import check_routing as _check_routing  # noqa: F401
+from moerouter._validation import flat_mask as _flat_mask  # noqa: F401
+from moerouter._validation import mask_shapes as _mask_shapes  # noqa: F401
+from moerouter._validation import valid_tokens as _valid_tokens  # noqa: F401
 from moerouter.losses.balancing import load_balancing, sequence_load_balancing
 from moerouter.losses.layers import aggregate
 from moerouter.losses.locality import locality_loss

@@ -112,7 +112,7 @@ def test_private_names_other_branches_import_stay() -> None:
         from moerouter.policies._token_choice import (
             masked_softmax, renormalize, softmax, token_choice_routing,
         )
-        from moerouter.losses import _erfc, _normal_cdf
+        from moerouter.losses import _check_routing, _erfc, _normal_cdf, _valid_tokens
         from moerouter._agnostic import scores
         from moerouter import _validation
         assert sigmoid is scores.sigmoid and softmax is scores.softmax
