@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 from moerouter._validation import check_choice, check_int, check_positive_int
 
 __all__ = ["K_SCHEDULES", "evaluate_at_k", "k_schedule"]
 
 
-K_SCHEDULES = (
+KSchedule = Literal[
     "linear_increase",
     "linear_decrease",
     "cosine_increase",
@@ -23,22 +23,15 @@ K_SCHEDULES = (
     "exp_decrease",
     "multi_step_increase",
     "multi_step_decrease",
-)
+]
+#: Every ``mode`` of :func:`k_schedule`.
+K_SCHEDULES: tuple[str, ...] = get_args(KSchedule)
 
 
 def k_schedule(
     step: int,
     *,
-    mode: Literal[
-        "linear_increase",
-        "linear_decrease",
-        "cosine_increase",
-        "cosine_decrease",
-        "exp_increase",
-        "exp_decrease",
-        "multi_step_increase",
-        "multi_step_decrease",
-    ],
+    mode: KSchedule,
     k_min: int,
     k_max: int,
     total_steps: int,
