@@ -7,12 +7,9 @@ Nothing here imports a framework: the backend is chosen per call from the arrays
 
 from moerouter import (
     adamoe,
-    confidence,
-    distillation,
-    ensemble,
+    gates,
     losses,
-    merging,
-    multitask,
+    methods,
     policies,
     simulate,
     stats,
@@ -20,6 +17,7 @@ from moerouter import (
     workloads,
 )
 from moerouter._registry import BackendInfo, KernelSet
+from moerouter.methods import confidence, distillation, ensemble, merging, multitask
 from moerouter.policies import (
     AffinityRouting,
     AnchorRouting,
@@ -88,11 +86,13 @@ __all__ = [
     "distillation",
     "ensemble",
     "evaluate_at_k",
+    "gates",
     "gaussian_noise",
     "k_schedule",
     "losses",
     "make_plan",
     "merging",
+    "methods",
     "multiplicative_jitter",
     "multitask",
     "noisy_top_k_std",

@@ -34,6 +34,7 @@ import numpy as np
 
 import moerouter as mr
 from moerouter import _registry
+from moerouter._typing import Array
 
 __all__ = [
     "SHAPES",
@@ -46,7 +47,6 @@ __all__ = [
     "main",
 ]
 
-Array = Any
 
 #: Bytes of one index (int32) and one routing weight (float32).
 INDEX_BYTES = 4

@@ -8,33 +8,30 @@ from typing import Any, Literal
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._agnostic.scores import sigmoid, softmax, to_float32
 from moerouter._agnostic.select import top_k
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._numerics import sigmoid
-from moerouter.policies._common import (
-    CAPACITY_ROUNDINGS,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
     check_positive_float,
     check_positive_int,
-    check_token_layout_bounds,
-    clean_logits,
     concrete_all,
-    to_float32,
 )
+from moerouter.policies._common import CAPACITY_ROUNDINGS
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
+    call_capacity_factor,
+    clean_token_choice_logits,
     renormalized_scores,
-    softmax,
-    token_choice_routing,
+    route_token_choice,
 )
 from moerouter.routing import Routing
 
 __all__ = ["DeepSeekTopK", "update_expert_bias"]
-
-Array = Any
 
 
 @PolicyCapabilities(
@@ -184,16 +181,8 @@ class DeepSeekTopK:
             k = self.k
         else:
             k = self._check_group_k(check_k(k, self.eligible_experts, "eligible experts"))
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
-        check_token_layout_bounds(
-            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
-        )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
+        capacity_factor = call_capacity_factor(self, capacity_factor)
+        clean = clean_token_choice_logits(self, logits, k, capacity_factor)
         xp, device = clean.xp, clean.device
         values = clean.values
         scores = sigmoid(values, xp=xp) if self.score == "sigmoid" else softmax(values, xp=xp)
@@ -216,18 +205,8 @@ class DeepSeekTopK:
             weights = xp.where(routed, weights, xp.zeros_like(weights))
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
-        return token_choice_routing(
-            clean,
-            scores,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
-            capacity_rounding=self.capacity_rounding,
+        return route_token_choice(
+            self, clean, scores, choice, routed, weights, capacity_factor=capacity_factor
         )
 
     def _check_bias(self, bias: Array, logits: Array) -> Array:

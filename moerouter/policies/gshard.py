@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._agnostic.scores import renormalize, softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
     check_positive_float,
     check_positive_int,
-    check_token_layout_bounds,
-    clean_logits,
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
+    call_capacity_factor,
     choose,
-    renormalize,
-    softmax,
-    token_choice_routing,
+    clean_token_choice_logits,
+    route_token_choice,
 )
 from moerouter.routing import Routing
 
 __all__ = ["GShardTop2"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
@@ -115,16 +113,8 @@ class GShardTop2:
 
         ``capacity_factor``, when given, replaces the constructor's value for this call.
         """
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
-        check_token_layout_bounds(
-            logits, 2, num_experts=self.num_experts, with_capacity=capacity_factor is not None
-        )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
+        capacity_factor = call_capacity_factor(self, capacity_factor)
+        clean = clean_token_choice_logits(self, logits, 2, capacity_factor)
         xp = clean.xp
         probs = softmax(clean.values, xp=xp)
         choice, chosen_logits = choose(clean, 2)
@@ -142,17 +132,8 @@ class GShardTop2:
             weights = xp.where(routed, weights, xp.zeros_like(weights))
         elif uniform is not None:
             raise ValueError('uniform is only used with second_expert_policy="random"')
-        return token_choice_routing(
-            clean,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
+        return route_token_choice(
+            self, clean, probs, choice, routed, weights, capacity_factor=capacity_factor
         )
 
     def _check_uniform(

@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from moerouter._agnostic.scores import masked_softmax, softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
     check_positive_int,
-    check_token_layout_bounds,
-    clean_logits,
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
+    call_capacity_factor,
     choose,
-    masked_softmax,
-    softmax,
-    token_choice_routing,
+    clean_token_choice_logits,
+    route_token_choice,
 )
 from moerouter.routing import Routing
 
 __all__ = ["NullExperts"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
@@ -107,18 +105,14 @@ class NullExperts:
             if k is None
             else check_k(k, self.num_experts + self.num_null, "num_experts + num_null")
         )
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
-        check_token_layout_bounds(
-            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
-        )
-        clean = clean_logits(
+        capacity_factor = call_capacity_factor(self, capacity_factor)
+        clean = clean_token_choice_logits(
+            self,
             logits,
-            self.num_experts + self.num_null,
+            k,
+            capacity_factor,
+            num_columns=self.num_experts + self.num_null,
             columns_name="num_experts + num_null",
-            strict=self.strict,
         )
         xp = clean.xp
         choice, chosen_logits = choose(clean, k)
@@ -126,15 +120,7 @@ class NullExperts:
             (choice < self.num_experts) & (chosen_logits > -xp.inf) & clean.finite_rows[..., None]
         )
         weights = masked_softmax(chosen_logits, routed, xp=xp, device=clean.device)
-        return token_choice_routing(
-            clean,
-            softmax(clean.values, xp=xp),
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
+        probs = softmax(clean.values, xp=xp)
+        return route_token_choice(
+            self, clean, probs, choice, routed, weights, capacity_factor=capacity_factor
         )

@@ -3,33 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from moerouter._agnostic.scores import masked_softmax, sigmoid, softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._numerics import sigmoid
-from moerouter.policies._common import (
-    CAPACITY_ROUNDINGS,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
     check_positive_int,
-    check_token_layout_bounds,
-    clean_logits,
 )
+from moerouter.policies._common import CAPACITY_ROUNDINGS
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
+    call_capacity_factor,
     choose,
-    masked_softmax,
+    clean_token_choice_logits,
     renormalized_scores,
-    softmax,
-    token_choice_routing,
+    route_token_choice,
 )
 from moerouter.routing import Routing
 
 __all__ = ["TopK"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax", "sigmoid"), capacity="optional", causal=True)
@@ -143,16 +140,8 @@ class TopK:
         ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
         """
         k = self.k if k is None else check_k(k, self.num_experts)
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
-        check_token_layout_bounds(
-            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
-        )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
+        capacity_factor = call_capacity_factor(self, capacity_factor)
+        clean = clean_token_choice_logits(self, logits, k, capacity_factor)
         xp, device = clean.xp, clean.device
         probs = (
             softmax(clean.values, xp=xp)
@@ -167,16 +156,6 @@ class TopK:
             weights = renormalized_scores(chosen_logits, routed, score=self.score, xp=xp)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-        return token_choice_routing(
-            clean,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
-            capacity_rounding=self.capacity_rounding,
+        return route_token_choice(
+            self, clean, probs, choice, routed, weights, capacity_factor=capacity_factor
         )

@@ -1,7 +1,7 @@
 """Float64 loop references for the adaptive-compute policies and their losses and state.
 
 Written from the docstrings of :class:`moerouter.TopP`, :class:`moerouter.ReLURouting`,
-:class:`moerouter.CausalExpertChoice` and :mod:`moerouter.losses_adaptive`, one token at a time,
+:class:`moerouter.CausalExpertChoice` and :mod:`moerouter.losses.adaptive`, one token at a time,
 sharing no code with the policies. Conventions as in :mod:`moerouter.testing.reference`: logits
 are rounded to float32 first, selection ranks those values (ties to the lower index), values are
 float64; decisions that compare a sum or a probability with a threshold agree with a float32

@@ -220,6 +220,10 @@ TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
     "policies.locality_loss": lambda a, lead: mr.policies.locality_loss(
         _routing(a, lead), a.ints(0, 2, _tokens(lead)), num_nodes=2
     ),
+    # The same function as policies.locality_loss, at its home in mr.losses.
+    "losses.locality_loss": lambda a, lead: mr.losses.locality_loss(
+        _routing(a, lead), a.ints(0, 2, _tokens(lead)), num_nodes=2
+    ),
     "policies.sinkhorn_plan": lambda a, lead: mr.policies.sinkhorn_plan(
         _logits(a, lead), num_iters=3
     ),
@@ -493,7 +497,10 @@ _MODULES += ("distillation", "workloads", "traces", "simulate", "adamoe")
 def public_names() -> set[str]:
     """Every public name of moerouter and its submodules, as ``CALLS`` and ``NOT_CALLED`` name
     them (top-level names bare, submodule names as ``module.name``)."""
-    names = {name for name in mr.__all__ if name not in (*_MODULES, "__version__")}
+    # mr.gates and mr.methods only regroup names checked under their other public paths
+    # (mr.X and mr.policies.X for the gates, mr.multitask ... for the methods).
+    namespaces = (*_MODULES, "gates", "methods", "__version__")
+    names = {name for name in mr.__all__ if name not in namespaces}
     for module_name in _MODULES:
         module = getattr(mr, module_name)
         for name in module.__all__:

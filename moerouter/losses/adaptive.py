@@ -12,11 +12,11 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from moerouter._agnostic.scores import softplus
 from moerouter._agnostic.select import bincount
 from moerouter._arrays import device_of
-from moerouter._numerics import softplus
-from moerouter.losses import _check_routing, _valid_tokens, entropy
-from moerouter.policies._common import check_positive_int
+from moerouter._validation import check_positive_int, check_routing, valid_tokens
+from moerouter.losses.regularisers import entropy
 from moerouter.policies.causal_expert_choice import expert_choice_targets
 from moerouter.routing import Routing
 
@@ -104,9 +104,9 @@ def routed_load_balancing(routing: Routing, *, mask: Array | None = None) -> Arr
     array ()
         float32 scalar, differentiable through ``probs``; 0 when nothing is routed.
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     xp = array_namespace(routing.probs)
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     counts = _routed_per_expert(routing, valid, xp)
     total = xp.sum(counts)
     share = counts / xp.where(total > 0, total, xp.ones_like(total))
@@ -118,9 +118,9 @@ def routed_load_balancing(routing: Routing, *, mask: Array | None = None) -> Arr
 
 def _valid_gates(routing: Routing, mask: Array | None) -> tuple[Array, Array, Any]:
     """(T, E) gates of valid tokens (zero elsewhere), (T,) valid, namespace."""
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     xp = array_namespace(routing.probs)
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     gates = routing.probs[:, : routing.num_experts]
     return xp.where(valid[:, None], gates, xp.zeros_like(gates)), valid, xp
 
@@ -265,7 +265,7 @@ def causal_predictor_loss(
     array ()
         float32 scalar; 0 with no valid token.
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     targets = expert_choice_targets(routing)
     xp = array_namespace(predictor_logits, targets)
     if predictor_logits.ndim not in (2, 3) or predictor_logits.shape[-1] != routing.num_experts:
@@ -282,7 +282,7 @@ def causal_predictor_loss(
         raise ValueError(
             f"predictor_logits hold {z.shape[0]} tokens, the routing {routing.num_tokens}"
         )
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     per_cell = softplus(z, xp=xp) - z * targets
     per_cell = xp.where(valid[:, None], per_cell, xp.zeros_like(per_cell))
     cells = xp.clip(xp.sum(xp.astype(valid, xp.float32)) * routing.num_experts, min=1.0)
