@@ -11,6 +11,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._validation import check_fields
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -99,6 +100,7 @@ class CausalExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         if self.capacity_factor is None:
             raise TypeError("capacity_factor must be a number, got None")

@@ -9,6 +9,7 @@ from typing import Any, Literal, NamedTuple
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._validation import check_fields
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -83,6 +84,7 @@ class ReLURouting:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_max_k(self.max_k, self.num_experts)
         check_capacity_factor(self.capacity_factor)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._validation import check_fields
 from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
@@ -126,6 +127,7 @@ class TopP:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_p(self.p)
         check_max_k(self.max_k, self.num_experts)
