@@ -101,9 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line options."""
     add = parser.add_argument
     add("--seeds", type=_seeds, default=(0,), help="comma-separated; results average over them")
-    add("--pretrain-steps", type=_positive, default=300, help="top-2 pretraining steps")
+    add("--pretrain-steps", type=_positive, default=150, help="top-2 pretraining steps")
     add("--pretrain-lr", type=_positive_float, default=3e-3, help="pretraining learning rate")
-    add("--steps", type=_positive, default=200, help="fine-tuning steps per policy")
+    add("--steps", type=_positive, default=50, help="fine-tuning steps per policy")
     add("--lr", type=_positive_float, default=1e-3, help="fine-tuning learning rate")
     add(
         "--from-scratch",
@@ -116,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=tuple(RUNS),
         help=f"comma-separated, from {','.join(RUNS)} (default: all; {BASELINE} is required)",
     )
-    add("--batch-size", type=_positive, default=32, help="sequences per step")
+    add("--batch-size", type=_positive, default=16, help="sequences per step")
     add("--context", type=_positive, default=128, help="bytes per sequence")
     add("--dim", type=_positive, default=128, help="model width d")
     add("--expert-width", type=_positive, default=256, help="hidden width of each expert")
