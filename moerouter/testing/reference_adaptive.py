@@ -21,6 +21,7 @@ from moerouter.testing.reference import (
     _ranked_columns,
     _row_is_finite,
     _softmax,
+    drop_over_capacity,
     reference_capacity,
 )
 
@@ -66,21 +67,7 @@ def _token_routing(
     per_expert = None
     if capacity_factor is not None:
         per_expert = reference_capacity(capacity_factor, group_size, slots, num_experts)
-        for g in range(num_groups):
-            used = [0] * num_experts
-            for slot in range(slots):
-                tokens = list(range(group_size))
-                if drop_policy == "probs":
-                    tokens.sort(key=lambda s: (-probs[g, s, choice[g, s, slot]], s))
-                for s in tokens:
-                    e = expert[g, s, slot]
-                    if e < 0:
-                        continue
-                    if used[e] < per_expert:
-                        used[e] += 1
-                    else:
-                        expert[g, s, slot] = -1
-                        weights[g, s, slot] = 0.0
+        drop_over_capacity(expert, weights, probs, choice, per_expert, drop_policy)
     return {
         "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), slots),
         "expert_ids": expert.reshape(-1),
