@@ -88,6 +88,6 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: ``python -m moerouter demo`` (trains four tiny MoE models; about 5 minutes)."""
+    """The main job: ``python -m moerouter demo`` (pretrain a tiny MoE, fine-tune it 4 ways)."""
     session.install(TORCH, "-e", ".[demo]", "-e", "backends/torch")  # [demo]: matplotlib
     session.run("python", "-m", "moerouter", "demo", *session.posargs)

@@ -29,6 +29,7 @@ extensions = [
     "sphinx-mathjax-offline",  # sets mathjax_path to the copy it ships (MathJax 3.2.2)
     "numpydoc",
     "moerouter_tables",  # docs/_ext: support tables rendered from the code
+    "moerouter_transformers_table",  # docs/_ext: transformers families, from the code
     "sphinx_gallery.gen_gallery",
 ]
 

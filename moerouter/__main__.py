@@ -1,8 +1,9 @@
 """``python -m moerouter demo | bench | simulate | info``.
 
-- ``demo``: trains a tiny MoE language model on the standard library's sources once per routing
-  policy (top-1, top-2, AdaMoE) and writes a table, a JSON and a plot of loss against expert
-  FLOPs (``moerouter/_demo/``).
+- ``demo``: pretrains a tiny top-2 MoE language model on the standard library's sources, then
+  fine-tunes it as top-2, top-1 and AdaMoE (converted), and writes a table with standard errors,
+  a JSON and a plot of loss against expert FLOPs. A torch program, it lives in the torch plugin
+  (``moerouter_torch.demo``) and is imported only when asked for.
 - ``bench``: dispatch/combine/router timings against the same-run copy roof.
 - ``simulate``: expert-parallel traffic, loads and all-to-all time of a workload or a trace on
   a simulated cluster (``moerouter/simulate/_command.py``).
@@ -16,9 +17,10 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 import moerouter as mr
-from moerouter import _demo, _registry
+from moerouter import _registry
 from moerouter.simulate import _command as _simulate
 
 __all__ = ["main"]
@@ -89,13 +91,36 @@ def _kernel_set_status(kernel_set: _registry.KernelSet) -> str:
     return f"off (has not passed on a GPU yet; {variable}={kernel_set.name} switches it on)"
 
 
-def demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+DEMO_MODULE = "moerouter_torch.demo"
+DEMO_HELP = "pretrain a tiny top-2 MoE language model, fine-tune it per routing policy, compare"
+
+
+def _import_demo() -> ModuleType | str:
+    """The torch plugin's demo module, or why it cannot be imported (what to install)."""
+    hints = (
+        ("torch", "pip install torch"),
+        ("moerouter_torch", "pip install -e backends/torch"),
+        (DEMO_MODULE, "pip install -e backends/torch"),
+    )
+    for module, hint in hints:
+        try:
+            imported = importlib.import_module(module)
+        except ImportError as error:
+            return (
+                f"the demo needs {module}, which failed to import ({error}); {hint} "
+                "(or run it with `nox -s demo`)"
+            )
+    return imported
+
+
+def demo(args: argparse.Namespace, parser: argparse.ArgumentParser, module: ModuleType) -> int:
     """Check the input (exit 2 naming the option), then train and report."""
     try:
-        device = _demo.check(args)
-    except _demo.DemoInputError as error:
+        device = module.check(args)
+    except module.DemoInputError as error:
         parser.error(str(error))
-    return _demo.run(args, device)
+    status: int = module.run(args, device)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,12 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     description = "moerouter: demo, benchmarks, simulator and environment report"
     parser = argparse.ArgumentParser(prog="python -m moerouter", description=description)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser(
-        "demo",
-        help="train a tiny MoE language model per routing policy; show what AdaMoE buys",
-        description=_demo.__doc__.split("\n\n")[1] if _demo.__doc__ else None,
-    )
-    _demo.add_arguments(demo_parser)
+    # The demo's options live in the torch plugin: imported only when the demo is asked for.
+    demo_module = _import_demo() if argv[:1] == ["demo"] else None
+    demo_description = None
+    if isinstance(demo_module, ModuleType) and demo_module.__doc__:
+        demo_description = demo_module.__doc__.split("\n\n")[1]
+    demo_parser = commands.add_parser("demo", help=DEMO_HELP, description=demo_description)
+    if isinstance(demo_module, ModuleType):
+        demo_module.add_arguments(demo_parser)
+    elif isinstance(demo_module, str):  # say what to install, whatever the options were
+        demo_parser.error(demo_module)
     commands.add_parser("bench", help="kernel timings against the copy roof (bench --help)")
     simulate_parser = commands.add_parser(
         "simulate",
@@ -126,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         args.argv = argv  # recorded in results.json
-        return demo(args, demo_parser)
+        assert isinstance(demo_module, ModuleType)  # imported above when the command is demo
+        return demo(args, demo_parser, demo_module)
     if args.command == "simulate":
         args.argv = argv
         return _simulate.main(args, simulate_parser)

@@ -36,6 +36,7 @@ import numpy as np
 
 import moerouter as mr
 from moerouter import _registry
+from moerouter._typing import Array
 
 __all__ = [
     "SHAPES",
@@ -48,7 +49,6 @@ __all__ = [
     "main",
 ]
 
-Array = Any
 
 #: Bytes of one index (int32) and one routing weight (float32).
 INDEX_BYTES = 4
@@ -322,8 +322,16 @@ def _bench_shape(
     def real_rows(routing: mr.Routing) -> int:
         return int(np.count_nonzero(lib.to_numpy(routing.expert_ids) >= 0))
 
+    thresholds = lib.asarray(np.full(experts, 1.0 / experts, np.float32))
     routers: list[tuple[str, Callable[[], mr.Routing], int]] = [
         ("route TopK", lambda: mr.TopK(experts, k)(logits), experts),
+        ("route TopP(0.4)", lambda: mr.TopP(experts, 0.4, k)(logits), experts),
+        ("route ReLURouting", lambda: mr.ReLURouting(experts, k)(logits), experts),
+        (
+            "route CausalExpertChoice",
+            lambda: mr.CausalExpertChoice(experts, float(k))(logits, thresholds),
+            experts,
+        ),
         (
             f"route NullExperts(+{num_null})",
             lambda: mr.NullExperts(experts, num_null, k)(null_logits),

@@ -17,7 +17,7 @@ from typing import Literal, TypeVar
 __all__ = ["CAPACITY_KINDS", "SCORES", "PolicyCapabilities", "capabilities_of"]
 
 #: Score functions a policy may turn logits into.
-SCORES = frozenset({"softmax", "sigmoid"})
+SCORES = frozenset({"softmax", "sigmoid", "relu"})
 
 #: ``"optional"``: ``capacity_factor=None`` turns it off; ``"always"``: a ``capacity_factor`` is
 #: always applied; ``"exact"``: every expert gets exactly its share, with no capacity knob;
@@ -37,8 +37,8 @@ class PolicyCapabilities:
     Parameters
     ----------
     scores : tuple of str
-        Score functions the policy offers (``"softmax"``, ``"sigmoid"``); empty for a policy
-        that scores nothing (hash routing) or takes them from a wrapped policy.
+        Score functions the policy offers (``"softmax"``, ``"sigmoid"``, ``"relu"``); empty for
+        a policy that scores nothing (hash routing) or takes them from a wrapped policy.
     capacity : {"optional", "always", "exact", "none"}
         See :data:`CAPACITY_KINDS`.
     grouped : bool

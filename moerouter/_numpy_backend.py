@@ -56,8 +56,8 @@ import numpy as np
 import numpy.typing as npt
 from array_api_compat import array_namespace
 
+from moerouter._agnostic.scores import sigmoid
 from moerouter._buffers import BufferPool, numpy_empty
-from moerouter._numerics import sigmoid
 from moerouter._registry import BackendInfo
 from moerouter.policies._router import RouterResult, biased_selection, chosen_weights
 from moerouter.routing import Plan, Routing

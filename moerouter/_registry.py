@@ -46,7 +46,7 @@ ENTRY_POINT_GROUP = "moerouter.backends"
 #: ``top_k(scores, k, *, nan_free) -> columns``: the k best columns of each row (ties to the lower
 #: column, best first, ``-inf`` after every finite value, NaN last), the agnostic
 #: :func:`moerouter._agnostic.select.top_k`. ``router`` is the token-choice router of
-#: :func:`moerouter.policies._router.route_token_choice` (its ``kernel`` signature).
+#: :func:`moerouter.policies._router.run_router` (its ``kernel`` signature).
 KERNEL_NAMES = frozenset({"make_plan", "dispatch", "combine", "top_k", "router"})
 
 #: Array library -> plugin module, for the plugins that ship with moerouter.

@@ -17,10 +17,9 @@ from moerouter import _registry
 from moerouter._agnostic import plan as _plan
 from moerouter._agnostic import soft as _soft
 from moerouter._arrays import check_index_bound, device_of
+from moerouter._typing import Array
 
 __all__ = ["Plan", "Routing", "SoftRouting", "combine", "dispatch", "make_plan"]
-
-Array = Any
 
 
 @dataclass(frozen=True)
@@ -215,10 +214,10 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
     >>> plan.group_sizes
     Array([1, 0, 1], dtype=array_api_strict.int32)
     """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    # Imported here: the policies import this module.
-    from moerouter.policies._common import check_bool
+    # Imported here: moerouter._validation imports this module's types.
+    from moerouter._validation import check_bool, check_routing
+
+    routing = check_routing(routing)
 
     pad_to_capacity = check_bool(pad_to_capacity, "pad_to_capacity")
     _check_plan_bounds(routing)
@@ -229,7 +228,13 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
         plan: Plan = kernel(routing)
         return plan
     xp = array_namespace(routing.token_ids, routing.expert_ids, routing.weights)
-    arrays = _plan.plan_arrays(
+    arrays = _packed_plan_arrays(routing, xp=xp, device=device_of(routing.expert_ids))
+    return Plan(**arrays, num_tokens=routing.num_tokens, num_experts=routing.num_experts)
+
+
+def _packed_plan_arrays(routing: Routing, *, xp: Any, device: Any) -> dict[str, Array]:
+    """The agnostic plan of ``routing``: its real rows packed by expert."""
+    arrays: dict[str, Array] = _plan.plan_arrays(
         routing.token_ids,
         routing.expert_ids,
         routing.weights,
@@ -238,9 +243,9 @@ def make_plan(routing: Routing, *, pad_to_capacity: bool = False) -> Plan:
         fan_in=routing.fan_in,
         token_layout=routing.layout == "token",
         xp=xp,
-        device=device_of(routing.expert_ids),
+        device=device,
     )
-    return Plan(**arrays, num_tokens=routing.num_tokens, num_experts=routing.num_experts)
+    return arrays
 
 
 def _check_plan_bounds(routing: Routing) -> None:
@@ -263,17 +268,7 @@ def _padded_plan(routing: Routing) -> Plan:
     _registry.backend_for(routing.expert_ids)  # loads the JAX pytree registration, as policies do
     xp = array_namespace(routing.token_ids, routing.expert_ids, routing.weights)
     device = device_of(routing.expert_ids)
-    packed = _plan.plan_arrays(
-        routing.token_ids,
-        routing.expert_ids,
-        routing.weights,
-        num_tokens=routing.num_tokens,
-        num_experts=routing.num_experts,
-        fan_in=routing.fan_in,
-        token_layout=routing.layout == "token",
-        xp=xp,
-        device=device,
-    )
+    packed = _packed_plan_arrays(routing, xp=xp, device=device)
     arrays = _plan.pad_to_capacity(
         packed,
         xp.astype(routing.expert_ids, xp.int32),

@@ -13,17 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import array_namespace
 
 from moerouter._agnostic.select import bincount
 from moerouter._arrays import check_index_bound, device_of
-from moerouter.losses import _mask_shapes
-from moerouter.policies._common import check_int
+from moerouter._typing import Array
+from moerouter._validation import check_int, check_routing, valid_tokens
 from moerouter.routing import Routing
 
 __all__ = ["co_occurrence", "processed_by_at_least", "summary"]
-
-Array = Any
 
 
 def summary(routing: Routing) -> dict[str, Array]:
@@ -62,7 +60,7 @@ def summary(routing: Routing) -> dict[str, Array]:
     >>> mr.stats.summary(routing)["tokens_per_expert"]
     Array([2, 0], dtype=array_api_strict.int32)
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     xp = array_namespace(routing.probs)
     device = device_of(routing.probs)
     float32 = xp.float32
@@ -110,27 +108,6 @@ def summary(routing: Routing) -> dict[str, Array]:
         "nonfinite_rows": xp.astype(xp.sum(xp.astype(~finite, xp.int32)), xp.int32),
         "processed_by_at_least": at_least,
     }
-
-
-def _check_routing(routing: object) -> Routing:
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    return routing
-
-
-def _valid_tokens(routing: Routing, mask: Array, xp: Any) -> Array:
-    """(T,) bool: finite logits rows that the mask (if any) keeps."""
-    if mask is None:
-        return routing.finite_rows
-    if not is_array_api_obj(mask):
-        raise TypeError(f"mask must be a bool array, got {type(mask).__name__}")
-    if mask.dtype != xp.bool:
-        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-    shapes = _mask_shapes(routing, mask)
-    if tuple(mask.shape) not in shapes:
-        accepted = " or ".join(str(s) for s in dict.fromkeys(shapes))
-        raise ValueError(f"mask must have shape {accepted}, got shape {tuple(mask.shape)}")
-    return routing.finite_rows & xp.reshape(mask, (-1,))
 
 
 def _reached(routing: Routing, valid: Array, xp: Any) -> Array:
@@ -192,9 +169,9 @@ def co_occurrence(routing: Routing, *, mask: Array | None = None) -> Array:
            [1, 1, 0],
            [1, 0, 1]], dtype=array_api_strict.int32)
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     xp = array_namespace(routing.probs)
-    reached = xp.astype(_reached(routing, _valid_tokens(routing, mask, xp), xp), xp.float32)
+    reached = xp.astype(_reached(routing, valid_tokens(routing, mask, xp), xp), xp.float32)
     pairs = xp.matmul(xp.matrix_transpose(reached), reached)
     return xp.astype(xp.round(pairs), xp.int32)
 
@@ -240,7 +217,7 @@ def processed_by_at_least(
     >>> mr.stats.processed_by_at_least(routing)  # token 0: both experts; token 3: none
     Array([1.  , 0.75, 0.25], dtype=array_api_strict.float32)
     """
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     xp = array_namespace(routing.probs)
     fan_in = routing.fan_in
     if thresholds is None:
@@ -254,7 +231,7 @@ def processed_by_at_least(
             if not 0 <= t <= fan_in:
                 raise ValueError(f"thresholds must lie in [0, {fan_in}] (fan_in), got {t}")
             chosen.append(t)
-    valid = _valid_tokens(routing, mask, xp)
+    valid = valid_tokens(routing, mask, xp)
     per_token = xp.sum(_reached(routing, valid, xp), axis=1)
     device = device_of(per_token)
     per_token = xp.where(valid, per_token, xp.asarray(-1, dtype=per_token.dtype, device=device))

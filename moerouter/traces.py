@@ -40,6 +40,8 @@ from array_api_compat import array_namespace, is_array_api_obj
 from array_api_compat import device as device_of
 
 from moerouter._arrays import host_copy
+from moerouter._typing import Array
+from moerouter._validation import check_routing
 from moerouter.routing import Routing
 
 __all__ = [
@@ -58,7 +60,6 @@ __all__ = [
     "traced",
 ]
 
-Array = Any
 
 #: Version of the ``.npz`` layout written by :func:`save`; :func:`load` reads this and older.
 TRACE_VERSION = 1
@@ -206,8 +207,7 @@ class TraceRecord:
         sequence, position : array (T,) int, optional
             Token metadata; by default each of the routing's ``G`` groups is a sequence.
         """
-        if not isinstance(routing, Routing):
-            raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
+        routing = check_routing(routing)
         tokens = routing.num_tokens
         per_group = tokens // max(routing.num_groups, 1) if tokens else 1
         index = np.arange(tokens, dtype=np.int32)

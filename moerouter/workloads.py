@@ -41,6 +41,9 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from moerouter._typing import Array
+from moerouter._validation import check_int_at_least as _check_int
+
 __all__ = [
     "WORKLOADS",
     "bursty",
@@ -51,20 +54,11 @@ __all__ = [
     "zipf",
 ]
 
-Array = Any
 Seed = int | Sequence[int]
 
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_float(value: object, name: str, *, minimum: float, inclusive: bool = True) -> float:

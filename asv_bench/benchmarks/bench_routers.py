@@ -24,6 +24,9 @@ class Routers:
         common.BACKENDS,
         [
             "TopK",
+            "TopP",
+            "ReLURouting",
+            "CausalExpertChoice",
             "NullExperts",
             "ExpertChoice",
             "DeepSeekTopK",
@@ -47,6 +50,16 @@ class Routers:
         extra: tuple[Any, ...] = ()
         if router == "TopK":
             policy = mr.TopK(s.experts, s.k)
+        elif router == "TopP":
+            # Huang et al.'s p = 0.4, at most k experts: never more rows than top-k.
+            policy = mr.TopP(s.experts, 0.4, s.k)
+        elif router == "ReLURouting":
+            # Every positive gate up to k: about half the experts are positive at random logits.
+            policy = mr.ReLURouting(s.experts, s.k)
+        elif router == "CausalExpertChoice":
+            # The inference rule (thresholds at the uniform probability), per token.
+            policy = mr.CausalExpertChoice(s.experts, float(s.k))
+            extra = (common.asarray(backend, np.full(s.experts, 1 / s.experts, np.float32)),)
         elif router == "NullExperts":
             # reference/performance.md §10.2: E real plus E/2 null experts, same k.
             num_null = max(1, s.experts // 2)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-Array = Any
+from moerouter._typing import Array
 
 
 def select_per_expert(

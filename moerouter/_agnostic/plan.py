@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moerouter._agnostic.select import inverse_permutation
-
-Array = Any
+from moerouter._typing import Array
 
 
 def plan_arrays(

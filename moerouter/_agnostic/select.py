@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from moerouter import _registry
-
-Array = Any
+from moerouter._arrays import device_of
+from moerouter._typing import Array
 
 
 def top_k(scores: Array, k: int, *, xp: Any) -> Array:
@@ -78,3 +78,13 @@ def bincount(ids: Array, num_bins: int, *, xp: Any, device: Any) -> Array:
     edges = xp.arange(num_bins + 1, dtype=xp.int32, device=device)
     bounds = xp.searchsorted(sorted_ids, edges, side="left")
     return xp.astype(bounds[1:] - bounds[:-1], xp.int32)
+
+
+def pick_columns(values: Array, columns: Array, *, xp: Any) -> Array:
+    """``values[n, columns[n]]`` for a ``(N, K)`` array, as ``(N,)``; NaN where out of range."""
+    # A one-hot mask rather than a gather: no index dtype to negotiate (torch gathers int64 only,
+    # JAX without x64 has no int64), and the gradient is a plain masked copy.
+    classes = xp.arange(values.shape[-1], dtype=columns.dtype, device=device_of(values))
+    hit = classes[None, :] == columns[:, None]
+    picked = xp.sum(xp.where(hit, values, xp.zeros_like(values)), axis=-1)
+    return xp.where(xp.any(hit, axis=-1), picked, xp.full_like(picked, xp.nan))

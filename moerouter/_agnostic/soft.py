@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-Array = Any
+from moerouter._typing import Array
 
 
 def _accumulate_dtype(array: Array, *, xp: Any) -> Any:

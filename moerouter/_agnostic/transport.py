@@ -10,22 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from moerouter._agnostic.scores import logsumexp
 from moerouter._agnostic.select import descending_rank, position_in_bucket
-
-Array = Any
-
-
-def logsumexp(values: Array, *, axis: int, xp: Any) -> Array:
-    """``log(sum(exp(values)))`` along ``axis`` (kept), -inf where every entry is -inf."""
-    if values.shape[axis] == 0:  # a sum of nothing (no tokens): log 0 = -inf, without max()
-        return xp.full_like(xp.sum(values, axis=axis, keepdims=True), -xp.inf)
-    top = xp.max(values, axis=axis, keepdims=True)
-    reachable = top > -xp.inf
-    finite_top = xp.where(reachable, top, xp.zeros_like(top))
-    total = xp.sum(xp.exp(values - finite_top), axis=axis, keepdims=True)
-    # log(0) is never evaluated: NumPy would warn, and the gradient would be NaN.
-    total = xp.where(reachable, total, xp.ones_like(total))
-    return xp.where(reachable, xp.log(total) + finite_top, top)
+from moerouter._typing import Array
 
 
 def sinkhorn_potentials(

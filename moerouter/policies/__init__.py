@@ -1,7 +1,7 @@
 """Router policies: each turns router logits into a :class:`moerouter.Routing`.
 
 Every policy is a frozen dataclass of its hyper-parameters, validated on creation, and a pure
-function of the logits when called. One module per family:
+function of the logits when called. One module per policy family, nothing else:
 
 - :mod:`~moerouter.policies.topk`: :class:`TopK`, softmax or sigmoid token choice with capacity.
 - :mod:`~moerouter.policies.null`: :class:`NullExperts`, AdaMoE's null-expert adaptive routing.
@@ -19,22 +19,39 @@ function of the logits when called. One module per family:
 - :mod:`~moerouter.policies.soft_moe`: :class:`SoftMoE`, slots as weighted averages of tokens.
 - :mod:`~moerouter.policies.deepseek`: :class:`DeepSeekTopK`, sigmoid scores, group-limited
   routing and the selection-only expert bias of auxiliary-loss-free balancing.
-- :mod:`~moerouter.policies.deepseek`: :class:`DeepSeekTopK`, sigmoid scores, group-limited
-  routing and the selection-only expert bias of auxiliary-loss-free balancing.
 - :mod:`~moerouter.policies.gshard`: :class:`GShardTop2`, top-2 with a random second expert.
-- :mod:`~moerouter.policies.noise`: logit noise and jitter with caller-supplied random draws.
-- :mod:`~moerouter.policies.deepseek`: :class:`DeepSeekTopK`, sigmoid scores, group-limited
-  routing and the selection-only expert bias of auxiliary-loss-free balancing.
-- :mod:`~moerouter.policies.gshard`: :class:`GShardTop2`, top-2 with a random second expert.
-- :mod:`~moerouter.policies.noise`: logit noise and jitter with caller-supplied random draws.
 - :mod:`~moerouter.policies.hash`: :class:`HashRouter`, token id to fixed experts (hash layers).
-- :mod:`~moerouter.policies.smoe_dropout`: SMoE-Dropout's frozen random router and k schedules.
-- :mod:`~moerouter.policies.cosine`: Tutel's cosine router logits.
+- :mod:`~moerouter.policies.top_p`: :class:`TopP`, top-p (dynamic) routing.
+- :mod:`~moerouter.policies.causal_expert_choice`: :class:`CausalExpertChoice`, expert choice
+  with a causal inference rule (thresholds or a predictor).
+- :mod:`~moerouter.policies.relu`: :class:`ReLURouting`, ReMoE's ReLU routing and its adaptive
+  L1 coefficient.
+
+Also exported here, as before, though they live elsewhere: the gates of :mod:`moerouter.gates`
+(:func:`cosine_router_logits`, :class:`FrozenRandomRouter`, the noise functions), SMoE-Dropout's
+:func:`k_schedule` and :func:`evaluate_at_k` (:mod:`moerouter.methods.smoe_dropout`) and
+:func:`locality_loss` (:mod:`moerouter.losses`).
 """
 
+from moerouter.gates import (
+    FrozenRandomRouter,
+    cosine_router_logits,
+    gaussian_noise,
+    multiplicative_jitter,
+    noisy_top_k_std,
+    vmoe_logit_noise,
+)
+from moerouter.losses.locality import locality_loss
+from moerouter.methods.smoe_dropout import evaluate_at_k, k_schedule
 from moerouter.policies.anchor import AnchorRouting, anchor_mean_logits, anchor_router_input
 from moerouter.policies.balanced import BalancedAssignment
-from moerouter.policies.cosine import cosine_router_logits
+from moerouter.policies.causal_expert_choice import (
+    CausalExpertChoice,
+    ThresholdState,
+    expert_choice_targets,
+    threshold_state_init,
+    update_thresholds,
+)
 from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
 from moerouter.policies.expert_choice import ExpertChoice
 from moerouter.policies.gshard import GShardTop2
@@ -44,25 +61,25 @@ from moerouter.policies.locality import (
     LocalityTopK,
     affinity_scores,
     grouped_average_pooling,
-    locality_loss,
-)
-from moerouter.policies.noise import (
-    gaussian_noise,
-    multiplicative_jitter,
-    noisy_top_k_std,
-    vmoe_logit_noise,
 )
 from moerouter.policies.null import NullExperts
+from moerouter.policies.relu import (
+    ReLURouting,
+    ReLURoutingState,
+    relu_state_init,
+    update_l1_coefficient,
+)
 from moerouter.policies.sinkhorn import SinkhornExpertChoice, SinkhornTokenChoice, sinkhorn_plan
-from moerouter.policies.smoe_dropout import FrozenRandomRouter, evaluate_at_k, k_schedule
 from moerouter.policies.soft_moe import SoftMoE
 from moerouter.policies.sparse_transport import SparsityConstrainedExpertChoice
+from moerouter.policies.top_p import TopP
 from moerouter.policies.topk import TopK
 
 __all__ = [
     "AffinityRouting",
     "AnchorRouting",
     "BalancedAssignment",
+    "CausalExpertChoice",
     "DeepSeekTopK",
     "ExpertChoice",
     "FrozenRandomRouter",
@@ -70,17 +87,22 @@ __all__ = [
     "HashRouter",
     "LocalityTopK",
     "NullExperts",
+    "ReLURouting",
+    "ReLURoutingState",
     "SinkhornExpertChoice",
     "SinkhornTokenChoice",
     "SoftMoE",
     "SparsityConstrainedExpertChoice",
+    "ThresholdState",
     "TopK",
+    "TopP",
     "affinity_scores",
     "anchor_mean_logits",
     "anchor_router_input",
     "balanced_hash_table",
     "cosine_router_logits",
     "evaluate_at_k",
+    "expert_choice_targets",
     "gaussian_noise",
     "grouped_average_pooling",
     "k_schedule",
@@ -88,7 +110,24 @@ __all__ = [
     "multiplicative_jitter",
     "noisy_top_k_std",
     "random_hash_table",
+    "relu_state_init",
     "sinkhorn_plan",
+    "threshold_state_init",
     "update_expert_bias",
+    "update_l1_coefficient",
+    "update_thresholds",
     "vmoe_logit_noise",
 ]
+
+
+# The gate and schedule modules that lived here (policies.cosine, .noise, .smoe_dropout) stay
+# reachable as attributes, through their deprecation aliases, only when asked for.
+_MOVED_MODULES = ("cosine", "noise", "smoe_dropout")
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED_MODULES:
+        import importlib
+
+        return importlib.import_module(f"moerouter.policies.{name}")
+    raise AttributeError(f"module 'moerouter.policies' has no attribute {name!r}")

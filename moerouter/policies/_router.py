@@ -1,9 +1,10 @@
 """The token-choice router kernel slot: scores, exact top-k choice, weights, finite rows.
 
 ``TopK``, ``NullExperts``, ``GShardTop2`` and ``DeepSeekTopK`` (without group limiting) route
-through :func:`route_token_choice`. It runs the array library's ``router`` kernel when its plugin
-registers one (and the kernel set it belongs to is on), and :func:`reference_router`, written
-once against the array API, otherwise. Every kernel has one signature::
+through :func:`run_router` (:func:`policy_router`). It runs the array library's ``router``
+kernel when its plugin registers one (and the kernel set it belongs to is on), and
+:func:`reference_router`, written once against the array API, otherwise. Every kernel has one
+signature::
 
     kernel(values, k, *, score, weights, num_real, bias) -> RouterResult | None
 
@@ -24,21 +25,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from moerouter import _registry
+from moerouter._agnostic.scores import masked_softmax, sigmoid, softmax, to_float32
 from moerouter._agnostic.select import select_top_k
 from moerouter._arrays import device_of
-from moerouter._numerics import sigmoid
-from moerouter.policies._common import (
+from moerouter._typing import Array, Namespace
+from moerouter._validation import (
     CleanLogits,
     check_logits,
+    check_token_layout_bounds,
     clean_logits,
     raise_if_unroutable,
-    to_float32,
 )
-from moerouter.policies._token_choice import masked_softmax, renormalized_scores, softmax
+from moerouter.policies._token_choice import renormalized_scores
 
-__all__ = ["WEIGHT_RULES", "RouterResult", "reference_router", "route_token_choice"]
-
-Array = Any
+__all__ = ["WEIGHT_RULES", "RouterResult", "policy_router", "reference_router", "run_router"]
 
 #: ``"renormalize"``: the chosen scores over their routed sum (a softmax of log-scores over the
 #: routed choices); ``"softmax_after_topk"``: a softmax of the routed chosen logits;
@@ -61,7 +61,7 @@ class RouterResult:
     weights: Array
     probs: Array
     finite_rows: Array
-    xp: Any
+    xp: Namespace
 
     @property
     def device(self) -> Any:
@@ -69,12 +69,12 @@ class RouterResult:
         return device_of(self.probs)
 
 
-def scores_of(values: Array, score: str, *, xp: Any) -> Array:
+def scores_of(values: Array, score: str, *, xp: Namespace) -> Array:
     """Softmax or sigmoid scores of float32 logits."""
     return softmax(values, xp=xp) if score == "softmax" else sigmoid(values, xp=xp)
 
 
-def biased_selection(values: Array, probs: Array, bias: Array | float, *, xp: Any) -> Array:
+def biased_selection(values: Array, probs: Array, bias: Array | float, *, xp: Namespace) -> Array:
     """``probs + bias`` where the logit is above ``-inf``, ``-inf`` elsewhere (never chosen)."""
     lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device_of(values))
     return xp.where(values > -xp.inf, probs + bias, lowest)
@@ -88,7 +88,7 @@ def chosen_weights(
     *,
     score: str,
     weights: str,
-    xp: Any,
+    xp: Namespace,
 ) -> Array:
     """The weight rule applied to the k chosen columns (shared by the reference and kernels)."""
     if weights == "softmax_after_topk":
@@ -130,7 +130,7 @@ def reference_router(
     )
 
 
-def route_token_choice(
+def run_router(
     logits: Array,
     k: int,
     *,
@@ -146,7 +146,7 @@ def route_token_choice(
 
     ``bias`` must already be checked and float32 ``(E',)``, or ``0.0`` to select on the scores.
     ``strict=True`` raises on non-finite rows (concrete values only), as
-    :func:`~moerouter.policies._common.clean_logits` does.
+    :func:`~moerouter._validation.clean_logits` does.
     """
     num_real = num_columns if num_real is None else num_real
     kernel = _registry.kernel_for("router", logits)
@@ -164,3 +164,37 @@ def route_token_choice(
             return result
     clean = clean_logits(logits, num_columns, columns_name=columns_name, strict=strict)
     return reference_router(clean, k, score=score, weights=weights, num_real=num_real, bias=bias)
+
+
+def policy_router(
+    policy: Any,
+    logits: Array,
+    k: int,
+    capacity_factor: float | None,
+    *,
+    num_columns: int | None = None,
+    columns_name: str = "num_experts",
+    score: str = "softmax",
+    weights: str = "renormalize",
+    num_real: int | None = None,
+    bias: Array | float | None = None,
+) -> RouterResult:
+    """The opening every routed token-choice policy shares: refuse shapes whose int32 indices
+    would wrap (before anything is built), then :func:`run_router` with the policy's ``strict``.
+    ``num_columns`` defaults to the policy's ``num_experts``. The result goes to
+    :func:`~moerouter.policies._token_choice.route_token_choice` with ``probs_masked=True``."""
+    check_token_layout_bounds(
+        logits, k, num_experts=policy.num_experts, with_capacity=capacity_factor is not None
+    )
+    columns = policy.num_experts if num_columns is None else num_columns
+    return run_router(
+        logits,
+        k,
+        num_columns=columns,
+        columns_name=columns_name,
+        strict=policy.strict,
+        score=score,
+        weights=weights,
+        num_real=num_real,
+        bias=bias,
+    )

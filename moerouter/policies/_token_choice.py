@@ -1,16 +1,38 @@
-"""The shared half of every token-choice policy: scores, top-k choice, weights, capacity."""
+"""The shared half of every token-choice policy: top-k choice, weights, capacity.
+
+``softmax``, ``masked_softmax`` and ``renormalize`` (now in :mod:`moerouter._agnostic.scores`)
+stay importable from here for code written against the earlier layout.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+from moerouter._agnostic.scores import log_sigmoid, masked_softmax, renormalize, softmax
 from moerouter._agnostic.select import descending_rank, select_top_k
 from moerouter._arrays import device_of
-from moerouter._numerics import log_sigmoid
-from moerouter.policies._common import CleanLogits, capacity, drop_over_capacity
+from moerouter._typing import Array
+from moerouter._validation import (
+    CleanLogits,
+    check_capacity_factor,
+    check_token_layout_bounds,
+    clean_logits,
+)
+from moerouter.policies._common import capacity, drop_over_capacity
 from moerouter.routing import Routing
 
-Array = Any
+__all__ = [
+    "DROP_POLICIES",
+    "call_capacity_factor",
+    "choose",
+    "clean_token_choice_logits",
+    "masked_softmax",
+    "renormalize",
+    "renormalized_scores",
+    "route_token_choice",
+    "softmax",
+    "token_choice_routing",
+]
 
 DROP_POLICIES = ("position", "probs", "batch_priority")
 
@@ -40,26 +62,6 @@ def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
     return choice, xp.take_along_axis(clean.values, choice, axis=-1)
 
 
-def softmax(values: Array, *, xp: Any) -> Array:
-    shifted = values - xp.max(values, axis=-1, keepdims=True)
-    exp = xp.exp(shifted)
-    return exp / xp.sum(exp, axis=-1, keepdims=True)
-
-
-def masked_softmax(values: Array, mask: Array, *, xp: Any, device: Any) -> Array:
-    """Softmax over the masked-in entries of each row; all-zero for a row with none.
-
-    Masked-out entries never reach ``exp``, so they get no gradient (AdaMoE's null logits).
-    """
-    if values.shape[-1] == 0:  # rows of no entries (Soft MoE's slots over zero tokens)
-        return xp.zeros_like(values)
-    lowest = xp.asarray(-xp.inf, dtype=values.dtype, device=device)
-    row_max = xp.max(xp.where(mask, values, lowest), axis=-1, keepdims=True)
-    row_max = xp.where(row_max > -xp.inf, row_max, xp.zeros_like(row_max))
-    exp = xp.where(mask, xp.exp(xp.where(mask, values, row_max) - row_max), xp.zeros_like(values))
-    return renormalize(exp, mask, xp=xp)
-
-
 def renormalized_scores(chosen_logits: Array, routed: Array, *, score: str, xp: Any) -> Array:
     """Scores of the chosen columns renormalised to sum 1 over the routed ones.
 
@@ -74,12 +76,6 @@ def renormalized_scores(chosen_logits: Array, routed: Array, *, score: str, xp: 
     return masked_softmax(log_scores, routed, xp=xp, device=device_of(chosen_logits))
 
 
-def renormalize(weights: Array, mask: Array, *, xp: Any) -> Array:
-    weights = xp.where(mask, weights, xp.zeros_like(weights))
-    total = xp.sum(weights, axis=-1, keepdims=True)
-    return weights / xp.where(total > 0, total, xp.ones_like(total))
-
-
 def token_choice_routing(
     clean: RowState,
     probs: Array,
@@ -88,9 +84,9 @@ def token_choice_routing(
     weights: Array,
     *,
     num_experts: int,
-    capacity_factor: float | None,
-    capacity_multiple_of: int,
-    drop_policy: str,
+    capacity_factor: float | None = None,
+    capacity_multiple_of: int = 1,
+    drop_policy: str = "position",
     min_capacity: int = 0,
     capacity_rounding: str = "exact",
     probs_masked: bool = False,
@@ -158,4 +154,61 @@ def token_choice_routing(
         slots=k,
         num_groups=num_groups,
         capacity=per_expert,
+    )
+
+
+def call_capacity_factor(policy: Any, capacity_factor: float | None) -> float | None:
+    """The capacity factor of one call: the policy's own, or the call's override (checked)."""
+    if capacity_factor is None:
+        return policy.capacity_factor  # type: ignore[no-any-return]
+    check_capacity_factor(capacity_factor)
+    return capacity_factor
+
+
+def clean_token_choice_logits(
+    policy: Any,
+    logits: Array,
+    k: int,
+    capacity_factor: float | None,
+    *,
+    num_columns: int | None = None,
+    columns_name: str = "num_experts",
+) -> CleanLogits:
+    """The opening every token-choice policy shares: refuse shapes whose int32 indices would
+    wrap (before anything is built), then :func:`~moerouter._validation.clean_logits` with the
+    policy's ``strict``. ``num_columns`` defaults to the policy's ``num_experts``."""
+    check_token_layout_bounds(
+        logits, k, num_experts=policy.num_experts, with_capacity=capacity_factor is not None
+    )
+    columns = policy.num_experts if num_columns is None else num_columns
+    return clean_logits(logits, columns, columns_name=columns_name, strict=policy.strict)
+
+
+def route_token_choice(
+    policy: Any,
+    clean: RowState,
+    probs: Array,
+    choice: Array,
+    routed: Array,
+    weights: Array,
+    *,
+    capacity_factor: float | None,
+    probs_masked: bool = False,
+) -> Routing:
+    """:func:`token_choice_routing` with the capacity options of ``policy``: its
+    ``num_experts``, ``capacity_multiple_of`` and ``drop_policy``, and its ``min_capacity`` and
+    ``capacity_rounding`` where it has them (else 0 and "exact")."""
+    return token_choice_routing(
+        clean,
+        probs,
+        choice,
+        routed,
+        weights,
+        num_experts=policy.num_experts,
+        capacity_factor=capacity_factor,
+        capacity_multiple_of=policy.capacity_multiple_of,
+        drop_policy=policy.drop_policy,
+        min_capacity=getattr(policy, "min_capacity", 0),
+        capacity_rounding=getattr(policy, "capacity_rounding", "exact"),
+        probs_masked=probs_masked,
     )

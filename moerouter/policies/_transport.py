@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.expert_choice import select_per_expert
-from moerouter.policies._common import CleanLogits, clean_logits, to_float32
+from moerouter._agnostic.scores import to_float32
+from moerouter._typing import Array
+from moerouter._validation import CleanLogits, clean_logits
 from moerouter.routing import Routing
-
-Array = Any
 
 
 def noisy_logits(

@@ -24,21 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import array_namespace
 
+from moerouter._agnostic.scores import to_float32
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import check_fields, check_positive_int, to_float32
+from moerouter._typing import Array
+from moerouter._validation import check_fields, check_positive_int, is_array
 from moerouter.routing import Routing
 
 __all__ = ["AnchorRouting", "anchor_mean_logits", "anchor_router_input"]
-
-Array = Any
-
-
-def _is_array(value: object) -> bool:
-    # A plain bool, not array-api-compat's TypeGuard, so mypy keeps Array as Any.
-    return bool(is_array_api_obj(value))
 
 
 def anchor_router_input(
@@ -76,7 +71,7 @@ def anchor_router_input(
         (anchor_ids, "anchor_ids"),
         (anchor_embeddings, "anchor_embeddings"),
     ):
-        if not _is_array(value):
+        if not is_array(value):
             raise TypeError(f"{name} must be an array, got {type(value).__name__}")
     xp = array_namespace(tokens, anchor_ids, anchor_embeddings) if xp is None else xp
     if tokens.ndim != 2:
@@ -141,9 +136,9 @@ def anchor_mean_logits(
            [0.5, 1.5],
            [5. , 5. ]], dtype=array_api_strict.float32)
     """
-    if not _is_array(logits):
+    if not is_array(logits):
         raise TypeError(f"logits must be an array, got {type(logits).__name__}")
-    if not _is_array(anchor_ids):
+    if not is_array(anchor_ids):
         raise TypeError(f"anchor_ids must be an array, got {type(anchor_ids).__name__}")
     xp = array_namespace(logits, anchor_ids) if xp is None else xp
     check_positive_int(num_anchors, "num_anchors")

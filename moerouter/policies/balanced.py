@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from moerouter._agnostic.scores import sigmoid, softmax
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._numerics import sigmoid
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     check_fields,
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._token_choice import softmax, token_choice_routing
+from moerouter.policies._token_choice import token_choice_routing
 from moerouter.routing import Routing
 
 __all__ = ["BalancedAssignment"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("sigmoid",), capacity="exact")
@@ -140,7 +138,4 @@ class BalancedAssignment:
             routed,
             weights,
             num_experts=self.num_experts,
-            capacity_factor=None,
-            capacity_multiple_of=1,
-            drop_policy="position",
         )

@@ -8,10 +8,11 @@ from typing import Any, Literal
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._agnostic.scores import to_float32
 from moerouter._agnostic.select import select_top_k
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
-    CAPACITY_ROUNDINGS,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
@@ -22,21 +23,23 @@ from moerouter.policies._common import (
     check_token_layout_bounds,
     clean_logits,
     concrete_all,
-    to_float32,
 )
+from moerouter.policies._common import CAPACITY_ROUNDINGS
 from moerouter.policies._router import (
     RouterResult,
     biased_selection,
     chosen_weights,
-    route_token_choice,
+    run_router,
     scores_of,
 )
-from moerouter.policies._token_choice import DROP_POLICIES, token_choice_routing
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    call_capacity_factor,
+    route_token_choice,
+)
 from moerouter.routing import Routing
 
 __all__ = ["DeepSeekTopK", "update_expert_bias"]
-
-Array = Any
 
 
 @PolicyCapabilities(
@@ -186,10 +189,7 @@ class DeepSeekTopK:
             k = self.k
         else:
             k = self._check_group_k(check_k(k, self.eligible_experts, "eligible experts"))
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
+        capacity_factor = call_capacity_factor(self, capacity_factor)
         check_token_layout_bounds(
             logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
         )
@@ -199,7 +199,7 @@ class DeepSeekTopK:
         rule = "renormalize" if self.normalize else "raw"
         if self.topk_groups is None or self.topk_groups == self.num_groups:
             # Selection on the scores (plus the bias): 0.0 when there is no bias.
-            decision: RouterResult = route_token_choice(
+            decision: RouterResult = run_router(
                 logits,
                 k,
                 num_columns=self.num_experts,
@@ -214,19 +214,15 @@ class DeepSeekTopK:
         weights = decision.weights
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
-        return token_choice_routing(
+        return route_token_choice(
+            self,
             decision,
             decision.probs,
             decision.choice,
             decision.routed,
             weights,
-            probs_masked=True,
-            num_experts=self.num_experts,
             capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
-            capacity_rounding=self.capacity_rounding,
+            probs_masked=True,
         )
 
     def _group_limited(self, logits: Array, k: int, bias: Array | None, rule: str) -> RouterResult:

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from moerouter._agnostic.scores import softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
-    capacity,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_expert_layout_bounds,
     check_fields,
     check_positive_int,
+    check_required_capacity_factor,
     clean_logits,
 )
-from moerouter.policies._token_choice import softmax
+from moerouter.policies._common import capacity
 from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["ExpertChoice"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="always")
@@ -78,9 +77,7 @@ class ExpertChoice:
     def __post_init__(self) -> None:
         check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_required_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def capacity(self, group_size: int, capacity_factor: float | None = None) -> int:

@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from array_api_compat import array_namespace, is_array_api_obj
 
+from moerouter._agnostic.scores import renormalize
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
     check_positive_float,
     check_positive_int,
-    check_token_layout_bounds,
 )
-from moerouter.policies._router import route_token_choice
-from moerouter.policies._token_choice import DROP_POLICIES, renormalize, token_choice_routing
+from moerouter.policies._router import policy_router
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    call_capacity_factor,
+    route_token_choice,
+)
 from moerouter.routing import Routing
 
 __all__ = ["GShardTop2"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
@@ -109,21 +112,8 @@ class GShardTop2:
 
         ``capacity_factor``, when given, replaces the constructor's value for this call.
         """
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
-        check_token_layout_bounds(
-            logits, 2, num_experts=self.num_experts, with_capacity=capacity_factor is not None
-        )
-        decision = route_token_choice(
-            logits,
-            2,
-            num_columns=self.num_experts,
-            columns_name="num_experts",
-            strict=self.strict,
-            weights="raw",
-        )
+        capacity_factor = call_capacity_factor(self, capacity_factor)
+        decision = policy_router(self, logits, 2, capacity_factor, weights="raw")
         xp, routed = decision.xp, decision.routed
         num_groups, group_size = (int(size) for size in decision.finite_rows.shape)
         # lingvo renormalises the two gates g_i / (g_1 + g_2), not in log space.
@@ -139,18 +129,15 @@ class GShardTop2:
             weights = xp.where(routed, weights, xp.zeros_like(weights))
         elif uniform is not None:
             raise ValueError('uniform is only used with second_expert_policy="random"')
-        return token_choice_routing(
+        return route_token_choice(
+            self,
             decision,
             decision.probs,
             decision.choice,
             routed,
             weights,
-            probs_masked=True,
-            num_experts=self.num_experts,
             capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
+            probs_masked=True,
         )
 
     def _check_uniform(

@@ -13,12 +13,11 @@ from array_api_compat import array_namespace, is_array_api_obj
 from moerouter import _registry
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import check_fields, check_int, check_positive_int
+from moerouter._typing import Array
+from moerouter._validation import check_fields, check_int, check_positive_int
 from moerouter.routing import Routing
 
 __all__ = ["HashRouter", "balanced_hash_table", "random_hash_table"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=(), capacity="none", causal=True)

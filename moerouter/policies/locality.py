@@ -11,7 +11,8 @@ only the abstracts are verified. What is here, and how sure it is:
   ``max_nodes - 1`` other nodes with the highest scores, ranked as DeepSeek-V3's group-limited
   routing ranks groups (sum of the top-2 probabilities in the group). ``max_nodes=1`` keeps every
   token on its own node. This is a design, not the paper's exact rule.
-* :func:`locality_loss`: :math:`\mathrm{KL}(p_{\text{local}} \,\|\, p)` with
+* :func:`~moerouter.losses.locality_loss` (in :mod:`moerouter.losses`, importable from here
+  too): :math:`\mathrm{KL}(p_{\text{local}} \,\|\, p)` with
   :math:`p_{\text{local}}` uniform over the token's node, from a third-party implementation;
   UNVERIFIED.
 * :func:`grouped_average_pooling`: the parameter-free GrAP gate, :math:`h_e(x) = (E/d)
@@ -32,26 +33,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from array_api_compat import array_namespace, is_array_api_obj
+from array_api_compat import array_namespace
 
+from moerouter._agnostic.scores import masked_softmax, softmax
 from moerouter._agnostic.select import descending_rank, top_k
-from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     CleanLogits,
-    capacity,
     check_capacity_factor,
     check_choice,
     check_fields,
     check_positive_int,
+    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
-    drop_over_capacity,
+    is_array,
 )
+from moerouter.losses.locality import locality_loss
+from moerouter.policies._common import capacity, drop_over_capacity
 from moerouter.policies._token_choice import (
     choose,
-    masked_softmax,
-    softmax,
+    clean_token_choice_logits,
+    route_token_choice,
     token_choice_routing,
 )
 from moerouter.routing import Routing
@@ -64,17 +68,10 @@ __all__ = [
     "locality_loss",
 ]
 
-Array = Any
-
-
-def _is_array(value: object) -> bool:
-    # A plain bool, not array-api-compat's TypeGuard, so mypy keeps Array as Any.
-    return bool(is_array_api_obj(value))
-
 
 def _grouped_nodes(token_nodes: Array, clean: CleanLogits, num_nodes: int) -> Array:
     xp = clean.xp
-    if not _is_array(token_nodes):
+    if not is_array(token_nodes):
         raise TypeError(f"token_nodes must be an array, got {type(token_nodes).__name__}")
     num_tokens = clean.num_groups * clean.group_size
     if token_nodes.ndim != 1 or token_nodes.shape[0] != num_tokens:
@@ -169,15 +166,7 @@ class LocalityTopK:
         ``token_nodes`` holds node ids in ``[0, N)``; they are not checked on the device, and an
         id outside that range forces no node (the token takes the best ``max_nodes`` nodes).
         """
-        check_token_layout_bounds(
-            logits,
-            self.k,
-            num_experts=self.num_experts,
-            with_capacity=self.capacity_factor is not None,
-        )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
+        clean = clean_token_choice_logits(self, logits, self.k, self.capacity_factor)
         xp, device = clean.xp, clean.device
         nodes = _grouped_nodes(token_nodes, clean, self.num_nodes)
         probs = softmax(clean.values, xp=xp)
@@ -210,73 +199,9 @@ class LocalityTopK:
             weights = masked_softmax(chosen_logits, routed, xp=xp, device=device)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-        return token_choice_routing(
-            clean,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        return route_token_choice(
+            self, clean, probs, choice, routed, weights, capacity_factor=self.capacity_factor
         )
-
-
-def locality_loss(routing: Routing, token_nodes: Array, *, num_nodes: int, xp: Any = None) -> Array:
-    r"""LocMoE's locality loss (UNVERIFIED form): :math:`\mathrm{KL}(p_{\text{local}} \| p)`.
-
-    :math:`L = \frac{1}{T}\sum_t \sum_{e \in \text{node}(t)} \frac{1}{m}
-    \big(\log\frac{1}{m} - \log p_{t,e}\big)`, ``m = E / N`` experts per node, averaged over
-    tokens with finite logits (probabilities are clamped at the smallest normal float32 before
-    the log). Zero when every token spreads its probability evenly over its own node. The form
-    comes from a third-party implementation (``F.kl_div(router_probs.log(), local_dist)``); the
-    paper's weight :math:`\mu` is not known and is left to the caller.
-
-    Parameters
-    ----------
-    routing : Routing
-        From any policy over ``E`` real experts (only ``probs`` and ``finite_rows`` are read).
-    token_nodes : array (T,) int
-        Node of each token.
-    num_nodes : int
-        ``N``; ``E`` must be a multiple.
-    xp : namespace, optional
-        Inferred from the routing.
-
-    Returns
-    -------
-    array () float32
-
-    Examples
-    --------
-    >>> import array_api_strict as xp
-    >>> import moerouter as mr
-    >>> routing = mr.TopK(num_experts=4, k=1)(xp.asarray([[2.0, 2.0, -50.0, -50.0]]))
-    >>> round(float(mr.policies.locality_loss(routing, xp.asarray([0]), num_nodes=2)), 6)
-    0.0
-    """
-    if not isinstance(routing, Routing):
-        raise TypeError(f"routing must be a moerouter.Routing, got {type(routing).__name__}")
-    xp = array_namespace(routing.probs) if xp is None else xp
-    check_positive_int(num_nodes, "num_nodes")
-    num_experts = routing.num_experts
-    if num_experts % num_nodes:
-        raise ValueError(f"num_experts = {num_experts} must be a multiple of num_nodes")
-    if not _is_array(token_nodes) or tuple(token_nodes.shape) != (routing.num_tokens,):
-        raise ValueError(f"token_nodes must be an int array of shape ({routing.num_tokens},)")
-    per_node = num_experts // num_nodes
-    device = device_of(routing.probs)
-    nodes = xp.astype(token_nodes, xp.int32)
-    expert_node = xp.arange(num_experts, dtype=xp.int32, device=device) // per_node
-    local = xp.astype(expert_node[None, :] == nodes[:, None], xp.float32) / per_node
-    tiny = xp.asarray(xp.finfo(xp.float32).smallest_normal, dtype=xp.float32, device=device)
-    log_p = xp.log(xp.maximum(routing.probs[:, :num_experts], tiny))
-    log_local = xp.log(xp.asarray(1.0 / per_node, dtype=xp.float32, device=device))
-    per_token = xp.sum(local * (log_local - log_p), axis=-1)
-    finite = xp.astype(routing.finite_rows, xp.float32)
-    count = xp.sum(finite)
-    return xp.sum(per_token * finite) / xp.where(count > 0, count, xp.ones_like(count))
 
 
 def grouped_average_pooling(x: Array, num_experts: int, *, xp: Any = None) -> Array:
@@ -306,7 +231,7 @@ def grouped_average_pooling(x: Array, num_experts: int, *, xp: Any = None) -> Ar
     >>> mr.policies.grouped_average_pooling(xp.asarray([[1.0, 3.0, 5.0, 7.0]]), 2)
     Array([[2., 6.]], dtype=array_api_strict.float64)
     """
-    if not _is_array(x):
+    if not is_array(x):
         raise TypeError(f"x must be an array, got {type(x).__name__}")
     xp = array_namespace(x) if xp is None else xp
     check_positive_int(num_experts, "num_experts")
@@ -344,7 +269,7 @@ def affinity_scores(x: Array, gate_weight: Array, *, xp: Any = None) -> Array:
     Array([[0.6, 0.8]], dtype=array_api_strict.float32)
     """
     for value, name in ((x, "x"), (gate_weight, "gate_weight")):
-        if not _is_array(value) or value.ndim != 2:
+        if not is_array(value) or value.ndim != 2:
             raise ValueError(f"{name} must be a 2-D array")
     xp = array_namespace(x, gate_weight) if xp is None else xp
     if x.shape[1] != gate_weight.shape[1]:
@@ -406,9 +331,7 @@ class AffinityRouting:
     def __post_init__(self) -> None:
         check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_required_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def __call__(self, logits: Array, affinity: Array | None = None) -> Routing:
@@ -424,7 +347,7 @@ class AffinityRouting:
         if affinity is None:
             scores = probs
         else:
-            if not _is_array(affinity) or tuple(affinity.shape) != tuple(logits.shape):
+            if not is_array(affinity) or tuple(affinity.shape) != tuple(logits.shape):
                 raise ValueError(
                     f"affinity must be an array of the logits' shape {tuple(logits.shape)}"
                 )
@@ -457,7 +380,4 @@ class AffinityRouting:
             routed,
             weights,
             num_experts=self.num_experts,
-            capacity_factor=None,
-            capacity_multiple_of=1,
-            drop_policy="position",
         )

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
     check_positive_int,
-    check_token_layout_bounds,
 )
-from moerouter.policies._router import route_token_choice
-from moerouter.policies._token_choice import DROP_POLICIES, token_choice_routing
+from moerouter.policies._router import policy_router
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    call_capacity_factor,
+    route_token_choice,
+)
 from moerouter.routing import Routing
 
 __all__ = ["NullExperts"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
@@ -101,33 +103,25 @@ class NullExperts:
             if k is None
             else check_k(k, self.num_experts + self.num_null, "num_experts + num_null")
         )
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
-        check_token_layout_bounds(
-            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
-        )
+        capacity_factor = call_capacity_factor(self, capacity_factor)
         # The real choices' weights are the softmax of their logits (AdaMoE's renormalisation).
-        decision = route_token_choice(
+        decision = policy_router(
+            self,
             logits,
             k,
+            capacity_factor,
             num_columns=self.num_experts + self.num_null,
             columns_name="num_experts + num_null",
-            strict=self.strict,
             weights="renormalize",
             num_real=self.num_experts,
         )
-        return token_choice_routing(
+        return route_token_choice(
+            self,
             decision,
             decision.probs,
             decision.choice,
             decision.routed,
             decision.weights,
-            probs_masked=True,
-            num_experts=self.num_experts,
             capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
+            probs_masked=True,
         )

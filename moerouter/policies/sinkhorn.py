@@ -10,21 +10,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
+from moerouter._typing import Array
+from moerouter._validation import (
     CleanLogits,
-    capacity,
     check_capacity_factor,
     check_choice,
     check_expert_layout_bounds,
     check_fields,
     check_positive_float,
     check_positive_int,
+    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._token_choice import renormalized_scores, softmax, token_choice_routing
+from moerouter.policies._common import capacity
+from moerouter.policies._token_choice import (
+    renormalized_scores,
+    route_token_choice,
+)
 from moerouter.policies._transport import (
     expert_layout_routing,
     noisy_logits,
@@ -32,8 +38,6 @@ from moerouter.policies._transport import (
 from moerouter.routing import Routing
 
 __all__ = ["SinkhornExpertChoice", "SinkhornTokenChoice", "sinkhorn_plan"]
-
-Array = Any
 
 
 def _log_plan(clean: CleanLogits, epsilon: float, num_iters: int) -> tuple[Array, Array, Array]:
@@ -212,16 +216,8 @@ class SinkhornTokenChoice:
             weights = renormalized_scores(chosen, routed, score="softmax", xp=xp)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-        return token_choice_routing(
-            noisy,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        return route_token_choice(
+            self, noisy, probs, choice, routed, weights, capacity_factor=self.capacity_factor
         )
 
 
@@ -284,9 +280,7 @@ class SinkhornExpertChoice:
     def __post_init__(self) -> None:
         check_fields(self)
         _check_common(self)
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_required_capacity_factor(self.capacity_factor)
         check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def capacity(self, group_size: int) -> int:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from moerouter._agnostic.scores import masked_softmax
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import check_fields, check_positive_int, clean_logits
-from moerouter.policies._token_choice import masked_softmax
+from moerouter._typing import Array
+from moerouter._validation import check_fields, check_positive_int, clean_logits
 from moerouter.routing import SoftRouting
 
 __all__ = ["SoftMoE"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="exact")

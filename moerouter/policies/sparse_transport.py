@@ -5,25 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sparse_transport_plan
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
-    capacity,
-    check_capacity_factor,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_expert_layout_bounds,
     check_fields,
     check_positive_float,
     check_positive_int,
+    check_required_capacity_factor,
     clean_logits,
 )
-from moerouter.policies._token_choice import softmax
+from moerouter.policies._common import capacity
 from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["SparsityConstrainedExpertChoice"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax",), capacity="always")
@@ -97,9 +96,7 @@ class SparsityConstrainedExpertChoice:
     def __post_init__(self) -> None:
         check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_required_capacity_factor(self.capacity_factor)
         check_positive_float(self.gamma, "gamma")
         check_positive_int(self.num_steps, "num_steps", minimum=0)
         check_positive_float(self.learning_rate, "learning_rate")

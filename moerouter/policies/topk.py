@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from moerouter._capabilities import PolicyCapabilities
-from moerouter.policies._common import (
-    CAPACITY_ROUNDINGS,
+from moerouter._typing import Array
+from moerouter._validation import (
     check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
     check_positive_int,
-    check_token_layout_bounds,
 )
-from moerouter.policies._router import route_token_choice
-from moerouter.policies._token_choice import DROP_POLICIES, token_choice_routing
+from moerouter.policies._common import CAPACITY_ROUNDINGS
+from moerouter.policies._router import policy_router
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    call_capacity_factor,
+    route_token_choice,
+)
 from moerouter.routing import Routing
 
 __all__ = ["TopK"]
-
-Array = Any
 
 
 @PolicyCapabilities(scores=("softmax", "sigmoid"), capacity="optional", causal=True)
@@ -135,37 +137,19 @@ class TopK:
         ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
         """
         k = self.k if k is None else check_k(k, self.num_experts)
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
-            check_capacity_factor(capacity_factor)
-        check_token_layout_bounds(
-            logits, k, num_experts=self.num_experts, with_capacity=capacity_factor is not None
-        )
+        capacity_factor = call_capacity_factor(self, capacity_factor)
         if self.softmax_after_topk:
             rule = "softmax_after_topk"
         else:
             rule = "renormalize" if self.normalize else "raw"
-        decision = route_token_choice(
-            logits,
-            k,
-            num_columns=self.num_experts,
-            columns_name="num_experts",
-            strict=self.strict,
-            score=self.score,
-            weights=rule,
-        )
-        return token_choice_routing(
+        decision = policy_router(self, logits, k, capacity_factor, score=self.score, weights=rule)
+        return route_token_choice(
+            self,
             decision,
             decision.probs,
             decision.choice,
             decision.routed,
             decision.weights,
-            probs_masked=True,
-            num_experts=self.num_experts,
             capacity_factor=capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
-            min_capacity=self.min_capacity,
-            capacity_rounding=self.capacity_rounding,
+            probs_masked=True,
         )

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import is_array_api_obj
 
+from moerouter._validation import check_int_at_least as _check_int
 from moerouter.policies._common import capacity as capacity_rows
 from moerouter.routing import Routing
 from moerouter.traces import Trace, TraceRecord, to_numpy
@@ -28,14 +29,6 @@ COUNT_BYTES = 8
 HEADER_BYTES = 344
 
 PLACEMENTS = ("contiguous", "round_robin", "node_grouped")
-
-
-def _check_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_rate(value: object, name: str, *, positive: bool) -> float:

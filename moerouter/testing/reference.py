@@ -22,6 +22,7 @@ Conventions shared by all of them:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from fractions import Fraction
 from typing import Any
 
@@ -176,23 +177,7 @@ def _token_choice(
         per_expert = reference_capacity(
             capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
         )
-        for g in range(num_groups):
-            used = [0] * num_experts
-            for slot in range(k):  # k-major: every first choice before any second choice
-                tokens = list(range(group_size))
-                if drop_policy == "probs":
-                    tokens = _descending([probs[g, s, choice[g, s, slot]] for s in tokens])
-                elif drop_policy == "batch_priority":  # V-MoE BPR: the first choice ranks all
-                    tokens = _descending([probs[g, s, choice[g, s, 0]] for s in tokens])
-                for s in tokens:
-                    e = expert[g, s, slot]
-                    if e < 0:
-                        continue
-                    if used[e] < per_expert:
-                        used[e] += 1
-                    else:
-                        expert[g, s, slot] = -1
-                        weights[g, s, slot] = 0.0
+        drop_over_capacity(expert, weights, probs, choice, per_expert, drop_policy)
 
     return {
         "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), k),
@@ -208,6 +193,41 @@ def _token_choice(
         "num_groups": num_groups,
         "capacity": per_expert,
     }
+
+
+def drop_over_capacity(
+    expert: np.ndarray,
+    weights: np.ndarray,
+    probs: np.ndarray,
+    choice: np.ndarray,
+    per_expert: int,
+    drop_policy: str,
+) -> None:
+    """Drop, in place, the assignments past ``per_expert`` per expert of each group.
+
+    ``expert``, ``weights`` and ``choice`` are (G, S, k) and ``probs`` (G, S, E'). Slots are taken
+    k-major (every first choice before any second choice), tokens in order ("position"), by
+    descending probability of the slot's choice ("probs") or of the first choice
+    ("batch_priority", V-MoE's BPR); a dropped assignment becomes expert -1, weight 0.
+    """
+    num_groups, group_size, k = expert.shape
+    for g in range(num_groups):
+        used: Counter[int] = Counter()  # assignments each expert has taken so far
+        for slot in range(k):  # k-major: every first choice before any second choice
+            tokens = list(range(group_size))
+            if drop_policy == "probs":
+                tokens = _descending([probs[g, s, choice[g, s, slot]] for s in tokens])
+            elif drop_policy == "batch_priority":  # V-MoE BPR: the first choice ranks all
+                tokens = _descending([probs[g, s, choice[g, s, 0]] for s in tokens])
+            for s in tokens:
+                e = expert[g, s, slot]
+                if e < 0:
+                    continue
+                if used[e] < per_expert:
+                    used[e] += 1
+                else:
+                    expert[g, s, slot] = -1
+                    weights[g, s, slot] = 0.0
 
 
 def _softmax_of_routed(row: np.ndarray, picked: list[int], routed: list[bool]) -> list[float]:

@@ -1,5 +1,5 @@
-"""Float64 loop references for :mod:`moerouter.confidence`, :mod:`~moerouter.distillation` and
-:mod:`~moerouter.multitask`.
+"""Float64 loop references for :mod:`moerouter.methods.confidence`,
+:mod:`~moerouter.methods.distillation` and :mod:`~moerouter.methods.multitask`.
 
 Written from the formulas in the modules' docstrings (and reference/algorithms.md §6, §7, §11),
 one row, class or expert at a time in plain Python floats, sharing no code with the modules.

@@ -1,6 +1,6 @@
 """Float64 loop references for the seed-paper modules: BTM, MC-SMoE, MEMoE, LocMoE.
 
-Written from the docstrings of :mod:`moerouter.ensemble`, :mod:`moerouter.merging`,
+Written from the docstrings of :mod:`moerouter.methods.ensemble`, :mod:`moerouter.methods.merging`,
 :mod:`moerouter.policies.anchor` and :mod:`moerouter.policies.locality`, one token, expert or
 position at a time in plain Python and NumPy float64; no code is shared with those modules.
 Inputs may be arrays of any backend (copied to NumPy first). Logits are rounded to float32 first,

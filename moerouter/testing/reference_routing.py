@@ -2,7 +2,7 @@
 padded plans, hash routing and cosine logits.
 
 Written from the docstrings of :class:`moerouter.DeepSeekTopK`, :class:`moerouter.GShardTop2`,
-:mod:`moerouter.policies.noise` and :func:`moerouter.make_plan` (``pad_to_capacity=True``), one
+:mod:`moerouter.gates.noise` and :func:`moerouter.make_plan` (``pad_to_capacity=True``), one
 token at a time, sharing no code with :mod:`moerouter._agnostic`. The conventions of
 :mod:`moerouter.testing.reference` hold: logits are rounded to float32 first; values compared
 *across* columns whose float32 rounding a backend computes itself (DeepSeek's scores plus bias,

@@ -40,6 +40,8 @@ class Example:
     # The policy with every token limited to one group of experts, and the number of groups.
     one_group: Callable[[], Any] | None = None
     expert_blocks: int = 1
+    # How test_capacity calls the policy (CausalExpertChoice: its training rule has the capacity).
+    capacity_call: Callable[[Any, list[np.ndarray]], Any] = lambda policy, arrays: policy(*arrays)
 
 
 def tokens_on(blocks):
@@ -48,6 +50,13 @@ def tokens_on(blocks):
 
 EXAMPLES: dict[type, Example] = {
     mr.TopK: Example(lambda **kw: mr.TopK(E, 2, **kw)),
+    mr.TopP: Example(lambda **kw: mr.TopP(E, p=0.6, max_k=2, **kw)),
+    mr.ReLURouting: Example(lambda **kw: mr.ReLURouting(E, max_k=3, **kw)),
+    mr.CausalExpertChoice: Example(
+        lambda **kw: mr.CausalExpertChoice(E, **kw),
+        extra={"thresholds": lambda rng, g, s: rng.uniform(0.1, 0.4, E).astype(np.float32)},
+        capacity_call=lambda policy, arrays: policy(arrays[0], training=True),
+    ),
     mr.NullExperts: Example(lambda **kw: mr.NullExperts(E, 3, 2, **kw), columns=E + 3),
     mr.ExpertChoice: Example(lambda **kw: mr.ExpertChoice(E, **kw)),
     mr.SinkhornTokenChoice: Example(lambda **kw: mr.SinkhornTokenChoice(E, k=2, num_iters=3, **kw)),
@@ -172,7 +181,7 @@ def test_every_policy_declares_and_has_an_example():
 
 def test_a_declaration_is_validated():
     with pytest.raises(ValueError, match="scores"):
-        PolicyCapabilities(scores=("relu",), capacity="none")
+        PolicyCapabilities(scores=("tanh",), capacity="none")
     with pytest.raises(ValueError, match="capacity"):
         PolicyCapabilities(scores=(), capacity="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="wrapped"):
@@ -195,7 +204,7 @@ def test_capacity(cls):
         assert (default is None) == (declared.capacity == "optional")
         routed = {}
         for factor in (0.25, 2.0):
-            routing = example.make(capacity_factor=factor)(*arrays)
+            routing = example.capacity_call(example.make(capacity_factor=factor), arrays)
             routed[factor] = int(np.sum(to_numpy(routing.expert_ids) >= 0))
         assert routed[0.25] < routed[2.0], "the capacity factor must limit the routed choices"
     else:

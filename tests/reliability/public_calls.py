@@ -71,6 +71,18 @@ def _expert_choice(a: Inputs, lead: tuple[int, ...]) -> mr.Routing:
     return mr.ExpertChoice(E, capacity_factor=2.0)(_logits(a, lead))
 
 
+def _top_p(a: Inputs, lead: tuple[int, ...]) -> mr.Routing:
+    return mr.TopP(E, 0.5, K)(_logits(a, lead))
+
+
+def _relu(a: Inputs, lead: tuple[int, ...]) -> mr.Routing:
+    return mr.ReLURouting(E, K)(_logits(a, lead))
+
+
+def _causal_training(a: Inputs, lead: tuple[int, ...]) -> mr.Routing:
+    return mr.CausalExpertChoice(E)(_logits(a, lead), training=True)
+
+
 def _dispatch_combine(a: Inputs, routing: mr.Routing, pad: bool = False) -> tuple[Any, Any]:
     plan = mr.make_plan(routing, pad_to_capacity=pad)
     xe = mr.dispatch(a.floats(routing.num_tokens, D), plan)
@@ -138,6 +150,36 @@ TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
         E, num_steps=3
     ).plan(_logits(a, lead)),
     "SoftMoE": _soft,
+    "TopP": _top_p,
+    "TopP[capacity, normalize]": lambda a, lead: mr.TopP(
+        E, 0.5, K, normalize=True, capacity_factor=1.0
+    )(_logits(a, lead)),
+    "ReLURouting": _relu,
+    "CausalExpertChoice[training]": _causal_training,
+    "CausalExpertChoice[threshold]": lambda a, lead: mr.CausalExpertChoice(E)(
+        _logits(a, lead), a.floats(E)
+    ),
+    "CausalExpertChoice[predictor]": lambda a, lead: mr.CausalExpertChoice(E, mode="predictor")(
+        _logits(a, lead), predictor_logits=a.floats(*lead, E)
+    ),
+    "policies.expert_choice_targets": lambda a, lead: mr.policies.expert_choice_targets(
+        _causal_training(a, lead)
+    ),
+    "losses.dynamic_loss": lambda a, lead: mr.losses.dynamic_loss(
+        _top_p(a, lead), mask=_mask(a, lead)
+    ),
+    "losses.routed_load_balancing": lambda a, lead: mr.losses.routed_load_balancing(
+        _top_p(a, lead), mask=_mask(a, lead)
+    ),
+    "losses.relu_l1_loss": lambda a, lead: [
+        mr.losses.relu_l1_loss(_relu(a, lead), mask=_mask(a, lead)),
+        mr.losses.relu_l1_loss(_relu(a, lead), target_k=1),
+    ],
+    "losses.relu_sparsity": lambda a, lead: mr.losses.relu_sparsity(_relu(a, lead)),
+    "losses.relu_cut_fraction": lambda a, lead: mr.losses.relu_cut_fraction(_relu(a, lead)),
+    "losses.causal_predictor_loss": lambda a, lead: mr.losses.causal_predictor_loss(
+        a.floats(*lead, E), _causal_training(a, lead), mask=_mask(a, lead)
+    ),
     "HashRouter": lambda a, lead: mr.HashRouter(E)(a.ints(-1, 50, *lead)),
     "HashRouter[table]": lambda a, lead: mr.HashRouter(E, table=[[0, 1], [2, 3], [1, 2]])(
         a.ints(-1, 4, *lead)
@@ -176,6 +218,10 @@ TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
         a.floats(*lead, 2 * E), E
     ),
     "policies.locality_loss": lambda a, lead: mr.policies.locality_loss(
+        _routing(a, lead), a.ints(0, 2, _tokens(lead)), num_nodes=2
+    ),
+    # The same function as policies.locality_loss, at its home in mr.losses.
+    "losses.locality_loss": lambda a, lead: mr.losses.locality_loss(
         _routing(a, lead), a.ints(0, 2, _tokens(lead)), num_nodes=2
     ),
     "policies.sinkhorn_plan": lambda a, lead: mr.policies.sinkhorn_plan(
@@ -267,6 +313,24 @@ TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
 
 # Calls of functions that are not token-wise (expert tables, per-row method diagnostics).
 OTHER: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
+    # ---- adaptive-policy state: init on the caller's device, update from a routing
+    "policies.relu_state_init": lambda a, lead: mr.policies.relu_state_init(
+        xp=a.xp, device=a.device
+    ),
+    "policies.update_l1_coefficient": lambda a, lead: mr.policies.update_l1_coefficient(
+        mr.policies.relu_state_init(xp=a.xp, device=a.device),
+        mr.losses.relu_sparsity(_relu(a, (6,))),
+        target_sparsity=0.5,
+    ),
+    "policies.threshold_state_init": lambda a, lead: mr.policies.threshold_state_init(
+        E, xp=a.xp, device=a.device
+    ),
+    "policies.update_thresholds": lambda a, lead: mr.policies.update_thresholds(
+        mr.policies.threshold_state_init(E, xp=a.xp, device=a.device), _causal_training(a, (6,))
+    ),
+    # ---- AdaMoE conversion of a gate weight
+    "adamoe.tile_null_rows": lambda a, lead: mr.adamoe.tile_null_rows(a.floats(E, D), E),
+    "adamoe.drop_null_rows": lambda a, lead: mr.adamoe.drop_null_rows(a.floats(2 * E, D), E),
     "update_expert_bias": lambda a, lead: mr.update_expert_bias(a.floats(E), a.ints(0, 9, E), 0.1),
     # ---- multitask
     "multitask.expert_collapse": lambda a, lead: mr.multitask.expert_collapse(a.floats(5, E, D)),
@@ -393,6 +457,11 @@ CALLS = {**TOKEN_WISE, **OTHER}
 
 #: Public names whose own output holds no array of the caller's backend, with the reason.
 NOT_CALLED: dict[str, str] = {
+    "policies.ReLURoutingState": "a data type; relu_state_init builds one (called)",
+    "policies.ThresholdState": "a data type; threshold_state_init builds one (called)",
+    "adamoe.null_router": "builds a policy from a policy: no arrays",
+    "adamoe.top_k_router": "builds a policy from a policy: no arrays",
+    "adamoe.exact_k_range": "integer arithmetic on Python ints",
     "Plan": "a data type; plans come from make_plan (called)",
     "Routing": "a data type; every policy builds one (called)",
     "SoftRouting": "a data type; SoftMoE builds one (called)",
@@ -422,13 +491,16 @@ NOT_CALLED: dict[str, str] = {
 }
 
 _MODULES = ("policies", "losses", "stats", "multitask", "confidence", "ensemble", "merging")
-_MODULES += ("distillation", "workloads", "traces", "simulate")
+_MODULES += ("distillation", "workloads", "traces", "simulate", "adamoe")
 
 
 def public_names() -> set[str]:
     """Every public name of moerouter and its submodules, as ``CALLS`` and ``NOT_CALLED`` name
     them (top-level names bare, submodule names as ``module.name``)."""
-    names = {name for name in mr.__all__ if name not in (*_MODULES, "__version__")}
+    # mr.gates and mr.methods only regroup names checked under their other public paths
+    # (mr.X and mr.policies.X for the gates, mr.multitask ... for the methods).
+    namespaces = (*_MODULES, "gates", "methods", "__version__")
+    names = {name for name in mr.__all__ if name not in namespaces}
     for module_name in _MODULES:
         module = getattr(mr, module_name)
         for name in module.__all__:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import is_dataclass
 from typing import Any
 
 import numpy as np
@@ -199,6 +200,43 @@ def soft_moe(draw: Any, experts: int) -> tuple[int, Route]:
     return router.num_slots, lambda backend, logits: router(backend.asarray(logits))
 
 
+def top_p(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.TopP(
+        experts,
+        p=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
+        max_k=draw(st.integers(1, experts)),
+        normalize=draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, 1.0])),
+    )
+    return experts, lambda backend, logits: router(backend.asarray(logits))
+
+
+def relu(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.ReLURouting(experts, max_k=draw(st.integers(1, experts)))
+    return experts, lambda backend, logits: router(backend.asarray(logits))
+
+
+def causal_expert_choice(draw: Any, experts: int) -> tuple[int, Route]:
+    mode = draw(st.sampled_from(["training", "threshold", "predictor"]))
+    router = mr.CausalExpertChoice(
+        experts, mode="predictor" if mode == "predictor" else "threshold"
+    )
+    seed = draw(st.integers(0, 2**16))
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        if mode == "training":
+            return router(backend.asarray(logits), training=True)
+        rng = np.random.default_rng(seed)
+        if mode == "threshold":  # thresholds in (0, 1), as a running C-th largest probability
+            thresholds = rng.uniform(0.01, 0.99, experts).astype(np.float32)
+            return router(backend.asarray(logits), backend.asarray(thresholds))
+        # A predictor that says "route" everywhere: a -inf logit must still never be routed to.
+        predictor = np.abs(rng.standard_normal(logits.shape)).astype(np.float32) + 1.0
+        return router(backend.asarray(logits), predictor_logits=backend.asarray(predictor))
+
+    return experts, route
+
+
 POLICIES: dict[str, Callable[[Any, int], tuple[int, Route]]] = {
     "TopK": topk,
     "NullExperts": null_experts,
@@ -213,6 +251,9 @@ POLICIES: dict[str, Callable[[Any, int], tuple[int, Route]]] = {
     "BalancedAssignment": balanced,
     "SparsityConstrainedExpertChoice": sparse_transport,
     "SoftMoE": soft_moe,
+    "TopP": top_p,
+    "ReLURouting": relu,
+    "CausalExpertChoice": causal_expert_choice,
 }
 
 # BASE layers' exactly balanced assignment needs groups of a multiple of E tokens.
@@ -227,7 +268,8 @@ NO_LOGITS = {
 
 def test_every_policy_is_covered():
     # A new policy must join POLICIES (or say here why logits never reach it).
-    public = {name for name in mr.policies.__all__ if isinstance(getattr(mr.policies, name), type)}
+    # Policies are dataclasses; the state types beside them (NamedTuples) route nothing.
+    public = {name for name in mr.policies.__all__ if is_dataclass(getattr(mr.policies, name))}
     assert public == set(POLICIES) | set(NO_LOGITS)
 
 

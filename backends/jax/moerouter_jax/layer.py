@@ -47,11 +47,14 @@ from moerouter_jax._kernels import device_of
 
 __all__ = [
     "expert_mlp",
+    "from_adamoe",
+    "gate_logits",
     "init_balance_state",
     "moe_apply",
     "moe_init",
     "reset_accumulation",
     "route",
+    "to_adamoe",
 ]
 
 Array = Any
@@ -76,6 +79,7 @@ def moe_init(
     router: Any,
     activation: Activation = "swiglu",
     shared_intermediate_size: int | None = None,
+    null_init: Literal["tiled", "random"] = "tiled",
     dtype: Any = jnp.float32,
 ) -> dict[str, Array]:
     """Parameters of a MoE layer, uniform in :math:`\\pm 1/\\sqrt{\\mathrm{fan\\_in}}`.
@@ -92,6 +96,10 @@ def moe_init(
         ``"swiglu"`` doubles ``w_in``'s columns (gate and up projections).
     shared_intermediate_size : int, optional
         Width of an always-on shared expert (DeepSeek, Qwen); none when omitted.
+    null_init : {"tiled", "random"}
+        With null experts, how the gate's null columns start: ``"tiled"`` (the AdaMoE code's
+        initialisation) copies real column ``j mod E`` into null column ``j``; ``"random"``
+        draws them like the real ones.
     dtype
         Of every parameter.
 
@@ -101,6 +109,8 @@ def moe_init(
         ``"gate"``, ``"w_in"``, ``"w_out"`` (and ``"shared_w_in"``, ``"shared_w_out"``).
     """
     _check_activation(activation)
+    if null_init not in ("tiled", "random"):
+        raise ValueError(f"null_init must be 'tiled' or 'random', got {null_init!r}")
     num_experts = int(router.num_experts)
     widen = 2 if activation == "swiglu" else 1
 
@@ -123,7 +133,63 @@ def moe_init(
         params["shared_w_out"] = uniform(
             keys[4], (1, shared_intermediate_size, hidden_size), shared_intermediate_size
         )
+    num_null = int(getattr(router, "num_null", 0))
+    if num_null and null_init == "tiled":
+        real = params["gate"][:, :num_experts]
+        params["gate"] = mr.adamoe.tile_null_rows(real, num_null, axis=1)
     return params
+
+
+def gate_logits(params: dict[str, Array], tokens: Array, router: Any) -> Array:
+    """The router's logits ``(T, E')`` for ``tokens`` ``(T, d)``, in ``tokens``' dtype.
+
+    With null experts the gate is applied ``E`` columns at a time: each product then has the
+    shape of a top-k gate's, so a tiled null column rounds exactly as its real column (one wider
+    product may not) and a layer converted by :func:`to_adamoe` routes as before.
+    """
+    gate = params["gate"].astype(tokens.dtype)
+    num_experts = int(router.num_experts)
+    if gate.shape[1] == num_experts:
+        return tokens @ gate
+    chunks = [
+        gate[:, start : start + num_experts] for start in range(0, gate.shape[1], num_experts)
+    ]
+    return jnp.concatenate([tokens @ chunk for chunk in chunks], axis=-1)
+
+
+def to_adamoe(params: dict[str, Array], router: Any, *, num_null: int, k: int) -> Any:
+    """Convert a softmax top-k layer to ``num_null`` null experts and ``k`` choices per token.
+
+    The gate gains ``num_null`` columns tiled from the real ones and the router becomes
+    :func:`moerouter.adamoe.null_router` of ``router``: :func:`moe_apply` with the returned
+    pair gives exactly the output it gave before (see :mod:`moerouter.adamoe` for the
+    conditions, which are checked).
+
+    Returns
+    -------
+    (params, router)
+        New parameters (the others shared, not copied) and the :class:`moerouter.NullExperts`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``router``, ``num_null`` or ``k``.
+    """
+    null = mr.adamoe.null_router(router, num_null=num_null, k=k)
+    return {**params, "gate": mr.adamoe.tile_null_rows(params["gate"], num_null, axis=1)}, null
+
+
+def from_adamoe(params: dict[str, Array], router: Any, *, k: int) -> Any:
+    """Undo :func:`to_adamoe`: drop the null columns and route with softmax top-``k``.
+
+    Returns
+    -------
+    (params, router)
+        New parameters and the :class:`moerouter.TopK` (from :func:`moerouter.adamoe.top_k_router`).
+    """
+    top_k = mr.adamoe.top_k_router(router, k=k)
+    gate = mr.adamoe.drop_null_rows(params["gate"], int(router.num_experts), axis=1)
+    return {**params, "gate": gate}, top_k
 
 
 def _activate(hidden: Array, activation: str) -> Array:
@@ -281,7 +347,7 @@ def moe_apply(
     """
     _check_activation(activation)
     tokens = x.reshape(-1, x.shape[-1])
-    logits = tokens @ params["gate"].astype(tokens.dtype)
+    logits = gate_logits(params, tokens, router)
     bias = None if state is None else state["expert_bias"]
     routing = route(router, logits, bias)
     plan = mr.make_plan(routing)

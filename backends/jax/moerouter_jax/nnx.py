@@ -5,13 +5,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
 from flax import nnx
 
 import moerouter as mr
-from moerouter_jax.layer import Activation, init_balance_state, moe_apply, moe_init
+from moerouter_jax.layer import (
+    Activation,
+    from_adamoe,
+    init_balance_state,
+    moe_apply,
+    moe_init,
+    to_adamoe,
+)
 
 __all__ = ["BalanceState", "MoE"]
 
@@ -53,6 +60,7 @@ class MoE(nnx.Module):  # type: ignore[misc]
         *,
         activation: Activation = "swiglu",
         shared_intermediate_size: int | None = None,
+        null_init: Literal["tiled", "random"] = "tiled",
         track_balance: bool = False,
         bias_update_rate: float = 0.0,
         dtype: Any = jnp.float32,
@@ -68,17 +76,64 @@ class MoE(nnx.Module):  # type: ignore[misc]
             router=router,
             activation=activation,
             shared_intermediate_size=shared_intermediate_size,
+            null_init=null_init,
             dtype=dtype,
         )
+        #: The top-k router :meth:`to_adamoe` replaced (:meth:`from_adamoe` restores it).
+        self.converted_from: Any = None
         self.param_names = tuple(sorted(params))
         for name, value in params.items():
             setattr(self, name, nnx.Param(value))
         self.track_balance = track_balance
-        if track_balance:
-            state = init_balance_state(router)
+        self._reset_balance()
+
+    def _reset_balance(self) -> None:
+        if self.track_balance:
+            state = init_balance_state(self.router)
             self.expert_bias = BalanceState(state["expert_bias"])
             for field in _BALANCE_FIELDS:
                 setattr(self, f"balance_{field}", BalanceState(getattr(state["balance"], field)))
+
+    def _convert(self, converted: tuple[dict[str, Any], Any]) -> None:
+        params, self.router = converted
+        self.gate = nnx.Param(params["gate"])
+        self._reset_balance()  # the counts have one entry per gate column
+
+    def to_adamoe(self, num_null: int, k: int) -> MoE:
+        """:func:`moerouter_jax.layer.to_adamoe` in place: the output stays the same.
+
+        The gate becomes a new ``nnx.Param`` (build the optimizer after converting); with
+        ``track_balance`` the expert bias and the counts restart from zero. Returns ``self``.
+        """
+        previous = self.router
+        self._convert(to_adamoe({"gate": self.gate[...]}, previous, num_null=num_null, k=k))
+        self.converted_from = previous
+        return self
+
+    def from_adamoe(self, k: int | None = None) -> MoE:
+        """:func:`moerouter_jax.layer.from_adamoe` in place; ``k`` defaults to the replaced
+        router's, which is restored as it was. Returns ``self``.
+
+        Raises
+        ------
+        TypeError
+            Naming ``router`` when the module has no null experts.
+        ValueError
+            Naming ``k`` when it is missing (the module was built with null experts).
+        """
+        previous = self.converted_from
+        if k is None:
+            if previous is None:
+                raise ValueError(
+                    "k must be given: this module was built with null experts, not converted"
+                )
+            k = previous.k
+        params, router = from_adamoe({"gate": self.gate[...]}, self.router, k=k)
+        if previous is not None and previous.k == k:
+            router = previous  # the very router that was replaced
+        self._convert((params, router))
+        self.converted_from = None
+        return self
 
     def __call__(self, x: Any) -> tuple[Any, dict[str, Any]]:
         params = {name: getattr(self, name)[...] for name in self.param_names}

@@ -225,3 +225,53 @@ def test_bad_state_and_router_name_the_parameter():
             router=mr.TopK(num_experts=E, k=1),
             activation="tanh",
         )
+
+
+# --- AdaMoE conversion (moerouter.adamoe) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_null", "k_prime"), [(8, 4), (16, 4), (16, 6)])
+def test_to_adamoe_is_bit_identical_and_round_trips(num_null, k_prime):
+    from moerouter_jax.layer import from_adamoe, to_adamoe
+
+    router = mr.TopK(8, k=2)
+    params = moe_init(
+        jax.random.key(num_null), hidden_size=32, intermediate_size=16, router=router,
+        activation="gelu",
+    )  # fmt: skip
+    x = jnp.asarray(randn(150, 32, seed=k_prime))
+    apply = functools.partial(moe_apply, activation="gelu")
+    before, _ = apply(params, x, router=router)
+    converted, null = to_adamoe(params, router, num_null=num_null, k=k_prime)
+    assert null == mr.NullExperts(8, num_null=num_null, k=k_prime)
+    assert converted["gate"].shape == (32, 8 + num_null) and converted["w_in"] is params["w_in"]
+    after, _ = apply(converted, x, router=null)
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))  # bit for bit
+    jitted = jax.jit(functools.partial(apply, router=null))(converted, x)[0]
+    reference = jax.jit(functools.partial(apply, router=router))(params, x)[0]
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(reference))
+    back, top2 = from_adamoe(converted, null, k=2)
+    assert top2 == router
+    np.testing.assert_array_equal(np.asarray(back["gate"]), np.asarray(params["gate"]))
+
+
+def test_null_init_and_bad_conversions():
+    from moerouter_jax.layer import from_adamoe, to_adamoe
+
+    null = mr.NullExperts(4, num_null=8, k=2)
+    gate = moe_init(jax.random.key(0), hidden_size=6, intermediate_size=5, router=null)["gate"]
+    np.testing.assert_array_equal(np.asarray(gate[:, 4:8]), np.asarray(gate[:, :4]))
+    np.testing.assert_array_equal(np.asarray(gate[:, 8:]), np.asarray(gate[:, :4]))
+    random = moe_init(
+        jax.random.key(0), hidden_size=6, intermediate_size=5, router=null, null_init="random"
+    )["gate"]
+    assert not np.array_equal(np.asarray(random[:, 4:8]), np.asarray(random[:, :4]))
+    with pytest.raises(ValueError, match="null_init must be"):
+        moe_init(jax.random.key(0), hidden_size=6, intermediate_size=5, router=null, null_init="x")
+    params = moe_init(jax.random.key(0), hidden_size=6, intermediate_size=5, router=mr.TopK(4, k=2))
+    with pytest.raises(ValueError, match="k must be >="):
+        to_adamoe(params, mr.TopK(4, k=2), num_null=4, k=1)
+    with pytest.raises(ValueError, match="num_null must be a multiple"):
+        to_adamoe(params, mr.TopK(4, k=2), num_null=6, k=3)
+    with pytest.raises(TypeError, match=r"router must be a moerouter\.NullExperts"):
+        from_adamoe(params, mr.TopK(4, k=2), k=2)

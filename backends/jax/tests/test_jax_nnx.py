@@ -59,3 +59,22 @@ def test_balance_state_is_updated_in_place_under_nnx_jit():
     np.testing.assert_array_equal(np.asarray(moe.expert_bias[...]), state["expert_bias"])
     assert int(moe.balance_tokens[...]) == 2 * 10
     np.testing.assert_array_equal(np.asarray(moe.balance_counts[...]), state["balance"].counts)
+
+
+def test_module_to_adamoe_is_bit_identical_and_round_trips():
+    router = mr.TopK(num_experts=8, k=2)
+    moe = MoE(16, 8, router, activation="gelu", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (60, 16))
+    before, _ = moe(x)
+    assert moe.to_adamoe(16, 4) is moe
+    assert moe.gate[...].shape == (16, 24)
+    after, _ = moe(x)
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    moe.from_adamoe()
+    assert moe.router is router and moe.gate[...].shape == (16, 8)
+    np.testing.assert_array_equal(np.asarray(moe(x)[0]), np.asarray(before))
+    built = MoE(16, 8, mr.NullExperts(8, num_null=8, k=4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="k must be given"):
+        built.from_adamoe()
+    with pytest.raises(ValueError, match="k must be in"):
+        MoE(16, 8, router, rngs=nnx.Rngs(0)).to_adamoe(8, 5)

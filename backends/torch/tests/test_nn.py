@@ -170,3 +170,86 @@ def test_gpu_grouped_mlp_matches_float64_loop(monkeypatch, grouped_mm_set, dtype
         torch.testing.assert_close(
             have.detach().double().cpu() / scale, expected.detach() / scale, rtol=tol, atol=tol
         )
+
+
+# --- AdaMoE conversion (moerouter.adamoe) -----------------------------------------------------
+
+CONVERSIONS = [(0, 2), (8, 3), (8, 4), (16, 4), (16, 6), (24, 5)]  # (num_null, k'), E = 8, k = 2
+
+
+@pytest.mark.parametrize(("num_null", "k_prime"), CONVERSIONS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_to_adamoe_is_bit_identical_and_round_trips(num_null, k_prime, activation, dtype):
+    torch.manual_seed(num_null + k_prime)
+    moe = MoE(32, 16, mr.TopK(8, k=2), activation=activation, dtype=dtype)
+    x = randn(3, 70, 32, seed=num_null, dtype=dtype)
+    before, _ = moe(x)
+    router = moe.router
+    assert moe.to_adamoe(num_null, k_prime) is moe
+    assert moe.router == mr.NullExperts(8, num_null=num_null, k=k_prime)
+    assert moe.gate.weight.shape == (8 + num_null, 32)
+    converted, _ = moe(x)
+    assert torch.equal(converted, before)  # bit for bit, not merely close
+    converted.sum().backward()  # the new gate is a trainable parameter
+    assert moe.gate.weight.grad is not None
+    moe.from_adamoe()
+    assert moe.router is router and moe.gate.weight.shape == (8, 32)
+    assert torch.equal(moe(x)[0], before)
+
+
+def test_one_wide_gate_product_would_not_be_exact():
+    # Why MoE.gate_logits applies the gate E rows at a time: one (d, 3E) product rounds the tiled
+    # rows differently from the (d, E) one on this BLAS, which changes weights in the last bits.
+    torch.manual_seed(0)
+    weight, x = torch.randn(8, 32), torch.randn(500, 32)
+    tiled = mr.adamoe.tile_null_rows(weight, 16)
+    moe = MoE(32, 16, mr.NullExperts(8, num_null=16, k=4))
+    moe.gate.weight.data.copy_(tiled)
+    chunked = moe.gate_logits(x)
+    assert torch.equal(chunked[:, :8], x @ weight.T) and torch.equal(
+        chunked[:, 8:16], chunked[:, :8]
+    )
+    assert torch.equal(chunked[:, 16:], chunked[:, :8])
+
+
+def test_built_with_null_experts_starts_tiled_or_random():
+    torch.manual_seed(0)
+    tiled = MoE(8, 4, mr.NullExperts(4, num_null=8, k=2))
+    rows = tiled.gate.weight
+    assert torch.equal(rows[4:8], rows[:4]) and torch.equal(rows[8:], rows[:4])
+    random = MoE(8, 4, mr.NullExperts(4, num_null=8, k=2), null_init="random")
+    assert not torch.equal(random.gate.weight[4:8], random.gate.weight[:4])
+    with pytest.raises(ValueError, match="null_init must be 'tiled' or 'random'"):
+        MoE(8, 4, mr.TopK(4, k=2), null_init="copied")
+    # built with null experts, from_adamoe needs the k to return to
+    with pytest.raises(ValueError, match="k must be given"):
+        tiled.from_adamoe()
+    assert tiled.from_adamoe(k=2).router == mr.TopK(4, k=2)
+    assert tiled.gate.weight.shape == (4, 8)
+
+
+@pytest.mark.parametrize(
+    ("router", "num_null", "k", "error", "message"),
+    [
+        (mr.TopK(8, k=2), 8, 1, ValueError, "k must be >="),
+        (mr.TopK(8, k=2), 12, 4, ValueError, "num_null must be a multiple"),
+        (mr.TopK(8, k=1, normalize=False), 8, 2, ValueError, "router must be a softmax TopK"),
+        (
+            mr.ExpertChoice(8, capacity_factor=1.0),
+            8,
+            4,
+            TypeError,
+            "router must be a moerouter.TopK",
+        ),
+    ],
+    ids=["k-below", "not-divisible", "not-normalised", "expert-choice"],
+)
+def test_bad_conversion_changes_nothing(router, num_null, k, error, message):
+    moe = MoE(8, 4, router)
+    weight = moe.gate.weight
+    with pytest.raises(error, match=message):
+        moe.to_adamoe(num_null, k)
+    assert moe.router is router and moe.gate.weight is weight
+    with pytest.raises(TypeError, match=r"router must be a moerouter\.NullExperts"):
+        moe.from_adamoe(k=2)

@@ -16,9 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 from moerouter_torch.integrations.transformers import (  # noqa: E402
     from_adamoe,
+    load_adamoe,
     remove_moerouter,
     route_with_moerouter,
     routing_statistics,
+    save_adamoe,
     to_adamoe,
 )
 
@@ -581,21 +583,26 @@ def _minimax_m2():
     )
 
 
-@pytest.mark.parametrize(
-    ("build", "block"),
-    [(_hy_v3, "HYV3MoE"), (_minimax_m2, "MiniMaxM2SparseMoeBlock")],
-    ids=["hy_v3", "minimax_m2"],
-)
-@pytest.mark.parametrize("given", [None, mr.TopK(8, 2, score="sigmoid")], ids=["default", "policy"])
-def test_router_taking_the_correction_bias_per_call_is_refused_cleanly(build, block, given):
-    # These routers take the block's e_score_correction_bias as a forward argument; the probe
-    # used to end in "forward() missing ... 'e_score_correction_bias'" instead of this refusal.
+@pytest.mark.parametrize("build", [_hy_v3, _minimax_m2], ids=["hy_v3", "minimax_m2"])
+def test_router_taking_the_correction_bias_per_call_follows_it(build):
+    # These routers take the block's e_score_correction_bias as a forward argument (they used to
+    # be refused): the routed forward passes it on to DeepSeekTopK on every call, so a bias
+    # updated after routing (auxiliary-loss-free balancing) is followed.
     torch.manual_seed(0)
-    model = build().float().eval()
-    with pytest.raises(TypeError, match=f"{block}.*'e_score_correction_bias'.*not pass"):
-        route_with_moerouter(model, given)
-    assert "_moerouter_state" not in model.__dict__
-    model(_tokens())  # untouched
+    reference = build().float().eval()
+    routed = route_with_moerouter(copy.deepcopy(reference))
+    generator = torch.Generator().manual_seed(3)
+    for model in (reference, routed):
+        for module in model.modules():
+            if isinstance(getattr(module, "e_score_correction_bias", None), torch.Tensor):
+                module.e_score_correction_bias.copy_(
+                    0.2 * torch.randn(module.e_score_correction_bias.shape, generator=generator)
+                )
+            if hasattr(module, "gate") and hasattr(module.gate, "weight"):
+                module.gate.weight.data.normal_(0, 0.5, generator=generator)
+        generator.manual_seed(3)
+    ids = _tokens()
+    assert _relative_error(routed(ids).logits, reference(ids).logits) <= 1e-5
 
 
 def test_unsupported_block_names_its_class():
@@ -626,3 +633,32 @@ def test_wrong_policy_and_adamoe_on_deepseek_are_rejected():
     with pytest.raises(ValueError, match="call route_with_moerouter"):
         with routing_statistics(_build("olmoe")):
             pass
+
+
+def test_save_and_load_adamoe_keeps_the_null_rows(tmp_path):
+    model = to_adamoe(_build("mixtral"), num_null=6, k=4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight[4:].add_(1.0)  # as if fine-tuned
+    save_adamoe(model, str(tmp_path))
+    assert model.config.output_router_logits is True  # restored after saving
+    loaded = load_adamoe(transformers.MixtralForCausalLM, str(tmp_path))
+    gate = loaded.model.layers[0].mlp.gate.weight
+    assert gate.shape == (10, 32)
+    torch.testing.assert_close(gate, model.model.layers[0].mlp.gate.weight)
+    ids = _tokens()
+    expected, actual = model(ids, labels=ids), loaded(ids, labels=ids)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(actual.aux_loss, expected.aux_loss)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe_norm", "deepseek_v3", "olmoe"])
+def test_greedy_generate_is_identical(name):
+    # The major lines of benchmarks/bench_transformers.py: the routed model decodes the same
+    # tokens (prefill and the cached one-token steps both go through moerouter).
+    reference = _build(name)
+    routed = route_with_moerouter(copy.deepcopy(reference))
+    prompt = _tokens(length=6)
+    with torch.no_grad():
+        expected = reference.generate(prompt, max_new_tokens=6, do_sample=False)
+        actual = routed.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(actual, expected)

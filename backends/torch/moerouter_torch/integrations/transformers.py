@@ -50,14 +50,21 @@ from moerouter_torch._grouped import grouped_mm
 __all__ = [
     "RoutingStats",
     "from_adamoe",
+    "load_adamoe",
     "remove_moerouter",
     "route_with_moerouter",
     "routing_statistics",
+    "save_adamoe",
     "to_adamoe",
 ]
 
+_ADAMOE_FILE = "moerouter_adamoe.json"
+_ROUTERS_FILE = "moerouter_adamoe_routers.safetensors"
+
 _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_expert", "shared_expert_gate", "shared_experts", "shared_mlp")
+# the factor routers multiply their weights by: DeepSeek-V3 and most, HY-V3, AFMoE
+_SCALE_NAMES = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
 _STATE = "_moerouter_state"
 _PROBE_TOKENS = 64
 
@@ -134,6 +141,7 @@ class _Block:
     name: str
     block: nn.Module = field(repr=False)
     router: nn.Module = field(repr=False)
+    linear: nn.Module = field(repr=False)  # holds the router's weight (the router or a child)
     experts: nn.Module = field(repr=False)
     num_experts: int
     default_policy: Any
@@ -166,6 +174,22 @@ def _router_of(block: nn.Module) -> nn.Module | None:
         module = getattr(block, name, None)
         if isinstance(module, nn.Module):
             return module
+    return None
+
+
+def _router_linear(router: nn.Module) -> nn.Module | None:
+    """The module holding the router's (experts, hidden) weight: the router, or its one linear.
+
+    Most routers hold ``weight`` themselves; HunYuan-MoE (``wg``), AFMoE (``gate``) and DBRX
+    (``layer``) wrap one ``nn.Linear``.
+    """
+    weight = getattr(router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return router
+    linears = [child for child in router.children() if isinstance(child, nn.Linear)]
+    others = [child for child in router.children() if not isinstance(child, nn.Linear)]
+    if len(linears) == 1 and not any(any(True for _ in other.parameters()) for other in others):
+        return linears[0]
     return None
 
 
@@ -208,7 +232,9 @@ def _check_experts(block: nn.Module, name: str, experts: nn.Module, hidden_size:
     return int(up.shape[0])
 
 
-def _candidates(router: nn.Module, num_experts: int, k: int) -> list[Any]:
+def _candidates(
+    router: nn.Module, num_experts: int, k: int, bias_per_call: bool = False
+) -> list[Any]:
     """Policies that may reproduce ``router``, most likely first (read from its attributes).
 
     The probe keeps the first that gives the router's own choices and weights: DeepSeek-V3's
@@ -221,10 +247,14 @@ def _candidates(router: nn.Module, num_experts: int, k: int) -> list[Any]:
     groups = getattr(router, "num_group", getattr(router, "n_group", None))
     num_groups = int(groups) if groups and num_experts % int(groups) == 0 else 1
     topk_groups = min(int(getattr(router, "topk_group", 1) or 1), num_groups)
-    scaling = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
+    scale = next(
+        (getattr(router, key) for key in _SCALE_NAMES if getattr(router, key, None) is not None),
+        1.0,
+    )
+    scaling = float(scale or 1.0)
     candidates: list[Any] = []
     grouped = {"num_groups": num_groups, "topk_groups": topk_groups}
-    if isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
+    if bias_per_call or isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
         candidates.append(
             _deepseek(num_experts, k, normalize=order[0], routed_scaling_factor=scaling, **grouped)
         )
@@ -259,10 +289,16 @@ def _deepseek(num_experts: int, k: int, **options: Any) -> mr.DeepSeekTopK | Non
         return None
 
 
-def _run_policy(policy: Any, logits: torch.Tensor, router: nn.Module) -> Any:
+def _run_policy(
+    policy: Any, logits: torch.Tensor, router: nn.Module, bias: torch.Tensor | None = None
+) -> Any:
+    """Run ``policy``; a DeepSeekTopK gets the bias passed to the router's forward, if any,
+    else the router's ``e_score_correction_bias``."""
     if isinstance(policy, mr.DeepSeekTopK):
         # The bias is a buffer the model may update between calls: read it every time.
-        return policy(logits, getattr(router, "e_score_correction_bias", None))
+        if bias is None:
+            bias = getattr(router, "e_score_correction_bias", None)
+        return policy(logits, bias)
     return policy(logits)
 
 
@@ -288,23 +324,34 @@ def _token_slots(routing: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return index[:spill].reshape(tokens, experts), weights[:spill].reshape(tokens, experts)
 
 
-def _probe(router: nn.Module, candidates: list[Any], hidden_size: int) -> Any | None:
+def _probe(
+    router: nn.Module,
+    candidates: list[Any],
+    hidden_size: int,
+    extra: tuple[torch.Tensor, ...] = (),
+) -> Any | None:
     """The first candidate policy that gives the router's own choices and weights on a probe.
 
     Rows whose logits are all equal (an uninitialised router) say nothing and are skipped; if
     every row is such, the first candidate (read from the router's attributes) is trusted.
+    ``extra`` holds the block's tensors the router's forward takes after the hidden states (a
+    per-call correction bias); its first is the bias a DeepSeekTopK candidate gets.
     """
-    if not candidates:
+    linear = _router_linear(router)
+    if not candidates or linear is None:
         return None
-    weight = router.weight
+    weight = linear.weight
     generator = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
     probe = probe.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         try:
-            outputs = type(router).forward(router, probe)
+            outputs = type(router).forward(router, probe, *extra)
         except TypeError:  # a forward that needs more than the hidden states
             return None
+        except (ValueError, RuntimeError):
+            # A router that unpacks (batch, sequence, hidden) states (AFMoE) gets them.
+            outputs = type(router).forward(router, probe[None], *extra)
         if not (isinstance(outputs, tuple) and len(outputs) >= 3):
             return None
         logits, their_weights, their_index = outputs[0], outputs[1], outputs[2]
@@ -318,7 +365,8 @@ def _probe(router: nn.Module, candidates: list[Any], hidden_size: int) -> Any | 
         tolerance = 1e-5 if weight.dtype in (torch.float32, torch.float64) else 2e-2
         for candidate in candidates:
             try:
-                index, weights = _token_slots(_run_policy(candidate, logits, router))
+                bias = extra[0] if extra else None
+                index, weights = _token_slots(_run_policy(candidate, logits, router, bias))
             except (TypeError, ValueError):
                 continue
             if index.shape != their_index.shape:
@@ -350,6 +398,36 @@ def _extra_forward_arguments(router: nn.Module) -> list[str]:
     return required[1:]  # after the hidden states
 
 
+def _per_call_bias(
+    block: nn.Module, name: str, router: nn.Module, num_experts: int
+) -> tuple[torch.Tensor, ...]:
+    """The block's tensors its router's forward takes after the hidden states, for the probe.
+
+    HY-V3 and MiniMax-M2 pass the block's ``e_score_correction_bias``, AFMoE its
+    ``expert_bias``: a selection-only bias of one entry per expert, which the routed forward
+    hands to the policy as :class:`moerouter.DeepSeekTopK`'s ``bias``. Anything else (DeepSeek-V4's
+    hash router takes the ``input_ids``) is refused.
+    """
+    names = _extra_forward_arguments(router)
+    if not names:
+        return ()
+    value = getattr(block, names[0], None)
+    if (
+        len(names) != 1
+        or not isinstance(value, torch.Tensor)
+        or value.ndim != 1
+        or value.shape[0] != num_experts
+    ):
+        raise _unsupported(
+            block,
+            name,
+            f"its router {type(router).__name__}.forward takes {', '.join(map(repr, names))} "
+            "besides the hidden states, and that is not a per-expert bias held by the block "
+            "(moerouter passes a policy only the logits and such a bias)",
+        )
+    return (value,)
+
+
 def _reproducing_policy(
     block: nn.Module, name: str, router: nn.Module, num_experts: int, given: Any = None
 ) -> Any:
@@ -358,24 +436,17 @@ def _reproducing_policy(
     The probe tries the built-in candidates, then ``given`` (a policy passed to
     :func:`route_with_moerouter`): a router none of them reproduces is refused.
     """
-    extra = _extra_forward_arguments(router)
-    if extra:
-        # HYV3 and MiniMax-M2 pass the block's e_score_correction_bias to the router on every
-        # call; the routed forward receives only the hidden states.
-        raise _unsupported(
-            block,
-            name,
-            f"its router {type(router).__name__}.forward takes {', '.join(map(repr, extra))} "
-            "besides the hidden states (a per-call correction bias held by the block), which "
-            "moerouter does not pass to a policy yet",
-        )
+    extra = _per_call_bias(block, name, router, num_experts)
     k = getattr(router, "top_k", getattr(block, "top_k", None))
     if not isinstance(k, int):
         raise _unsupported(block, name, f"its router {type(router).__name__} has no int top_k")
-    hidden_size = int(router.weight.shape[1])
-    policy = _probe(router, _candidates(router, num_experts, k), hidden_size)
+    linear = _router_linear(router)
+    assert linear is not None  # route_with_moerouter checked it
+    hidden_size = int(linear.weight.shape[1])
+    candidates = _candidates(router, num_experts, k, bias_per_call=bool(extra))
+    policy = _probe(router, candidates, hidden_size, extra)
     if policy is None and given is not None:
-        policy = _probe(router, [given], hidden_size)
+        policy = _probe(router, [given], hidden_size, extra)
     if policy is None:
         raise _unsupported(
             block,
@@ -398,12 +469,13 @@ def _policy_columns(policy: Any) -> int:
 
 
 def _routed_router_forward(
-    block: _Block, hidden_states: torch.Tensor
+    block: _Block, hidden_states: torch.Tensor, *bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The router's own code computes the logits (dtype, float32 up-cast and bias as the model
-    # does); its own top-k is recomputed below by the policy.
-    logits = type(block.router).forward(block.router, hidden_states)[0]
-    routing = _run_policy(block.policy, logits, block.router)
+    # does); its own top-k is recomputed below by the policy. ``bias``: the per-call
+    # correction bias some blocks pass (HY-V3, MiniMax-M2, AFMoE).
+    logits = type(block.router).forward(block.router, hidden_states, *bias)[0]
+    routing = _run_policy(block.policy, logits, block.router, bias[0] if bias else None)
     block.model.record(block, logits, routing)
     index, weights = _token_slots(routing)
     return logits, weights, index
@@ -563,13 +635,15 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
             router = _router_of(module)
             if router is None:
                 raise _unsupported(module, name, "it has no 'gate' or 'router' submodule")
-            weight = getattr(router, "weight", None)
-            if not (isinstance(weight, torch.Tensor) and weight.ndim == 2):
+            linear = _router_linear(router)
+            if linear is None:
                 raise _unsupported(
                     module,
                     name,
-                    f"its router {type(router).__name__} has no 2-D 'weight' (experts, hidden)",
+                    f"its router {type(router).__name__} is not a linear layer: it has no 2-D "
+                    "'weight' (experts, hidden) nor one nn.Linear child holding it",
                 )
+            weight = linear.weight
             num_experts = _check_experts(module, name, module.experts, int(weight.shape[1]))
             if weight.shape[0] != num_experts:
                 raise _unsupported(
@@ -580,7 +654,7 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
             given = policy if _is_policy(policy) else None
             default = _reproducing_policy(module, name, router, num_experts, given)
             state.blocks[name] = _Block(
-                name, module, router, module.experts, num_experts, default, default, state
+                name, module, router, linear, module.experts, num_experts, default, default, state
             )
         if not state.blocks:
             raise TypeError(f"{type(model).__name__} has no MoE block (a module with 'experts')")
@@ -610,7 +684,7 @@ def _choose(policy: PolicyChoice, block: _Block) -> Any:
         chosen = policy(block.name, block.default_policy)
     else:
         raise TypeError(f"policy must be a moerouter policy, a callable or None, got {policy!r}")
-    rows = int(block.router.weight.shape[0])
+    rows = int(block.linear.weight.shape[0])
     if getattr(chosen, "num_experts", None) != block.num_experts or _policy_columns(chosen) != rows:
         raise ValueError(
             f"policy {chosen!r} does not fit {type(block.block).__name__} ({block.name!r}): "
@@ -693,14 +767,33 @@ def to_adamoe(
         raise ValueError(f"null_mode must be 'pooled' or 'per_expert', got {null_mode!r}")
     policies = {}
     for name, block in state.blocks.items():
-        if not isinstance(block.default_policy, mr.TopK):
+        if not (
+            isinstance(block.default_policy, mr.TopK) and block.default_policy.score == "softmax"
+        ):
             raise ValueError(
                 f"to_adamoe needs softmax top-k routers, but {type(block.block).__name__} "
                 f"({name!r}) routes with {block.default_policy!r}"
             )
+        linear_tensors = {id(tensor) for tensor in block.linear.parameters(recurse=False)}
+        per_expert = [
+            tensor_name
+            for tensor_name, tensor in [
+                *block.router.named_parameters(),
+                *block.router.named_buffers(),
+            ]
+            if id(tensor) not in linear_tensors and block.num_experts in tensor.shape
+        ]
+        if per_expert:
+            # Ernie 4.5 adds its moe_statics bias (one entry per expert) to the logits: it
+            # would not fit the E + m columns.
+            raise ValueError(
+                f"to_adamoe: the router of {type(block.block).__name__} ({name!r}) holds "
+                f"per-expert tensors besides its weight ({', '.join(per_expert)}) that its "
+                "forward applies to E columns; null experts would need them widened"
+            )
         policies[name] = mr.NullExperts(num_experts=block.num_experts, num_null=num_null, k=k)
     for name, block in state.blocks.items():
-        _resize_router(block.router, block.num_experts + num_null)
+        _resize_router(block.linear, block.num_experts + num_null)
         block.policy = policies[name]
     config = getattr(model, "config", None)
     adamoe = _AdaMoE(
@@ -733,7 +826,7 @@ def from_adamoe(model: nn.Module) -> nn.Module:
     for hook in adamoe.hooks:
         hook.remove()
     for block in state.blocks.values():
-        _resize_router(block.router, block.num_experts)
+        _resize_router(block.linear, block.num_experts)
         block.policy = block.default_policy
     config = getattr(model, "config", None)
     if config is not None and adamoe.output_router_logits_before is not None:
@@ -823,3 +916,72 @@ def routing_statistics(
         yield collector
     finally:
         state.stats.remove(collector)
+
+
+def save_adamoe(model: nn.Module, path: str) -> None:
+    """Save an AdaMoE model (``to_adamoe``) with ``save_pretrained`` plus its conversion.
+
+    ``save_pretrained`` writes the weights with their null rows, but the config does not know
+    about them; ``moerouter_adamoe.json`` beside it records ``num_null``, ``k`` and the loss
+    options, and ``moerouter_adamoe_routers.safetensors`` every router's rows, so that
+    :func:`load_adamoe` rebuilds the same model.
+    """
+    import json
+    import os
+
+    state = _require_state(model, "save_adamoe")
+    adamoe = state.adamoe
+    if adamoe is None:
+        raise ValueError("save_adamoe: the model is not AdaMoE (to_adamoe was not called)")
+    config = getattr(model, "config", None)
+    before = getattr(config, "output_router_logits", None)
+    if config is not None and adamoe.output_router_logits_before is not None:
+        config.output_router_logits = adamoe.output_router_logits_before  # the original's
+    try:
+        model.save_pretrained(path)  # type: ignore[operator]
+    finally:
+        if config is not None:
+            config.output_router_logits = before
+    options = {
+        "num_null": adamoe.num_null,
+        "k": adamoe.k,
+        "null_mode": adamoe.null_mode,
+        "convention": adamoe.convention,
+        "aux_loss_coef": adamoe.aux_loss_coef,
+    }
+    with open(os.path.join(path, _ADAMOE_FILE), "w") as file:
+        json.dump(options, file)
+    from safetensors.torch import save_file
+
+    routers = {
+        f"{name}.{key}": tensor.detach().contiguous().cpu()
+        for name, block in state.blocks.items()
+        for key, tensor in block.linear.named_parameters(recurse=False)
+    }
+    save_file(routers, os.path.join(path, _ROUTERS_FILE))
+
+
+def load_adamoe(model_class: Any, path: str) -> nn.Module:
+    """Load a model saved by :func:`save_adamoe`: null rows, policy and loss as they were.
+
+    ``model_class`` is the transformers class (``MixtralForCausalLM``, ...). Everything but the
+    routers loads through ``from_pretrained`` (its checkpoint conversions included); the model
+    is converted with the saved options and its routers get the saved rows, null rows included.
+    """
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, _ADAMOE_FILE)) as file:
+        options = json.load(file)
+    # The routers' E + m rows do not fit the config's E: they are re-read below.
+    model = model_class.from_pretrained(path, ignore_mismatched_sizes=True)
+    to_adamoe(model, **options)
+    routers = load_file(os.path.join(path, _ROUTERS_FILE))
+    state = _require_state(model, "load_adamoe")
+    with torch.no_grad():
+        for name, block in state.blocks.items():
+            for key, tensor in block.linear.named_parameters(recurse=False):
+                tensor.copy_(routers[f"{name}.{key}"])
+    return model.eval()

@@ -38,20 +38,35 @@ class Corpus:
             windows = self.train[starts + offsets].long()
             yield windows[:, :-1], windows[:, 1:]
 
-    def validation_batches(
-        self, batch_size: int, context: int, num_batches: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Evenly spaced windows over the held-out files: independent of the seed."""
+    def validation_windows(
+        self, windows: int, window_bytes: int, context: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``windows`` disjoint, evenly spaced windows of the held-out bytes, each cut into
+        ``window_bytes / context`` sequences: inputs and next-byte targets, both
+        ``(windows, window_bytes / context, context)``. Independent of the seed.
+
+        Raises
+        ------
+        ValueError
+            When ``context`` does not divide ``window_bytes`` or the windows do not fit.
+        """
         import torch
 
-        count = batch_size * num_batches
-        last_start = self.validation.numel() - context - 1
-        if last_start < 1:
-            raise ValueError(f"validation corpus too short for context {context}")
-        starts = torch.linspace(0, last_start, count).long()[:, None]
-        windows = self.validation[starts + torch.arange(context + 1)].long()
-        chunks = [windows[start : start + batch_size] for start in range(0, count, batch_size)]
-        return [(chunk[:, :-1], chunk[:, 1:]) for chunk in chunks]
+        if window_bytes % context:
+            raise ValueError(
+                f"window_bytes ({window_bytes}) must be a multiple of the context ({context})"
+            )
+        span = window_bytes + 1  # a window's last target is the byte after it
+        if windows * span > self.validation.numel():
+            raise ValueError(
+                f"{windows} windows of {window_bytes} bytes do not fit in the "
+                f"{self.validation.numel()} validation bytes"
+            )
+        starts = torch.linspace(0, self.validation.numel() - span, windows).long()[:, None]
+        data = self.validation[starts + torch.arange(span)].long()
+        inputs = data[:, :-1].reshape(windows, -1, context)
+        targets = data[:, 1:].reshape(windows, -1, context)
+        return inputs, targets
 
 
 def stdlib_sources() -> list[Path]:

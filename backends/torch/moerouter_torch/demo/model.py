@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from moerouter_torch import MoE
 from torch import nn
+
+from moerouter_torch import MoE
 
 __all__ = ["TinyMoELM"]
 
@@ -16,14 +17,16 @@ VOCABULARY = 256  # bytes
 class Block(nn.Module):
     """Pre-norm causal self-attention, then a routed MoE feed-forward layer."""
 
-    def __init__(self, dim: int, heads: int, expert_width: int, router: Any) -> None:
+    def __init__(
+        self, dim: int, heads: int, expert_width: int, router: Any, activation: str
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.attention_norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attention_out = nn.Linear(dim, dim, bias=False)
         self.moe_norm = nn.LayerNorm(dim)
-        self.moe = MoE(dim, expert_width, router)
+        self.moe = MoE(dim, expert_width, router, activation=activation)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, length, dim = x.shape
@@ -49,12 +52,15 @@ class TinyMoELM(nn.Module):
         layers: int,
         heads: int,
         expert_width: int,
+        activation: str,
         context: int,
     ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(VOCABULARY, dim)
         self.positions = nn.Parameter(torch.zeros(context, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, expert_width, router) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, expert_width, router, activation) for _ in range(layers)
+        )
         self.final_norm = nn.LayerNorm(dim)
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.normal_(self.positions, std=0.02)
