@@ -93,6 +93,13 @@ def test_public_names_did_not_move_and_do_not_warn() -> None:
         assert mr.gaussian_noise is gaussian_noise is mr.policies.gaussian_noise
         assert mr.k_schedule is smoe_dropout.k_schedule is mr.policies.k_schedule
         assert mr.policies.locality_loss is mr.losses.locality_loss
+        # LocMoE's gates left policies/locality.py for gates/locality.py
+        from moerouter.gates.locality import affinity_scores, grouped_average_pooling
+        from moerouter.policies import locality
+        assert mr.policies.affinity_scores is mr.gates.affinity_scores is affinity_scores
+        assert locality.affinity_scores is affinity_scores
+        assert mr.policies.grouped_average_pooling is grouped_average_pooling
+        assert locality.grouped_average_pooling is grouped_average_pooling
         from moerouter.multitask import multi_gate  # noqa: F401  (mr.multitask is loaded)
         """
     )
