@@ -1,34 +1,11 @@
-"""Old path of references now in
-:mod:`moerouter.testing.reference` (``losses``, ``stats``).
+"""Old path of ``reference.losses``, ``reference.stats``: the same objects, no warning."""
 
-Kept, without a warning, for older branches and plugins: the names below are the very
-objects of their new homes. New code imports from ``moerouter.testing.reference.<subject>``.
-"""
+from moerouter.testing.reference import _common, losses, stats
+from moerouter.testing.reference._alias import forward_to
 
-# ruff: noqa: F401  (re-exports)
-from moerouter.testing.reference.losses import (
-    _cv_squared,
-    _valid,
-    reference_concatenated_load_balancing,
-    reference_entropy,
-    reference_importance_loss,
-    reference_load_loss,
-    reference_normal_cdf,
-    reference_sequence_load_balancing,
-)
-from moerouter.testing.reference.stats import (
-    _experts_of_tokens,
-    reference_co_occurrence,
-    reference_processed_by_at_least,
-)
-
-__all__ = [
-    "reference_co_occurrence",
-    "reference_concatenated_load_balancing",
-    "reference_entropy",
-    "reference_importance_loss",
-    "reference_load_loss",
-    "reference_normal_cdf",
-    "reference_processed_by_at_least",
-    "reference_sequence_load_balancing",
-]
+__all__ = (
+    "reference_co_occurrence reference_concatenated_load_balancing reference_entropy "
+    "reference_importance_loss reference_load_loss reference_normal_cdf "
+    "reference_processed_by_at_least reference_sequence_load_balancing"
+).split()
+__getattr__ = forward_to(losses, stats, _common)

@@ -33,8 +33,8 @@ The private helpers the single ``reference.py`` module used to define (``_routin
 
 from __future__ import annotations
 
-# ruff: noqa: F401  (the private helpers of the old reference.py, re-exported for older branches)
-from moerouter.testing.reference._common import (
+# as_dict, and the private helpers the single reference.py used to define (older branches).
+from moerouter.testing.reference._common import (  # noqa: F401
     PLAN_ARRAYS,
     ROUTING_ARRAYS,
     ROUTING_STATICS,
@@ -48,206 +48,31 @@ from moerouter.testing.reference._common import (
     _softmax,
     as_dict,
 )
-from moerouter.testing.reference.adaptive import (
-    reference_causal_expert_choice,
-    reference_relu_l1_loss,
-    reference_relu_routing,
-    reference_routed_load_balancing,
-    reference_top_p,
-)
-from moerouter.testing.reference.capacity import (
-    drop_over_capacity,
-    reference_capacity,
-)
-from moerouter.testing.reference.edge_cases import (
-    edge_case_logits,
-)
-from moerouter.testing.reference.ensemble import (
-    reference_average_parameters,
-    reference_domain_posterior,
-    reference_ensemble_log_likelihood,
-    reference_top_k_prior,
-    reference_update_prior,
-)
-from moerouter.testing.reference.expert_choice import (
-    _expert_layout,
-    reference_expert_choice,
-)
-from moerouter.testing.reference.gates import (
-    reference_cosine_router_logits,
-    reference_multiplicative_jitter,
-    reference_noisy_top_k_std,
-    reference_vmoe_logit_noise,
-)
-from moerouter.testing.reference.locality import (
-    reference_affinity_routing,
-    reference_affinity_scores,
-    reference_grouped_average_pooling,
-    reference_locality_loss,
-    reference_locality_topk,
-)
-from moerouter.testing.reference.losses import (
+from moerouter.testing.reference.adaptive import *  # noqa: F403
+from moerouter.testing.reference.capacity import *  # noqa: F403
+from moerouter.testing.reference.edge_cases import *  # noqa: F403
+from moerouter.testing.reference.ensemble import *  # noqa: F403
+from moerouter.testing.reference.expert_choice import *  # noqa: F403
+from moerouter.testing.reference.expert_choice import _expert_layout  # noqa: F401
+from moerouter.testing.reference.gates import *  # noqa: F403
+from moerouter.testing.reference.locality import *  # noqa: F403
+from moerouter.testing.reference.losses import *  # noqa: F403
+from moerouter.testing.reference.losses import (  # noqa: F401
     _balance,
     _counted_pairs,
     _flat_mask,
     _normalised_row,
-    reference_concatenated_load_balancing,
-    reference_entropy,
-    reference_importance_loss,
-    reference_load_balancing,
-    reference_load_loss,
-    reference_normal_cdf,
-    reference_null_load_balancing,
-    reference_sequence_load_balancing,
-    reference_z_loss,
 )
-from moerouter.testing.reference.merging import (
-    reference_expert_similarity,
-    reference_group_experts,
-    reference_merge_experts,
-    reference_remap_expert_ids,
-    reference_routing_statistics,
-)
-from moerouter.testing.reference.methods import (
-    reference_align_gradients,
-    reference_anchor_mean_logits,
-    reference_binary_kl,
-    reference_binary_kl_norm,
-    reference_cross_entropy,
-    reference_dispersion,
-    reference_dual_head_loss,
-    reference_expert_collapse,
-    reference_expert_degradation,
-    reference_expert_normalization,
-    reference_expert_underfitting,
-    reference_feature_gate,
-    reference_hierarchy_mask,
-    reference_mix,
-    reference_mixed_logits_loss,
-    reference_mlp_confidence,
-    reference_multi_gate,
-    reference_power_confidence,
-    reference_predict,
-    reference_predict_mixed,
-    reference_self_gate,
-    reference_weighted_loss,
-)
-from moerouter.testing.reference.plan import (
-    reference_combine,
-    reference_dispatch,
-    reference_make_plan,
-    reference_padded_plan,
-)
-from moerouter.testing.reference.soft import (
-    reference_soft_combine,
-    reference_soft_dispatch,
-    reference_soft_moe,
-)
-from moerouter.testing.reference.stats import (
-    reference_co_occurrence,
-    reference_processed_by_at_least,
-    reference_summary,
-)
-from moerouter.testing.reference.token_choice import (
-    _softmax_of_routed,
-    _token_choice,
-    reference_deepseek,
-    reference_gshard_top2,
-    reference_hash,
-    reference_null_experts,
-    reference_topk,
-    reference_update_expert_bias,
-)
-from moerouter.testing.reference.transport import (
-    reference_balanced_assignment,
-    reference_sinkhorn_expert_choice,
-    reference_sinkhorn_plan,
-    reference_sinkhorn_token_choice,
-    reference_sparse_transport_plan,
-    reference_sparsity_constrained_expert_choice,
-)
+from moerouter.testing.reference.merging import *  # noqa: F403
+from moerouter.testing.reference.methods import *  # noqa: F403
+from moerouter.testing.reference.plan import *  # noqa: F403
+from moerouter.testing.reference.soft import *  # noqa: F403
+from moerouter.testing.reference.stats import *  # noqa: F403
+from moerouter.testing.reference.token_choice import *  # noqa: F403
+from moerouter.testing.reference.token_choice import _softmax_of_routed, _token_choice  # noqa: F401
+from moerouter.testing.reference.transport import *  # noqa: F403
 
-__all__ = [
-    "as_dict",
-    "drop_over_capacity",
-    "edge_case_logits",
-    "reference_affinity_routing",
-    "reference_affinity_scores",
-    "reference_align_gradients",
-    "reference_anchor_mean_logits",
-    "reference_average_parameters",
-    "reference_balanced_assignment",
-    "reference_binary_kl",
-    "reference_binary_kl_norm",
-    "reference_capacity",
-    "reference_causal_expert_choice",
-    "reference_co_occurrence",
-    "reference_combine",
-    "reference_concatenated_load_balancing",
-    "reference_cosine_router_logits",
-    "reference_cross_entropy",
-    "reference_deepseek",
-    "reference_dispatch",
-    "reference_dispersion",
-    "reference_domain_posterior",
-    "reference_dual_head_loss",
-    "reference_ensemble_log_likelihood",
-    "reference_entropy",
-    "reference_expert_choice",
-    "reference_expert_collapse",
-    "reference_expert_degradation",
-    "reference_expert_normalization",
-    "reference_expert_similarity",
-    "reference_expert_underfitting",
-    "reference_feature_gate",
-    "reference_group_experts",
-    "reference_grouped_average_pooling",
-    "reference_gshard_top2",
-    "reference_hash",
-    "reference_hierarchy_mask",
-    "reference_importance_loss",
-    "reference_load_balancing",
-    "reference_load_loss",
-    "reference_locality_loss",
-    "reference_locality_topk",
-    "reference_make_plan",
-    "reference_merge_experts",
-    "reference_mix",
-    "reference_mixed_logits_loss",
-    "reference_mlp_confidence",
-    "reference_multi_gate",
-    "reference_multiplicative_jitter",
-    "reference_noisy_top_k_std",
-    "reference_normal_cdf",
-    "reference_null_experts",
-    "reference_null_load_balancing",
-    "reference_padded_plan",
-    "reference_power_confidence",
-    "reference_predict",
-    "reference_predict_mixed",
-    "reference_processed_by_at_least",
-    "reference_relu_l1_loss",
-    "reference_relu_routing",
-    "reference_remap_expert_ids",
-    "reference_routed_load_balancing",
-    "reference_routing_statistics",
-    "reference_self_gate",
-    "reference_sequence_load_balancing",
-    "reference_sinkhorn_expert_choice",
-    "reference_sinkhorn_plan",
-    "reference_sinkhorn_token_choice",
-    "reference_soft_combine",
-    "reference_soft_dispatch",
-    "reference_soft_moe",
-    "reference_sparse_transport_plan",
-    "reference_sparsity_constrained_expert_choice",
-    "reference_summary",
-    "reference_top_k_prior",
-    "reference_top_p",
-    "reference_topk",
-    "reference_update_expert_bias",
-    "reference_update_prior",
-    "reference_vmoe_logit_noise",
-    "reference_weighted_loss",
-    "reference_z_loss",
-]
+# Every public function the star imports above brought in, and as_dict.
+__all__ = sorted(
+    name for name, value in globals().items() if callable(value) and not name.startswith("_")
+)

@@ -92,3 +92,44 @@ def _softmax_list(row: list[float]) -> list[float]:
     exps = [0.0 if v == -math.inf else math.exp(v - top) for v in row]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def token_routing(
+    choice: np.ndarray,
+    expert: np.ndarray,
+    weights: np.ndarray,
+    probs: np.ndarray,
+    finite: np.ndarray,
+    num_experts: int,
+    capacity: int | None = None,
+) -> dict[str, Any]:
+    """The dict of a token-layout routing from (G, S, k) choices, experts and weights, (G, S, E')
+    probabilities and (G, S) finite rows."""
+    num_groups, group_size, k = choice.shape
+    num_tokens = num_groups * group_size
+    return {
+        "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), k),
+        "expert_ids": expert.reshape(-1),
+        "weights": weights.reshape(-1),
+        "choice_ids": choice.reshape(-1),
+        "probs": probs.reshape(num_tokens, -1),
+        "finite_rows": finite.reshape(-1),
+        "num_tokens": num_tokens,
+        "num_experts": num_experts,
+        "layout": "token",
+        "slots": k,
+        "num_groups": num_groups,
+        "capacity": capacity,
+    }
+
+
+def token_arrays(
+    num_groups: int, group_size: int, k: int, num_columns: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Empty (G, S, k) choices, experts and weights, (G, S, E') probabilities and (G, S) finite
+    rows of a token-layout reference: no row routed, the raw choices those of an all-zero row."""
+    choice = np.tile(np.arange(k, dtype=np.int32), (num_groups, group_size, 1))
+    expert = np.full((num_groups, group_size, k), -1, np.int32)
+    weights = np.zeros((num_groups, group_size, k))
+    probs = np.zeros((num_groups, group_size, num_columns))
+    return choice, expert, weights, probs, np.zeros((num_groups, group_size), bool)

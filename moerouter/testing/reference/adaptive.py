@@ -19,8 +19,10 @@ from moerouter.testing.reference._common import (
     _ranked_columns,
     _row_is_finite,
     _softmax,
+    token_arrays,
+    token_routing,
 )
-from moerouter.testing.reference.capacity import drop_over_capacity, reference_capacity
+from moerouter.testing.reference.capacity import Capacity
 
 __all__ = [
     "reference_causal_expert_choice",
@@ -43,12 +45,9 @@ def _token_routing(
     """Token-layout routing from ``decide(row) -> (probs, picked, routed, weights)`` per finite
     row; capacity k-major, then token order ("position") or descending probability ("probs")."""
     num_groups, group_size, num_columns = values.shape
-    num_tokens = num_groups * group_size
-    choice = np.tile(np.arange(slots, dtype=np.int32), (num_groups, group_size, 1))
-    expert = np.full((num_groups, group_size, slots), -1, np.int32)
-    weights = np.zeros((num_groups, group_size, slots))
-    probs = np.zeros((num_groups, group_size, num_columns))
-    finite = np.zeros((num_groups, group_size), bool)
+    choice, expert, weights, probs, finite = token_arrays(
+        num_groups, group_size, slots, num_columns
+    )
     for g in range(num_groups):
         for s in range(group_size):
             row = values[g, s]
@@ -61,24 +60,9 @@ def _token_routing(
                 if routed[slot]:
                     expert[g, s, slot] = column
                     weights[g, s, slot] = row_weights[slot]
-    per_expert = None
-    if capacity_factor is not None:
-        per_expert = reference_capacity(capacity_factor, group_size, slots, num_experts)
-        drop_over_capacity(expert, weights, probs, choice, per_expert, drop_policy)
-    return {
-        "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), slots),
-        "expert_ids": expert.reshape(-1),
-        "weights": weights.reshape(-1),
-        "choice_ids": choice.reshape(-1),
-        "probs": probs.reshape(num_tokens, num_columns),
-        "finite_rows": finite.reshape(-1),
-        "num_tokens": num_tokens,
-        "num_experts": num_experts,
-        "layout": "token",
-        "slots": slots,
-        "num_groups": num_groups,
-        "capacity": per_expert,
-    }
+    capacity = Capacity(capacity_factor, drop_policy)
+    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
+    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
 
 
 def reference_top_p(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
 from moerouter.testing.reference._common import _descending
 
-__all__ = ["drop_over_capacity", "reference_capacity"]
+__all__ = ["Capacity", "drop_over_capacity", "reference_capacity"]
 
 
 def reference_capacity(
@@ -72,39 +73,26 @@ def drop_over_capacity(
                     weights[g, s, slot] = 0.0
 
 
-def _apply_capacity(
-    expert: np.ndarray,
-    weights: np.ndarray,
-    priority_probs: np.ndarray,
-    *,
-    num_experts: int,
-    capacity_factor: float | None,
-    capacity_multiple_of: int,
-    min_capacity: int,
-    drop_policy: str,
-) -> int | None:
-    """Drop over-capacity choices in place (k-major); returns the capacity. Arrays (G, S, k)."""
-    if capacity_factor is None:
-        return None
-    num_groups, group_size, k = expert.shape
-    per_expert = reference_capacity(
-        capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
-    )
-    for g in range(num_groups):
-        used = [0] * num_experts
-        for slot in range(k):
-            tokens = list(range(group_size))
-            if drop_policy == "probs":
-                tokens = _descending([priority_probs[g, s, slot] for s in tokens])
-            elif drop_policy == "batch_priority":
-                tokens = _descending([priority_probs[g, s, 0] for s in tokens])
-            for s in tokens:
-                e = expert[g, s, slot]
-                if e < 0:
-                    continue
-                if used[e] < per_expert:
-                    used[e] += 1
-                else:
-                    expert[g, s, slot] = -1
-                    weights[g, s, slot] = 0.0
-    return per_expert
+@dataclass(frozen=True)
+class Capacity:
+    """A token-choice policy's capacity options; ``factor=None``: no capacity, nothing dropped."""
+
+    factor: float | None
+    drop_policy: str = "position"
+    multiple_of: int = 1
+    minimum: int = 0
+
+    def drop(self, num_experts: int, *arrays: np.ndarray) -> int | None:
+        """Drop past :func:`reference_capacity` of the group, in place; the capacity or None.
+
+        ``arrays`` are ``expert, weights, probs, choice`` of :func:`drop_over_capacity`.
+        """
+        if self.factor is None:
+            return None
+        expert, weights, probs, choice = arrays
+        _, group_size, k = expert.shape
+        per_expert = reference_capacity(
+            self.factor, group_size, k, num_experts, self.multiple_of, self.minimum
+        )
+        drop_over_capacity(expert, weights, probs, choice, per_expert, self.drop_policy)
+        return per_expert

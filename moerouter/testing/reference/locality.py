@@ -12,8 +12,14 @@ from typing import Any
 import numpy as np
 
 from moerouter.testing.backends import to_numpy
-from moerouter.testing.reference._common import _descending, _row_is_finite, _softmax_list
-from moerouter.testing.reference.capacity import reference_capacity
+from moerouter.testing.reference._common import (
+    _descending,
+    _row_is_finite,
+    _softmax_list,
+    token_arrays,
+    token_routing,
+)
+from moerouter.testing.reference.capacity import Capacity, reference_capacity
 
 __all__ = [
     "reference_affinity_routing",
@@ -22,31 +28,6 @@ __all__ = [
     "reference_locality_loss",
     "reference_locality_topk",
 ]
-
-
-def _routing_dict(
-    choice: np.ndarray,
-    expert: np.ndarray,
-    weights: np.ndarray,
-    probs: np.ndarray,
-    finite: np.ndarray,
-    num_experts: int,
-) -> dict[str, Any]:
-    num_groups, group_size, k = choice.shape
-    num_tokens = num_groups * group_size
-    return {
-        "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), k),
-        "expert_ids": expert.reshape(-1),
-        "weights": weights.reshape(-1),
-        "choice_ids": choice.reshape(-1),
-        "probs": probs.reshape(num_tokens, -1),
-        "finite_rows": finite.reshape(-1),
-        "num_tokens": num_tokens,
-        "num_experts": num_experts,
-        "layout": "token",
-        "slots": k,
-        "num_groups": num_groups,
-    }
 
 
 def reference_locality_topk(
@@ -68,11 +49,7 @@ def reference_locality_topk(
     num_groups, group_size, num_experts = values.shape
     per_node = num_experts // num_nodes
     nodes = to_numpy(token_nodes).reshape(num_groups, group_size)
-    choice = np.zeros((num_groups, group_size, k), np.int32)
-    expert = np.full((num_groups, group_size, k), -1, np.int32)
-    weights = np.zeros((num_groups, group_size, k))
-    probs = np.zeros((num_groups, group_size, num_experts))
-    finite = np.zeros((num_groups, group_size), bool)
+    choice, expert, weights, probs, finite = token_arrays(num_groups, group_size, k, num_experts)
     for g in range(num_groups):
         for s in range(group_size):
             row = values[g, s]
@@ -108,26 +85,9 @@ def reference_locality_topk(
                 if routed[slot]:
                     expert[g, s, slot] = e
                     weights[g, s, slot] = w[slot]
-    if capacity_factor is not None:
-        per_expert = reference_capacity(
-            capacity_factor, group_size, k, num_experts, capacity_multiple_of
-        )
-        for g in range(num_groups):
-            used = [0] * num_experts
-            for slot in range(k):
-                order = list(range(group_size))
-                if drop_policy == "probs":
-                    order = _descending([probs[g, s, choice[g, s, slot]] for s in order])
-                for s in order:
-                    e = expert[g, s, slot]
-                    if e < 0:
-                        continue
-                    if used[e] < per_expert:
-                        used[e] += 1
-                    else:
-                        expert[g, s, slot] = -1
-                        weights[g, s, slot] = 0.0
-    return _routing_dict(choice, expert, weights, probs, finite, num_experts)
+    capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of)
+    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
+    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
 
 
 def reference_affinity_routing(
@@ -138,11 +98,7 @@ def reference_affinity_routing(
     if values.ndim == 2:
         values = values[None]
     num_groups, group_size, num_experts = values.shape
-    choice = np.zeros((num_groups, group_size, 1), np.int32)
-    expert = np.full((num_groups, group_size, 1), -1, np.int32)
-    weights = np.zeros((num_groups, group_size, 1))
-    probs = np.zeros((num_groups, group_size, num_experts))
-    finite = np.zeros((num_groups, group_size), bool)
+    choice, expert, weights, probs, finite = token_arrays(num_groups, group_size, 1, num_experts)
     if affinity is not None:
         scores = to_numpy(affinity).astype(np.float32).astype(np.float64).reshape(values.shape)
     per_expert = reference_capacity(
@@ -168,7 +124,7 @@ def reference_affinity_routing(
                     weights[g, s, 0] = probs[g, s, e]
                 else:
                     expert[g, s, 0] = -1
-    return _routing_dict(choice, expert, weights, probs, finite, num_experts)
+    return token_routing(choice, expert, weights, probs, finite, num_experts)
 
 
 def reference_locality_loss(

@@ -24,12 +24,10 @@ from moerouter.testing.reference._common import (
     _row_is_finite,
     _sigmoid,
     _softmax,
+    token_arrays,
+    token_routing,
 )
-from moerouter.testing.reference.capacity import (
-    _apply_capacity,
-    drop_over_capacity,
-    reference_capacity,
-)
+from moerouter.testing.reference.capacity import Capacity
 
 __all__ = [
     "reference_deepseek",
@@ -55,12 +53,7 @@ def _token_choice(
 ) -> dict[str, Any]:
     """Shared token-choice loop; ``values`` is float32 (G, S, E')."""
     num_groups, group_size, num_columns = values.shape
-    num_tokens = num_groups * group_size
-    choice = np.zeros((num_groups, group_size, k), np.int32)
-    expert = np.full((num_groups, group_size, k), -1, np.int32)
-    weights = np.zeros((num_groups, group_size, k))
-    probs = np.zeros((num_groups, group_size, num_columns))
-    finite = np.zeros((num_groups, group_size), bool)
+    choice, expert, weights, probs, finite = token_arrays(num_groups, group_size, k, num_columns)
     for g in range(num_groups):
         for s in range(group_size):
             row = values[g, s]
@@ -80,27 +73,9 @@ def _token_choice(
                 else:
                     weights[g, s, slot] = 0.0
 
-    per_expert = None
-    if capacity_factor is not None:
-        per_expert = reference_capacity(
-            capacity_factor, group_size, k, num_experts, capacity_multiple_of, min_capacity
-        )
-        drop_over_capacity(expert, weights, probs, choice, per_expert, drop_policy)
-
-    return {
-        "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), k),
-        "expert_ids": expert.reshape(-1),
-        "weights": weights.reshape(-1),
-        "choice_ids": choice.reshape(-1),
-        "probs": probs.reshape(num_tokens, num_columns),
-        "finite_rows": finite.reshape(-1),
-        "num_tokens": num_tokens,
-        "num_experts": num_experts,
-        "layout": "token",
-        "slots": k,
-        "num_groups": num_groups,
-        "capacity": per_expert,
-    }
+    capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
+    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
+    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
 
 
 def _softmax_of_routed(row: np.ndarray, picked: list[int], routed: list[bool]) -> list[float]:
@@ -218,34 +193,6 @@ def reference_null_experts(
     )
 
 
-def _token_routing(
-    choice: np.ndarray,
-    expert: np.ndarray,
-    weights: np.ndarray,
-    probs: np.ndarray,
-    finite: np.ndarray,
-    *,
-    num_experts: int,
-    capacity: int | None,
-) -> dict[str, Any]:
-    num_groups, group_size, k = choice.shape
-    num_tokens = num_groups * group_size
-    return {
-        "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), k),
-        "expert_ids": expert.reshape(-1),
-        "weights": weights.reshape(-1),
-        "choice_ids": choice.reshape(-1),
-        "probs": probs.reshape(num_tokens, -1),
-        "finite_rows": finite.reshape(-1),
-        "num_tokens": num_tokens,
-        "num_experts": num_experts,
-        "layout": "token",
-        "slots": k,
-        "num_groups": num_groups,
-        "capacity": capacity,
-    }
-
-
 def reference_deepseek(
     logits: Any,
     k: int,
@@ -275,11 +222,7 @@ def reference_deepseek(
     )
     per_group = num_experts // num_groups
     keep_groups = num_groups if topk_groups is None else topk_groups
-    choice = np.zeros((num_g, group_size, k), np.int32)
-    expert = np.full((num_g, group_size, k), -1, np.int32)
-    weights = np.zeros((num_g, group_size, k))
-    probs = np.zeros((num_g, group_size, num_experts))
-    finite = np.zeros((num_g, group_size), bool)
+    choice, expert, weights, probs, finite = token_arrays(num_g, group_size, k, num_experts)
     for g in range(num_g):
         for s in range(group_size):
             row = values[g, s]
@@ -307,20 +250,9 @@ def reference_deepseek(
                 if routed[slot]:
                     expert[g, s, slot] = column
                     weights[g, s, slot] = chosen[slot] * routed_scaling_factor
-    chosen_probs = np.take_along_axis(probs, choice, axis=-1)
-    per_expert = _apply_capacity(
-        expert,
-        weights,
-        chosen_probs,
-        num_experts=num_experts,
-        capacity_factor=capacity_factor,
-        capacity_multiple_of=capacity_multiple_of,
-        min_capacity=min_capacity,
-        drop_policy=drop_policy,
-    )
-    return _token_routing(
-        choice, expert, weights, probs, finite, num_experts=num_experts, capacity=per_expert
-    )
+    capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
+    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
+    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
 
 
 def _selection(row: np.ndarray, bias32: np.ndarray, score: str) -> list[float]:
@@ -411,11 +343,7 @@ def reference_gshard_top2(
     draws = None if uniform is None else to_numpy(uniform).astype(np.float32)
     if draws is not None:
         draws = draws.reshape(num_g, group_size)
-    choice = np.zeros((num_g, group_size, 2), np.int32)
-    expert = np.full((num_g, group_size, 2), -1, np.int32)
-    weights = np.zeros((num_g, group_size, 2))
-    probs = np.zeros((num_g, group_size, num_experts))
-    finite = np.zeros((num_g, group_size), bool)
+    choice, expert, weights, probs, finite = token_arrays(num_g, group_size, 2, num_experts)
     for g in range(num_g):
         for s in range(group_size):
             row = values[g, s]
@@ -439,20 +367,9 @@ def reference_gshard_top2(
                 if routed[slot]:
                     expert[g, s, slot] = column
                     weights[g, s, slot] = gates[slot]
-    chosen_probs = np.take_along_axis(probs, choice, axis=-1)
-    per_expert = _apply_capacity(
-        expert,
-        weights,
-        chosen_probs,
-        num_experts=num_experts,
-        capacity_factor=capacity_factor,
-        capacity_multiple_of=capacity_multiple_of,
-        min_capacity=min_capacity,
-        drop_policy=drop_policy,
-    )
-    return _token_routing(
-        choice, expert, weights, probs, finite, num_experts=num_experts, capacity=per_expert
-    )
+    capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
+    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
+    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
 
 
 def reference_hash(token_ids: Any, num_experts: int, table: Any = None) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from moerouter.testing.backends import to_numpy
-from moerouter.testing.reference._common import _descending, _row_is_finite
-from moerouter.testing.reference.capacity import reference_capacity
+from moerouter.testing.reference._common import _descending, _row_is_finite, token_routing
+from moerouter.testing.reference.capacity import Capacity, reference_capacity
 from moerouter.testing.reference.expert_choice import _expert_layout
 
 __all__ = [
@@ -162,39 +162,9 @@ def reference_sinkhorn_token_choice(
                 if routed[slot]:
                     expert[g, s, slot] = e
                     weights[g, s, slot] = chosen[slot]
-    if capacity_factor is not None:
-        per_expert = reference_capacity(
-            capacity_factor, group_size, k, num_experts, capacity_multiple_of
-        )
-        for g in range(num_groups):
-            used = [0] * num_experts
-            for slot in range(k):  # k-major
-                tokens = list(range(group_size))
-                if drop_policy == "probs":
-                    tokens = _descending([probs[g, s, choice[g, s, slot]] for s in tokens])
-                for s in tokens:
-                    e = expert[g, s, slot]
-                    if e < 0:
-                        continue
-                    if used[e] < per_expert:
-                        used[e] += 1
-                    else:
-                        expert[g, s, slot] = -1
-                        weights[g, s, slot] = 0.0
-    num_tokens = num_groups * group_size
-    return {
-        "token_ids": np.repeat(np.arange(num_tokens, dtype=np.int32), k),
-        "expert_ids": expert.reshape(-1),
-        "weights": weights.reshape(-1),
-        "choice_ids": choice.reshape(-1),
-        "probs": probs.reshape(num_tokens, num_experts),
-        "finite_rows": finite.reshape(-1),
-        "num_tokens": num_tokens,
-        "num_experts": num_experts,
-        "layout": "token",
-        "slots": k,
-        "num_groups": num_groups,
-    }
+    capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of)
+    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
+    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
 
 
 def reference_sinkhorn_expert_choice(
