@@ -29,6 +29,11 @@ name                     distribution
 =======================  =================================================================
 
 :func:`from_spec` parses the command line's ``name:value`` form (``zipf:1.2``).
+
+One module on purpose (about 580 lines, half of them docstrings and examples): the five
+generators follow the same seeding rules (one ``SeedSequence`` per draw, the structure per
+``structure_seed``) and share the Gumbel and placement helpers, and :data:`WORKLOADS` and
+:func:`from_spec` name them all; split, a generator would sit away from the rules it must keep.
 """
 
 from __future__ import annotations

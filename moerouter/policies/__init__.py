@@ -28,15 +28,18 @@ function of the logits when called. One module per policy family, nothing else:
   L1 coefficient.
 
 Also exported here, as before, though they live elsewhere: the gates of :mod:`moerouter.gates`
-(:func:`cosine_router_logits`, :class:`FrozenRandomRouter`, the noise functions), SMoE-Dropout's
+(:func:`cosine_router_logits`, :class:`FrozenRandomRouter`, the noise functions, LocMoE's
+:func:`grouped_average_pooling` and :func:`affinity_scores`), SMoE-Dropout's
 :func:`k_schedule` and :func:`evaluate_at_k` (:mod:`moerouter.methods.smoe_dropout`) and
 :func:`locality_loss` (:mod:`moerouter.losses`).
 """
 
 from moerouter.gates import (
     FrozenRandomRouter,
+    affinity_scores,
     cosine_router_logits,
     gaussian_noise,
+    grouped_average_pooling,
     multiplicative_jitter,
     noisy_top_k_std,
     vmoe_logit_noise,
@@ -56,12 +59,7 @@ from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
 from moerouter.policies.expert_choice import ExpertChoice
 from moerouter.policies.gshard import GShardTop2
 from moerouter.policies.hash import HashRouter, balanced_hash_table, random_hash_table
-from moerouter.policies.locality import (
-    AffinityRouting,
-    LocalityTopK,
-    affinity_scores,
-    grouped_average_pooling,
-)
+from moerouter.policies.locality import AffinityRouting, LocalityTopK
 from moerouter.policies.null import NullExperts
 from moerouter.policies.relu import (
     ReLURouting,

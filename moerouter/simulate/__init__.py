@@ -54,13 +54,7 @@ Examples
 True
 """
 
-from moerouter.simulate._model import (
-    COUNT_BYTES,
-    HEADER_BYTES,
-    SimulationResult,
-    Topology,
-    place_experts,
-    run,
-)
+from moerouter.simulate._model import SimulationResult, run
+from moerouter.simulate._topology import COUNT_BYTES, HEADER_BYTES, Topology, place_experts
 
 __all__ = ["COUNT_BYTES", "HEADER_BYTES", "SimulationResult", "Topology", "place_experts", "run"]

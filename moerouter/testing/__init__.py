@@ -15,38 +15,41 @@ from moerouter.testing.asserts import (
     assert_routing_equal,
 )
 from moerouter.testing.backends import Backend, to_numpy
-from moerouter.testing.reference import (
-    edge_case_logits,
-    reference_combine,
-    reference_dispatch,
-    reference_expert_choice,
+from moerouter.testing.reference.edge_cases import edge_case_logits
+from moerouter.testing.reference.expert_choice import reference_expert_choice
+from moerouter.testing.reference.losses import (
+    reference_concatenated_load_balancing,
+    reference_entropy,
+    reference_importance_loss,
     reference_load_balancing,
-    reference_make_plan,
-    reference_null_experts,
+    reference_load_loss,
+    reference_normal_cdf,
     reference_null_load_balancing,
-    reference_summary,
-    reference_topk,
+    reference_sequence_load_balancing,
     reference_z_loss,
 )
-from moerouter.testing.reference_assignment import (
+from moerouter.testing.reference.plan import (
+    reference_combine,
+    reference_dispatch,
+    reference_make_plan,
+)
+from moerouter.testing.reference.soft import (
+    reference_soft_combine,
+    reference_soft_dispatch,
+    reference_soft_moe,
+)
+from moerouter.testing.reference.stats import (
+    reference_co_occurrence,
+    reference_processed_by_at_least,
+    reference_summary,
+)
+from moerouter.testing.reference.token_choice import reference_null_experts, reference_topk
+from moerouter.testing.reference.transport import (
     reference_balanced_assignment,
     reference_sinkhorn_expert_choice,
     reference_sinkhorn_plan,
     reference_sinkhorn_token_choice,
-    reference_soft_combine,
-    reference_soft_dispatch,
-    reference_soft_moe,
     reference_sparsity_constrained_expert_choice,
-)
-from moerouter.testing.reference_losses import (
-    reference_co_occurrence,
-    reference_concatenated_load_balancing,
-    reference_entropy,
-    reference_importance_loss,
-    reference_load_loss,
-    reference_normal_cdf,
-    reference_processed_by_at_least,
-    reference_sequence_load_balancing,
 )
 
 __all__ = [

@@ -22,8 +22,10 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import Backend, to_numpy
-from moerouter.testing.reference import reference_load_balancing
-from moerouter.testing.reference_losses import reference_sequence_load_balancing
+from moerouter.testing.reference.losses import (
+    reference_load_balancing,
+    reference_sequence_load_balancing,
+)
 
 E, K = 8, 4
 

@@ -93,6 +93,13 @@ def test_public_names_did_not_move_and_do_not_warn() -> None:
         assert mr.gaussian_noise is gaussian_noise is mr.policies.gaussian_noise
         assert mr.k_schedule is smoe_dropout.k_schedule is mr.policies.k_schedule
         assert mr.policies.locality_loss is mr.losses.locality_loss
+        # LocMoE's gates left policies/locality.py for gates/locality.py
+        from moerouter.gates.locality import affinity_scores, grouped_average_pooling
+        from moerouter.policies import locality
+        assert mr.policies.affinity_scores is mr.gates.affinity_scores is affinity_scores
+        assert locality.affinity_scores is affinity_scores
+        assert mr.policies.grouped_average_pooling is grouped_average_pooling
+        assert locality.grouped_average_pooling is grouped_average_pooling
         from moerouter.multitask import multi_gate  # noqa: F401  (mr.multitask is loaded)
         """
     )
@@ -117,5 +124,58 @@ def test_private_names_other_branches_import_stay() -> None:
         from moerouter import _validation
         assert sigmoid is scores.sigmoid and softmax is scores.softmax
         assert check_positive_int is _validation.check_positive_int
+        """
+    )
+
+
+# testing/: the reference*.py files split by batch became testing/reference/, split by subject;
+# the old modules re-export (no warning: plugins and older branches import them in tests).
+REFERENCES = [
+    ("moerouter.testing.reference_adaptive", "adaptive", "reference_top_p"),
+    ("moerouter.testing.reference_assignment", "transport", "reference_sinkhorn_plan"),
+    ("moerouter.testing.reference_assignment", "soft", "reference_soft_moe"),
+    ("moerouter.testing.reference_losses", "losses", "reference_load_loss"),
+    ("moerouter.testing.reference_losses", "stats", "reference_co_occurrence"),
+    ("moerouter.testing.reference_methods", "methods", "reference_dispersion"),
+    ("moerouter.testing.reference_papers", "ensemble", "reference_domain_posterior"),
+    ("moerouter.testing.reference_papers", "merging", "reference_group_experts"),
+    ("moerouter.testing.reference_papers", "locality", "reference_locality_topk"),
+    ("moerouter.testing.reference_papers", "methods", "reference_anchor_mean_logits"),
+    ("moerouter.testing.reference_routing", "token_choice", "reference_deepseek"),
+    ("moerouter.testing.reference_routing", "gates", "reference_vmoe_logit_noise"),
+    ("moerouter.testing.reference_routing", "plan", "reference_padded_plan"),
+    # the old single module is now the package: its names (public and private) stay there
+    ("moerouter.testing.reference", "token_choice", "reference_topk"),
+    ("moerouter.testing.reference", "capacity", "drop_over_capacity"),
+    ("moerouter.testing.reference", "_common", "_grouped_float32"),
+    ("moerouter.testing.reference", "losses", "reference_z_loss"),
+]
+
+
+@pytest.mark.parametrize(("old", "subject", "name"), REFERENCES)
+def test_old_reference_paths_give_the_new_objects(old: str, subject: str, name: str) -> None:
+    _run(
+        f"""
+        import importlib, warnings
+        warnings.simplefilter("error")
+        old = importlib.import_module("{old}")
+        new = importlib.import_module("moerouter.testing.reference.{subject}")
+        assert getattr(old, "{name}") is getattr(new, "{name}")
+        """
+    )
+
+
+def test_every_old_reference_name_stays_importable() -> None:
+    # Why: an old module's whole __all__ must survive the split, not only the sampled names.
+    _run(
+        """
+        import importlib, warnings
+        warnings.simplefilter("error")
+        import moerouter.testing.reference as package
+        for old in ("adaptive", "assignment", "losses", "methods", "papers", "routing"):
+            module = importlib.import_module(f"moerouter.testing.reference_{old}")
+            for name in module.__all__:
+                assert getattr(package, name) is getattr(module, name), (old, name)
+        assert sorted(package.__all__) == package.__all__
         """
     )

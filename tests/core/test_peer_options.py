@@ -20,7 +20,7 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import Backend, to_numpy
-from moerouter.testing.reference_routing import reference_deepseek
+from moerouter.testing.reference.token_choice import reference_deepseek
 
 
 def megatron_group_limited_choice(selection, k, num_groups, group_topk):

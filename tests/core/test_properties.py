@@ -24,7 +24,8 @@ from moerouter.testing import (
     reference_topk,
     to_numpy,
 )
-from moerouter.testing.reference import reference_capacity, reference_null_experts
+from moerouter.testing.reference.capacity import reference_capacity
+from moerouter.testing.reference.token_choice import reference_null_experts
 
 BACKENDS = [
     # The built-in NumPy plugin: fast make_plan/dispatch/combine kernels.

@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 
 import moerouter as mr
 from moerouter.testing import Backend, assert_plan_equal, assert_routing_equal, to_numpy
-from moerouter.testing.reference import reference_capacity, reference_topk
-from moerouter.testing.reference_routing import (
+from moerouter.testing.reference.capacity import reference_capacity
+from moerouter.testing.reference.plan import reference_padded_plan
+from moerouter.testing.reference.token_choice import (
     reference_deepseek,
     reference_gshard_top2,
-    reference_padded_plan,
+    reference_topk,
 )
 
 BACKENDS = [

@@ -23,7 +23,7 @@ from moerouter.testing import (
     reference_topk,
     reference_z_loss,
 )
-from moerouter.testing.reference import reference_capacity
+from moerouter.testing.reference.capacity import reference_capacity
 
 
 def test_topk_ties_and_order():

@@ -13,8 +13,8 @@ from moerouter.testing import (
     edge_case_logits,
     to_numpy,
 )
-from moerouter.testing.reference import reference_null_experts, reference_topk
-from moerouter.testing.reference_routing import reference_padded_plan
+from moerouter.testing.reference.plan import reference_padded_plan
+from moerouter.testing.reference.token_choice import reference_null_experts, reference_topk
 
 NUM_EXPERTS = 8
 

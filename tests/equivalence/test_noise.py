@@ -7,13 +7,12 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import assert_close, assert_routing_equal, edge_case_logits, to_numpy
-from moerouter.testing.reference import reference_topk
-from moerouter.testing.reference_routing import (
-    reference_gshard_top2,
+from moerouter.testing.reference.gates import (
     reference_multiplicative_jitter,
     reference_noisy_top_k_std,
     reference_vmoe_logit_noise,
 )
+from moerouter.testing.reference.token_choice import reference_gshard_top2, reference_topk
 
 NUM_EXPERTS = 8
 

@@ -7,8 +7,11 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import assert_close, assert_routing_equal, edge_case_logits, to_numpy
-from moerouter.testing.reference import reference_topk
-from moerouter.testing.reference_routing import reference_deepseek, reference_update_expert_bias
+from moerouter.testing.reference.token_choice import (
+    reference_deepseek,
+    reference_topk,
+    reference_update_expert_bias,
+)
 
 NUM_EXPERTS = 8
 

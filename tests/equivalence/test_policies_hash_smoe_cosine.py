@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import moerouter as mr
 from moerouter.testing import assert_close, assert_routing_equal, to_numpy
-from moerouter.testing.reference import reference_topk
-from moerouter.testing.reference_routing import reference_cosine_router_logits, reference_hash
+from moerouter.testing.reference.gates import reference_cosine_router_logits
+from moerouter.testing.reference.token_choice import reference_hash, reference_topk
 
 HASHES = [
     # The modulo hash, padding ids (-1) route nowhere.

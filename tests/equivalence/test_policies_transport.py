@@ -1,7 +1,7 @@
 """Sinkhorn, BASE balanced-assignment and sparsity-constrained routers on every backend.
 
 Each policy is compared with its float64 loop twin in
-:mod:`moerouter.testing.reference_assignment`: decisions identical, weights and probabilities
+:mod:`moerouter.testing.reference.transport`: decisions identical, weights and probabilities
 within the float32 tolerance. Inputs are :func:`~moerouter.testing.edge_case_logits` (random rows
 plus -inf entries, NaN, +inf and all -inf rows, ties inside a row and between tokens).
 """
@@ -13,7 +13,7 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import assert_close, assert_routing_equal, edge_case_logits, to_numpy
-from moerouter.testing.reference_assignment import (
+from moerouter.testing.reference.transport import (
     reference_balanced_assignment,
     reference_sinkhorn_expert_choice,
     reference_sinkhorn_plan,

@@ -1,6 +1,6 @@
 """Soft MoE on every backend: weights, dispatch and combine against float64 loops; gradients.
 
-The float64 twins are :func:`~moerouter.testing.reference_assignment.reference_soft_moe`,
+The float64 twins are :func:`~moerouter.testing.reference.soft.reference_soft_moe`,
 ``reference_soft_dispatch`` and ``reference_soft_combine``.
 """
 
@@ -11,7 +11,7 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import assert_close, edge_case_logits, to_numpy
-from moerouter.testing.reference_assignment import (
+from moerouter.testing.reference.soft import (
     reference_soft_combine,
     reference_soft_dispatch,
     reference_soft_moe,

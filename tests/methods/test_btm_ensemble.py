@@ -7,7 +7,7 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import Backend, assert_close, to_numpy
-from moerouter.testing.reference_papers import (
+from moerouter.testing.reference.ensemble import (
     reference_average_parameters,
     reference_domain_posterior,
     reference_ensemble_log_likelihood,

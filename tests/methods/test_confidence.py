@@ -8,7 +8,7 @@ import pytest
 import moerouter as mr
 from moerouter.testing import assert_close, to_numpy
 from moerouter.testing.asserts import assert_equal
-from moerouter.testing.reference_methods import (
+from moerouter.testing.reference.methods import (
     reference_dispersion,
     reference_mixed_logits_loss,
     reference_mlp_confidence,

@@ -7,7 +7,7 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import assert_close, to_numpy
-from moerouter.testing.reference_methods import (
+from moerouter.testing.reference.methods import (
     reference_align_gradients,
     reference_binary_kl,
     reference_binary_kl_norm,

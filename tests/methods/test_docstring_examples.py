@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 
 from moerouter import confidence, distillation, ensemble, merging, multitask
+from moerouter.gates import locality as locality_gates
 from moerouter.policies import anchor, locality
 
 pytest.importorskip("array_api_strict")
@@ -30,6 +31,8 @@ pytest.importorskip("array_api_strict")
         pytest.param(anchor, id="anchor"),
         # LocMoE locality and LocMoE+ affinity routing.
         pytest.param(locality, id="locality"),
+        # LocMoE's GrAP gate and LocMoE+'s affinity (gates/locality.py).
+        pytest.param(locality_gates, id="gates.locality"),
     ],
 )
 def test_examples(module):

@@ -7,7 +7,7 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import assert_close, assert_routing_equal, edge_case_logits, to_numpy
-from moerouter.testing.reference_papers import (
+from moerouter.testing.reference.locality import (
     reference_affinity_routing,
     reference_affinity_scores,
     reference_grouped_average_pooling,

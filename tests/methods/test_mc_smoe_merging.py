@@ -12,7 +12,7 @@ import pytest
 import moerouter as mr
 from moerouter.testing import assert_close, edge_case_logits, to_numpy
 from moerouter.testing.asserts import assert_equal
-from moerouter.testing.reference_papers import (
+from moerouter.testing.reference.merging import (
     reference_expert_similarity,
     reference_group_experts,
     reference_merge_experts,

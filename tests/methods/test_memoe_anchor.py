@@ -7,8 +7,8 @@ import pytest
 
 import moerouter as mr
 from moerouter.testing import assert_close, assert_routing_equal, edge_case_logits, to_numpy
-from moerouter.testing.reference import reference_topk
-from moerouter.testing.reference_papers import reference_anchor_mean_logits
+from moerouter.testing.reference.methods import reference_anchor_mean_logits
+from moerouter.testing.reference.token_choice import reference_topk
 
 NUM_EXPERTS = 6
 NUM_ANCHORS = 4

@@ -26,7 +26,7 @@ from moerouter.testing import (
     reference_expert_choice,
     to_numpy,
 )
-from moerouter.testing.reference_adaptive import reference_causal_expert_choice
+from moerouter.testing.reference.adaptive import reference_causal_expert_choice
 
 E = 8
 RNG = np.random.default_rng(21)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import moerouter as mr
 from moerouter.policies import ReLURoutingState, relu_state_init, update_l1_coefficient
 from moerouter.testing import assert_close, assert_routing_equal, edge_case_logits, to_numpy
-from moerouter.testing.reference_adaptive import reference_relu_l1_loss, reference_relu_routing
+from moerouter.testing.reference.adaptive import reference_relu_l1_loss, reference_relu_routing
 
 E = 8
 

@@ -26,7 +26,7 @@ from moerouter.testing import (
     reference_entropy,
     to_numpy,
 )
-from moerouter.testing.reference_adaptive import reference_routed_load_balancing, reference_top_p
+from moerouter.testing.reference.adaptive import reference_routed_load_balancing, reference_top_p
 
 E = 8
 

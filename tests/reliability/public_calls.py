@@ -1,23 +1,35 @@
-"""One call of every public array function of the core, shared by the reliability tests.
+"""One call of every public array function of the core, and the policy registry, shared by
+the reliability tests.
+
+``POLICIES`` holds one :class:`PolicyCase` per public policy class: its smallest constructor
+arguments (``test_bad_input``), its token-wise calls (``test_devices``, ``test_zero_tokens``),
+its settings builder for random ``-inf`` masks (``test_neg_inf``) and its batch past int32
+indices (``test_index_bounds``), each with the reason where a test does not apply. Adding a
+policy means one entry there; every test above fails while a policy of ``mr.policies`` lacks
+one.
 
 ``CALLS`` maps a public name (``"losses.z_loss"``, ``"TopK[capacity]"`` for a variant) to a
 function of an :class:`Inputs` factory and the token shape ``lead`` ((T,) or (G, S)); it returns
 whatever the public function returns. ``test_devices`` runs every call on torch ``meta`` tensors,
-``test_zero_tokens`` the token-wise ones (``TOKEN_WISE``) with no tokens. ``NOT_CALLED`` names the
-public names that build no array of the caller's backend, with the reason; ``public_names`` lists
-every public name, so that a new one without a call (or a reason) fails the coverage test.
+``test_zero_tokens`` the token-wise ones (``TOKEN_WISE``: the policies' calls and
+``FUNCTION_CALLS``) with no tokens. ``NOT_CALLED`` names the public names that build no array
+of the caller's backend, with the reason; ``public_names`` lists every public name, so that a
+new one without a call (or a reason) fails the coverage test.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 import numpy as np
+from hypothesis import strategies as st
 
 import moerouter as mr
+from moerouter.testing import Backend
 
 E = 4  # real experts
 NULL = 2  # null experts of NullExperts
@@ -113,55 +125,494 @@ def _statistics(a: Inputs) -> mr.merging.RoutingStatistics:
     return mr.merging.collect_routing_statistics(mr.TopK(E, K)(logits), logits)
 
 
-# Public name (or "name[variant]") -> call. Token-wise calls route or score ``lead`` tokens.
-TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
-    # ---- policies
-    "TopK": lambda a, lead: mr.TopK(E, K)(_logits(a, lead)),
-    "TopK[capacity, probs]": lambda a, lead: mr.TopK(
-        E, K, capacity_factor=1.0, drop_policy="probs"
-    )(_logits(a, lead)),
-    "TopK[sigmoid, batch_priority]": lambda a, lead: mr.TopK(
-        E, K, score="sigmoid", capacity_factor=1.5, drop_policy="batch_priority"
-    )(_logits(a, lead)),
-    "NullExperts": _null_routing,
-    "NullExperts[capacity]": lambda a, lead: mr.NullExperts(E, NULL, K, capacity_factor=1.0)(
-        _logits(a, lead, E + NULL)
+# --------------------------------------------------------------------------------------------
+# The policy registry: one entry per public policy class, read by every reliability test.
+# --------------------------------------------------------------------------------------------
+
+Call = Callable[[Inputs, tuple[int, ...]], Any]
+#: route(backend, logits): the policy applied to NumPy logits converted to ``backend``.
+Route = Callable[[Backend, np.ndarray], Any]
+#: builder(draw, experts) -> (logits columns, route): draws the policy's settings (hypothesis).
+Builder = Callable[[Any, int], tuple[int, Route]]
+#: route(experts, logits, tokens) of a batch too large for int32 indices (shapes only).
+Huge = Callable[[int, Any, int], Any]
+
+
+@dataclass(frozen=True)
+class PolicyCase:
+    """Everything the reliability tests call of one public policy class.
+
+    Attributes
+    ----------
+    args : dict
+        The smallest constructor arguments (``test_bad_input`` checks the type of every flag
+        and count field from there).
+    calls : dict
+        Token-wise calls by variant (``""`` the plain call, ``"[capacity]"`` a variant), as
+        ``call(inputs, lead)``: ``test_devices`` runs them on meta tensors, ``test_zero_tokens``
+        with no tokens.
+    neg_inf : Builder or str
+        Draws the policy's settings for the random ``-inf`` masks of ``test_neg_inf``, or the
+        reason no logit reaches the policy.
+    huge : dict or str
+        ``{variant: (layout, route)}`` for ``test_index_bounds``: a ``"token"`` route of
+        ``2**30`` tokens with two assignments each, or an ``"expert"`` route of
+        ``(8, 2**27, E)`` logits with capacity factor 2, both past int32 indices; a
+        ``"token-gap"`` route is a known gap (an expected failure that names it). A string
+        gives the reason the policy has no such case.
+    """
+
+    args: dict[str, Any]
+    calls: dict[str, Call]
+    neg_inf: Builder | str
+    huge: dict[str, tuple[str, Huge]] | str
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _draws(backend: Backend, shape: tuple[int, ...], seed: int) -> Any:
+    return backend.asarray(np.random.default_rng(seed).random(shape).astype(np.float32))
+
+
+def _plain(router: Any) -> Route:
+    return lambda backend, logits: router(backend.asarray(logits))
+
+
+def _with_noise(draw: Any, router: Any) -> Route:
+    seed = draw(st.integers(0, 2**16)) if draw(st.booleans()) else None
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        if seed is None:
+            return router(backend.asarray(logits))
+        noise = np.random.default_rng(seed).standard_normal(logits.shape).astype(np.float32)
+        return router(backend.asarray(logits), backend.asarray(noise))
+
+    return route
+
+
+def _neg_inf_topk(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.TopK(
+        experts,
+        draw(st.integers(1, experts)),
+        score=draw(st.sampled_from(["softmax", "sigmoid"])),
+        normalize=draw(st.booleans()),
+        softmax_after_topk=draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 2.0])),
+        drop_policy=draw(st.sampled_from(["position", "probs", "batch_priority"])),
+    )
+    return experts, _plain(router)
+
+
+def _neg_inf_null_experts(draw: Any, experts: int) -> tuple[int, Route]:
+    num_null = draw(st.integers(1, 4))
+    router = mr.NullExperts(
+        experts,
+        num_null,
+        draw(st.integers(1, experts + num_null)),
+        capacity_factor=draw(st.sampled_from([None, 0.5, 1.5])),
+    )
+    return experts + num_null, _plain(router)
+
+
+def _neg_inf_expert_choice(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.ExpertChoice(experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 2.0, 50.0])))
+    return experts, _plain(router)
+
+
+def _neg_inf_deepseek(draw: Any, experts: int) -> tuple[int, Route]:
+    num_groups = draw(st.sampled_from(_divisors(experts)))
+    topk_groups = draw(st.integers(1, num_groups))
+    eligible = topk_groups * (experts // num_groups)
+    router = mr.DeepSeekTopK(
+        experts,
+        draw(st.integers(1, eligible)),
+        num_groups=num_groups,
+        topk_groups=topk_groups,
+        score=draw(st.sampled_from(["sigmoid", "softmax"])),
+        capacity_factor=draw(st.sampled_from([None, 1.0])),
+    )
+    seed = draw(st.integers(0, 2**16))
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        bias = np.random.default_rng(seed).standard_normal(experts).astype(np.float32) * 0.1
+        return router(backend.asarray(logits), backend.asarray(bias))
+
+    return experts, route
+
+
+def _neg_inf_gshard(draw: Any, experts: int) -> tuple[int, Route]:
+    experts = max(experts, 2)  # top-2
+    router = mr.GShardTop2(experts, capacity_factor=draw(st.sampled_from([None, 1.0])))
+    seed = draw(st.integers(0, 2**16))
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        return router(backend.asarray(logits), _draws(backend, logits.shape[:-1], seed))
+
+    return experts, route
+
+
+def _neg_inf_locality(draw: Any, experts: int) -> tuple[int, Route]:
+    num_nodes = draw(st.sampled_from(_divisors(experts)))
+    max_nodes = draw(st.integers(1, num_nodes))
+    router = mr.LocalityTopK(
+        experts,
+        draw(st.integers(1, max_nodes * (experts // num_nodes))),
+        num_nodes=num_nodes,
+        max_nodes=max_nodes,
+        normalize=draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, 1.0])),
+    )
+    seed = draw(st.integers(0, 2**16))
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        tokens = math.prod(logits.shape[:-1])
+        nodes = np.random.default_rng(seed).integers(0, num_nodes, tokens).astype(np.int32)
+        return router(backend.asarray(logits), backend.asarray(nodes))
+
+    return experts, route
+
+
+def _neg_inf_affinity(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.AffinityRouting(experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 2.0])))
+    use_affinity = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        scores = _draws(backend, logits.shape, seed) if use_affinity else None
+        return router(backend.asarray(logits), scores)
+
+    return experts, route
+
+
+def _neg_inf_anchor(draw: Any, experts: int) -> tuple[int, Route]:
+    inner = draw(
+        st.sampled_from([mr.TopK(experts, 1), mr.ExpertChoice(experts, capacity_factor=2.0)])
+    )
+    router = mr.AnchorRouting(inner, num_anchors=3)
+    seed = draw(st.integers(0, 2**16))
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        tokens = math.prod(logits.shape[:-1])
+        anchors = np.random.default_rng(seed).integers(0, 3, tokens).astype(np.int32)
+        return router(backend.asarray(logits), backend.asarray(anchors))
+
+    return experts, route
+
+
+def _neg_inf_sinkhorn_token_choice(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.SinkhornTokenChoice(
+        experts,
+        k=draw(st.integers(1, experts)),
+        normalize=draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, 1.0])),
+    )
+    return experts, _with_noise(draw, router)
+
+
+def _neg_inf_sinkhorn_expert_choice(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.SinkhornExpertChoice(
+        experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 50.0]))
+    )
+    return experts, _with_noise(draw, router)
+
+
+def _neg_inf_balanced(draw: Any, experts: int) -> tuple[int, Route]:
+    return experts, _plain(mr.BalancedAssignment(experts))
+
+
+def _neg_inf_sparse_transport(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.SparsityConstrainedExpertChoice(
+        experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 50.0]))
+    )
+    return experts, _plain(router)
+
+
+def _neg_inf_soft_moe(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.SoftMoE(experts, slots_per_expert=draw(st.integers(1, 2)))
+    return router.num_slots, _plain(router)
+
+
+def _neg_inf_top_p(draw: Any, experts: int) -> tuple[int, Route]:
+    router = mr.TopP(
+        experts,
+        p=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
+        max_k=draw(st.integers(1, experts)),
+        normalize=draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, 1.0])),
+    )
+    return experts, _plain(router)
+
+
+def _neg_inf_relu(draw: Any, experts: int) -> tuple[int, Route]:
+    return experts, _plain(mr.ReLURouting(experts, max_k=draw(st.integers(1, experts))))
+
+
+def _neg_inf_causal_expert_choice(draw: Any, experts: int) -> tuple[int, Route]:
+    mode = draw(st.sampled_from(["training", "threshold", "predictor"]))
+    router = mr.CausalExpertChoice(
+        experts, mode="predictor" if mode == "predictor" else "threshold"
+    )
+    seed = draw(st.integers(0, 2**16))
+
+    def route(backend: Backend, logits: np.ndarray) -> Any:
+        if mode == "training":
+            return router(backend.asarray(logits), training=True)
+        rng = np.random.default_rng(seed)
+        if mode == "threshold":  # thresholds in (0, 1), as a running C-th largest probability
+            thresholds = rng.uniform(0.01, 0.99, experts).astype(np.float32)
+            return router(backend.asarray(logits), backend.asarray(thresholds))
+        # A predictor that says "route" everywhere: a -inf logit must still never be routed to.
+        predictor = np.abs(rng.standard_normal(logits.shape)).astype(np.float32) + 1.0
+        return router(backend.asarray(logits), predictor_logits=backend.asarray(predictor))
+
+    return experts, route
+
+
+def _huge_nodes(logits: Any, tokens: int) -> Any:
+    """Zeros (tokens,) int32 without memory: a zero-stride view, or a meta tensor like logits."""
+    if isinstance(logits, np.ndarray):
+        return np.broadcast_to(np.zeros(1, np.int32), (tokens,))
+    return logits.new_empty((tokens,), dtype=sys.modules["torch"].int32)
+
+
+ONE_PER_TOKEN = "one assignment per token: T * 1 reaches 2**31 only with 2**31 tokens"
+
+POLICIES: dict[str, PolicyCase] = {
+    "TopK": PolicyCase(
+        args={"num_experts": 4, "k": 2},
+        calls={
+            "": lambda a, lead: mr.TopK(E, K)(_logits(a, lead)),
+            "[capacity, probs]": lambda a, lead: mr.TopK(
+                E, K, capacity_factor=1.0, drop_policy="probs"
+            )(_logits(a, lead)),
+            "[sigmoid, batch_priority]": lambda a, lead: mr.TopK(
+                E, K, score="sigmoid", capacity_factor=1.5, drop_policy="batch_priority"
+            )(_logits(a, lead)),
+        },
+        neg_inf=_neg_inf_topk,
+        huge={
+            "": ("token", lambda e, logits, t: mr.TopK(e, 2)(logits)),
+            "[capacity]": (
+                "token",
+                lambda e, logits, t: mr.TopK(e, 2, capacity_factor=1.0)(logits),
+            ),
+        },
     ),
-    "ExpertChoice": _expert_choice,
-    "DeepSeekTopK": lambda a, lead: mr.DeepSeekTopK(E, K)(_logits(a, lead)),
-    "DeepSeekTopK[grouped, bias, capacity]": lambda a, lead: mr.DeepSeekTopK(
-        E, K, num_groups=2, topk_groups=1, capacity_factor=1.0
-    )(_logits(a, lead), a.floats(E)),
-    "GShardTop2": lambda a, lead: mr.GShardTop2(E)(_logits(a, lead), a.uniform(*lead)),
-    "GShardTop2[all, capacity]": lambda a, lead: mr.GShardTop2(
-        E, second_expert_policy="all", capacity_factor=1.0
-    )(_logits(a, lead)),
-    "SinkhornTokenChoice[noise, capacity]": lambda a, lead: mr.SinkhornTokenChoice(
-        E, K, capacity_factor=1.0, num_iters=3
-    )(_logits(a, lead), a.floats(*lead, E)),
-    "SinkhornExpertChoice": lambda a, lead: mr.SinkhornExpertChoice(E, num_iters=3)(
-        _logits(a, lead)
+    "NullExperts": PolicyCase(
+        args={"num_experts": 4, "num_null": 2, "k": 2},
+        calls={
+            "": _null_routing,
+            "[capacity]": lambda a, lead: mr.NullExperts(E, NULL, K, capacity_factor=1.0)(
+                _logits(a, lead, E + NULL)
+            ),
+        },
+        neg_inf=_neg_inf_null_experts,
+        huge={"": ("token", lambda e, logits, t: mr.NullExperts(e - 2, 2, 2)(logits))},
     ),
-    "BalancedAssignment": lambda a, lead: mr.BalancedAssignment(E, num_iters=3)(_logits(a, lead)),
-    "SparsityConstrainedExpertChoice": lambda a, lead: mr.SparsityConstrainedExpertChoice(
-        E, num_steps=3
-    )(_logits(a, lead)),
-    "SparsityConstrainedExpertChoice[plan]": lambda a, lead: mr.SparsityConstrainedExpertChoice(
-        E, num_steps=3
-    ).plan(_logits(a, lead)),
-    "SoftMoE": _soft,
-    "TopP": _top_p,
-    "TopP[capacity, normalize]": lambda a, lead: mr.TopP(
-        E, 0.5, K, normalize=True, capacity_factor=1.0
-    )(_logits(a, lead)),
-    "ReLURouting": _relu,
-    "CausalExpertChoice[training]": _causal_training,
-    "CausalExpertChoice[threshold]": lambda a, lead: mr.CausalExpertChoice(E)(
-        _logits(a, lead), a.floats(E)
+    "ExpertChoice": PolicyCase(
+        args={"num_experts": 4},
+        calls={"": _expert_choice},
+        neg_inf=_neg_inf_expert_choice,
+        huge={"": ("expert", lambda e, logits, t: mr.ExpertChoice(e, capacity_factor=2.0)(logits))},
     ),
-    "CausalExpertChoice[predictor]": lambda a, lead: mr.CausalExpertChoice(E, mode="predictor")(
-        _logits(a, lead), predictor_logits=a.floats(*lead, E)
+    "DeepSeekTopK": PolicyCase(
+        args={"num_experts": 4, "k": 2, "num_groups": 2, "topk_groups": 1},
+        calls={
+            "": lambda a, lead: mr.DeepSeekTopK(E, K)(_logits(a, lead)),
+            "[grouped, bias, capacity]": lambda a, lead: mr.DeepSeekTopK(
+                E, K, num_groups=2, topk_groups=1, capacity_factor=1.0
+            )(_logits(a, lead), a.floats(E)),
+        },
+        neg_inf=_neg_inf_deepseek,
+        huge={
+            "": (
+                "token",
+                lambda e, logits, t: mr.DeepSeekTopK(e, 2, num_groups=2, topk_groups=1)(logits),
+            )
+        },
     ),
+    "GShardTop2": PolicyCase(
+        args={"num_experts": 4},
+        calls={
+            "": lambda a, lead: mr.GShardTop2(E)(_logits(a, lead), a.uniform(*lead)),
+            "[all, capacity]": lambda a, lead: mr.GShardTop2(
+                E, second_expert_policy="all", capacity_factor=1.0
+            )(_logits(a, lead)),
+        },
+        neg_inf=_neg_inf_gshard,
+        huge={
+            "": (
+                "token",
+                lambda e, logits, t: mr.GShardTop2(e, second_expert_policy="all")(logits),
+            )
+        },
+    ),
+    "SinkhornTokenChoice": PolicyCase(
+        args={"num_experts": 4},
+        calls={
+            "[noise, capacity]": lambda a, lead: mr.SinkhornTokenChoice(
+                E, K, capacity_factor=1.0, num_iters=3
+            )(_logits(a, lead), a.floats(*lead, E)),
+        },
+        neg_inf=_neg_inf_sinkhorn_token_choice,
+        huge={"": ("token", lambda e, logits, t: mr.SinkhornTokenChoice(e, 2)(logits))},
+    ),
+    "SinkhornExpertChoice": PolicyCase(
+        args={"num_experts": 4},
+        calls={
+            "": lambda a, lead: mr.SinkhornExpertChoice(E, num_iters=3)(_logits(a, lead)),
+        },
+        neg_inf=_neg_inf_sinkhorn_expert_choice,
+        huge={
+            "": (
+                "expert",
+                lambda e, logits, t: mr.SinkhornExpertChoice(e, capacity_factor=2.0)(logits),
+            )
+        },
+    ),
+    "BalancedAssignment": PolicyCase(
+        args={"num_experts": 4},
+        calls={
+            "": lambda a, lead: mr.BalancedAssignment(E, num_iters=3)(_logits(a, lead)),
+        },
+        neg_inf=_neg_inf_balanced,
+        huge=ONE_PER_TOKEN,
+    ),
+    "SparsityConstrainedExpertChoice": PolicyCase(
+        args={"num_experts": 4},
+        calls={
+            "": lambda a, lead: mr.SparsityConstrainedExpertChoice(E, num_steps=3)(
+                _logits(a, lead)
+            ),
+            "[plan]": lambda a, lead: mr.SparsityConstrainedExpertChoice(E, num_steps=3).plan(
+                _logits(a, lead)
+            ),
+        },
+        neg_inf=_neg_inf_sparse_transport,
+        huge={
+            "": (
+                "expert",
+                lambda e, logits, t: mr.SparsityConstrainedExpertChoice(e, capacity_factor=2.0)(
+                    logits
+                ),
+            )
+        },
+    ),
+    "SoftMoE": PolicyCase(
+        args={"num_experts": 4},
+        calls={"": _soft},
+        neg_inf=_neg_inf_soft_moe,
+        huge="soft routing: dense (T, slots) weights, no int32 indices",
+    ),
+    "TopP": PolicyCase(
+        args={"num_experts": 4, "p": 0.5, "max_k": 2},
+        calls={
+            "": _top_p,
+            "[capacity, normalize]": lambda a, lead: mr.TopP(
+                E, 0.5, K, normalize=True, capacity_factor=1.0
+            )(_logits(a, lead)),
+        },
+        neg_inf=_neg_inf_top_p,
+        # Known gap (found by this table): TopP never checks T * max_k against int32; on torch
+        # meta it returns 2**31 assignments. An xfail in test_index_bounds until it does.
+        huge={"": ("token-gap", lambda e, logits, t: mr.TopP(e, 0.5, 2)(logits))},
+    ),
+    "ReLURouting": PolicyCase(
+        args={"num_experts": 4, "max_k": 2},
+        calls={"": _relu},
+        neg_inf=_neg_inf_relu,
+        # Known gap: ReLURouting never checks T * max_k against int32 either.
+        huge={"": ("token-gap", lambda e, logits, t: mr.ReLURouting(e, 2)(logits))},
+    ),
+    "CausalExpertChoice": PolicyCase(
+        args={"num_experts": 4},
+        calls={
+            "[training]": _causal_training,
+            "[threshold]": lambda a, lead: mr.CausalExpertChoice(E)(_logits(a, lead), a.floats(E)),
+            "[predictor]": lambda a, lead: mr.CausalExpertChoice(E, mode="predictor")(
+                _logits(a, lead), predictor_logits=a.floats(*lead, E)
+            ),
+        },
+        neg_inf=_neg_inf_causal_expert_choice,
+        huge={
+            "[training]": (
+                "expert",
+                lambda e, logits, t: mr.CausalExpertChoice(e, capacity_factor=2.0)(
+                    logits, training=True
+                ),
+            )
+        },
+    ),
+    "HashRouter": PolicyCase(
+        args={"num_experts": 4},
+        calls={
+            "": lambda a, lead: mr.HashRouter(E)(a.ints(-1, 50, *lead)),
+            "[table]": lambda a, lead: mr.HashRouter(E, table=[[0, 1], [2, 3], [1, 2]])(
+                a.ints(-1, 4, *lead)
+            ),
+        },
+        neg_inf="routes token ids through a fixed table",
+        huge="routes token ids: test_hash_router_past_int32_raises_on_meta",
+    ),
+    "FrozenRandomRouter": PolicyCase(
+        args={"d_model": 8, "num_experts": 4, "seed": 0},
+        calls={"": lambda a, lead: mr.FrozenRandomRouter(D, E, seed=0)(a.floats(*lead, D))},
+        neg_inf="a gate: it produces logits, it does not route them",
+        huge="a gate: it produces logits, it does not route them",
+    ),
+    "LocalityTopK": PolicyCase(
+        args={"num_experts": 4, "k": 1, "num_nodes": 2},
+        calls={
+            "": lambda a, lead: mr.policies.LocalityTopK(
+                E, K, num_nodes=2, max_nodes=2, capacity_factor=1.0
+            )(_logits(a, lead), a.ints(0, 2, _tokens(lead))),
+        },
+        neg_inf=_neg_inf_locality,
+        huge={
+            "": (
+                "token",
+                lambda e, logits, t: mr.policies.LocalityTopK(e, 2, num_nodes=2)(
+                    logits, _huge_nodes(logits, t)
+                ),
+            )
+        },
+    ),
+    "AffinityRouting": PolicyCase(
+        args={"num_experts": 4, "capacity_factor": 1.0},
+        calls={
+            "": lambda a, lead: mr.policies.AffinityRouting(E, capacity_factor=1.0)(
+                _logits(a, lead), a.floats(*lead, E)
+            ),
+        },
+        neg_inf=_neg_inf_affinity,
+        huge=ONE_PER_TOKEN,
+    ),
+    "AnchorRouting": PolicyCase(
+        args={"policy": mr.TopK(4, 1), "num_anchors": 2},
+        calls={
+            "": lambda a, lead: mr.AnchorRouting(mr.TopK(E, K), num_anchors=3)(
+                _logits(a, lead), a.ints(-1, 3, _tokens(lead))
+            ),
+        },
+        neg_inf=_neg_inf_anchor,
+        # Its anchor means are computed before the inner policy checks: a huge batch would
+        # allocate them, so there is no shapes-only case (a known gap).
+        huge="known gap: averages the logits per anchor before its inner policy checks sizes",
+    ),
+}
+
+
+def public_policies() -> set[str]:
+    """The public policy classes: the dataclasses of ``mr.policies`` (their state types are
+    NamedTuples and route nothing)."""
+    return {n for n in mr.policies.__all__ if is_dataclass(getattr(mr.policies, n))}
+
+
+# Public functions (not policies) -> call; token-wise ones route or score ``lead`` tokens.
+FUNCTION_CALLS: dict[str, Call] = {
+    # ---- policy helpers, gates and losses of routings
     "policies.expert_choice_targets": lambda a, lead: mr.policies.expert_choice_targets(
         _causal_training(a, lead)
     ),
@@ -179,20 +630,6 @@ TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
     "losses.relu_cut_fraction": lambda a, lead: mr.losses.relu_cut_fraction(_relu(a, lead)),
     "losses.causal_predictor_loss": lambda a, lead: mr.losses.causal_predictor_loss(
         a.floats(*lead, E), _causal_training(a, lead), mask=_mask(a, lead)
-    ),
-    "HashRouter": lambda a, lead: mr.HashRouter(E)(a.ints(-1, 50, *lead)),
-    "HashRouter[table]": lambda a, lead: mr.HashRouter(E, table=[[0, 1], [2, 3], [1, 2]])(
-        a.ints(-1, 4, *lead)
-    ),
-    "FrozenRandomRouter": lambda a, lead: mr.FrozenRandomRouter(D, E, seed=0)(a.floats(*lead, D)),
-    "LocalityTopK": lambda a, lead: mr.policies.LocalityTopK(
-        E, K, num_nodes=2, max_nodes=2, capacity_factor=1.0
-    )(_logits(a, lead), a.ints(0, 2, _tokens(lead))),
-    "AffinityRouting": lambda a, lead: mr.policies.AffinityRouting(E, capacity_factor=1.0)(
-        _logits(a, lead), a.floats(*lead, E)
-    ),
-    "AnchorRouting": lambda a, lead: mr.AnchorRouting(mr.TopK(E, K), num_anchors=3)(
-        _logits(a, lead), a.ints(-1, 3, _tokens(lead))
     ),
     "policies.affinity_scores": lambda a, lead: mr.policies.affinity_scores(
         a.floats(_tokens(lead), D), a.floats(E, D)
@@ -312,7 +749,7 @@ TOKEN_WISE: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
 }
 
 # Calls of functions that are not token-wise (expert tables, per-row method diagnostics).
-OTHER: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
+OTHER: dict[str, Call] = {
     # ---- adaptive-policy state: init on the caller's device, update from a routing
     "policies.relu_state_init": lambda a, lead: mr.policies.relu_state_init(
         xp=a.xp, device=a.device
@@ -452,6 +889,13 @@ OTHER: dict[str, Callable[[Inputs, tuple[int, ...]], Any]] = {
         a.floats(5, CLASSES), a.floats(5, CLASSES), a.floats(5, CLASSES), a.ints(0, CLASSES, 5)
     ),
 }
+
+# Public name (or "name[variant]") -> call. Token-wise calls route or score ``lead`` tokens.
+TOKEN_WISE: dict[str, Call] = {
+    f"{name}{variant}": call
+    for name, case in POLICIES.items()
+    for variant, call in case.calls.items()
+} | FUNCTION_CALLS
 
 CALLS = {**TOKEN_WISE, **OTHER}
 

@@ -20,6 +20,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from public_calls import POLICIES, public_policies
 
 import moerouter as mr
 from moerouter.testing import Backend, to_numpy
@@ -195,26 +196,8 @@ def test_strict_names_the_row_and_the_cause(backend, row, cause):
 # Flags and counts of every public policy.
 # --------------------------------------------------------------------------------------------
 
-POLICY_ARGS = {
-    "AffinityRouting": {"num_experts": 4, "capacity_factor": 1.0},
-    "AnchorRouting": {"policy": mr.TopK(4, 1), "num_anchors": 2},
-    "BalancedAssignment": {"num_experts": 4},
-    "DeepSeekTopK": {"num_experts": 4, "k": 2, "num_groups": 2, "topk_groups": 1},
-    "ExpertChoice": {"num_experts": 4},
-    "FrozenRandomRouter": {"d_model": 8, "num_experts": 4, "seed": 0},
-    "GShardTop2": {"num_experts": 4},
-    "HashRouter": {"num_experts": 4},
-    "LocalityTopK": {"num_experts": 4, "k": 1, "num_nodes": 2},
-    "NullExperts": {"num_experts": 4, "num_null": 2, "k": 2},
-    "SinkhornExpertChoice": {"num_experts": 4},
-    "SinkhornTokenChoice": {"num_experts": 4},
-    "SoftMoE": {"num_experts": 4},
-    "SparsityConstrainedExpertChoice": {"num_experts": 4},
-    "TopK": {"num_experts": 4, "k": 2},
-    "TopP": {"num_experts": 4, "p": 0.5, "max_k": 2},
-    "ReLURouting": {"num_experts": 4, "max_k": 2},
-    "CausalExpertChoice": {"num_experts": 4},
-}
+# The smallest constructor arguments of every public policy, from the policy registry.
+POLICY_ARGS = {name: case.args for name, case in POLICIES.items()}
 
 
 def _fields(kind: str) -> list:
@@ -228,9 +211,8 @@ def _fields(kind: str) -> list:
 
 
 def test_every_policy_is_listed():
-    # Policies are dataclasses; the state types beside them (NamedTuples) take no flags.
-    public = {n for n in mr.policies.__all__ if dataclasses.is_dataclass(getattr(mr.policies, n))}
-    assert public == set(POLICY_ARGS)
+    # A new policy must join public_calls.POLICIES (its one entry feeds every reliability test).
+    assert public_policies() == set(POLICY_ARGS)
 
 
 def test_the_field_lists_are_not_empty():

@@ -15,15 +15,14 @@ CuPy (their own plan and combine kernels).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import is_dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from public_calls import POLICIES as REGISTRY
+from public_calls import public_policies
 
 import moerouter as mr
 from moerouter.testing import Backend, to_numpy
@@ -31,246 +30,18 @@ from moerouter.testing import Backend, to_numpy
 # Modest example counts and no deadline: fast, free of timing flakes, nothing left behind.
 PROPERTY = settings(max_examples=25, deadline=None, database=None)
 
-Route = Callable[[Backend, np.ndarray], Any]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _draws(backend: Backend, shape: tuple[int, ...], seed: int) -> Any:
-    return backend.asarray(np.random.default_rng(seed).random(shape).astype(np.float32))
-
-
-# Every builder draws a policy's settings and returns (logits columns, route(backend, logits)).
-
-
-def topk(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.TopK(
-        experts,
-        draw(st.integers(1, experts)),
-        score=draw(st.sampled_from(["softmax", "sigmoid"])),
-        normalize=draw(st.booleans()),
-        softmax_after_topk=draw(st.booleans()),
-        capacity_factor=draw(st.sampled_from([None, 0.5, 1.0, 2.0])),
-        drop_policy=draw(st.sampled_from(["position", "probs", "batch_priority"])),
-    )
-    return experts, lambda backend, logits: router(backend.asarray(logits))
-
-
-def null_experts(draw: Any, experts: int) -> tuple[int, Route]:
-    num_null = draw(st.integers(1, 4))
-    router = mr.NullExperts(
-        experts,
-        num_null,
-        draw(st.integers(1, experts + num_null)),
-        capacity_factor=draw(st.sampled_from([None, 0.5, 1.5])),
-    )
-    return experts + num_null, lambda backend, logits: router(backend.asarray(logits))
-
-
-def expert_choice(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.ExpertChoice(experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 2.0, 50.0])))
-    return experts, lambda backend, logits: router(backend.asarray(logits))
-
-
-def deepseek(draw: Any, experts: int) -> tuple[int, Route]:
-    num_groups = draw(st.sampled_from(_divisors(experts)))
-    topk_groups = draw(st.integers(1, num_groups))
-    eligible = topk_groups * (experts // num_groups)
-    router = mr.DeepSeekTopK(
-        experts,
-        draw(st.integers(1, eligible)),
-        num_groups=num_groups,
-        topk_groups=topk_groups,
-        score=draw(st.sampled_from(["sigmoid", "softmax"])),
-        capacity_factor=draw(st.sampled_from([None, 1.0])),
-    )
-    seed = draw(st.integers(0, 2**16))
-
-    def route(backend: Backend, logits: np.ndarray) -> Any:
-        bias = np.random.default_rng(seed).standard_normal(experts).astype(np.float32) * 0.1
-        return router(backend.asarray(logits), backend.asarray(bias))
-
-    return experts, route
-
-
-def gshard(draw: Any, experts: int) -> tuple[int, Route]:
-    experts = max(experts, 2)  # top-2
-    router = mr.GShardTop2(experts, capacity_factor=draw(st.sampled_from([None, 1.0])))
-    seed = draw(st.integers(0, 2**16))
-
-    def route(backend: Backend, logits: np.ndarray) -> Any:
-        return router(backend.asarray(logits), _draws(backend, logits.shape[:-1], seed))
-
-    return experts, route
-
-
-def locality(draw: Any, experts: int) -> tuple[int, Route]:
-    num_nodes = draw(st.sampled_from(_divisors(experts)))
-    max_nodes = draw(st.integers(1, num_nodes))
-    router = mr.LocalityTopK(
-        experts,
-        draw(st.integers(1, max_nodes * (experts // num_nodes))),
-        num_nodes=num_nodes,
-        max_nodes=max_nodes,
-        normalize=draw(st.booleans()),
-        capacity_factor=draw(st.sampled_from([None, 1.0])),
-    )
-    seed = draw(st.integers(0, 2**16))
-
-    def route(backend: Backend, logits: np.ndarray) -> Any:
-        tokens = math.prod(logits.shape[:-1])
-        nodes = np.random.default_rng(seed).integers(0, num_nodes, tokens).astype(np.int32)
-        return router(backend.asarray(logits), backend.asarray(nodes))
-
-    return experts, route
-
-
-def affinity(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.AffinityRouting(experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 2.0])))
-    use_affinity = draw(st.booleans())
-    seed = draw(st.integers(0, 2**16))
-
-    def route(backend: Backend, logits: np.ndarray) -> Any:
-        scores = _draws(backend, logits.shape, seed) if use_affinity else None
-        return router(backend.asarray(logits), scores)
-
-    return experts, route
-
-
-def anchor(draw: Any, experts: int) -> tuple[int, Route]:
-    inner = draw(
-        st.sampled_from([mr.TopK(experts, 1), mr.ExpertChoice(experts, capacity_factor=2.0)])
-    )
-    router = mr.AnchorRouting(inner, num_anchors=3)
-    seed = draw(st.integers(0, 2**16))
-
-    def route(backend: Backend, logits: np.ndarray) -> Any:
-        tokens = math.prod(logits.shape[:-1])
-        anchors = np.random.default_rng(seed).integers(0, 3, tokens).astype(np.int32)
-        return router(backend.asarray(logits), backend.asarray(anchors))
-
-    return experts, route
-
-
-def sinkhorn_token_choice(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.SinkhornTokenChoice(
-        experts,
-        k=draw(st.integers(1, experts)),
-        normalize=draw(st.booleans()),
-        capacity_factor=draw(st.sampled_from([None, 1.0])),
-    )
-    return experts, _with_noise(draw, router)
-
-
-def sinkhorn_expert_choice(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.SinkhornExpertChoice(
-        experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 50.0]))
-    )
-    return experts, _with_noise(draw, router)
-
-
-def _with_noise(draw: Any, router: Any) -> Route:
-    seed = draw(st.integers(0, 2**16)) if draw(st.booleans()) else None
-
-    def route(backend: Backend, logits: np.ndarray) -> Any:
-        if seed is None:
-            return router(backend.asarray(logits))
-        noise = np.random.default_rng(seed).standard_normal(logits.shape).astype(np.float32)
-        return router(backend.asarray(logits), backend.asarray(noise))
-
-    return route
-
-
-def balanced(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.BalancedAssignment(experts)
-    return experts, lambda backend, logits: router(backend.asarray(logits))
-
-
-def sparse_transport(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.SparsityConstrainedExpertChoice(
-        experts, capacity_factor=draw(st.sampled_from([0.5, 1.0, 50.0]))
-    )
-    return experts, lambda backend, logits: router(backend.asarray(logits))
-
-
-def soft_moe(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.SoftMoE(experts, slots_per_expert=draw(st.integers(1, 2)))
-    return router.num_slots, lambda backend, logits: router(backend.asarray(logits))
-
-
-def top_p(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.TopP(
-        experts,
-        p=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
-        max_k=draw(st.integers(1, experts)),
-        normalize=draw(st.booleans()),
-        capacity_factor=draw(st.sampled_from([None, 1.0])),
-    )
-    return experts, lambda backend, logits: router(backend.asarray(logits))
-
-
-def relu(draw: Any, experts: int) -> tuple[int, Route]:
-    router = mr.ReLURouting(experts, max_k=draw(st.integers(1, experts)))
-    return experts, lambda backend, logits: router(backend.asarray(logits))
-
-
-def causal_expert_choice(draw: Any, experts: int) -> tuple[int, Route]:
-    mode = draw(st.sampled_from(["training", "threshold", "predictor"]))
-    router = mr.CausalExpertChoice(
-        experts, mode="predictor" if mode == "predictor" else "threshold"
-    )
-    seed = draw(st.integers(0, 2**16))
-
-    def route(backend: Backend, logits: np.ndarray) -> Any:
-        if mode == "training":
-            return router(backend.asarray(logits), training=True)
-        rng = np.random.default_rng(seed)
-        if mode == "threshold":  # thresholds in (0, 1), as a running C-th largest probability
-            thresholds = rng.uniform(0.01, 0.99, experts).astype(np.float32)
-            return router(backend.asarray(logits), backend.asarray(thresholds))
-        # A predictor that says "route" everywhere: a -inf logit must still never be routed to.
-        predictor = np.abs(rng.standard_normal(logits.shape)).astype(np.float32) + 1.0
-        return router(backend.asarray(logits), predictor_logits=backend.asarray(predictor))
-
-    return experts, route
-
-
-POLICIES: dict[str, Callable[[Any, int], tuple[int, Route]]] = {
-    "TopK": topk,
-    "NullExperts": null_experts,
-    "ExpertChoice": expert_choice,
-    "DeepSeekTopK": deepseek,
-    "GShardTop2": gshard,
-    "LocalityTopK": locality,
-    "AffinityRouting": affinity,
-    "AnchorRouting": anchor,
-    "SinkhornTokenChoice": sinkhorn_token_choice,
-    "SinkhornExpertChoice": sinkhorn_expert_choice,
-    "BalancedAssignment": balanced,
-    "SparsityConstrainedExpertChoice": sparse_transport,
-    "SoftMoE": soft_moe,
-    "TopP": top_p,
-    "ReLURouting": relu,
-    "CausalExpertChoice": causal_expert_choice,
-}
+# The policy registry (public_calls.POLICIES) gives each policy's settings builder, or the
+# reason no logit reaches it.
+POLICIES = {name: case.neg_inf for name, case in REGISTRY.items() if callable(case.neg_inf)}
+NO_LOGITS = {name: case.neg_inf for name, case in REGISTRY.items() if isinstance(case.neg_inf, str)}
 
 # BASE layers' exactly balanced assignment needs groups of a multiple of E tokens.
 GROUPS_OF_E_TOKENS = {"BalancedAssignment"}
 
-# Public policy classes that take no logits, so a -inf logit cannot reach them.
-NO_LOGITS = {
-    "HashRouter": "routes token ids through a fixed table",
-    "FrozenRandomRouter": "a gate: it produces logits, it does not route them",
-}
-
 
 def test_every_policy_is_covered():
-    # A new policy must join POLICIES (or say here why logits never reach it).
-    # Policies are dataclasses; the state types beside them (NamedTuples) route nothing.
-    public = {name for name in mr.policies.__all__ if is_dataclass(getattr(mr.policies, name))}
-    assert public == set(POLICIES) | set(NO_LOGITS)
+    # A new policy must join public_calls.POLICIES (a builder, or why logits never reach it).
+    assert public_policies() == set(POLICIES) | set(NO_LOGITS)
 
 
 @st.composite

@@ -6,8 +6,9 @@ import doctest
 
 import pytest
 
-from moerouter import simulate, traces, workloads
-from moerouter.simulate import _model
+from moerouter import simulate, workloads
+from moerouter.simulate import _model, _topology
+from moerouter.traces import _recording
 
 pytest.importorskip("array_api_strict")
 
@@ -16,12 +17,15 @@ pytest.importorskip("array_api_strict")
     "module",
     [
         # record / replay with traced policies.
-        pytest.param(traces, id="traces"),
+        # (doctest finds only the functions defined in a module: the part of the package that
+        # defines them).
+        pytest.param(_recording, id="traces._recording"),
         # Every generator, from_spec.
         pytest.param(workloads, id="workloads"),
         # The package example (a Zipf workload through top-2).
         pytest.param(simulate, id="simulate"),
-        # place_experts and run.
+        # place_experts, then run.
+        pytest.param(_topology, id="simulate._topology"),
         pytest.param(_model, id="simulate._model"),
     ],
 )
