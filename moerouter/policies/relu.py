@@ -14,6 +14,7 @@ from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
     check_positive_int,
+    check_token_layout_bounds,
     clean_logits,
 )
 from moerouter.policies._token_choice import DROP_POLICIES, choose, token_choice_routing
@@ -93,6 +94,12 @@ class ReLURouting:
 
     def __call__(self, logits: Array) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
+        check_token_layout_bounds(
+            logits,
+            self.max_k,
+            num_experts=self.num_experts,
+            with_capacity=self.capacity_factor is not None,
+        )
         clean = clean_logits(
             logits, self.num_experts, columns_name="num_experts", strict=self.strict
         )

@@ -157,8 +157,7 @@ class PolicyCase:
     huge : dict or str
         ``{variant: (layout, route)}`` for ``test_index_bounds``: a ``"token"`` route of
         ``2**30`` tokens with two assignments each, or an ``"expert"`` route of
-        ``(8, 2**27, E)`` logits with capacity factor 2, both past int32 indices; a
-        ``"token-gap"`` route is a known gap (an expected failure that names it). A string
+        ``(8, 2**27, E)`` logits with capacity factor 2, both past int32 indices. A string
         gives the reason the policy has no such case.
     """
 
@@ -515,16 +514,13 @@ POLICIES: dict[str, PolicyCase] = {
             )(_logits(a, lead)),
         },
         neg_inf=_neg_inf_top_p,
-        # Known gap (found by this table): TopP never checks T * max_k against int32; on torch
-        # meta it returns 2**31 assignments. An xfail in test_index_bounds until it does.
-        huge={"": ("token-gap", lambda e, logits, t: mr.TopP(e, 0.5, 2)(logits))},
+        huge={"": ("token", lambda e, logits, t: mr.TopP(e, 0.5, 2)(logits))},
     ),
     "ReLURouting": PolicyCase(
         args={"num_experts": 4, "max_k": 2},
         calls={"": _relu},
         neg_inf=_neg_inf_relu,
-        # Known gap: ReLURouting never checks T * max_k against int32 either.
-        huge={"": ("token-gap", lambda e, logits, t: mr.ReLURouting(e, 2)(logits))},
+        huge={"": ("token", lambda e, logits, t: mr.ReLURouting(e, 2)(logits))},
     ),
     "CausalExpertChoice": PolicyCase(
         args={"num_experts": 4},
