@@ -10,10 +10,15 @@ with its standard error and its paired difference to top-2; the table, the plot 
 verdict say what AdaMoE saves and what it pays. ``--from-scratch`` trains every policy from
 scratch instead.
 
-Expert choice is left out: an expert picks its tokens across the whole sequence, so a token's
-route depends on later tokens, which a causal language model must not see. Other policies are
-one entry each in :data:`moerouter_torch.demo.runs.RUNS`. matplotlib is optional (without it the
-plot is skipped, everything else is written).
+``--peers`` adds AdaMoE's adaptive-compute peers, converted from the same checkpoint: top-p and
+ReLU routing set to about 1.5 real experts per token, and causal expert choice (capacity factor
+1.5) evaluated with its running thresholds or with its predictor, whose agreement with batch
+expert choice and realised capacity per expert are reported too
+(:mod:`moerouter_torch.demo.adaptive`). Batch expert choice itself is left out: an expert picks
+its tokens across the whole sequence, so a token's route depends on later tokens, which a causal
+language model must not see. Other policies are one entry each in
+:data:`moerouter_torch.demo.runs.RUNS`. matplotlib is optional (without it the plot is skipped,
+everything else is written).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -77,9 +77,9 @@ def _relu(layer: MoE) -> None:
     ReLURouter(mr.ReLURouting(EXPERTS, max_k=EXPERTS), target_k=RELU_TARGET_K).install(layer)
 
 
-def _causal(mode: str) -> Callable[[MoE], None]:
+def _causal(mode: Literal["threshold", "predictor"]) -> Callable[[MoE], None]:
     def convert(layer: MoE) -> None:
-        policy = mr.CausalExpertChoice(EXPERTS, capacity_factor=ADAPTIVE_K, mode=mode)  # type: ignore[arg-type]
+        policy = mr.CausalExpertChoice(EXPERTS, capacity_factor=ADAPTIVE_K, mode=mode)
         CausalExpertChoiceRouter(policy, dim=layer.gate.in_features).install(layer)
 
     return convert
@@ -125,7 +125,7 @@ RUNS: dict[str, RunSpec] = {
         ),
         RunSpec(
             "relu",
-            f"ReLU routing, L1 target {RELU_TARGET_K}",
+            f"ReLU routing, target {RELU_TARGET_K}",
             _relu,
             lambda: mr.TopK(EXPERTS, k=2),
             _relu,
