@@ -382,13 +382,17 @@ ADAPTIVE_FIELDS = (
     "capacity",
     "realised_capacity",
     "realised_capacity_vs_c",
+    "compared_tokens",
     "l1_coefficient",
     "cut_fraction",
 )
 
 
 def _seed_mean(values: list[Any]) -> Any:
-    """The mean over seeds of a number, or of lists of numbers elementwise."""
+    """The mean over seeds of a number, or of lists of numbers elementwise (a value every seed
+    shares, such as the capacity C, is kept as it is)."""
+    if all(value == values[0] for value in values):
+        return values[0]
     if isinstance(values[0], list):
         return [sum(column) / len(values) for column in zip(*values, strict=True)]
     return sum(values) / len(values)

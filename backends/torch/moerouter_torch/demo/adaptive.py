@@ -261,7 +261,7 @@ def causal_agreement(
         "recall": both / max(float(batch.sum()), 1.0),
         "precision": both / max(float(mine.sum()), 1.0),
         "capacity": capacity,
-        "realised_capacity": [round(float(count), 2) for count in per_group],
-        "realised_capacity_vs_c": [round(float(count) / capacity, 4) for count in per_group],
+        "realised_capacity": [float(count) for count in per_group],
+        "realised_capacity_vs_c": [float(count) / capacity for count in per_group],
         "compared_tokens": used,
     }

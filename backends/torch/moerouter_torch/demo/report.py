@@ -100,7 +100,7 @@ def causal_lines(runs: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(
             f"{run['label']}: the causal decision agrees with batch expert choice (C = "
-            f"{causal['capacity']} per group of the training batch's size) on "
+            f"{causal['capacity']:.0f} per group of the training batch's size) on "
             f"{causal['agreement']:.1%} of token-expert cells; it makes {causal['recall']:.1%} of "
             f"batch expert choice's assignments, and {causal['precision']:.1%} of its own are "
             f"batch expert choice's. Realised capacity per expert / C: {spans}."
