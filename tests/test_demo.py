@@ -199,7 +199,7 @@ def test_peers_run_beside_adamoe_with_their_causal_figures(tmp_path, capsys):
             )
         assert f"{runs[name]['label']}: the causal decision agrees with batch expert" in printed
     table = (tmp_path / "results.txt").read_text()
-    assert "causal EC 1.5, predictor" in table and "Realised capacity per expert / C" in table
+    assert "causal EC predictor, cf 1.5" in table and "Realised capacity per expert / C" in table
 
 
 @pytest.mark.usefixtures("torch_plugin")

@@ -132,14 +132,14 @@ RUNS: dict[str, RunSpec] = {
         ),
         RunSpec(
             "causal-ec-threshold",
-            f"causal EC {ADAPTIVE_K}, threshold",
+            f"causal EC threshold, cf {ADAPTIVE_K}",
             _causal("threshold"),
             lambda: mr.TopK(EXPERTS, k=2),
             _causal("threshold"),
         ),
         RunSpec(
             "causal-ec-predictor",
-            f"causal EC {ADAPTIVE_K}, predictor",
+            f"causal EC predictor, cf {ADAPTIVE_K}",
             _causal("predictor"),
             lambda: mr.TopK(EXPERTS, k=2),
             _causal("predictor"),
