@@ -295,6 +295,29 @@ def test_causal_agreement_of_batch_expert_choice_with_itself_is_exact():
 
 
 @pytest.mark.usefixtures("torch_plugin")
+def test_relu_coefficient_steers_toward_the_target_sparsity():
+    import torch
+    from moerouter_torch.demo.adaptive import L1_MULTIPLIER, L1_START
+    from moerouter_torch.demo.runs import RUNS
+
+    layer = _adaptive_layer(RUNS["relu"].fine_tune)  # centred gate: about half the gates > 0
+    router = layer.router
+    layer.train()
+    tokens = torch.randn(256, 8)
+    layer(tokens)
+    losses = router.take_losses()
+    assert float(losses["z_loss"]) == 0.0 and float(losses["load_balancing"]) == 0.0
+    assert float(losses["adaptive"].detach()) > 0  # L1_START times the mean gate sum
+    positive = float((layer.gate_logits(tokens) > 0).float().mean())
+    assert positive > 1 - router.target_sparsity  # denser than the target: the coefficient grows
+    assert float(router.coefficient) == pytest.approx(L1_START * L1_MULTIPLIER)
+    with torch.no_grad():
+        layer.gate.weight.fill_(-1.0)  # every gate dead: sparser than the target, it shrinks
+    layer(tokens.abs())
+    assert float(router.coefficient) == pytest.approx(L1_START)
+
+
+@pytest.mark.usefixtures("torch_plugin")
 def test_relu_router_target_is_checked():
     from moerouter_torch.demo.adaptive import ReLURouter
 
