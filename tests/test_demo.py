@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import random
 import subprocess
 import sys
@@ -159,6 +160,174 @@ def test_without_matplotlib_the_plot_is_skipped(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "demo.png").exists()
 
 
+@pytest.mark.usefixtures("torch_plugin")
+def test_peers_run_beside_adamoe_with_their_causal_figures(tmp_path, capsys):
+    # --peers adds the four peers after the named runs, each once.
+    argv = [*TINY, "--policies", "top2,top-p", "--peers", "--out", str(tmp_path)]
+    assert main(["demo", *argv]) == 0
+    printed = capsys.readouterr().out
+    document = json.loads((tmp_path / "results.json").read_text())
+    runs = document["runs"]
+    assert list(runs) == ["top2", "top-p", "relu", "causal-ec-threshold", "causal-ec-predictor"]
+    assert document["settings"]["policies"] == list(runs)
+    assert runs["top-p"]["router"].startswith("TopPRouter(TopP(num_experts=8, p=0.22")
+    assert runs["causal-ec-predictor"]["router"].startswith("CausalExpertChoiceRouter(")
+    for run in runs.values():  # every figure the AdaMoE runs have
+        assert 0 <= run["real_experts_per_token"] <= 8
+        assert run["expert_flops_vs_top2"] == pytest.approx(run["real_experts_per_token"] / 2)
+        assert run["validation_loss_se"] > 0 and run["difference_vs_top2"]["se"] >= 0
+        for layer in run["layers"]:
+            assert len(layer["expert_load"]) == 8
+            assert sum(layer["expert_load"]) == pytest.approx(layer["real_experts_per_token"])
+            assert sum(layer["real_experts_histogram"]) == layer["tokens"] == 4 * 64
+    assert all(layer["l1_coefficient"] > 0 for layer in runs["relu"]["layers"])
+    capacity = math.ceil(1.5 * 2 * 16 / 8)  # cf 1.5, training groups of batch x context tokens
+    for name in ("causal-ec-threshold", "causal-ec-predictor"):
+        causal = runs[name]["causal"]
+        for field in ("agreement", "recall", "precision"):
+            assert 0.0 <= causal[field] <= 1.0
+        assert causal["capacity"] == capacity
+        for layer in runs[name]["layers"]:  # the causal rule's load, per group, against C
+            assert layer["compared_tokens"] == 4 * 64
+            realised = layer["realised_capacity"]
+            assert len(realised) == 8 and min(realised) >= 0
+            assert sum(realised) * (4 * 64 // 32) == pytest.approx(
+                sum(layer["expert_load"]) * layer["tokens"]
+            )
+            assert layer["realised_capacity_vs_c"] == pytest.approx(
+                [value / capacity for value in realised]
+            )
+        assert f"{runs[name]['label']}: the causal decision agrees with batch expert" in printed
+    table = (tmp_path / "results.txt").read_text()
+    assert "causal EC predictor, cf 1.5" in table and "Realised capacity per expert / C" in table
+
+
+@pytest.mark.usefixtures("torch_plugin")
+def test_peers_train_from_scratch(tmp_path):
+    argv = [*TINY, "--from-scratch", "--policies", "top2,relu,causal-ec-threshold"]
+    assert main(["demo", *argv, "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert runs["relu"]["router"].startswith("ReLURouter(ReLURouting(")
+    assert 0.0 <= runs["causal-ec-threshold"]["causal"]["agreement"] <= 1.0
+
+
+def _adaptive_layer(router_factory):
+    import torch
+    from moerouter_torch import MoE
+
+    import moerouter as mr
+
+    torch.manual_seed(0)
+    layer = MoE(8, 8, mr.TopK(8, k=2), activation="gelu")
+    router_factory(layer)
+    return layer
+
+
+@pytest.mark.usefixtures("torch_plugin")
+@pytest.mark.parametrize("name", ["causal-ec-threshold", "causal-ec-predictor", "top-p", "relu"])
+def test_peers_route_causally_at_evaluation(name):
+    """In eval mode a token's route and output do not depend on the tokens after it."""
+    import torch
+    from moerouter_torch.demo.runs import RUNS
+
+    layer = _adaptive_layer(RUNS[name].fine_tune)
+    tokens = torch.randn(64, 8)
+    layer.train()
+    layer(tokens)  # one training batch: thresholds, group size
+    layer.eval()
+    with torch.no_grad():
+        whole, _ = layer(tokens)
+        changed = tokens.clone()
+        changed[32:] = torch.randn(32, 8) * 3  # other later tokens
+        prefix, _ = layer(changed)
+    assert torch.equal(whole[:32], prefix[:32])
+
+
+@pytest.mark.usefixtures("torch_plugin")
+def test_causal_thresholds_follow_training_and_the_predictor_starts_as_the_gate():
+    import torch
+    from moerouter_torch.demo.runs import RUNS
+
+    layer = _adaptive_layer(RUNS["causal-ec-threshold"].fine_tune)
+    router = layer.router
+    assert torch.isinf(router.thresholds).all() and int(router.group_size) == 0
+    with pytest.raises(RuntimeError, match="never trained"):
+        router.figures(torch.zeros(4, 8), None)
+    layer.train()
+    layer(torch.randn(64, 8))
+    assert torch.isfinite(router.thresholds).all() and int(router.updates) == 1
+    assert int(router.group_size) == 64
+    predicted = _adaptive_layer(RUNS["causal-ec-predictor"].fine_tune)
+    assert torch.equal(predicted.router.predictor.weight, predicted.gate.weight)
+    predicted.train()
+    predicted(torch.randn(64, 8))
+    losses = predicted.router.take_losses()
+    assert set(losses) == {"adaptive"} and losses["adaptive"] > 0  # the predictor's BCE
+    assert predicted.router.take_losses() == {}  # taken once
+
+
+@pytest.mark.usefixtures("torch_plugin")
+def test_causal_agreement_of_batch_expert_choice_with_itself_is_exact():
+    import torch
+    from moerouter_torch.demo.adaptive import causal_agreement
+
+    import moerouter as mr
+
+    policy = mr.CausalExpertChoice(4, capacity_factor=1.0)
+    logits = torch.randn(32, 4)
+    # Thresholds between each group's C-th and (C+1)-th score give batch expert choice back
+    # exactly when the two groups share them; one group of 32 tokens: C = 8.
+    probs = logits.softmax(-1)
+    ordered = probs.sort(0, descending=True).values
+    thresholds = (ordered[7] + ordered[8]) / 2
+    causal = policy(logits, thresholds)
+    figures = causal_agreement(policy, logits, causal, group_size=32)
+    assert figures["agreement"] == figures["recall"] == figures["precision"] == 1.0
+    assert figures["capacity"] == 8 and figures["realised_capacity"] == [8.0] * 4
+    assert figures["realised_capacity_vs_c"] == [1.0] * 4
+    # No token routed: recall 0, precision 0 (not a division by zero), agreement = 1 - C E / TE.
+    none = policy(logits, torch.full((4,), 2.0))
+    figures = causal_agreement(policy, logits, none, group_size=32)
+    assert figures["recall"] == figures["precision"] == 0.0
+    assert figures["agreement"] == pytest.approx(1 - 8 / 32)
+    with pytest.raises(ValueError, match="fewer than one group of 64"):
+        causal_agreement(policy, logits, causal, group_size=64)
+
+
+@pytest.mark.usefixtures("torch_plugin")
+def test_relu_coefficient_steers_toward_the_target_sparsity():
+    import torch
+    from moerouter_torch.demo.adaptive import L1_MULTIPLIER, L1_START
+    from moerouter_torch.demo.runs import RUNS
+
+    layer = _adaptive_layer(RUNS["relu"].fine_tune)  # centred gate: about half the gates > 0
+    router = layer.router
+    layer.train()
+    tokens = torch.randn(256, 8)
+    layer(tokens)
+    losses = router.take_losses()
+    assert float(losses["z_loss"]) == 0.0 and float(losses["load_balancing"]) == 0.0
+    assert float(losses["adaptive"].detach()) > 0  # L1_START times the mean gate sum
+    positive = float((layer.gate_logits(tokens) > 0).float().mean())
+    assert positive > 1 - router.target_sparsity  # denser than the target: the coefficient grows
+    assert float(router.coefficient) == pytest.approx(L1_START * L1_MULTIPLIER)
+    with torch.no_grad():
+        layer.gate.weight.fill_(-1.0)  # every gate dead: sparser than the target, it shrinks
+    layer(tokens.abs())
+    assert float(router.coefficient) == pytest.approx(L1_START)
+
+
+@pytest.mark.usefixtures("torch_plugin")
+def test_relu_router_target_is_checked():
+    from moerouter_torch.demo.adaptive import ReLURouter
+
+    import moerouter as mr
+
+    for bad in (0, 8, -1.0):
+        with pytest.raises(ValueError, match="target_k must be in"):
+            ReLURouter(mr.ReLURouting(8, max_k=8), target_k=bad)
+
+
 def _rejects(argv, capsys, *expected):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", *argv])
@@ -185,6 +354,8 @@ BAD_OPTIONS = [
     pytest.param(["--window-bytes", "100"], ["--window-bytes", "multiple of --context"], id="win"),
     pytest.param(["--windows", "1"], ["--windows", "must be >= 2"], id="one-window"),
     pytest.param(["--dim", "18"], ["--dim", "multiple of 4"], id="dim"),
+    pytest.param(["--peers", "yes"], ["unrecognized arguments: yes"], id="peers-value"),
+    pytest.param(["--peers=1"], ["--peers", "ignored explicit argument"], id="peers-explicit"),
 ]
 
 

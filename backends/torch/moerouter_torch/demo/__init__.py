@@ -10,10 +10,15 @@ with its standard error and its paired difference to top-2; the table, the plot 
 verdict say what AdaMoE saves and what it pays. ``--from-scratch`` trains every policy from
 scratch instead.
 
-Expert choice is left out: an expert picks its tokens across the whole sequence, so a token's
-route depends on later tokens, which a causal language model must not see. Other policies are
-one entry each in :data:`moerouter_torch.demo.runs.RUNS`. matplotlib is optional (without it the
-plot is skipped, everything else is written).
+``--peers`` adds AdaMoE's adaptive-compute peers, converted from the same checkpoint: top-p and
+ReLU routing set to about 1.5 real experts per token, and causal expert choice (capacity factor
+1.5) evaluated with its running thresholds or with its predictor, whose agreement with batch
+expert choice and realised capacity per expert are reported too
+(:mod:`moerouter_torch.demo.adaptive`). Batch expert choice itself is left out: an expert picks
+its tokens across the whole sequence, so a token's route depends on later tokens, which a causal
+language model must not see. Other policies are one entry each in
+:data:`moerouter_torch.demo.runs.RUNS`. matplotlib is optional (without it the plot is skipped,
+everything else is written).
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from moerouter_torch.demo.runs import BASELINE, RUNS
+from moerouter_torch.demo.runs import BASELINE, PEERS, RUNS
 
 __all__ = ["DemoInputError", "add_arguments", "check", "run"]
 
 NOT_CAUSAL_NOTE = (
-    "expert choice is left out: each expert picks tokens across the whole sequence, so a token's "
-    "route would depend on later tokens (not causal)"
+    "batch expert choice is left out: each expert picks tokens across the whole sequence, so a "
+    "token's route would depend on later tokens (not causal); causal expert choice trains with it "
+    "but is evaluated with its causal rule (running thresholds or a predictor)"
 )
 
 # Fixed parts of the set-up (the options change the rest).
@@ -113,8 +119,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--policies",
         type=_run_names,
-        default=tuple(RUNS),
-        help=f"comma-separated, from {','.join(RUNS)} (default: all; {BASELINE} is required)",
+        default=tuple(name for name in RUNS if name not in PEERS),
+        help=f"comma-separated, from {','.join(RUNS)} (default: all but the peers; {BASELINE} "
+        "is required)",
+    )
+    add(
+        "--peers",
+        action="store_true",
+        help=f"also run AdaMoE's adaptive-compute peers ({','.join(PEERS)}); about 1.7 times "
+        "the default run's time",
     )
     add("--batch-size", type=_positive, default=16, help="sequences per step")
     add("--context", type=_positive, default=128, help="bytes per sequence")
@@ -171,6 +184,9 @@ def check(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace, device: str) -> int:
     """Train and compare every chosen run; print the table; write results.json/.txt, demo.png."""
     import torch
+
+    if getattr(args, "peers", False):  # --peers: the chosen runs, then every peer not named
+        args.policies = (*args.policies, *(name for name in PEERS if name not in args.policies))
 
     from moerouter_torch.demo.data import load_corpus
 
@@ -243,6 +259,10 @@ def _one_seed(
         if args.from_scratch:
             router = spec.scratch()
             model = make_model(router, settings)
+            if spec.scratch_layer is not None:
+                for layer in model.moe_layers():
+                    spec.scratch_layer(layer)
+                router = model.moe_layers()[0].router
             steps, learning_rate = (
                 settings.pretrain_steps + settings.steps,
                 settings.pretrain_learning_rate,
@@ -333,11 +353,49 @@ def _aggregate(
                 ],
                 "null_fraction": sum(seed[i]["null_fraction"] for seed in layers) / len(layers),
                 "tokens": sum(seed[i]["tokens"] for seed in layers),
+                **{  # an adaptive router's own figures (causal agreement, L1 coefficient...)
+                    field: _seed_mean([seed[i][field] for seed in layers])
+                    for field in ADAPTIVE_FIELDS
+                    if field in layers[0][i]
+                },
             }
             for i in range(len(layers[0]))
         ]
+        if "agreement" in run["layers"][0]:
+            run["causal"] = {
+                field: sum(layer[field] for layer in run["layers"]) / len(run["layers"])
+                for field in ("agreement", "recall", "precision")
+            }
+            run["causal"]["capacity"] = run["layers"][0]["capacity"]
+            run["causal"]["realised_capacity_vs_c"] = [
+                layer["realised_capacity_vs_c"] for layer in run["layers"]
+            ]
         runs[name] = run
     return runs
+
+
+# Per-layer figures of an adaptive router (moerouter_torch.demo.adaptive), averaged over seeds.
+ADAPTIVE_FIELDS = (
+    "agreement",
+    "recall",
+    "precision",
+    "capacity",
+    "realised_capacity",
+    "realised_capacity_vs_c",
+    "compared_tokens",
+    "l1_coefficient",
+    "cut_fraction",
+)
+
+
+def _seed_mean(values: list[Any]) -> Any:
+    """The mean over seeds of a number, or of lists of numbers elementwise (a value every seed
+    shares, such as the capacity C, is kept as it is)."""
+    if all(value == values[0] for value in values):
+        return values[0]
+    if isinstance(values[0], list):
+        return [sum(column) / len(values) for column in zip(*values, strict=True)]
+    return sum(values) / len(values)
 
 
 def _train_and_report(args: argparse.Namespace, device: str, threads: int, corpus: Any) -> int:
@@ -372,6 +430,9 @@ def _train_and_report(args: argparse.Namespace, device: str, threads: int, corpu
         per_seed[seed], pretraining[str(seed)] = _one_seed(args, settings, corpus)
     runs = _aggregate(per_seed, args.policies)
     table = report.table(runs, BASELINE)
+    causal = report.causal_lines(runs)
+    if causal:
+        table += "\n\n" + causal
     verdict = "Verdict: " + report.verdict(runs, BASELINE)
     print("\n" + table + "\n\n" + verdict)
 

@@ -35,6 +35,9 @@ class Block(nn.Module):
         attended = nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
         x = x + self.attention_out(attended.transpose(1, 2).reshape(batch, length, dim))
         routed, losses = self.moe(self.moe_norm(x))
+        take_losses = getattr(self.moe.router, "take_losses", None)  # an AdaptiveRouter's own
+        if take_losses is not None:
+            losses = {**losses, **take_losses()}
         return x + routed, losses
 
 

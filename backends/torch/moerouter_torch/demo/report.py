@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["ProgressBar", "plot", "table", "verdict", "write_json"]
+__all__ = ["ProgressBar", "causal_lines", "plot", "table", "verdict", "write_json"]
 
 TIMING_FIELDS = ("train_seconds", "tokens_per_second")  # machine-dependent: not seed-reproducible
 
@@ -84,6 +84,28 @@ def table(runs: dict[str, dict[str, Any]], baseline: str) -> str:
             f"{line:>21} {run['tokens_per_second']:>9.0f}"
         )
     return "\n".join(rows)
+
+
+def causal_lines(runs: dict[str, dict[str, Any]]) -> str:
+    """For each causal expert-choice run, how its causal decision compares with batch expert
+    choice on the validation windows, and each expert's realised capacity (empty: none ran)."""
+    lines = []
+    for run in runs.values():
+        causal = run.get("causal")
+        if causal is None:
+            continue
+        spans = ", ".join(
+            f"layer {index} {min(layer):.2f}-{max(layer):.2f}"
+            for index, layer in enumerate(causal["realised_capacity_vs_c"], 1)
+        )
+        lines.append(
+            f"{run['label']}: the causal decision agrees with batch expert choice (C = "
+            f"{causal['capacity']:.0f} per group of the training batch's size) on "
+            f"{causal['agreement']:.1%} of token-expert cells; it makes {causal['recall']:.1%} of "
+            f"batch expert choice's assignments, and {causal['precision']:.1%} of its own are "
+            f"batch expert choice's. Realised capacity per expert / C: {spans}."
+        )
+    return "\n".join(lines)
 
 
 def verdict(runs: dict[str, dict[str, Any]], baseline: str) -> str:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import moerouter as mr
+from moerouter_torch.demo.adaptive import PREDICTOR_LR_SCALE, AdaptiveRouter
 from moerouter_torch.demo.data import Corpus
 from moerouter_torch.demo.model import TinyMoELM
 from moerouter_torch.nn import MoE
@@ -85,8 +86,17 @@ def train(
 ) -> dict[str, Any]:
     """``steps`` AdamW steps from a fresh optimizer; returns the loss curve and the timing."""
     device = torch.device(settings.device)
+    # A causal expert-choice predictor is a fresh classifier: it learns faster than the model.
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for name, p in named if ".predictor." not in name], "lr": learning_rate},
+        {
+            "params": [p for name, p in named if ".predictor." in name],
+            "lr": learning_rate * PREDICTOR_LR_SCALE,
+        },
+    ]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.1
+        [group for group in groups if group["params"]], betas=(0.9, 0.95), weight_decay=0.1
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _learning_rate_factor(step, steps, settings.warmup_fraction)
@@ -101,6 +111,9 @@ def train(
         balance = torch.stack([losses["load_balancing"] for losses in layer_losses]).sum()
         z_loss = torch.stack([losses["z_loss"] for losses in layer_losses]).sum()
         loss = task + settings.balance_weight * balance + settings.z_weight * z_loss
+        for own in layer_losses:  # already weighted: an AdaptiveRouter's own loss
+            if "adaptive" in own:
+                loss = loss + own["adaptive"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,16 +138,22 @@ def evaluate(model: TinyMoELM, corpus: Corpus, settings: Settings) -> dict[str, 
     )
     layers = model.moe_layers()
     logits_seen: list[list[torch.Tensor]] = [[] for _ in layers]
+    extra_seen: list[list[torch.Tensor]] = [[] for _ in layers]  # e.g. a predictor's logits
 
-    def capture(captured: list[torch.Tensor]) -> Any:
+    def capture(captured: list[torch.Tensor], extra: list[torch.Tensor]) -> Any:
         def hook(layer: MoE, args: tuple[torch.Tensor, ...]) -> None:
-            captured.append(layer.gate_logits(args[0].reshape(-1, args[0].shape[-1])))
+            tokens = args[0].reshape(-1, args[0].shape[-1])
+            captured.append(layer.gate_logits(tokens))
+            if isinstance(layer.router, AdaptiveRouter):
+                more = layer.router.capture(tokens)
+                if more is not None:
+                    extra.append(more)
 
         return hook
 
     hooks = [
-        layer.register_forward_pre_hook(capture(captured))
-        for layer, captured in zip(layers, logits_seen, strict=True)
+        layer.register_forward_pre_hook(capture(captured, extra))
+        for layer, captured, extra in zip(layers, logits_seen, extra_seen, strict=True)
     ]
     device = torch.device(settings.device)
     window_losses: list[float] = []
@@ -148,8 +167,8 @@ def evaluate(model: TinyMoELM, corpus: Corpus, settings: Settings) -> dict[str, 
                 )
                 window_losses.append(float(loss))
             per_layer = [
-                _routing_figures(layer.router, captured)
-                for layer, captured in zip(layers, logits_seen, strict=True)
+                _routing_figures(layer.router, captured, extra)
+                for layer, captured, extra in zip(layers, logits_seen, extra_seen, strict=True)
             ]
     finally:
         for hook in hooks:
@@ -162,9 +181,18 @@ def evaluate(model: TinyMoELM, corpus: Corpus, settings: Settings) -> dict[str, 
     }
 
 
-def _routing_figures(router: Any, gate_logits: list[torch.Tensor]) -> dict[str, Any]:
-    """Re-run the (deterministic) router on the captured gate logits."""
-    routing = router(torch.cat(gate_logits))
+def _routing_figures(
+    router: Any, gate_logits: list[torch.Tensor], extra: list[torch.Tensor]
+) -> dict[str, Any]:
+    """Re-run the (deterministic) router on the captured gate logits (an adaptive router also
+    on what it captured itself), as it routed in evaluation."""
+    logits = torch.cat(gate_logits)
+    own: dict[str, Any] = {}
+    if isinstance(router, AdaptiveRouter):
+        routing = router.route(logits, torch.cat(extra) if extra else None)
+        own = router.figures(logits, routing)
+    else:
+        routing = router(logits)
     summary = mr.stats.summary(routing)
     tokens = routing.num_tokens
     tokens_per_expert = summary["tokens_per_expert"].cpu()
@@ -175,6 +203,7 @@ def _routing_figures(router: Any, gate_logits: list[torch.Tensor]) -> dict[str, 
         "null_fraction": float(summary["null_fraction"]),
         "load_cv": float(summary["load_cv"]),
         "tokens": tokens,
+        **own,
     }
 
 
