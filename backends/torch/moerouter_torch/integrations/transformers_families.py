@@ -6,7 +6,9 @@ tiny random model and compared with the original) and by the docs (the support t
 ``docs/integrations/transformers.rst`` is generated from :data:`FAMILIES`).
 
 A family is the name of its folder under ``transformers/models``. An MoE family is one whose
-modeling code builds an ``experts`` module (:func:`moe_families`).
+modeling code builds an ``experts`` module (:func:`moe_families`). The three families new in
+transformers 5.24 (``hy_v4_vl``, ``inkling2_loop``, ``lara_mini``) are listed too: the tests
+check them when 5.24 is installed.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ FAMILIES: dict[str, Family] = {
     "hunyuan_v1_moe": _SOFTMAX,  # the router's weight lives in its nn.Linear child 'wg'
     "hy_v3": _DEEPSEEK,  # per-call e_score_correction_bias, router_scaling_factor
     "hy_v4": _DEEPSEEK,
+    "hy_v4_vl": _DEEPSEEK,  # transformers 5.24
     "inkling": _refused(
         "extra-column router: E + n_shared_experts rows, the last scoring the shared experts; "
         "their sigmoid joins the chosen experts' in the normalisation and gates the shared "
@@ -140,6 +143,7 @@ FAMILIES: dict[str, Family] = {
         r"InklingMoE.*router has 10 rows for 8 experts",
     ),
     "inkling2": _DEEPSEEK,
+    "inkling2_loop": _DEEPSEEK,  # transformers 5.24
     "jamba": _SOFTMAX,
     "jetmoe": _refused(
         "mixture of attention heads (JetMoeMoA: top-k query/output projections per token) "
@@ -150,6 +154,7 @@ FAMILIES: dict[str, Family] = {
     "kimi_linear": _DEEPSEEK,
     "kolibri1": _DEEPSEEK,
     "laguna": _DEEPSEEK,
+    "lara_mini": _SOFTMAX,  # transformers 5.24
     "lfm2_moe": _DEEPSEEK,  # sigmoid, optional per-call expert_bias
     "llama4": _SIGMOID,  # expert input scaled by the score; its dense expert loop replaced
     "longcat_flash": _refused(
