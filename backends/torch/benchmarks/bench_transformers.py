@@ -1,12 +1,18 @@
 """Routed vs original transformers MoE models on CPU: forward and forward+backward time.
 
 Tiny random models (2 layers, hidden 64, 8 experts, k = 2, batch 4 x 64 tokens, float32) of
-Mixtral, Qwen3-MoE, DeepSeek-V3 and OLMoE, measured in the same run; each time is the median of
-``--repeats`` alternating calls. Also checks that greedy ``generate`` gives the same tokens.
+Mixtral, Qwen3-MoE, DeepSeek-V3 and OLMoE, measured in the same run. Also checks that greedy
+``generate`` gives the same tokens.
 
-    python backends/torch/benchmarks/bench_transformers.py [--repeats 7]
+Made for a loaded machine: the two models run in interleaved pairs (``--repeats`` of them, the
+order swapped every pair so neither always runs first), each pair gives one ratio routed /
+original, and the table reports the median ratio with its quartiles. Times are per-thread CPU
+time (``time.thread_time``) with torch on one thread (``--threads 1``), which other processes
+competing for the cores do not inflate; the wall-clock median ratio is printed beside it.
 
-A measurement, not a test: the machine may be loaded; compare ratios, not absolute times.
+    python backends/torch/benchmarks/bench_transformers.py [--repeats 21] [--threads 1]
+
+A measurement, not a test: compare ratios, not absolute times.
 """
 
 from __future__ import annotations
@@ -73,24 +79,46 @@ def models() -> dict[str, torch.nn.Module]:
     }
 
 
-def _time(step, model) -> float:
-    start = time.perf_counter()
+def _time(step, model) -> tuple[float, float]:
+    """(CPU time of this thread, wall time) of one call, in seconds."""
+    cpu, wall = time.thread_time(), time.perf_counter()
     step(model)
-    return time.perf_counter() - start
+    return time.thread_time() - cpu, time.perf_counter() - wall
+
+
+def _pairs(step, original, routed, repeats: int) -> list[tuple[tuple[float, float], ...]]:
+    """``repeats`` (original, routed) timings, interleaved, the order swapped every pair."""
+    pairs = []
+    for index in range(repeats):
+        if index % 2:
+            mine, base = _time(step, routed), _time(step, original)
+        else:
+            base, mine = _time(step, original), _time(step, routed)
+        pairs.append((base, mine))
+    return pairs
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, median, high
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{torch.get_num_threads()} threads, batch 4 x 64 tokens, float32"
+        f"{torch.get_num_threads()} threads, batch 4 x 64 tokens, float32, "
+        f"{args.repeats} interleaved pairs"
     )
     print(
-        "| model | forward original (ms) | forward routed (ms) | ratio "
-        "| fwd+bwd original (ms) | fwd+bwd routed (ms) | ratio | greedy generate identical |"
+        "| model | forward original CPU ms | forward ratio [quartiles] | wall ratio "
+        "| fwd+bwd original CPU ms | fwd+bwd ratio [quartiles] | wall ratio "
+        "| greedy generate identical |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for name, original in models().items():
@@ -108,10 +136,11 @@ def main() -> None:
         row = []
         for step in (forward, forward_backward):
             step(original), step(routed)  # warm up
-            pairs = [(_time(step, original), _time(step, routed)) for _ in range(args.repeats)]
-            base = statistics.median(p[0] for p in pairs) * 1e3
-            mine = statistics.median(p[1] for p in pairs) * 1e3
-            row += [f"{base:.1f}", f"{mine:.1f}", f"{mine / base:.2f}"]
+            pairs = _pairs(step, original, routed, args.repeats)
+            base_cpu = statistics.median(base[0] for base, _ in pairs) * 1e3
+            low, ratio, high = _quartiles([mine[0] / base[0] for base, mine in pairs])
+            wall = statistics.median(mine[1] / base[1] for base, mine in pairs)
+            row += [f"{base_cpu:.1f}", f"{ratio:.2f} [{low:.2f}, {high:.2f}]", f"{wall:.2f}"]
         prompt = ids[:2, :8]
         with torch.no_grad():
             expected = original.generate(prompt, max_new_tokens=16, do_sample=False)

@@ -61,11 +61,57 @@ TINY = {
     "n_group": 4,
     "topk_group": 2,
     "expert_ffn_hidden_size": 16,
+    "index_n_heads": 2,  # the sparse-attention indexer (DeepSeek-V3.2 and its kin)
+    "index_head_dim": 8,
+    "index_topk": 8,
     "pad_token_id": 0,
     "bos_token_id": 0,
     "eos_token_id": 0,
     "mlp_only_layers": [],
     "use_cache": False,
+}
+
+
+def _mrope(sections):
+    # M-RoPE sections (temporal, height, width) that fit the tiny head_dim (8: 4 frequencies).
+    return lambda config: {**(config.rope_parameters or {}), "mrope_section": sections}
+
+
+# Fields a family's default config leaves unset (None) or sized for the full model, that the
+# generic shrinking above does not reach; a callable gets the config.
+OVERRIDES = {
+    # transformers 5.23's DBRX attention reads attn_config.rope_theta, which its config class
+    # does not define, and clamps by clip_qkv, which defaults to None: both given here.
+    "dbrx": {
+        "d_model": 32,
+        "n_heads": 4,
+        "n_layers": 2,
+        "max_seq_len": 64,
+        "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+        "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 8, "moe_top_k": 2},
+    },
+    "deepseek_ocr2": {"mlp_layer_types": ["sparse", "sparse"]},
+    "dots1": {"n_shared_experts": 1},
+    "ernie4_5_vl_moe": {"rope_parameters": _mrope([1, 1, 2])},
+    "glm4v_moe": {"rope_parameters": _mrope([1, 1, 0])},
+    "mistral_large4": {"num_hidden_layers": 2, "first_k_dense_replace": 0},
+    "gemma4": {"enable_moe_block": True, "top_k_experts": 2},  # MoE is off by default
+    "granitemoehybrid": {  # Mamba heads x head size = 2 x hidden size
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_d_state": 16,
+        "mamba_n_groups": 1,
+        "mamba_chunk_size": 16,
+    },
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2},
+    "qwen4_exp": {
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 8,
+        "indexer_compress_ratio": 2,
+    },
+    "step3p7": {"sliding_window": 8},
 }
 
 
@@ -83,7 +129,7 @@ def _set(config, key, value):
         pass
 
 
-def _tiny(config):
+def _tiny(config, overrides=None):
     layers_key = next((k for k in ("num_hidden_layers", "num_layers") if _get(config, k)[0]), None)
     old_layers = _get(config, layers_key)[1] if layers_key else None
     mla = _get(config, "qk_rope_head_dim")[0]
@@ -93,6 +139,8 @@ def _tiny(config):
             _set(config, key, value)
     if mla:  # multi-head latent attention: rope width is the head_dim transformers reads
         _set(config, "head_dim", config.qk_rope_head_dim)
+        # and no grouped-query attention: the expanded keys have every head
+        _set(config, "num_key_value_heads", config.num_attention_heads)
         if _get(config, "qk_nope_head_dim")[0]:
             _set(config, "qk_head_dim", config.qk_rope_head_dim + config.qk_nope_head_dim)
     # Per-layer lists: keep the fewest layers that still cover every kind of each list.
@@ -116,6 +164,8 @@ def _tiny(config):
         _set(config, key, [value[i] for i in chosen])
     if layers_key:
         _set(config, layers_key, len(chosen))
+    for key, value in (overrides or {}).items():
+        _set(config, key, value(config) if callable(value) else value)
     data = config.to_dict()
     data.pop("model_type", None)
     data.pop("transformers_version", None)
@@ -142,14 +192,20 @@ def _model_class(family, config):
     raise LookupError(f"no model class for {type(config).__name__}")
 
 
-def build_tiny(family):
-    model_type = next(
+def build_tiny(family, **overrides):
+    model_types = [
         key
         for key in configuration_auto.CONFIG_MAPPING_NAMES
         if configuration_auto.model_type_to_module_name(key) == family
+    ]
+    # the family's own config, else its text model's (Inkling: audio, text, vision, ...)
+    model_type = next(
+        (key for key in model_types if key == family),
+        next((key for key in model_types if key.endswith("_text")), model_types[0]),
     )
     config = configuration_auto.CONFIG_MAPPING[model_type]()
-    config = _tiny(getattr(config, "text_config", None) or config)
+    overrides = {**OVERRIDES.get(family, {}), **overrides}
+    config = _tiny(getattr(config, "text_config", None) or config, overrides)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,7 +229,9 @@ def _tokens(batch=2, length=12, seed=0):
 
 
 def _output(model, ids):
-    out = model(ids)
+    # an encoder-decoder (Switch Transformers, NLLB-MoE) decodes the same ids
+    extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    out = model(ids, **extra)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
 
@@ -272,3 +330,45 @@ def test_adamoe_conversion_keeps_the_top_k_outputs(family):
 def test_adamoe_refusal_says_why(family):
     with pytest.raises(ValueError, match="per-expert tensors"):
         to_adamoe(build_tiny(family), num_null=8, k=4)
+
+
+def test_llama4_routes_only_the_chosen_experts_with_scaled_inputs():
+    # Llama-4 multiplies each expert's input by its sigmoid score and runs every expert on every
+    # token (zero input for the others); the routed block computes only the chosen rows.
+    from moerouter_torch.integrations.transformers import remove_moerouter
+
+    reference = build_tiny("llama4")
+    routed = route_with_moerouter(copy.deepcopy(reference))
+    blocks = routed.__dict__["_moerouter_state"].blocks.values()
+    assert blocks and all(block.scaled_input and block.transposed for block in blocks)
+    ids = _tokens()
+    with torch.no_grad():
+        expected = reference(ids, output_router_logits=True)
+        actual = routed(ids, output_router_logits=True)
+    # transformers records the router logits through the router's hooks: still there.
+    assert len(actual.router_logits) == len(expected.router_logits) > 0
+    for mine, theirs in zip(actual.router_logits, expected.router_logits, strict=True):
+        assert _relative_error(mine, theirs) <= 1e-6
+    generate = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(routed.generate(ids, **generate), reference.generate(ids, **generate))
+    remove_moerouter(routed)
+    with torch.no_grad():
+        assert torch.equal(_output(routed, ids), _output(reference, ids))
+
+
+def test_group_limited_routers_are_reproduced_as_group_limited():
+    # On random probe rows a plain top-k often picks what the group-limited router picks; the
+    # router's group attributes put the group-limited candidate first. DeepSeek-V2 names its
+    # method: "group_limited_greedy" scores a group by its best expert ("max").
+    import moerouter as mr
+
+    reference = build_tiny("deepseek_v2", topk_method="group_limited_greedy")
+    routed = route_with_moerouter(copy.deepcopy(reference))
+    blocks = routed.__dict__["_moerouter_state"].blocks.values()
+    for block in blocks:
+        policy = block.default_policy
+        assert isinstance(policy, mr.DeepSeekTopK), policy
+        assert (policy.num_groups, policy.topk_groups, policy.group_score) == (4, 2, "max")
+    ids = _tokens(batch=4, length=32)
+    with torch.no_grad():
+        assert _relative_error(_output(routed, ids), _output(reference, ids)) <= 1e-5

@@ -20,7 +20,9 @@ renormalising (Mixtral, Qwen2-MoE and Qwen3-MoE with ``norm_topk_prob``, OLMoE, 
 Flint, any other router of that form), DeepSeek-V3's sigmoid, group-limited selection with
 correction bias and scaling (:class:`moerouter.DeepSeekTopK`, given the router's
 ``e_score_correction_bias`` on every call), group-limited routing without a bias (Mistral 4) or
-a softmax over the chosen logits scaled by 1/k (OpenAI privacy filter). A policy given to
+a softmax over the chosen logits scaled by 1/k (OpenAI privacy filter). Llama-4's block, which
+scales each expert's input (not its output) by a sigmoid top-k score and runs every expert
+densely, gets its own forward replaced too: only the chosen rows are computed. A policy given to
 :func:`route_with_moerouter` is checked on the probe as well. A router none of these reproduces,
 or whose forward needs more than the hidden states (HY-V3, MiniMax-M2: a per-call bias), raises
 ``TypeError`` naming the block class.
@@ -66,7 +68,7 @@ _SHARED_NAMES = ("shared_expert", "shared_expert_gate", "shared_experts", "share
 # the factor routers multiply their weights by: DeepSeek-V3 and most, HY-V3, AFMoE
 _SCALE_NAMES = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
 _STATE = "_moerouter_state"
-_PROBE_TOKENS = 64
+_PROBE_TOKENS = 512
 
 
 class RoutingStats:
@@ -147,6 +149,10 @@ class _Block:
     default_policy: Any
     policy: Any
     model: _Model = field(repr=False)
+    transposed: bool = False  # expert weights stored (experts, in, out)
+    # Llama-4's form: the router returns dense scores and the block multiplies each expert's
+    # input (not its output) by the token's score; its experts take no routing arguments.
+    scaled_input: bool = False
 
 
 @dataclass
@@ -206,8 +212,9 @@ def _unsupported(block: nn.Module, name: str, why: str) -> TypeError:
     )
 
 
-def _check_experts(block: nn.Module, name: str, experts: nn.Module, hidden_size: int) -> int:
-    """Validate the fused 3-D expert layout and return the number of experts."""
+def _check_experts(block: nn.Module, name: str, experts: nn.Module) -> tuple[int, bool]:
+    """Validate the fused 3-D expert layout; return the number of experts and whether the
+    weights are stored (experts, in, out) ("transposed")."""
     if getattr(experts, "_is_expert_parallel", False):
         raise _unsupported(block, name, "expert-parallel experts are not supported")
     has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
@@ -222,14 +229,43 @@ def _check_experts(block: nn.Module, name: str, experts: nn.Module, hidden_size:
         )
     if up.ndim != 3 or down.ndim != 3 or up.shape[0] != down.shape[0]:
         raise _unsupported(block, name, "its expert parameters are not (experts, ., .) tensors")
-    transposed = getattr(experts, "is_transposed", False)
-    if up.shape[1 if transposed else 2] != hidden_size:
+    transposed = _expert_layout(experts, up, down, has_gate)
+    if transposed is None:
         raise _unsupported(
-            block, name, f"expert input width does not match the router's {hidden_size}"
+            block,
+            name,
+            f"its expert parameters {tuple(up.shape)} and {tuple(down.shape)} do not map a "
+            "width to itself in either layout, (experts, out, in) or (experts, in, out)",
         )
     if has_gate and not (hasattr(experts, "_apply_gate") or hasattr(experts, "act_fn")):
         raise _unsupported(block, name, "its experts have no gating function")
-    return int(up.shape[0])
+    return int(up.shape[0]), transposed
+
+
+def _expert_layout(
+    experts: nn.Module, up: torch.Tensor, down: torch.Tensor, has_gate: bool
+) -> bool | None:
+    """True for (experts, in, out) weights, False for (experts, out, in), None for neither.
+
+    transformers' ``is_transposed`` flag says it when present; otherwise (Llama-4's
+    (experts, hidden, 2 * intermediate) experts) the layout in which the experts map a width to
+    itself, through an intermediate width halved by the gate, is the one. Their width may differ
+    from the router's: MuseSpark projects the hidden states before its experts.
+    """
+
+    def fits(transposed: bool) -> bool:
+        up_in, up_out = (up.shape[1], up.shape[2]) if transposed else (up.shape[2], up.shape[1])
+        down_in, down_out = (
+            (down.shape[1], down.shape[2]) if transposed else (down.shape[2], down.shape[1])
+        )
+        return up_in == down_out and up_out == down_in * (2 if has_gate else 1)
+
+    flag = getattr(experts, "is_transposed", None)
+    if isinstance(flag, bool):
+        return flag if fits(flag) else None
+    if fits(False):
+        return False
+    return True if fits(True) else None
 
 
 def _candidates(
@@ -252,31 +288,38 @@ def _candidates(
         1.0,
     )
     scaling = float(scale or 1.0)
+    # DeepSeek-V2 names its method: "greedy" ignores the groups, "group_limited_greedy" scores
+    # a group by its best expert.
+    method = getattr(router, "topk_method", None)
+    if method == "greedy":
+        num_groups, topk_groups = 1, 1
+    grouped: dict[str, Any] = {"num_groups": num_groups, "topk_groups": topk_groups}
+    if method == "group_limited_greedy":
+        grouped["group_score"] = "max"
     candidates: list[Any] = []
-    grouped = {"num_groups": num_groups, "topk_groups": topk_groups}
     if bias_per_call or isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
         candidates.append(
             _deepseek(num_experts, k, normalize=order[0], routed_scaling_factor=scaling, **grouped)
         )
-    for score in ("softmax", "sigmoid"):
-        candidates += [mr.TopK(num_experts, k, score=score, normalize=flag) for flag in order]
-    if num_groups > 1:
-        for score in ("softmax", "sigmoid"):
-            candidates += [
-                _deepseek(num_experts, k, score=score, normalize=flag, **grouped) for flag in order
-            ]
-            candidates += [
-                _deepseek(
-                    num_experts,
-                    k,
-                    score=score,
-                    normalize=flag,
-                    routed_scaling_factor=scaling,
-                    **grouped,
-                )
-                for flag in order
-                if scaling != 1.0
-            ]
+    plain = [
+        mr.TopK(num_experts, k, score=score, normalize=flag)
+        for score in ("softmax", "sigmoid")
+        for flag in order
+    ]
+    limited = [
+        _deepseek(
+            num_experts, k, score=score, normalize=flag, routed_scaling_factor=factor, **grouped
+        )
+        for score in ("softmax", "sigmoid")
+        for factor in dict.fromkeys((1.0, scaling))
+        for flag in order
+    ]
+    # A router whose attributes say groups limit the choice is tried as such first: on random
+    # probe rows the plain top-k often agrees with it, and then differs on real inputs.
+    if num_groups > 1 and topk_groups < num_groups:
+        candidates += limited + plain
+    else:
+        candidates += plain + (limited if num_groups > 1 else [])
     candidates.append(_deepseek(num_experts, k, score="softmax", routed_scaling_factor=1.0 / k))
     return [candidate for candidate in candidates if candidate is not None]
 
@@ -329,32 +372,32 @@ def _probe(
     candidates: list[Any],
     hidden_size: int,
     extra: tuple[torch.Tensor, ...] = (),
+    k: int | None = None,
 ) -> Any | None:
     """The first candidate policy that gives the router's own choices and weights on a probe.
 
     Rows whose logits are all equal (an uninitialised router) say nothing and are skipped; if
     every row is such, the first candidate (read from the router's attributes) is trusted.
     ``extra`` holds the block's tensors the router's forward takes after the hidden states (a
-    per-call correction bias); its first is the bias a DeepSeekTopK candidate gets.
+    per-call correction bias); its first is the bias a DeepSeekTopK candidate gets. A router
+    returning ``(scores, logits)`` with dense (tokens, experts) scores, zero where not chosen
+    (Llama-4), is read as its ``k`` largest scores.
     """
     linear = _router_linear(router)
     if not candidates or linear is None:
         return None
     weight = linear.weight
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    probe = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
-    probe = probe.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        try:
-            outputs = type(router).forward(router, probe, *extra)
-        except TypeError:  # a forward that needs more than the hidden states
+        outputs = _router_outputs(router, hidden_size, extra)
+        if outputs is None:
             return None
-        except (ValueError, RuntimeError):
-            # A router that unpacks (batch, sequence, hidden) states (AFMoE) gets them.
-            outputs = type(router).forward(router, probe[None], *extra)
-        if not (isinstance(outputs, tuple) and len(outputs) >= 3):
+        if _dense_scores(outputs) and k is not None:
+            logits = outputs[1]
+            their_weights, their_index = outputs[0].topk(k, dim=-1)
+        elif isinstance(outputs, tuple) and len(outputs) >= 3:
+            logits, their_weights, their_index = outputs[0], outputs[1], outputs[2]
+        else:
             return None
-        logits, their_weights, their_index = outputs[0], outputs[1], outputs[2]
         if their_index.ndim != 2 or their_weights.shape != their_index.shape:
             return None
         informative = (logits.amax(dim=-1) - logits.amin(dim=-1)) > 0
@@ -383,19 +426,63 @@ def _probe(
     return None
 
 
-def _extra_forward_arguments(router: nn.Module) -> list[str]:
-    """Required arguments of the router's forward besides the hidden states."""
+def _router_outputs(
+    router: nn.Module, hidden_size: int, extra: tuple[torch.Tensor, ...] = ()
+) -> Any:
+    """The router's own forward on the probe input (None if it needs more arguments)."""
+    linear = _router_linear(router)
+    assert linear is not None
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(_PROBE_TOKENS, hidden_size, generator=generator)
+    probe = probe.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        try:
+            return type(router).forward(router, probe, *extra)
+        except TypeError:  # a forward that needs more than the hidden states
+            return None
+        except (ValueError, RuntimeError):
+            # A router that unpacks (batch, sequence, hidden) states (AFMoE) gets them.
+            return type(router).forward(router, probe[None], *extra)
+
+
+def _dense_scores(outputs: Any) -> bool:
+    """A router output of the Llama-4 form: ``(scores, logits)``, both (tokens, experts)."""
+    return (
+        isinstance(outputs, tuple)
+        and len(outputs) == 2
+        and all(isinstance(item, torch.Tensor) and item.ndim == 2 for item in outputs)
+        and outputs[0].shape == outputs[1].shape
+    )
+
+
+def _takes_routing(experts: nn.Module) -> bool:
+    """Whether the experts' forward takes the routing (``top_k_index``, ``top_k_weights``);
+    Llama-4's takes only the hidden states, already scaled by the router's scores."""
+    try:
+        parameters = list(inspect.signature(type(experts).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return True
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return len(parameters) >= 3 or any(parameter.kind in variadic for parameter in parameters)
+
+
+def _extra_forward_arguments(router: nn.Module, block: nn.Module) -> list[str]:
+    """Arguments of the router's forward besides the hidden states that the block passes: the
+    required ones, and optional ones named after a tensor the block holds (LFM2-MoE's
+    ``expert_bias=None``, given by the block when it uses one)."""
     try:
         signature = inspect.signature(type(router).forward)
     except (TypeError, ValueError):
         return []
-    required = [
-        parameter.name
-        for parameter in list(signature.parameters.values())[1:]  # after self
-        if parameter.default is inspect.Parameter.empty
-        and parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    parameters = [p for p in list(signature.parameters.values())[2:] if p.kind in positional]
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty]
+    held = [
+        p.name
+        for p in parameters
+        if p.default is None and isinstance(getattr(block, p.name, None), torch.Tensor)
     ]
-    return required[1:]  # after the hidden states
+    return required or held[:1]
 
 
 def _per_call_bias(
@@ -408,7 +495,7 @@ def _per_call_bias(
     hands to the policy as :class:`moerouter.DeepSeekTopK`'s ``bias``. Anything else (DeepSeek-V4's
     hash router takes the ``input_ids``) is refused.
     """
-    names = _extra_forward_arguments(router)
+    names = _extra_forward_arguments(router, block)
     if not names:
         return ()
     value = getattr(block, names[0], None)
@@ -444,9 +531,9 @@ def _reproducing_policy(
     assert linear is not None  # route_with_moerouter checked it
     hidden_size = int(linear.weight.shape[1])
     candidates = _candidates(router, num_experts, k, bias_per_call=bool(extra))
-    policy = _probe(router, candidates, hidden_size, extra)
+    policy = _probe(router, candidates, hidden_size, extra, k)
     if policy is None and given is not None:
-        policy = _probe(router, [given], hidden_size, extra)
+        policy = _probe(router, [given], hidden_size, extra, k)
     if policy is None:
         raise _unsupported(
             block,
@@ -481,6 +568,37 @@ def _routed_router_forward(
     return logits, weights, index
 
 
+def _routed_dense_router_forward(
+    block: _Block, hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    # Llama-4's router form: (dense scores, logits); the routing rides along for the block.
+    logits = type(block.router).forward(block.router, hidden_states)[1]
+    routing = _run_policy(block.policy, logits, block.router)
+    block.model.record(block, logits, routing)
+    index, weights = _token_slots(routing)
+    valid = index >= 0
+    spill = logits.shape[-1]  # a column for the slots that hold no expert
+    scores = logits.new_zeros(logits.shape[0], spill + 1).scatter_add(
+        1, torch.where(valid, index, spill), torch.where(valid, weights, 0.0).to(logits.dtype)
+    )
+    return scores[:, :spill], logits, routing
+
+
+def _routed_scaled_block_forward(
+    block: _Block, hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Llama4TextMoe.forward with the dense expert loop replaced: only the chosen (token,
+    # expert) rows are computed, each expert's input scaled by the token's score.
+    module = block.block
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+    _, logits, routing = block.router(hidden_states)  # through the module: hooks record logits
+    index, weights = _token_slots(routing)
+    routed = _routed_experts_forward(block, hidden_states, index, weights)
+    shared = getattr(module, "shared_expert", None)
+    out = routed if shared is None else shared(hidden_states) + routed
+    return out, logits
+
+
 def _routed_experts_forward(
     block: _Block,
     hidden_states: torch.Tensor,
@@ -512,14 +630,22 @@ def _routed_experts_forward(
     )
     plan = mr.make_plan(routing)
     expert_rows = mr.dispatch(hidden_states, plan)
-    return mr.combine(_grouped_experts(block.experts, expert_rows, plan.group_sizes), plan)
+    if block.scaled_input:
+        # Llama-4: each expert's input is scaled by the token's score, its output summed as is.
+        # Plan row i holds assignment order[i]; rows past num_valid belong to no expert.
+        rows = torch.arange(plan.num_rows, device=device)
+        row_weights = weights[plan.order.long().clamp(min=0)]
+        row_weights = torch.where(rows < plan.num_valid, row_weights, torch.zeros_like(row_weights))
+        expert_rows = expert_rows * row_weights.to(expert_rows.dtype)[:, None]
+        plan = dataclasses.replace(plan, combine_weights=(plan.combine_rows >= 0).float())
+    out = _grouped_experts(block.experts, expert_rows, plan.group_sizes, block.transposed)
+    return mr.combine(out, plan)
 
 
 def _grouped_experts(
-    experts: nn.Module, rows: torch.Tensor, group_sizes: torch.Tensor
+    experts: nn.Module, rows: torch.Tensor, group_sizes: torch.Tensor, transposed: bool
 ) -> torch.Tensor:
     """The experts module's own computation on expert-grouped rows, with its own parameters."""
-    transposed = getattr(experts, "is_transposed", False)
     has_gate = getattr(experts, "has_gate", hasattr(experts, "gate_up_proj"))
     has_bias = getattr(experts, "has_bias", False)
 
@@ -644,7 +770,7 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
                     "'weight' (experts, hidden) nor one nn.Linear child holding it",
                 )
             weight = linear.weight
-            num_experts = _check_experts(module, name, module.experts, int(weight.shape[1]))
+            num_experts, transposed = _check_experts(module, name, module.experts)
             if weight.shape[0] != num_experts:
                 raise _unsupported(
                     module,
@@ -653,18 +779,43 @@ def route_with_moerouter(model: nn.Module, policy: PolicyChoice = None) -> nn.Mo
                 )
             given = policy if _is_policy(policy) else None
             default = _reproducing_policy(module, name, router, num_experts, given)
+            scaled_input = not _takes_routing(module.experts)
+            if scaled_input and not _dense_scores(_router_outputs(router, int(weight.shape[1]))):
+                raise _unsupported(
+                    module,
+                    name,
+                    f"its experts {type(module.experts).__name__} take no routing and its "
+                    "router does not return Llama-4's (dense scores, logits)",
+                )
             state.blocks[name] = _Block(
-                name, module, router, linear, module.experts, num_experts, default, default, state
+                name,
+                module,
+                router,
+                linear,
+                module.experts,
+                num_experts,
+                default,
+                default,
+                state,
+                transposed=transposed,
+                scaled_input=scaled_input,
             )
         if not state.blocks:
             raise TypeError(f"{type(model).__name__} has no MoE block (a module with 'experts')")
         for block in state.blocks.values():
-            state.patches.append(
-                _patch_forward(block.router, functools.partial(_routed_router_forward, block))
-            )
-            state.patches.append(
-                _patch_forward(block.experts, functools.partial(_routed_experts_forward, block))
-            )
+            patches: list[tuple[nn.Module, Callable[..., Any]]]
+            if block.scaled_input:
+                patches = [
+                    (block.router, _routed_dense_router_forward),
+                    (block.block, _routed_scaled_block_forward),
+                ]
+            else:
+                patches = [
+                    (block.router, _routed_router_forward),
+                    (block.experts, _routed_experts_forward),
+                ]
+            for module, forward in patches:
+                state.patches.append(_patch_forward(module, functools.partial(forward, block)))
         model.__dict__[_STATE] = state
     for block in state.blocks.values():
         block.policy = _choose(policy, block)

@@ -6,7 +6,9 @@ tiny random model and compared with the original) and by the docs (the support t
 ``docs/integrations/transformers.rst`` is generated from :data:`FAMILIES`).
 
 A family is the name of its folder under ``transformers/models``. An MoE family is one whose
-modeling code builds an ``experts`` module (:func:`moe_families`).
+modeling code builds an ``experts`` module (:func:`moe_families`). The three families new in
+transformers 5.24 (``hy_v4_vl``, ``inkling2_loop``, ``lara_mini``) are listed too: the tests
+check them when 5.24 is installed.
 """
 
 from __future__ import annotations
@@ -75,79 +77,86 @@ def _not_built(reason: str) -> Family:
     return Family(not_built=reason)
 
 
-_MIXED_ATTENTION = "the default config's attention sizes do not shrink with hidden_size"
-
 FAMILIES: dict[str, Family] = {
     "afmoe": _DEEPSEEK,  # sigmoid, per-call expert_bias, route_scale
     "aria": _SOFTMAX,
     "axk1": _DEEPSEEK,
-    "axk2": _not_built(_MIXED_ATTENTION),
+    "axk2": _DEEPSEEK,
     "bailing_hybrid": _DEEPSEEK,
     "beam": _DEEPSEEK,
     "cohere2_moe": _SOFTMAX,
-    "dbrx": _not_built(
-        "its nested attn_config/ffn_config are not shrunk by the generic tiny config; its block "
-        "routes in route_tokens_to_experts (softmax top-k, L_p-normalised), not in the router"
+    "dbrx": _refused(
+        "unfused experts: DbrxExperts holds w1, v1, w2 as (experts * ffn, hidden) matrices, not "
+        "fused 3-D gate_up_proj/down_proj; and its router returns only logits (the block's "
+        "route_tokens_to_experts makes an L_p-normalised softmax top-k, L_2 not in moerouter)",
+        r"DbrxFFN.*DbrxExperts does not hold fused 3-D",
     ),
-    "deepseek_ocr2": _not_built("the vision-language config has no buildable text model alone"),
+    "deepseek_ocr2": _SOFTMAX,
     "deepseek_v2": _SOFTMAX,
     "deepseek_v3": _DEEPSEEK,
-    "deepseek_v32": _not_built("its indexer's head sizes do not follow the tiny config"),
+    "deepseek_v32": _DEEPSEEK,
     "deepseek_v4": _refused(
         "its first layers route by hashing the token ids (DeepseekV4HashRouter takes input_ids): "
         "moerouter gives a policy only logits and a per-expert bias",
         r"'input_ids'",
     ),
     "diffusion_gemma": _not_built("per-layer configs (config.per_layer_config) are not shrunk"),
-    "dots1": _not_built("its default config leaves sizes the tiny config needs unset (None)"),
+    "dots1": _DEEPSEEK,
     "dots3_note": _not_built("per-layer configs (config.per_layer_config) are not shrunk"),
     "ernie4_5_moe": Family(
         "TopK",
         "softmax",
         no_adamoe="its router adds a per-expert bias (moe_statics) of E entries to the logits",
     ),
-    "ernie4_5_vl_moe": _not_built(
-        "the tiny text config has no multimodal expert split (text/vision experts of size 0)"
+    "ernie4_5_vl_moe": Family(
+        "TopK",
+        "softmax",
+        no_adamoe="its routers add a per-expert bias (moe_statics) of E entries to the logits",
     ),
     "exaone_moe": _DEEPSEEK,
     "flex_olmo": _SOFTMAX,
     "flint": _SIGMOID,
-    "gemma4": _not_built("MoE layers are enabled per layer (per_layer_config), not shrunk"),
+    "gemma4": _refused(
+        "per-expert output scale: its router multiplies the renormalised top-k weights by a "
+        "learned per_expert_scale (moerouter has no per-expert weight scale), and takes k "
+        "from config.top_k_experts, not a top_k attribute",
+        r"Gemma4TextRouter has no int top_k",
+    ),
     "glm4_moe": _DEEPSEEK,
     "glm4_moe_lite": _DEEPSEEK,
-    "glm4v_moe": _not_built(
-        "the default M-RoPE sections (8, 12, 12) do not fit a tiny head size; a config issue"
-    ),
-    "glm5_next": _not_built(_MIXED_ATTENTION),
-    "glm_moe_dsa": _not_built(_MIXED_ATTENTION),
+    "glm4v_moe": _DEEPSEEK,
+    "glm5_next": _DEEPSEEK,
+    "glm_moe_dsa": _DEEPSEEK,
     "gpt_oss": _SOFTMAX,
     "granitemoe": _SOFTMAX,
     "granitemoe_swa": _SOFTMAX,
-    "granitemoehybrid": _not_built("its Mamba head sizes do not follow the tiny config"),
+    "granitemoehybrid": _SOFTMAX,
     "granitemoeshared": _SOFTMAX,
     "hunyuan_v1_moe": _SOFTMAX,  # the router's weight lives in its nn.Linear child 'wg'
     "hy_v3": _DEEPSEEK,  # per-call e_score_correction_bias, router_scaling_factor
-    "hy_v4": _not_built(_MIXED_ATTENTION),
-    "inkling": _not_built("the audio-text config's default sizes do not follow the tiny config"),
+    "hy_v4": _DEEPSEEK,
+    "hy_v4_vl": _DEEPSEEK,  # transformers 5.24
+    "inkling": _refused(
+        "extra-column router: E + n_shared_experts rows, the last scoring the shared experts; "
+        "their sigmoid joins the chosen experts' in the normalisation and gates the shared "
+        "experts (a 4th router output). moerouter policies normalise over the chosen experts",
+        r"InklingMoE.*router has 10 rows for 8 experts",
+    ),
     "inkling2": _DEEPSEEK,
+    "inkling2_loop": _DEEPSEEK,  # transformers 5.24
     "jamba": _SOFTMAX,
     "jetmoe": _refused(
-        "mixture of attention heads: its attention block has 'experts' but no 'gate' or "
-        "'router' child; moerouter routes MLP experts only",
+        "mixture of attention heads (JetMoeMoA: top-k query/output projections per token) "
+        "with no 'gate' or 'router' child; its MLP MoE (JetMoeMoE) has no 'experts' module "
+        "(input_linear/output_linear) and a router returning expert-sorted gates",
         r"JetMoeAttention.*no 'gate' or 'router'",
     ),
     "kimi_linear": _DEEPSEEK,
     "kolibri1": _DEEPSEEK,
     "laguna": _DEEPSEEK,
-    "lfm2_moe": _not_built(
-        "its default config derives layer types from sizes the tiny config leaves unset; "
-        "a config issue, not the integration"
-    ),
-    "llama4": _refused(
-        "Llama-4 multiplies each expert's input by its sigmoid top-1 score (not its output) and "
-        "stores experts as (experts, hidden, 2 * intermediate): moerouter's combine scales outputs",
-        r"Llama4TextMoe.*expert input width",
-    ),
+    "lara_mini": _SOFTMAX,  # transformers 5.24
+    "lfm2_moe": _DEEPSEEK,  # sigmoid, optional per-call expert_bias
+    "llama4": _SIGMOID,  # expert input scaled by the score; its dense expert loop replaced
     "longcat_flash": _refused(
         "zero-computation experts: the router has n_routed_experts + zero_expert_num rows and "
         "the extra experts return their input (identity), which moerouter has no expert for",
@@ -159,23 +168,21 @@ FAMILIES: dict[str, Family] = {
     "minimax_m2": _DEEPSEEK,  # per-call e_score_correction_bias
     "minimax_m3_vl": _DEEPSEEK,
     "mistral4": _DEEPSEEK_SOFTMAX,
-    "mistral_large4": _not_built(_MIXED_ATTENTION),
+    "mistral_large4": _DEEPSEEK_SOFTMAX,  # group-limited softmax, no bias
     "mixtral": _SOFTMAX,
-    "muse_spark": _refused(
-        "its experts module's weights are stored (experts, hidden, out) without transformers' "
-        "is_transposed flag, so their input width does not match the router's",
-        r"MuseSparkMoE.*expert input width",
-    ),
+    "muse_spark": _DEEPSEEK,  # experts on a projected width (moe_hidden_size)
     "nemotron_h": _DEEPSEEK,
-    "nllb_moe": _not_built(
-        "an encoder-decoder: the generic tiny model is called with input_ids only; its top-2 "
-        "router with a random second-expert policy is not reproduced by any moerouter policy"
+    "nllb_moe": _refused(
+        "unfused experts (one module per expert) and a top-2 router with capacity, a random "
+        "second-expert policy and a one-hot dispatch mask as output",
+        r"NllbMoeSparseMLP.*NllbMoeExperts does not hold fused 3-D",
     ),
     "olmoe": _SOFTMAX,
     "openai_privacy_filter": _DEEPSEEK_SOFTMAX,
     "phimoe": _refused(
-        "SparseMixer routing (a masked softmax per choice with a jitter threshold) has no "
-        "moerouter policy",
+        "SparseMixer: each choice is weighted by a softmax over the logits within a relative "
+        "jitter threshold of it, the previous choices masked; in training a Gumbel-sampled "
+        "choice with Heun's third-order gradient estimate. moerouter has no such policy",
         r"PhimoeSparseMoeBlock.*could not reproduce",
     ),
     "qwen2_moe": _SOFTMAX,
@@ -184,11 +191,13 @@ FAMILIES: dict[str, Family] = {
     "qwen3_next": _SOFTMAX,
     "qwen3_omni_moe": _not_built("thinker/talker configs: no single text model to build"),
     "qwen3_vl_moe": _SOFTMAX,
-    "qwen4_exp": _not_built("its default config leaves head sizes unset (None)"),
+    "qwen4_exp": _SOFTMAX,
     "solar_open": _DEEPSEEK,
-    "step3p7": _not_built("its default config has no sliding_window for its sliding layers"),
-    "switch_transformers": _not_built(
-        "an encoder-decoder: the generic tiny model is called with input_ids only"
+    "step3p7": _DEEPSEEK,
+    "switch_transformers": _refused(
+        "unfused experts (one module per expert) and a top-1 router with per-sequence "
+        "capacity returning a one-hot dispatch mask",
+        r"SwitchTransformersSparseMLP.*SwitchTransformersExperts does not hold fused 3-D",
     ),
     "unlimited_ocr": _SOFTMAX,
     "vitpose_backbone": _not_built("a vision backbone: no text model to build"),
