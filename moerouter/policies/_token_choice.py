@@ -109,7 +109,7 @@ def token_choice_routing(
     num_groups, group_size, k = choice.shape
     choice_ids = xp.astype(choice, xp.int32)
     expert_ids = (
-        choice_ids
+        xp.asarray(choice_ids, copy=True)  # not a view of choice_ids: a caller may edit one
         if all_routed
         else xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32, device=device))
     )
