@@ -119,6 +119,12 @@ def test_jax_gradients(router):
     np.testing.assert_allclose(np.asarray(grad_x), reference[1], **GRAD_TOL)
 
 
+def _expert_rows(num_rows):
+    # Rows that differ: with equal rows the output is sum(weights) * row, constant because the
+    # weights sum to 1, and the real logits' gradient is zero too (or rounding noise).
+    return np.linspace(1.0, 3.0, num_rows * FEATURES, dtype=np.float32).reshape(num_rows, -1)
+
+
 def null_expert_grad(backend_name):
     # AdaMoE: weights are a softmax over the selected real logits, so the task output gives the
     # null columns (and unselected columns) a gradient of exactly zero.
@@ -129,7 +135,7 @@ def null_expert_grad(backend_name):
         tensor = torch.asarray(logits).requires_grad_()
         routing = router(tensor)
         plan = mr.make_plan(routing)
-        ye = torch.asarray(np.ones((plan.num_rows, FEATURES), np.float32)) * 3.0
+        ye = torch.asarray(_expert_rows(plan.num_rows))
         (mr.combine(ye, plan) * torch.asarray(TARGET)).sum().backward()
         return to_numpy(tensor.grad), routing
     jax = pytest.importorskip("jax")
@@ -137,7 +143,7 @@ def null_expert_grad(backend_name):
 
     def loss(values):
         plan = mr.make_plan(router(values))
-        ye = jnp.ones((plan.num_rows, FEATURES)) * 3.0
+        ye = jnp.asarray(_expert_rows(plan.num_rows))
         return jnp.sum(mr.combine(ye, plan) * jnp.asarray(TARGET))
 
     return np.asarray(jax.grad(loss)(jnp.asarray(logits))), router(logits)

@@ -48,6 +48,8 @@ def _shares_memory(a, b) -> bool:
 @pytest.mark.parametrize("backend", [Backend.NUMPY, Backend.TORCH], ids=str)
 @pytest.mark.parametrize("name", sorted(CALLS))
 def test_routing_fields_have_their_own_memory(name, backend, path):
+    if (reason := backend.unavailable_reason()) is not None:
+        pytest.skip(reason)
     routing = CALLS[name](Inputs(backend.asarray, backend.namespace()), (64,))
     if not isinstance(routing, mr.Routing):
         pytest.skip(f"{name} returns {type(routing).__name__}")
