@@ -426,7 +426,8 @@ def _eager_router(library: str, k: int) -> tuple[str, Callable[[Any], Any]]:
         return "softmax+topk+renorm", torch_router
     import jax
 
-    @jax.jit
+    # Typed where JAX is installed, untyped in the lint environment, which has no JAX.
+    @jax.jit  # type: ignore[untyped-decorator, unused-ignore]
     def jax_router(logits: Any) -> Any:
         weights, chosen = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
         return chosen, weights / weights.sum(axis=-1, keepdims=True)
@@ -510,7 +511,7 @@ def _router_library(library: str) -> tuple[Callable[..., Any], Callable[[Any], N
     importlib.import_module("moerouter_jax")
 
     def block(result: Any) -> None:
-        jax.block_until_ready(result)  # type: ignore[no-untyped-call]
+        jax.block_until_ready(result)  # type: ignore[no-untyped-call, unused-ignore]
 
     # A fresh jit per path: the trace reads MOEROUTER_BACKEND once.
     return jax.numpy.asarray, block, lambda policy: jax.jit(lambda *a: policy(*a))
