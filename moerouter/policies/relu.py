@@ -14,10 +14,13 @@ from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
     check_positive_int,
-    check_token_layout_bounds,
-    clean_logits,
 )
-from moerouter.policies._token_choice import DROP_POLICIES, choose, token_choice_routing
+from moerouter.policies._token_choice import (
+    DROP_POLICIES,
+    choose,
+    clean_token_choice_logits,
+    token_choice_routing,
+)
 from moerouter.policies.top_p import check_max_k
 from moerouter.routing import Routing
 
@@ -94,15 +97,7 @@ class ReLURouting:
 
     def __call__(self, logits: Array) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
-        check_token_layout_bounds(
-            logits,
-            self.max_k,
-            num_experts=self.num_experts,
-            with_capacity=self.capacity_factor is not None,
-        )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
+        clean = clean_token_choice_logits(self, logits, self.max_k, self.capacity_factor)
         xp = clean.xp
         gates = xp.maximum(clean.values, xp.zeros_like(clean.values))
         choice, chosen_logits = choose(clean, self.max_k)

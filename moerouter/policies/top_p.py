@@ -13,12 +13,11 @@ from moerouter.policies._common import (
     check_capacity_factor,
     check_choice,
     check_positive_int,
-    check_token_layout_bounds,
-    clean_logits,
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
     choose,
+    clean_token_choice_logits,
     renormalized_scores,
     softmax,
     token_choice_routing,
@@ -142,15 +141,7 @@ class TopP:
         ``p``, when given, replaces the constructor's value for this call.
         """
         p = self.p if p is None else check_p(p)
-        check_token_layout_bounds(
-            logits,
-            self.max_k,
-            num_experts=self.num_experts,
-            with_capacity=self.capacity_factor is not None,
-        )
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
+        clean = clean_token_choice_logits(self, logits, self.max_k, self.capacity_factor)
         xp = clean.xp
         probs = softmax(clean.values, xp=xp)
         choice, chosen_logits = choose(clean, self.max_k)
