@@ -59,6 +59,7 @@ backend = _registry.register(
             "dispatch": _kernels.dispatch,
             "combine": _kernels.combine,
             "top_k": _kernels.top_k,
+            "router": _kernels.router,
         },
         description="JAX (custom_vjp gather-only kernels; Pallas on GPU)",
         kernel_sets=(_kernels.PALLAS,),

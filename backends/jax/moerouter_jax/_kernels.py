@@ -24,12 +24,24 @@ import jax.numpy as jnp
 from moerouter import KernelSet, Plan, Routing, _registry
 from moerouter._arrays import device_of as _device_of
 
-__all__ = ["PALLAS", "combine", "dispatch", "gather_reduce", "gather_rows", "make_plan", "top_k"]
+__all__ = [
+    "PALLAS",
+    "combine",
+    "dispatch",
+    "gather_reduce",
+    "gather_rows",
+    "make_plan",
+    "router",
+    "top_k",
+]
 
 #: The Pallas (Triton-lowered) row movers on GPU; XLA gathers otherwise.
 PALLAS = KernelSet(
     name="jax-pallas",
-    description="Pallas dispatch and combine (and their gradients) on GPU (XLA gathers otherwise)",
+    description=(
+        "Pallas dispatch and combine (and their gradients) and the fused top-k router on GPU "
+        "(XLA gathers and the agnostic router otherwise)"
+    ),
     verified_on="",
 )
 
@@ -155,6 +167,34 @@ def _use_pallas(array: Array) -> bool:
     except (AttributeError, jax.errors.ConcretizationTypeError):  # a tracer: no device yet
         platforms = {jax.default_backend()}
     return platforms == {"gpu"}
+
+
+def router(
+    values: Array,
+    k: int,
+    *,
+    score: str,
+    weights: str,
+    num_real: int,
+    bias: Any = None,
+) -> Any:
+    """The ``router`` slot: Pallas's fused top-k router on a GPU while :data:`PALLAS` is on.
+
+    It covers what the fused kernel computes (every column a real expert, no selection bias,
+    ``weights`` ``"renormalize"`` or ``"raw"``); every other call, and every call off the GPU,
+    returns None for the reference router, whose selection is :func:`top_k`.
+    """
+    if (
+        bias is not None
+        or num_real != values.shape[-1]
+        or weights not in ("renormalize", "raw")
+        or values.size == 0
+        or not _use_pallas(values)
+    ):
+        return None
+    from moerouter_jax import _pallas
+
+    return _pallas.router(values, k, score=score, weights=weights)
 
 
 def gather_rows(x: Array, source_tokens: Array, num_valid: Array) -> Array:

@@ -10,8 +10,10 @@ so there are no atomics and results are the same run to run:
   ``w[t, f] * rows[combine_rows[t, f]]`` over the slots ``f`` in order in a float32 register
   block, then writes token row ``t`` once (the token-centric gather-reduce of
   TransformerEngine's ``_unpermute_kernel``).
-- :func:`topk_router`: a fused softmax/sigmoid top-k, one program per token (not wired into the
-  policies, which run their array-API code; the counterpart of ``moerouter_torch._triton``'s).
+- :func:`topk_router`: a fused softmax/sigmoid top-k, one program per token (the counterpart of
+  ``moerouter_torch._triton``'s). :func:`router` puts it in the registry's ``router`` slot, so
+  ``TopK`` and ``GShardTop2`` reach it on a GPU while the set is on; its weights take their
+  gradient from the policies' own formula.
 
 Tests run them with ``interpret=True`` on the CPU at tiny shapes. They have not run on a real
 GPU in this repository yet (no GPU was available when they were written): the ``gpu``-marked
@@ -32,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["gather_reduce", "gather_rows", "topk_router"]
+from moerouter.policies._router import RouterResult, chosen_weights, scores_of
+
+__all__ = ["gather_reduce", "gather_rows", "router", "topk_router"]
 
 Array = Any
 
@@ -174,6 +178,10 @@ def _topk_router_kernel(
     width = logits.shape[1]
     column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
     real = column < num_experts
+    # A row whose maximum is not finite (NaN, +inf, all -inf) is routed nowhere: it is read as
+    # zeros, as the policies' cleaning does, so its columns and weights are the reference's.
+    finite_row = jnp.isfinite(jnp.max(logits))
+    logits = jnp.where(finite_row | ~real, logits, 0.0)
     if sigmoid:
         # moerouter's stable sigmoid (moerouter._numerics.sigmoid): exp never overflows.
         small = jnp.exp(-jnp.abs(logits))
@@ -183,24 +191,29 @@ def _topk_router_kernel(
         shifted = jnp.where(real, shifted, 0.0)
         scores = shifted / jnp.sum(shifted)
     # Rank the logits (monotone with either score): the largest first, ties to the lower column.
-    remaining = logits
+    # A taken column is never a candidate again, even once only -inf entries remain.
+    taken = ~real
     chosen_columns, chosen_logits, chosen_scores = [], [], []
     for _ in range(k):
-        best = jnp.max(remaining)
-        pick = jnp.min(jnp.where(remaining == best, column, width))
+        best = jnp.max(jnp.where(taken, -jnp.inf, logits))
+        pick = jnp.min(jnp.where((logits == best) & ~taken, column, width))
         hit = column == pick
         chosen_columns.append(pick)
         chosen_logits.append(jnp.sum(jnp.where(hit, logits, 0.0)))
         chosen_scores.append(jnp.sum(jnp.where(hit, scores, 0.0)))
-        remaining = jnp.where(hit, -jnp.inf, remaining)
-    if not sigmoid and normalize:  # a softmax over the k chosen logits (TopK's formula)
-        top = chosen_logits[0]
+        taken = taken | hit
+    if normalize:
+        # The policies' renormalisation: a softmax of the log-scores over the chosen columns
+        # (log sigmoid for sigmoid scores), finite where every chosen score underflows.
+        if sigmoid:
+            chosen_logits = [
+                jnp.minimum(value, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(value)))
+                for value in chosen_logits
+            ]
+        top = chosen_logits[0]  # the best, finite in a finite row
         exps = [jnp.exp(value - top) for value in chosen_logits]
         total = sum(exps[1:], exps[0])
         weights = [value / total for value in exps]
-    elif normalize:
-        total = sum(chosen_scores[1:], chosen_scores[0])
-        weights = [value / total for value in chosen_scores]
     else:
         weights = chosen_scores
     slot = jax.lax.broadcasted_iota(jnp.int32, experts_ref.shape, 1)
@@ -223,10 +236,11 @@ def topk_router(
 ) -> tuple[Array, Array]:
     """Fused softmax/sigmoid top-k: (T, k) int32 experts and float32 weights, one program a token.
 
-    Matches :class:`moerouter.TopK` (no capacity, ``softmax_after_topk=False``) on rows of finite
-    logits: same experts (ties to the lower column, slots in descending order), weights within
-    float32 rounding. Rows holding NaN or infinities are not handled here: the policy routes them
-    nowhere, this kernel does not.
+    Matches :class:`moerouter.TopK` (no capacity, ``softmax_after_topk=False``): same experts
+    (ties to the lower column, slots in descending order, a column never twice, ``-inf`` after
+    every finite logit), weights within float32 rounding (zero for a ``-inf`` choice). A row
+    whose maximum is not finite (NaN, ``+inf``, all ``-inf``) is read as zeros, as the policies
+    clean it; they route such a row nowhere, which the caller marks (:func:`router`).
     """
     if score not in ("softmax", "sigmoid"):
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
@@ -261,3 +275,57 @@ def topk_router(
         compiler_params=_compiler_params(_interpret(interpret)),
     )(padded)
     return experts[:, :k], weights[:, :k]
+
+
+def router(values: Array, k: int, *, score: str, weights: str) -> RouterResult:
+    """The registry's ``router`` slot through :func:`topk_router` (``weights`` ``"renormalize"``
+    or ``"raw"``; every column a real expert, no selection bias).
+
+    ``values`` are float32 ``(G, S, E)`` logits. Columns and routed flags equal the reference
+    router's; weights and probabilities agree within float32 rounding. The kernel has no
+    backward: the weights' gradient is the reference formula's at the kernel's choice.
+    """
+    xp = jnp
+    finite_rows = jnp.isfinite(jnp.max(values, axis=-1))
+    clean = jnp.where(finite_rows[..., None], values, 0.0)
+    experts, fused = topk_router(
+        jax.lax.stop_gradient(values.reshape(-1, values.shape[-1])),
+        k,
+        score=score,
+        normalize=weights == "renormalize",
+    )
+    shape = (*values.shape[:-1], k)
+    choice = experts.reshape(shape)
+    routed = (jnp.take_along_axis(clean, choice, axis=-1) > -jnp.inf) & finite_rows[..., None]
+    probs = scores_of(clean, score, xp=xp)
+
+    def formula(logits: Array) -> Array:
+        return chosen_weights(
+            jnp.take_along_axis(logits, choice, axis=-1),
+            routed,
+            scores_of(logits, score, xp=xp),
+            choice,
+            score=score,
+            weights=weights,
+            xp=xp,
+        )
+
+    @jax.custom_vjp
+    def fused_weights(logits: Array) -> Array:
+        return fused.reshape(shape)
+
+    def forward(logits: Array) -> tuple[Array, Array]:
+        return fused.reshape(shape), logits
+
+    def backward(logits: Array, cotangent: Array) -> tuple[Array]:
+        return jax.vjp(formula, logits)[1](cotangent)
+
+    fused_weights.defvjp(forward, backward)
+    return RouterResult(
+        choice=choice,
+        routed=routed,
+        weights=fused_weights(clean),
+        probs=jnp.where(finite_rows[..., None], probs, 0.0),
+        finite_rows=finite_rows,
+        xp=xp,
+    )

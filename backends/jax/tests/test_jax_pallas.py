@@ -77,6 +77,93 @@ def test_interpreted_topk_router_matches_policy(num_experts, k, score, normalize
     assert_close(weights.ravel(), routing.weights, "weights", rtol=1e-6, atol=1e-7)
 
 
+def hostile_logits(num_experts, seed):
+    """Random rows with a tie, -inf masks (one row with fewer finite columns than k), a NaN
+    row, a +inf row and an all -inf row: every case the policies route nowhere or part-way."""
+    logits = randn(T, num_experts, seed=seed)
+    logits[0, 1] = logits[0, 2] = 3.0
+    logits[1, 1:] = -np.inf  # one finite column
+    logits[2, ::2] = -np.inf
+    logits[3, 0] = np.nan
+    logits[4, 1] = np.inf
+    logits[5] = -np.inf
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "k", "score", "normalize"),
+    [(6, 3, "softmax", True), (6, 3, "sigmoid", True), (5, 2, "sigmoid", False)],
+)
+def test_interpreted_topk_router_on_masked_and_bad_rows(num_experts, k, score, normalize):
+    # Once only -inf columns are left, a column is never picked twice: they follow in column
+    # order, as the reference's stable sort puts them; bad rows choose as zero rows do.
+    logits = hostile_logits(num_experts, seed=11)
+    routing = mr.TopK(num_experts=num_experts, k=k, score=score, normalize=normalize)(
+        jnp.asarray(logits)
+    )
+    experts, weights = _pallas.topk_router(
+        jnp.asarray(logits), k, score=score, normalize=normalize, interpret=True
+    )
+    np.testing.assert_array_equal(to_numpy(experts).ravel(), to_numpy(routing.choice_ids))
+    routed = to_numpy(routing.expert_ids) >= 0
+    assert_close(to_numpy(weights).ravel()[routed], to_numpy(routing.weights)[routed], "weights")
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        pytest.param(mr.TopK(num_experts=6, k=3), id="topk"),
+        pytest.param(mr.TopK(num_experts=6, k=2, score="sigmoid"), id="sigmoid"),
+        pytest.param(mr.TopK(num_experts=6, k=2, normalize=False), id="raw"),
+        pytest.param(mr.GShardTop2(num_experts=6, second_expert_policy="all"), id="gshard"),
+    ],
+)
+def test_policies_reach_the_pallas_router_under_jit_and_grad(use_backend, monkeypatch, policy):
+    # The router slot hands these calls to the fused kernel (interpreted here, as on a GPU):
+    # integer fields equal the reference's, weights and their gradient agree within rounding.
+    monkeypatch.setattr(_pallas, "INTERPRET", True)
+    calls = []
+    fused = _pallas.topk_router
+    monkeypatch.setattr(_pallas, "topk_router", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    logits = jnp.asarray(hostile_logits(6, seed=5))
+    upstream = jnp.asarray(randn(T * getattr(policy, "k", 2), seed=6))
+
+    def run(logits):
+        routing = policy(logits)
+        return jnp.sum(routing.weights * upstream), routing
+
+    def routed_on(kernels):
+        monkeypatch.setattr(_kernels, "_use_pallas", lambda array: kernels)
+        return jax.jit(jax.value_and_grad(run, has_aux=True))(logits)
+
+    (value, got), grad = routed_on(True)
+    assert calls, "the policy did not reach the Pallas router"
+    (want_value, want), want_grad = routed_on(False)
+    for name in ("choice_ids", "expert_ids", "token_ids"):
+        np.testing.assert_array_equal(to_numpy(getattr(got, name)), to_numpy(getattr(want, name)))
+    assert_close(got.weights, want.weights, "weights")
+    assert_close(got.probs, want.probs, "probs")
+    assert_close(value, want_value, "loss")
+    assert_close(grad, want_grad, "gradient")
+    assert np.isfinite(to_numpy(grad)).all()
+
+
+@pytest.mark.parametrize(
+    ("policy", "columns"),
+    [
+        pytest.param(mr.NullExperts(num_experts=4, num_null=2, k=2), 6, id="null"),
+        pytest.param(mr.DeepSeekTopK(num_experts=6, k=2), 6, id="deepseek"),
+        pytest.param(mr.TopK(num_experts=6, k=2, softmax_after_topk=True), 6, id="after"),
+    ],
+)
+def test_calls_the_fused_router_does_not_cover_take_the_reference(monkeypatch, policy, columns):
+    monkeypatch.setattr(_kernels, "_use_pallas", lambda array: True)
+    monkeypatch.setattr(_pallas, "topk_router", None)  # would raise if called
+    logits = jnp.asarray(randn(T, columns, seed=8))
+    routing = policy(logits)
+    assert routing.expert_ids.shape == (T * policy.k,)
+
+
 def test_topk_router_rejects_bad_arguments():
     with pytest.raises(ValueError, match="score"):
         _pallas.topk_router(jnp.zeros((2, 4)), 2, score="relu", interpret=True)
