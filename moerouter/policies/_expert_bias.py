@@ -52,13 +52,15 @@ def route_with_expert_bias(router: Any, logits: Array, expert_bias: Array) -> Ro
     uncapped = {field.name: getattr(router, field.name) for field in fields(router)}
     unbiased = type(router)(**{**uncapped, "capacity_factor": None})(logits32)
     choice = xp.reshape(biased.choice_ids, (-1, router.k))
+    # take_along_axis wants the namespace's index dtype (torch: int64; JAX without x64: int32).
+    index = xp.astype(choice, xp.__array_namespace_info__().default_dtypes()["indexing"])
     values = xp.reshape(logits32, (unbiased.probs.shape[0], num_experts))
-    chosen = xp.take_along_axis(values, choice, axis=-1)
+    chosen = xp.take_along_axis(values, index, axis=-1)
     routed = (chosen > -xp.inf) & biased.finite_rows[:, None]
     if router.softmax_after_topk or (router.score == "softmax" and router.normalize):
         weights = masked_softmax(chosen, routed, xp=xp, device=device_of(chosen))
     else:
-        weights = xp.take_along_axis(unbiased.probs, choice, axis=-1)
+        weights = xp.take_along_axis(unbiased.probs, index, axis=-1)
         if router.normalize:
             weights = renormalize(weights, routed, xp=xp)
     kept = xp.reshape(biased.expert_ids, choice.shape) >= 0
