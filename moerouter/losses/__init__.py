@@ -53,13 +53,17 @@ from moerouter.losses.shazeer import _normal_cdf as _normal_cdf
 from moerouter.losses.shazeer import importance_loss, load_loss
 from moerouter.losses.state import (
     BalanceState,
+    MoEState,
     accumulate,
     balance_state_init,
     load_balancing_from_state,
+    moe_state_init,
+    moe_state_update,
 )
 
 __all__ = [
     "BalanceState",
+    "MoEState",
     "accumulate",
     "aggregate",
     "balance_state_init",
@@ -71,6 +75,8 @@ __all__ = [
     "load_balancing_from_state",
     "load_loss",
     "locality_loss",
+    "moe_state_init",
+    "moe_state_update",
     "null_load_balancing",
     "relu_cut_fraction",
     "relu_l1_loss",

@@ -1,7 +1,10 @@
 """Global-batch balancing, optax-style: :class:`BalanceState` in, new state out.
 
 :func:`balance_state_init` and :func:`accumulate` thread the counts of every micro-batch (and
-rank); :func:`load_balancing_from_state` is the loss over the global batch."""
+rank); :func:`load_balancing_from_state` is the loss over the global batch. :class:`MoEState`
+is what a MoE layer carries between steps (the expert bias of auxiliary-loss-free balancing and a
+:class:`BalanceState`): :func:`moe_state_init` and :func:`moe_state_update`, used alike by the
+JAX layer and the torch ``MoE``."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from typing import Any, Literal, NamedTuple
 
 from array_api_compat import array_namespace
 
+from moerouter._agnostic.select import bincount
+from moerouter._arrays import device_of
 from moerouter._typing import Array
 from moerouter._validation import (
     check_choice,
@@ -21,9 +26,18 @@ from moerouter.losses._shared import (
     _choice_counts,
     _normalised_scores,
 )
+from moerouter.policies.deepseek import update_expert_bias
 from moerouter.routing import Routing
 
-__all__ = ["BalanceState", "accumulate", "balance_state_init", "load_balancing_from_state"]
+__all__ = [
+    "BalanceState",
+    "MoEState",
+    "accumulate",
+    "balance_state_init",
+    "load_balancing_from_state",
+    "moe_state_init",
+    "moe_state_update",
+]
 
 
 class BalanceState(NamedTuple):
@@ -216,3 +230,114 @@ def load_balancing_from_state(
     else:
         share = counts / tokens
     return num_columns * xp.sum(share * mean_probs)
+
+
+class MoEState(NamedTuple):
+    """The balancing state a MoE layer carries from step to step.
+
+    A named tuple of arrays (and of a :class:`BalanceState`), so it is a pytree under
+    ``jax.jit`` and passes through ``torch.compile``. Build it with :func:`moe_state_init`,
+    update it with :func:`moe_state_update`. The JAX layer (``moerouter_jax.layer.moe_apply``)
+    takes and returns it; the torch ``MoE`` holds its fields as buffers.
+
+    Attributes
+    ----------
+    expert_bias : array (E,) float32
+        DeepSeek-V3's auxiliary-loss-free expert bias, for selection only
+        (:func:`moerouter.update_expert_bias`).
+    balance : BalanceState
+        Counts of the micro-batches of one global batch (:func:`accumulate`).
+    """
+
+    expert_bias: Array
+    balance: BalanceState
+
+
+def moe_state_init(
+    num_experts: int, num_choices: int | None = None, *, xp: Any, device: Any = None
+) -> MoEState:
+    """A zero :class:`MoEState`: no bias, nothing accumulated.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``, the real experts (the bias's length).
+    num_choices : int, optional
+        ``E'``, the router's columns (real plus null experts); ``num_experts`` when omitted.
+    xp : namespace
+        Array namespace of the layer.
+    device : optional
+        Device of the layer.
+
+    Returns
+    -------
+    MoEState
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> state = mr.losses.moe_state_init(2, xp=xp)
+    >>> state = mr.losses.moe_state_update(
+    ...     state, mr.TopK(num_experts=2, k=1)(xp.asarray([[1.0, 0.0]])), bias_update_rate=0.1
+    ... )
+    >>> state.expert_bias
+    Array([-0.1,  0.1], dtype=array_api_strict.float32)
+    >>> state.balance.counts
+    Array([1, 0], dtype=array_api_strict.int32)
+    """
+    check_positive_int(num_experts, "num_experts")
+    if num_choices is None:
+        num_choices = num_experts
+    check_positive_int(num_choices, "num_choices")
+    if num_choices < num_experts:
+        raise ValueError(f"num_choices must be >= num_experts = {num_experts}, got {num_choices}")
+    if xp is None or not hasattr(xp, "zeros"):
+        raise TypeError(f"xp must be an array namespace, got {xp!r}")
+    return MoEState(
+        expert_bias=xp.zeros((num_experts,), dtype=xp.float32, device=device),
+        balance=balance_state_init(num_choices, xp=xp, device=device),
+    )
+
+
+def moe_state_update(
+    state: MoEState,
+    routing: Routing,
+    *,
+    bias_update_rate: float = 0.0,
+    mask: Array | None = None,
+) -> MoEState:
+    r"""One step of a MoE layer's balancing state: the new :class:`MoEState`.
+
+    ``balance`` gains ``routing`` (:func:`accumulate`); the expert bias moves by
+    :func:`moerouter.update_expert_bias` with :math:`c_e` the assignments expert :math:`e`
+    actually served in ``routing`` (after capacity drops; null experts excluded). A pure
+    function; the caller stops gradients (the JAX layer with ``jax.lax.stop_gradient``, the
+    torch ``MoE`` by copying into buffers without autograd).
+
+    Parameters
+    ----------
+    state : MoEState
+        From :func:`moe_state_init` or a previous update.
+    routing : Routing
+        This micro-batch's routing (``E'`` columns, ``E`` real experts).
+    bias_update_rate : float
+        :math:`\gamma` >= 0 of the bias update (0 keeps the bias).
+    mask : array (T,) or (G, S) bool, optional
+        Valid tokens, for :func:`accumulate`.
+
+    Returns
+    -------
+    MoEState
+    """
+    if not isinstance(state, MoEState):
+        raise TypeError(f"state must be a moerouter.losses.MoEState, got {type(state).__name__}")
+    routing = check_routing(routing)
+    balance = accumulate(state.balance, routing, mask=mask)
+    xp = array_namespace(routing.expert_ids, state.expert_bias)
+    # Load: assignments actually served by each real expert (bincount ignores the -1s).
+    served = bincount(
+        routing.expert_ids, routing.num_experts, xp=xp, device=device_of(routing.expert_ids)
+    )
+    bias = update_expert_bias(state.expert_bias, xp.astype(served, xp.float32), bias_update_rate)
+    return MoEState(expert_bias=bias, balance=balance)

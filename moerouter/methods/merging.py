@@ -33,8 +33,7 @@ examples.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -63,30 +62,92 @@ __all__ = [
     "merge_gate_rows",
     "num_groups_per_layer",
     "remap_routing",
+    "routing_statistics_init",
     "weight_matching_permutation",
 ]
 
 
-@dataclass(frozen=True)
-class RoutingStatistics:
+class _RoutingStatisticsFields(NamedTuple):
+    usage: Array
+    logit_gram: Array
+    num_tokens: Array
+
+
+class RoutingStatistics(_RoutingStatisticsFields):
     """Routing statistics accumulated over calibration batches.
+
+    A named tuple of arrays (the moerouter state convention: a pytree under ``jax.jit``, passes
+    through ``torch.compile``). Build it with :func:`routing_statistics_init` (or let the first
+    :func:`collect_routing_statistics` start from zero), update it with
+    :func:`collect_routing_statistics`.
 
     Attributes
     ----------
     usage : array (E,) float32
         Real assignments counted per expert.
     logit_gram : array (E, E) float32
-        :math:`H^\\top H` summed over every token seen, ``H`` the router logits (or probabilities).
+        :math:`H^\top H` summed over every token seen, ``H`` the router logits (or probabilities).
     num_tokens : array () float32
         Tokens with finite logits seen so far.
     num_experts : int
-        ``E``.
+        ``E``, read from ``usage``'s shape. The constructor still takes it as a fourth argument
+        (the former dataclass field), checked against ``usage``.
     """
 
-    usage: Array
-    logit_gram: Array
-    num_tokens: Array
-    num_experts: int
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        usage: Array,
+        logit_gram: Array,
+        num_tokens: Array,
+        num_experts: int | None = None,
+    ) -> RoutingStatistics:
+        if num_experts is not None and int(usage.shape[0]) != num_experts:
+            raise ValueError(f"usage has {usage.shape[0]} experts, num_experts = {num_experts}")
+        return super().__new__(cls, usage, logit_gram, num_tokens)
+
+    @property
+    def num_experts(self) -> int:
+        """``E``, the length of ``usage``."""
+        return int(self.usage.shape[0])
+
+
+def routing_statistics_init(num_experts: int, *, xp: Any, device: Any = None) -> RoutingStatistics:
+    """Empty routing statistics: the state before the first calibration batch.
+
+    :func:`collect_routing_statistics` of a batch into this state equals the call without a
+    state.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``.
+    xp : namespace
+        Array namespace of the routings to come.
+    device : optional
+        Their device.
+
+    Returns
+    -------
+    RoutingStatistics
+        Zero usage, zero Gram matrix, zero tokens (float32).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> mr.merging.routing_statistics_init(3, xp=xp).usage
+    Array([0., 0., 0.], dtype=array_api_strict.float32)
+    """
+    check_positive_int(num_experts, "num_experts")
+    if xp is None or not hasattr(xp, "zeros"):
+        raise TypeError(f"xp must be an array namespace, got {xp!r}")
+    return RoutingStatistics(
+        usage=xp.zeros((num_experts,), dtype=xp.float32, device=device),
+        logit_gram=xp.zeros((num_experts, num_experts), dtype=xp.float32, device=device),
+        num_tokens=xp.zeros((), dtype=xp.float32, device=device),
+    )
 
 
 def collect_routing_statistics(
@@ -168,9 +229,9 @@ def collect_routing_statistics(
     gram = xp.matmul(xp.permute_dims(values, (1, 0)), values)
     tokens = xp.sum(xp.astype(finite, xp.float32))
     if state is None:
-        return RoutingStatistics(usage, gram, tokens, num_experts)
+        return RoutingStatistics(usage, gram, tokens)
     return RoutingStatistics(
-        state.usage + usage, state.logit_gram + gram, state.num_tokens + tokens, num_experts
+        state.usage + usage, state.logit_gram + gram, state.num_tokens + tokens
     )
 
 

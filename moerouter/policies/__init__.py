@@ -55,7 +55,12 @@ from moerouter.policies.causal_expert_choice import (
     threshold_state_init,
     update_thresholds,
 )
-from moerouter.policies.deepseek import DeepSeekTopK, update_expert_bias
+from moerouter.policies.deepseek import (
+    DeepSeekTopK,
+    ExpertBiasState,
+    expert_bias_init,
+    update_expert_bias,
+)
 from moerouter.policies.expert_choice import ExpertChoice
 from moerouter.policies.gshard import GShardTop2
 from moerouter.policies.hash import HashRouter, balanced_hash_table, random_hash_table
@@ -79,6 +84,7 @@ __all__ = [
     "BalancedAssignment",
     "CausalExpertChoice",
     "DeepSeekTopK",
+    "ExpertBiasState",
     "ExpertChoice",
     "FrozenRandomRouter",
     "GShardTop2",
@@ -100,6 +106,7 @@ __all__ = [
     "balanced_hash_table",
     "cosine_router_logits",
     "evaluate_at_k",
+    "expert_bias_init",
     "expert_choice_targets",
     "gaussian_noise",
     "grouped_average_pooling",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from array_api_compat import array_namespace, is_array_api_obj
 
@@ -39,7 +39,7 @@ from moerouter.policies._token_choice import (
 )
 from moerouter.routing import Routing
 
-__all__ = ["DeepSeekTopK", "update_expert_bias"]
+__all__ = ["DeepSeekTopK", "ExpertBiasState", "expert_bias_init", "update_expert_bias"]
 
 
 @PolicyCapabilities(
@@ -172,12 +172,14 @@ class DeepSeekTopK:
     def __call__(
         self,
         logits: Array,
-        bias: Array | None = None,
+        bias: Array | ExpertBiasState | None = None,
         *,
         k: int | None = None,
         capacity_factor: float | None = None,
     ) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E) with an optional selection bias (E,).
+
+        ``bias`` is an array or an :class:`ExpertBiasState` (its ``bias``).
 
         ``k`` and ``capacity_factor``, when given, replace the constructor's values for this call.
         A non-finite ``bias`` raises a ValueError when its values can be read (one device sync on
@@ -195,6 +197,8 @@ class DeepSeekTopK:
         )
         # The logits are checked first: their errors name them, not the bias.
         check_logits(logits, self.num_experts, columns_name="num_experts")
+        if isinstance(bias, ExpertBiasState):
+            bias = bias.bias
         checked_bias = None if bias is None else self._check_bias(bias, logits)
         rule = "renormalize" if self.normalize else "raw"
         if self.topk_groups is None or self.topk_groups == self.num_groups:
@@ -304,7 +308,61 @@ class DeepSeekTopK:
         return xp.reshape(kept, selection.shape)
 
 
-def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Array:
+class ExpertBiasState(NamedTuple):
+    """The expert bias of auxiliary-loss-free balancing, carried from step to step.
+
+    A named tuple of arrays, so it is a pytree under ``jax.jit`` and passes through
+    ``torch.compile``. Build it with :func:`expert_bias_init`, update it with
+    :func:`update_expert_bias`, route with ``DeepSeekTopK(...)(logits, state)``.
+
+    Attributes
+    ----------
+    bias : array (..., E) float32
+        :math:`b_e`, for selection only; one row per layer when it is ``(L, E)``.
+    """
+
+    bias: Array
+
+
+def expert_bias_init(
+    num_experts: int, *, num_layers: int | None = None, xp: Any, device: Any = None
+) -> ExpertBiasState:
+    """A zero expert bias: the state before the first update.
+
+    Parameters
+    ----------
+    num_experts : int
+        ``E``.
+    num_layers : int, optional
+        One bias row per layer, shape ``(L, E)``; ``(E,)`` when omitted.
+    xp : namespace
+        Array namespace of the training step (``numpy``, ``torch``, ``jax.numpy``, ...).
+    device : optional
+        Device of the training step.
+
+    Returns
+    -------
+    ExpertBiasState
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import moerouter as mr
+    >>> state = mr.expert_bias_init(3, xp=xp)
+    >>> mr.update_expert_bias(state, xp.asarray([5, 1, 3]), 0.1).bias
+    Array([-0.1,  0.1,  0. ], dtype=array_api_strict.float32)
+    """
+    check_positive_int(num_experts, "num_experts")
+    shape: tuple[int, ...] = (num_experts,)
+    if num_layers is not None:
+        check_positive_int(num_layers, "num_layers")
+        shape = (num_layers, num_experts)
+    if xp is None or not hasattr(xp, "zeros"):
+        raise TypeError(f"xp must be an array namespace, got {xp!r}")
+    return ExpertBiasState(xp.zeros(shape, dtype=xp.float32, device=device))
+
+
+def update_expert_bias(bias: Array | ExpertBiasState, tokens_per_expert: Array, rate: float) -> Any:
     r"""One step of DeepSeek-V3's auxiliary-loss-free balancing: the new expert bias.
 
     .. math::
@@ -321,8 +379,9 @@ def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Ar
 
     Parameters
     ----------
-    bias : array (..., E), real floating
-        Current bias, e.g. ``(E,)`` or one row per layer ``(L, E)``.
+    bias : array (..., E), real floating, or ExpertBiasState
+        Current bias, e.g. ``(E,)`` or one row per layer ``(L, E)``; or the state of
+        :func:`expert_bias_init` holding it.
     tokens_per_expert : array (..., E)
         Assignments each expert received (integer or float, finite and >= 0), same backend,
         broadcastable to ``bias``; e.g. ``mr.stats.summary(routing)["tokens_per_expert"]``.
@@ -331,8 +390,9 @@ def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Ar
 
     Returns
     -------
-    array
-        The new bias, dtype and shape of ``bias``.
+    array or ExpertBiasState
+        The new bias, dtype and shape of ``bias``; an :class:`ExpertBiasState` when ``bias`` is
+        one.
 
     Raises
     ------
@@ -347,6 +407,8 @@ def update_expert_bias(bias: Array, tokens_per_expert: Array, rate: float) -> Ar
     >>> mr.update_expert_bias(xp.zeros(3), xp.asarray([5, 1, 3]), 0.1)
     Array([-0.1,  0.1,  0. ], dtype=array_api_strict.float64)
     """
+    if isinstance(bias, ExpertBiasState):
+        return ExpertBiasState(update_expert_bias(bias.bias, tokens_per_expert, rate))
     for name, value in (("bias", bias), ("tokens_per_expert", tokens_per_expert)):
         if not is_array_api_obj(value):
             raise TypeError(f"{name} must be an array, got {type(value).__name__}")

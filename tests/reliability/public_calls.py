@@ -719,6 +719,14 @@ FUNCTION_CALLS: dict[str, Call] = {
     "losses.accumulate": lambda a, lead: mr.losses.accumulate(
         mr.losses.balance_state_init(E, xp=a.xp, device=a.device), _routing(a, lead)
     ),
+    "losses.moe_state_init": lambda a, lead: mr.losses.moe_state_init(
+        E, E + 2, xp=a.xp, device=a.device
+    ),
+    "losses.moe_state_update": lambda a, lead: mr.losses.moe_state_update(
+        mr.losses.moe_state_init(E, xp=a.xp, device=a.device),
+        _routing(a, lead),
+        bias_update_rate=0.1,
+    ),
     "losses.load_balancing_from_state": lambda a, lead: [
         mr.losses.load_balancing_from_state(
             mr.losses.accumulate(
@@ -764,7 +772,15 @@ OTHER: dict[str, Call] = {
     # ---- AdaMoE conversion of a gate weight
     "adamoe.tile_null_rows": lambda a, lead: mr.adamoe.tile_null_rows(a.floats(E, D), E),
     "adamoe.drop_null_rows": lambda a, lead: mr.adamoe.drop_null_rows(a.floats(2 * E, D), E),
-    "update_expert_bias": lambda a, lead: mr.update_expert_bias(a.floats(E), a.ints(0, 9, E), 0.1),
+    "update_expert_bias": lambda a, lead: [
+        mr.update_expert_bias(a.floats(E), a.ints(0, 9, E), 0.1),
+        mr.update_expert_bias(
+            mr.expert_bias_init(E, xp=a.xp, device=a.device), a.ints(0, 9, E), 0.1
+        ),
+    ],
+    "expert_bias_init": lambda a, lead: mr.expert_bias_init(
+        E, num_layers=2, xp=a.xp, device=a.device
+    ),
     # ---- multitask
     "multitask.expert_collapse": lambda a, lead: mr.multitask.expert_collapse(a.floats(5, E, D)),
     "multitask.expert_degradation": lambda a, lead: mr.multitask.expert_degradation(
@@ -840,6 +856,9 @@ OTHER: dict[str, Call] = {
             mr.TopK(E, K)(_logits(a, (8,))), state=_statistics(a), count="top1"
         ),
     ],
+    "merging.routing_statistics_init": lambda a, lead: mr.merging.routing_statistics_init(
+        E, xp=a.xp, device=a.device
+    ),
     "merging.expert_frequencies": lambda a, lead: mr.merging.expert_frequencies(_statistics(a)),
     "merging.expert_similarity": lambda a, lead: mr.merging.expert_similarity(_statistics(a)),
     "merging.group_experts": lambda a, lead: mr.merging.group_experts(
@@ -907,6 +926,8 @@ NOT_CALLED: dict[str, str] = {
     "SoftRouting": "a data type; SoftMoE builds one (called)",
     "BackendInfo": "a plugin declaration, no arrays",
     "losses.BalanceState": "a data type; balance_state_init builds one (called)",
+    "losses.MoEState": "a data type; moe_state_init builds one (called)",
+    "ExpertBiasState": "a data type; expert_bias_init builds one (called)",
     "merging.RoutingStatistics": "a data type; collect_routing_statistics builds one (called)",
     "k_schedule": "returns a Python int",
     "evaluate_at_k": "calls the user's function with Python ints",

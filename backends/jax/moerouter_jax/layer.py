@@ -26,7 +26,12 @@ Stateful balancing is explicit state in, new state out (as optax threads optimiz
   micro-batch (Qwen's global-batch balancing, Qiu et al. 2025, "Demons in the Detail"). Reset
   with :func:`reset_accumulation` after each optimizer step.
 
-The bias update is the core's :func:`moerouter.update_expert_bias`; the bias steers
+The state is the core's :class:`moerouter.losses.MoEState` (``mr.losses.moe_state_init(E, E',
+xp=jnp)``), updated by :func:`moerouter.losses.moe_state_update` (the core's
+:func:`moerouter.update_expert_bias` and :func:`moerouter.losses.accumulate`), as in the torch
+``MoE``. :func:`init_balance_state` gives the same state as a dict with the keys
+``"expert_bias"`` and ``"balance"`` (the original form, kept): :func:`moe_apply` and
+:func:`reset_accumulation` return the form they are given. The bias steers
 :class:`moerouter.DeepSeekTopK` through its own ``bias`` argument, and :class:`moerouter.TopK`
 through :func:`route` here. Other policies take no expert bias.
 """
@@ -40,8 +45,7 @@ import jax
 import jax.numpy as jnp
 
 import moerouter as mr
-from moerouter._agnostic.select import bincount
-from moerouter.policies._token_choice import masked_softmax, renormalize
+from moerouter.policies._expert_bias import route_with_expert_bias
 from moerouter_jax._grouped import grouped_matmul
 from moerouter_jax._kernels import device_of
 
@@ -225,17 +229,44 @@ def expert_mlp(
 
 
 def init_balance_state(router: Any) -> dict[str, Any]:
-    """Zero balancing state for :func:`moe_apply`: expert bias and a core ``BalanceState``."""
-    return {
-        "expert_bias": jnp.zeros(int(router.num_experts), jnp.float32),
-        "balance": mr.losses.balance_state_init(_num_choices(router), xp=jnp),
-    }
+    """Zero balancing state for :func:`moe_apply`: expert bias and a core ``BalanceState``.
+
+    The dict form of ``mr.losses.moe_state_init(E, E', xp=jnp)`` (a
+    :class:`moerouter.losses.MoEState`), which :func:`moe_apply` takes as well.
+    """
+    return dict(_state_init(router)._asdict())
 
 
-def reset_accumulation(state: dict[str, Any]) -> dict[str, Any]:
-    """The state with its global-batch accumulation cleared (the expert bias is kept)."""
-    num_choices = int(state["balance"].counts.shape[0])
-    return {**state, "balance": mr.losses.balance_state_init(num_choices, xp=jnp)}
+def _state_init(router: Any) -> mr.losses.MoEState:
+    return mr.losses.moe_state_init(int(router.num_experts), _num_choices(router), xp=jnp)
+
+
+def _as_state(state: Any) -> mr.losses.MoEState:
+    """The :class:`moerouter.losses.MoEState` of a state given as one or as a dict."""
+    if isinstance(state, mr.losses.MoEState):
+        return state
+    if isinstance(state, dict):
+        return mr.losses.MoEState(expert_bias=state["expert_bias"], balance=state["balance"])
+    raise TypeError(
+        f"state must be a moerouter.losses.MoEState or a dict, got {type(state).__name__}"
+    )
+
+
+def _like(state: mr.losses.MoEState, given: Any) -> Any:
+    """``state`` in the form ``given`` came in (a dict keeps any other keys it had)."""
+    return {**given, **state._asdict()} if isinstance(given, dict) else state
+
+
+def reset_accumulation(state: Any) -> Any:
+    """The state with its global-batch accumulation cleared (the expert bias is kept).
+
+    Takes and returns a :class:`moerouter.losses.MoEState` or the dict of
+    :func:`init_balance_state`.
+    """
+    current = _as_state(state)
+    num_choices = int(current.balance.counts.shape[0])
+    balance = mr.losses.balance_state_init(num_choices, xp=jnp)
+    return _like(current._replace(balance=balance), state)
 
 
 def route(router: Any, logits: Array, expert_bias: Array | None = None) -> mr.Routing:
@@ -244,56 +275,11 @@ def route(router: Any, logits: Array, expert_bias: Array | None = None) -> mr.Ro
 
     :class:`moerouter.DeepSeekTopK` applies the bias itself (``router(logits, bias)``). For
     :class:`moerouter.TopK` it is done here; capacity drops with ``drop_policy="probs"`` then
-    rank the biased probabilities.
+    rank the biased probabilities. The torch ``MoE`` routes through the same core function.
     """
     if expert_bias is None:
         return router(logits)
-    if isinstance(router, mr.DeepSeekTopK):  # the core's own selection-only bias
-        return router(logits, jax.lax.stop_gradient(expert_bias))
-    if not isinstance(router, mr.TopK):
-        raise TypeError(
-            "expert_bias needs a moerouter.DeepSeekTopK or moerouter.TopK router, got "
-            f"{type(router).__name__}"
-        )
-    num_experts = router.num_experts
-    if expert_bias.shape != (num_experts,):
-        raise ValueError(
-            f"expert_bias must have shape ({num_experts},), got {tuple(expert_bias.shape)}"
-        )
-    logits32 = logits.astype(jnp.float32)
-    biased = router(logits32 + jax.lax.stop_gradient(expert_bias).astype(jnp.float32))
-    unbiased = router.__class__(**{**_fields(router), "capacity_factor": None})(logits32)
-    slots = router.k
-    choice = biased.choice_ids.reshape(-1, slots)
-    values = logits32.reshape(unbiased.probs.shape[0], num_experts)
-    chosen = jnp.take_along_axis(values, choice, axis=-1)
-    routed = (chosen > -jnp.inf) & biased.finite_rows[:, None]
-    if router.softmax_after_topk or (router.score == "softmax" and router.normalize):
-        weights = masked_softmax(chosen, routed, xp=jnp, device=device_of(chosen))
-    else:
-        weights = jnp.take_along_axis(unbiased.probs, choice, axis=-1)
-        if router.normalize:
-            weights = renormalize(weights, routed, xp=jnp)
-    weights = jnp.where(biased.expert_ids.reshape(choice.shape) >= 0, weights, 0.0)
-    return mr.Routing(
-        token_ids=biased.token_ids,
-        expert_ids=biased.expert_ids,
-        weights=weights.reshape(-1).astype(jnp.float32),
-        choice_ids=biased.choice_ids,
-        probs=unbiased.probs,
-        finite_rows=biased.finite_rows,
-        num_tokens=biased.num_tokens,
-        num_experts=biased.num_experts,
-        layout=biased.layout,
-        slots=biased.slots,
-        num_groups=biased.num_groups,
-    )
-
-
-def _fields(router: Any) -> dict[str, Any]:
-    from dataclasses import fields
-
-    return {f.name: getattr(router, f.name) for f in fields(router)}
+    return route_with_expert_bias(router, logits, jax.lax.stop_gradient(expert_bias))
 
 
 def moe_apply(
@@ -302,7 +288,7 @@ def moe_apply(
     *,
     router: Any,
     activation: Activation = "swiglu",
-    state: dict[str, Array] | None = None,
+    state: mr.losses.MoEState | dict[str, Any] | None = None,
     bias_update_rate: float = 0.0,
     implementation: Literal["auto", "ragged_dot", "tiled"] = "auto",
 ) -> Any:
@@ -318,9 +304,10 @@ def moe_apply(
         Static: pass it with ``functools.partial`` or a closure under ``jax.jit``.
     activation : {"swiglu", "gelu", "relu", "silu"}
         As given to :func:`moe_init`.
-    state : dict, optional
-        From :func:`init_balance_state`. When given, the expert bias steers selection and the
-        new state is returned as a third output.
+    state : moerouter.losses.MoEState or dict, optional
+        From :func:`moerouter.losses.moe_state_init` (or the dict of :func:`init_balance_state`).
+        When given, the expert bias steers selection and the new state, in the form given, is
+        returned as a third output.
     bias_update_rate : float
         DeepSeek's :math:`\\gamma` for the expert-bias update (0: keep the bias).
     implementation : {"auto", "ragged_dot", "tiled"}
@@ -348,8 +335,8 @@ def moe_apply(
     _check_activation(activation)
     tokens = x.reshape(-1, x.shape[-1])
     logits = gate_logits(params, tokens, router)
-    bias = None if state is None else state["expert_bias"]
-    routing = route(router, logits, bias)
+    current = None if state is None else _as_state(state)
+    routing = route(router, logits, None if current is None else current.expert_bias)
     plan = mr.make_plan(routing)
     expert_out = expert_mlp(
         params["w_in"],
@@ -376,14 +363,12 @@ def moe_apply(
         balance = mr.losses.load_balancing(routing)
     losses = {"load_balancing": balance, "z_loss": mr.losses.z_loss(logits)}
     y = y.reshape(x.shape)
-    if state is None:
+    if state is None or current is None:
         return y, losses
-    balance = jax.lax.stop_gradient(mr.losses.accumulate(state["balance"], routing))
-    losses["global_load_balancing"] = mr.losses.load_balancing_from_state(balance, routing=routing)
-    # Load: assignments actually served by each real expert (bincount ignores the -1s).
-    served = bincount(
-        routing.expert_ids, routing.num_experts, xp=jnp, device=device_of(routing.expert_ids)
-    ).astype(jnp.float32)
-    new_bias = mr.update_expert_bias(state["expert_bias"], served, bias_update_rate)
-    new_state = {"expert_bias": jax.lax.stop_gradient(new_bias), "balance": balance}
-    return y, losses, new_state
+    new_state = jax.lax.stop_gradient(
+        mr.losses.moe_state_update(current, routing, bias_update_rate=bias_update_rate)
+    )
+    losses["global_load_balancing"] = mr.losses.load_balancing_from_state(
+        new_state.balance, routing=routing
+    )
+    return y, losses, _like(new_state, state)

@@ -13,8 +13,8 @@ from flax import nnx
 import moerouter as mr
 from moerouter_jax.layer import (
     Activation,
+    _state_init,
     from_adamoe,
-    init_balance_state,
     moe_apply,
     moe_init,
     to_adamoe,
@@ -35,8 +35,11 @@ class MoE(nnx.Module):  # type: ignore[misc]
 
         The gate and expert weights are ``nnx.Param``; with ``track_balance=True`` the expert bias
         and the global-batch counts are :class:`BalanceState` variables that every call updates
-        (``bias_update_rate`` > 0 moves the bias), and ``losses`` gains
-        ``"global_load_balancing"``. Filter them out of the optimizer with ``nnx.Param``.
+        (``bias_update_rate`` > 0 moves the bias; the fields of a
+        :class:`moerouter.losses.MoEState`, updated by :func:`moerouter.losses.moe_state_update`
+        as in the torch ``MoE``), and ``losses`` gains ``"global_load_balancing"``. Clear the
+        counts with :meth:`reset_accumulation`. Filter them out of the optimizer with
+        ``nnx.Param``.
 
         Examples
         --------
@@ -89,10 +92,19 @@ class MoE(nnx.Module):  # type: ignore[misc]
 
     def _reset_balance(self) -> None:
         if self.track_balance:
-            state = init_balance_state(self.router)
-            self.expert_bias = BalanceState(state["expert_bias"])
+            state = _state_init(self.router)
+            self.expert_bias = BalanceState(state.expert_bias)
             for field in _BALANCE_FIELDS:
-                setattr(self, f"balance_{field}", BalanceState(getattr(state["balance"], field)))
+                setattr(self, f"balance_{field}", BalanceState(getattr(state.balance, field)))
+
+    def reset_accumulation(self) -> MoE:
+        """Clear the global-batch counts (the expert bias is kept), as
+        :func:`moerouter_jax.layer.reset_accumulation` does. Returns ``self``."""
+        if self.track_balance:
+            for field in _BALANCE_FIELDS:
+                variable = getattr(self, f"balance_{field}")
+                variable[...] = jnp.zeros_like(variable[...])
+        return self
 
     def _convert(self, converted: tuple[dict[str, Any], Any]) -> None:
         params, self.router = converted
@@ -143,7 +155,7 @@ class MoE(nnx.Module):  # type: ignore[misc]
         balance = mr.losses.BalanceState(
             *(getattr(self, f"balance_{field}")[...] for field in _BALANCE_FIELDS)
         )
-        state = {"expert_bias": self.expert_bias[...], "balance": balance}
+        state = mr.losses.MoEState(expert_bias=self.expert_bias[...], balance=balance)
         y, losses, new_state = moe_apply(
             params,
             x,
@@ -152,7 +164,7 @@ class MoE(nnx.Module):  # type: ignore[misc]
             state=state,
             bias_update_rate=self.bias_update_rate,
         )
-        self.expert_bias[...] = new_state["expert_bias"]
+        self.expert_bias[...] = new_state.expert_bias
         for field in _BALANCE_FIELDS:
-            getattr(self, f"balance_{field}")[...] = getattr(new_state["balance"], field)
+            getattr(self, f"balance_{field}")[...] = getattr(new_state.balance, field)
         return y, losses

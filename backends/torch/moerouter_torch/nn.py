@@ -9,9 +9,12 @@ import torch
 from torch import nn
 
 import moerouter as mr
+from moerouter.policies._expert_bias import route_with_expert_bias
 from moerouter_torch._grouped import grouped_mm
 
 __all__ = ["GroupedMLP", "MoE"]
+
+_BALANCE_FIELDS = ("counts", "prob_sums", "tokens")  # of moerouter.losses.BalanceState
 
 Activation = Literal["swiglu", "gelu", "relu", "silu"]
 
@@ -110,8 +113,18 @@ class MoE(nn.Module):
         With null experts, how the gate's null rows start: ``"tiled"`` (the AdaMoE code's
         initialisation) copies real row ``j mod E`` into null row ``j``, ``"random"`` draws them
         like the real rows.
+    track_balance : bool
+        Hold a :class:`moerouter.losses.MoEState` as buffers (``expert_bias``,
+        ``balance_counts``, ``balance_prob_sums``, ``balance_tokens``, saved in the
+        ``state_dict``), as the JAX layer's ``MoE(track_balance=True)``: the expert bias steers
+        selection (a :class:`moerouter.TopK` or :class:`moerouter.DeepSeekTopK` router), and
+        ``losses`` gains ``"global_load_balancing"``. In training mode every call updates them
+        with :func:`moerouter.losses.moe_state_update`; in eval mode they are read only. Clear
+        the accumulated counts with :meth:`reset_accumulation` after each optimizer step.
+    bias_update_rate : float
+        DeepSeek's :math:`\\gamma` of the expert-bias update (0 keeps the bias).
     device, dtype
-        Of the parameters.
+        Of the parameters (the state buffers are float32 and int32 on ``device``).
 
     Notes
     -----
@@ -124,7 +137,10 @@ class MoE(nn.Module):
         ``y`` has the shape and dtype of ``x``; ``losses`` is a dict of float32 scalars:
         ``"load_balancing"`` (:func:`moerouter.losses.load_balancing`, or
         :func:`~moerouter.losses.null_load_balancing` when the router has null experts) and
-        ``"z_loss"``. Weight them yourself.
+        ``"z_loss"``, plus ``"global_load_balancing"``
+        (:func:`moerouter.losses.load_balancing_from_state` of the accumulated counts, this
+        call's included, with this call's probabilities) with ``track_balance``. Weight them
+        yourself.
     """
 
     def __init__(
@@ -136,13 +152,25 @@ class MoE(nn.Module):
         activation: Activation = "swiglu",
         shared_intermediate_size: int | None = None,
         null_init: Literal["tiled", "random"] = "tiled",
+        track_balance: bool = False,
+        bias_update_rate: float = 0.0,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if null_init not in ("tiled", "random"):
             raise ValueError(f"null_init must be 'tiled' or 'random', got {null_init!r}")
+        if isinstance(bias_update_rate, bool) or not isinstance(bias_update_rate, int | float):
+            raise TypeError(
+                f"bias_update_rate must be a number, got {type(bias_update_rate).__name__}"
+            )
+        if not math.isfinite(bias_update_rate) or bias_update_rate < 0:
+            raise ValueError(
+                f"bias_update_rate must be a finite number >= 0, got {bias_update_rate}"
+            )
         self.router = router
+        self.track_balance = bool(track_balance)
+        self.bias_update_rate = float(bias_update_rate)
         #: The top-k router :meth:`to_adamoe` replaced (:meth:`from_adamoe` restores it).
         self.converted_from: Any = None
         num_experts = router.num_experts
@@ -159,6 +187,43 @@ class MoE(nn.Module):
             self.shared = GroupedMLP(
                 1, hidden_size, shared_intermediate_size, activation=activation, **factory
             )
+        self._reset_balance(device)
+
+    def _reset_balance(self, device: Any) -> None:
+        """(Re)build the state buffers at zero (their shapes follow the router's columns)."""
+        if not self.track_balance:
+            return
+        zero = mr.losses.moe_state_init(
+            self.router.num_experts, self.gate.out_features, xp=torch, device=device
+        )
+        self.register_buffer("expert_bias", zero.expert_bias)
+        for field in _BALANCE_FIELDS:
+            self.register_buffer(f"balance_{field}", getattr(zero.balance, field))
+
+    @property
+    def balance_state(self) -> mr.losses.MoEState | None:
+        """The buffers as a :class:`moerouter.losses.MoEState` (the tensors themselves); None
+        without ``track_balance``."""
+        if not self.track_balance:
+            return None
+        balance = mr.losses.BalanceState(
+            *(getattr(self, f"balance_{field}") for field in _BALANCE_FIELDS)
+        )
+        return mr.losses.MoEState(expert_bias=self.expert_bias, balance=balance)
+
+    def _store(self, state: mr.losses.MoEState) -> None:
+        with torch.no_grad():
+            self.expert_bias.copy_(state.expert_bias)
+            for field in _BALANCE_FIELDS:
+                getattr(self, f"balance_{field}").copy_(getattr(state.balance, field))
+
+    def reset_accumulation(self) -> MoE:
+        """Clear the global-batch counts (the expert bias is kept). Returns the layer itself."""
+        if self.track_balance:
+            with torch.no_grad():
+                for field in _BALANCE_FIELDS:
+                    getattr(self, f"balance_{field}").zero_()
+        return self
 
     def _set_gate(self, weight: torch.Tensor) -> None:
         # A new Parameter (the row count may change): build optimizers after converting.
@@ -170,7 +235,8 @@ class MoE(nn.Module):
     def to_adamoe(self, num_null: int, k: int) -> MoE:
         """Route with ``num_null`` null experts and ``k`` choices; the output stays the same.
 
-        The gate gains ``num_null`` rows tiled from the real ones and the router becomes
+        The gate gains ``num_null`` rows tiled from the real ones (with ``track_balance`` the
+        state buffers restart from zero) and the router becomes
         :func:`moerouter.adamoe.null_router` of the current one, whose conditions (a softmax
         :class:`moerouter.TopK` with ``normalize=True`` and no capacity; ``E`` divides
         ``num_null``; ``k`` in :func:`moerouter.adamoe.exact_k_range`) make the converted layer
@@ -185,6 +251,7 @@ class MoE(nn.Module):
         router = mr.adamoe.null_router(self.router, num_null=num_null, k=k)
         self._set_gate(mr.adamoe.tile_null_rows(self.gate.weight, num_null))
         self.converted_from, self.router = self.router, router
+        self._reset_balance(self.gate.weight.device)  # one count per gate row
         return self
 
     def from_adamoe(self, k: int | None = None) -> MoE:
@@ -212,6 +279,7 @@ class MoE(nn.Module):
             router = previous  # the very router that was replaced
         self._set_gate(mr.adamoe.drop_null_rows(self.gate.weight, self.router.num_experts))
         self.router, self.converted_from = router, None
+        self._reset_balance(self.gate.weight.device)
         return self
 
     def gate_logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -232,7 +300,11 @@ class MoE(nn.Module):
         """``x`` (..., d) -> (``y`` (..., d), losses)."""
         tokens = x.reshape(-1, x.shape[-1])
         logits = self.gate_logits(tokens)
-        routing = self.router(logits)
+        state = self.balance_state
+        if state is None:
+            routing = self.router(logits)
+        else:
+            routing = route_with_expert_bias(self.router, logits, state.expert_bias.detach())
         plan = mr.make_plan(routing)
         expert_out = self.experts(mr.dispatch(tokens, plan), plan.group_sizes)
         y = mr.combine(expert_out, plan)
@@ -244,4 +316,14 @@ class MoE(nn.Module):
         else:
             balance = mr.losses.load_balancing(routing)
         losses = {"load_balancing": balance, "z_loss": mr.losses.z_loss(logits)}
+        if state is not None:
+            with torch.no_grad():
+                new_state = mr.losses.moe_state_update(
+                    state, routing, bias_update_rate=self.bias_update_rate
+                )
+            losses["global_load_balancing"] = mr.losses.load_balancing_from_state(
+                new_state.balance, routing=routing
+            )
+            if self.training:
+                self._store(new_state)
         return y.reshape(x.shape), losses
