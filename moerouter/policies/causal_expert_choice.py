@@ -11,6 +11,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._validation import check_fields
 from moerouter.policies._common import (
     check_capacity_factor,
@@ -35,6 +36,7 @@ Array = Any
 MODES = ("threshold", "predictor")
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always", causal=True)
 @dataclass(frozen=True)
 class CausalExpertChoice:
@@ -70,16 +72,14 @@ class CausalExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf`` > 0 of the training-time expert choice.
     mode : {"threshold", "predictor"}
         The inference rule.
     capacity_multiple_of : int
         As in :class:`ExpertChoice`.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------

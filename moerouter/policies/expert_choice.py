@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from moerouter._agnostic.scores import softmax
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_capacity_factor,
@@ -22,6 +23,7 @@ from moerouter.routing import Routing
 __all__ = ["ExpertChoice"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class ExpertChoice:
@@ -50,14 +52,11 @@ class ExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf`` > 0, the mean number of experts per token (the paper's main setting is 2).
-    capacity_multiple_of : int
-        Round ``C`` up to a multiple of this before capping at ``S``.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(capacity_multiple_of_capped)s
+    %(strict)s
 
     Examples
     --------

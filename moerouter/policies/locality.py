@@ -38,6 +38,7 @@ from typing import Literal
 from moerouter._agnostic.scores import masked_softmax, softmax
 from moerouter._agnostic.select import descending_rank, top_k
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     CleanLogits,
@@ -205,6 +206,7 @@ class LocalityTopK:
         )
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class AffinityRouting:
@@ -229,8 +231,7 @@ class AffinityRouting:
         ``cf`` > 0.
     capacity_multiple_of : int
         Round ``C`` up to a multiple of this.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------

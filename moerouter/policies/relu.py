@@ -9,6 +9,7 @@ from typing import Any, Literal, NamedTuple
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._validation import check_fields
 from moerouter.policies._common import (
     check_capacity_factor,
@@ -29,6 +30,7 @@ __all__ = ["ReLURouting", "ReLURoutingState", "relu_state_init", "update_l1_coef
 Array = Any
 
 
+@fill_doc
 @PolicyCapabilities(scores=("relu",), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class ReLURouting:
@@ -62,8 +64,7 @@ class ReLURouting:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     max_k : int
         Most experts per token, ``1 <= max_k <= E``.
     capacity_factor, capacity_multiple_of, drop_policy, strict

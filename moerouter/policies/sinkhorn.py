@@ -13,6 +13,7 @@ from typing import Any
 from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     CleanLogits,
@@ -102,6 +103,7 @@ def _check_common(policy: Any) -> None:
     check_positive_int(policy.num_iters, "num_iters")
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="optional")
 @dataclass(frozen=True)
 class SinkhornTokenChoice:
@@ -139,8 +141,7 @@ class SinkhornTokenChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     k : int
         Experts per token, ``1 <= k <= E``.
     epsilon : float
@@ -157,8 +158,7 @@ class SinkhornTokenChoice:
         Round the capacity up to a multiple of this.
     drop_policy : {"position", "probs"}
         Who keeps their slot when an expert is full.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------
@@ -221,6 +221,7 @@ class SinkhornTokenChoice:
         )
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SinkhornExpertChoice:
@@ -244,8 +245,7 @@ class SinkhornExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf > 0``, the mean number of experts per token.
     epsilon : float
@@ -254,10 +254,8 @@ class SinkhornExpertChoice:
         Sinkhorn iterations (vmoe: 20).
     noisy_combine : bool
         Combine weights from the noisy (True) or clean (False) logits.
-    capacity_multiple_of : int
-        Round ``C`` up to a multiple of this before capping at ``S``.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(capacity_multiple_of_capped)s
+    %(strict)s
 
     Examples
     --------

@@ -9,6 +9,7 @@ from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sparse_transport_plan
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_expert_layout_bounds,
@@ -25,6 +26,7 @@ from moerouter.routing import Routing
 __all__ = ["SparsityConstrainedExpertChoice"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SparsityConstrainedExpertChoice:
@@ -60,8 +62,7 @@ class SparsityConstrainedExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf > 0``; ``C`` is both the sparsity bound of a column and the tokens an expert takes.
     gamma : float
@@ -70,10 +71,8 @@ class SparsityConstrainedExpertChoice:
         Adam steps on the semi-dual.
     learning_rate : float
         Adam's step size.
-    capacity_multiple_of : int
-        Round ``C`` up to a multiple of this before capping at ``S``.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(capacity_multiple_of_capped)s
+    %(strict)s
 
     Examples
     --------

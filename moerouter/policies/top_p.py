@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._validation import check_fields
 from moerouter.policies._common import (
     check_capacity_factor,
@@ -61,6 +62,7 @@ def top_p_keep(chosen_probs: Array, p: float, *, xp: Any) -> Array:
     return first | (before < p)
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class TopP:
@@ -96,8 +98,7 @@ class TopP:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     p : float
         Probability threshold in ``[0, 1]`` (the paper uses 0.4).
     max_k : int

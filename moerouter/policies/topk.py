@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_capacity_factor,
@@ -26,6 +27,7 @@ from moerouter.routing import Routing
 __all__ = ["TopK"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax", "sigmoid"), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class TopK:
@@ -68,8 +70,7 @@ class TopK:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     k : int
         Experts per token, ``1 <= k <= E``.
     score : {"softmax", "sigmoid"}
