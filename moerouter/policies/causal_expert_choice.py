@@ -12,9 +12,8 @@ from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._docs import fill_doc
-from moerouter._validation import check_fields
 from moerouter.policies._common import (
-    check_capacity_factor,
+    check_capacity_policy_fields,
     check_choice,
     check_positive_int,
     clean_logits,
@@ -100,13 +99,8 @@ class CausalExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_positive_int(self.num_experts, "num_experts")
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_capacity_policy_fields(self)
         check_choice(self.mode, "mode", MODES)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     @property
     def batch_policy(self) -> ExpertChoice:

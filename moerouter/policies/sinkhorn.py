@@ -17,17 +17,18 @@ from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     CleanLogits,
-    check_capacity_factor,
-    check_choice,
     check_expert_layout_bounds,
     check_fields,
     check_positive_float,
     check_positive_int,
-    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._common import capacity
+from moerouter.policies._common import (
+    check_capacity_options,
+    check_capacity_policy_fields,
+    expert_capacity,
+)
 from moerouter.policies._token_choice import (
     renormalized_scores,
     route_token_choice,
@@ -187,9 +188,7 @@ class SinkhornTokenChoice:
         check_positive_int(self.k, "k")
         if self.k > self.num_experts:
             raise ValueError(f"k must be <= num_experts = {self.num_experts}, got {self.k}")
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+        check_capacity_options(self, ("position", "probs"))
 
     def __call__(self, logits: Array, noise: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), optionally perturbed by ``noise`` (same shape)."""
@@ -276,17 +275,12 @@ class SinkhornExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_capacity_policy_fields(self)
         _check_common(self)
-        check_required_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def capacity(self, group_size: int) -> int:
         """Tokens each expert takes from a group of ``group_size`` tokens."""
-        full = capacity(
-            self.capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of
-        )
-        return min(full, group_size)
+        return expert_capacity(self, group_size)
 
     def __call__(self, logits: Array, noise: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), optionally perturbed by ``noise`` (same shape)."""

@@ -13,13 +13,11 @@ from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_expert_layout_bounds,
-    check_fields,
     check_positive_float,
     check_positive_int,
-    check_required_capacity_factor,
     clean_logits,
 )
-from moerouter.policies._common import capacity
+from moerouter.policies._common import check_capacity_policy_fields, expert_capacity
 from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
@@ -93,20 +91,14 @@ class SparsityConstrainedExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_positive_int(self.num_experts, "num_experts")
-        check_required_capacity_factor(self.capacity_factor)
+        check_capacity_policy_fields(self)
         check_positive_float(self.gamma, "gamma")
         check_positive_int(self.num_steps, "num_steps", minimum=0)
         check_positive_float(self.learning_rate, "learning_rate")
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def capacity(self, group_size: int) -> int:
         """Tokens each expert takes from a group of ``group_size`` tokens."""
-        full = capacity(
-            self.capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of
-        )
-        return min(full, group_size)
+        return expert_capacity(self, group_size)
 
     def plan(self, logits: Array) -> Array:
         """The sparse transport plan, (T, E) or (G, S, E) float32; zero on non-finite rows."""

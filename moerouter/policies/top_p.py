@@ -11,8 +11,7 @@ from moerouter._capabilities import PolicyCapabilities
 from moerouter._docs import fill_doc
 from moerouter._validation import check_fields
 from moerouter.policies._common import (
-    check_capacity_factor,
-    check_choice,
+    check_capacity_options,
     check_positive_int,
 )
 from moerouter.policies._token_choice import (
@@ -132,9 +131,7 @@ class TopP:
         check_positive_int(self.num_experts, "num_experts")
         check_p(self.p)
         check_max_k(self.max_k, self.num_experts)
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+        check_capacity_options(self, DROP_POLICIES)
 
     def __call__(self, logits: Array, *, p: float | None = None) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring.

@@ -9,13 +9,12 @@ from moerouter._capabilities import PolicyCapabilities
 from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
-    check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
     check_positive_int,
 )
-from moerouter.policies._common import CAPACITY_ROUNDINGS
+from moerouter.policies._common import check_capacity_options
 from moerouter.policies._router import policy_router
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
@@ -124,11 +123,7 @@ class TopK:
         check_positive_int(self.num_experts, "num_experts")
         check_k(self.k, self.num_experts)
         check_choice(self.score, "score", ("softmax", "sigmoid"))
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
-        check_choice(self.capacity_rounding, "capacity_rounding", CAPACITY_ROUNDINGS)
+        check_capacity_options(self, DROP_POLICIES)
 
     def __call__(
         self, logits: Array, *, k: int | None = None, capacity_factor: float | None = None
