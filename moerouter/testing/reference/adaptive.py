@@ -20,7 +20,6 @@ from moerouter.testing.reference._common import (
     _row_is_finite,
     _softmax,
     token_arrays,
-    token_routing,
 )
 from moerouter.testing.reference.capacity import Capacity
 
@@ -61,8 +60,7 @@ def _token_routing(
                     expert[g, s, slot] = column
                     weights[g, s, slot] = row_weights[slot]
     capacity = Capacity(capacity_factor, drop_policy)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def reference_top_p(

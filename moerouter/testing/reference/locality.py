@@ -86,8 +86,7 @@ def reference_locality_topk(
                     expert[g, s, slot] = e
                     weights[g, s, slot] = w[slot]
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def reference_affinity_routing(

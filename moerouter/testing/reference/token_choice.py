@@ -25,7 +25,6 @@ from moerouter.testing.reference._common import (
     _sigmoid,
     _softmax,
     token_arrays,
-    token_routing,
 )
 from moerouter.testing.reference.capacity import Capacity
 
@@ -74,8 +73,7 @@ def _token_choice(
                     weights[g, s, slot] = 0.0
 
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def _softmax_of_routed(row: np.ndarray, picked: list[int], routed: list[bool]) -> list[float]:
@@ -251,8 +249,7 @@ def reference_deepseek(
                     expert[g, s, slot] = column
                     weights[g, s, slot] = chosen[slot] * routed_scaling_factor
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def _selection(row: np.ndarray, bias32: np.ndarray, score: str) -> list[float]:
@@ -368,8 +365,7 @@ def reference_gshard_top2(
                     expert[g, s, slot] = column
                     weights[g, s, slot] = gates[slot]
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def reference_hash(token_ids: Any, num_experts: int, table: Any = None) -> dict[str, Any]:
