@@ -49,10 +49,6 @@ ENTRIES: dict[str, str] = {
             Integer classes in ``[0, K)``; one outside it makes the loss NaN.
         """,
     # Returns.
-    "scalar": """
-        array ()
-            float32 scalar.
-        """,
     "masked_scalar": """
         array ()
             float32 scalar.

@@ -273,7 +273,8 @@ def weighted_loss(
 
     Returns
     -------
-    %(scalar)s
+    array ()
+        float32 scalar :math:`L`, averaged over the ``N`` rows.
 
     Examples
     --------
@@ -318,7 +319,8 @@ def mixed_logits_loss(
 
     Returns
     -------
-    %(scalar)s
+    array ()
+        float32 scalar :math:`L`: one cross-entropy of the mixed logits per row, averaged.
 
     Examples
     --------

@@ -54,7 +54,8 @@ def cross_entropy(logits: Array, labels: Array, *, xp: Any = None) -> Array:
 
     Returns
     -------
-    %(scalar)s
+    array ()
+        float32 scalar :math:`L`; NaN when a label is out of range.
 
     Examples
     --------
@@ -153,7 +154,8 @@ def binary_kl(
 
     Returns
     -------
-    %(scalar)s
+    array ()
+        float32 scalar :math:`L \geq 0`, the :math:`T^2` factor included.
 
     Examples
     --------
@@ -217,7 +219,8 @@ def dual_head_loss(
 
     Returns
     -------
-    %(scalar)s
+    array ()
+        float32 scalar :math:`L`, the weighted sum of the two heads' terms.
 
     Examples
     --------
