@@ -16,7 +16,7 @@ from moerouter._agnostic.scores import softplus
 from moerouter._agnostic.select import bincount
 from moerouter._arrays import device_of
 from moerouter._docs import fill_doc
-from moerouter._validation import check_positive_int, check_routing, valid_tokens
+from moerouter._validation import check_floating, check_positive_int, check_routing, valid_tokens
 from moerouter.losses.regularisers import entropy
 from moerouter.policies.causal_expert_choice import expert_choice_targets
 from moerouter.routing import Routing
@@ -273,10 +273,7 @@ def causal_predictor_loss(
             f"predictor_logits must have shape (T, {routing.num_experts}) or "
             f"(G, S, {routing.num_experts}), got {tuple(predictor_logits.shape)}"
         )
-    if not xp.isdtype(predictor_logits.dtype, "real floating"):
-        raise TypeError(
-            f"predictor_logits must be a real floating dtype, got {predictor_logits.dtype}"
-        )
+    check_floating(predictor_logits, "predictor_logits")
     z = xp.reshape(xp.astype(predictor_logits, xp.float32), (-1, routing.num_experts))
     if int(z.shape[0]) != routing.num_tokens:
         raise ValueError(

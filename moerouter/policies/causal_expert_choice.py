@@ -12,6 +12,7 @@ from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._docs import fill_doc
+from moerouter._validation import check_floating
 from moerouter.policies._common import (
     check_capacity_policy_fields,
     check_choice,
@@ -194,10 +195,7 @@ def _checked_predictor(predictor_logits: Array, logits: Array, xp: Any) -> Array
             f"predictor_logits must have the logits' shape {tuple(logits.shape)}, got "
             f"{tuple(predictor_logits.shape)}"
         )
-    if not xp.isdtype(predictor_logits.dtype, "real floating"):
-        raise TypeError(
-            f"predictor_logits must be a real floating dtype, got {predictor_logits.dtype}"
-        )
+    check_floating(predictor_logits, "predictor_logits")
     values = xp.astype(predictor_logits, xp.float32)
     return values if values.ndim == 3 else values[None, ...]
 
