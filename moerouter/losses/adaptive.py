@@ -56,7 +56,7 @@ def dynamic_loss(routing: Routing, *, mask: Array | None = None) -> Array:
     Returns
     -------
     array ()
-        float32 scalar; 0 with no valid token.
+        float32 scalar :math:`L_d`, the mean router entropy; 0 with no valid token.
 
     Examples
     --------
@@ -159,7 +159,7 @@ def relu_l1_loss(
     Returns
     -------
     array ()
-        float32 scalar; 0 with no valid token.
+        float32 scalar :math:`L_{\text{reg}}` (or :math:`L_{\text{reg,lb}}`); 0 with no valid token.
 
     Examples
     --------
