@@ -25,6 +25,11 @@ failed before the exchange. Mismatched settings raise a ``ValueError`` naming th
 rank, where the all-to-all itself would abort the process (Gloo) or hang; a rank that raised
 while routing makes its peers raise :class:`PeerRankError` at once instead of waiting for the
 process-group timeout. A rank with no tokens takes part in every exchange like any other.
+That agreement protocol lives in :mod:`moerouter_torch._agreement`.
+
+**Size.** About 550 lines, kept as one module: the two transports, the :class:`Exchange` they
+return and :func:`combine`, which reverses either, share their autograd functions and must be
+read side by side; :class:`ExpertParallelMoE` is the layer built on them.
 """
 
 from __future__ import annotations
