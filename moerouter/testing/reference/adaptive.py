@@ -19,6 +19,7 @@ from moerouter.testing.reference._common import (
     _ranked_columns,
     _row_is_finite,
     _softmax,
+    place_choices,
     token_arrays,
 )
 from moerouter.testing.reference.capacity import Capacity
@@ -55,10 +56,7 @@ def _token_routing(
             finite[g, s] = True
             probs[g, s], picked, routed, row_weights = decide(row)
             choice[g, s] = picked
-            for slot, column in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = column
-                    weights[g, s, slot] = row_weights[slot]
+            place_choices(expert, weights, (g, s), picked, routed, row_weights)
     capacity = Capacity(capacity_factor, drop_policy)
     return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 

@@ -16,6 +16,7 @@ from moerouter.testing.reference._common import (
     _descending,
     _row_is_finite,
     _softmax_list,
+    place_choices,
     token_arrays,
     token_routing,
 )
@@ -81,10 +82,7 @@ def reference_locality_topk(
                 ]
             else:
                 w = [p[e] if r else 0.0 for e, r in zip(picked, routed, strict=True)]
-            for slot, e in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = e
-                    weights[g, s, slot] = w[slot]
+            place_choices(expert, weights, (g, s), picked, routed, w)
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of)
     return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 

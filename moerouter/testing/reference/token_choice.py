@@ -24,6 +24,7 @@ from moerouter.testing.reference._common import (
     _row_is_finite,
     _sigmoid,
     _softmax,
+    place_choices,
     token_arrays,
 )
 from moerouter.testing.reference.capacity import Capacity
@@ -244,10 +245,14 @@ def reference_deepseek(
             if normalize and total > 0:
                 chosen = [w / total for w in chosen]
             choice[g, s] = picked
-            for slot, column in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = column
-                    weights[g, s, slot] = chosen[slot] * routed_scaling_factor
+            place_choices(
+                expert,
+                weights,
+                (g, s),
+                picked,
+                routed,
+                [weight * routed_scaling_factor for weight in chosen],
+            )
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
     return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
@@ -360,10 +365,7 @@ def reference_gshard_top2(
                 if not draws[g, s] < ratio:
                     routed[1] = False
             choice[g, s] = picked
-            for slot, column in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = column
-                    weights[g, s, slot] = gates[slot]
+            place_choices(expert, weights, (g, s), picked, routed, gates)
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
     return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
