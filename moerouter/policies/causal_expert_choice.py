@@ -169,9 +169,6 @@ class CausalExpertChoice:
             routed,
             xp.take_along_axis(probs, choice, axis=-1),
             num_experts=self.num_experts,
-            capacity_factor=None,
-            capacity_multiple_of=1,
-            drop_policy="position",
         )
 
 

@@ -19,7 +19,7 @@ from moerouter.policies._token_choice import (
     DROP_POLICIES,
     choose,
     clean_token_choice_logits,
-    token_choice_routing,
+    route_token_choice,
 )
 from moerouter.policies.top_p import check_max_k
 from moerouter.routing import Routing
@@ -100,16 +100,9 @@ class ReLURouting:
         gates = xp.maximum(clean.values, xp.zeros_like(clean.values))
         choice, chosen_logits = choose(clean, self.max_k)
         routed = (chosen_logits > 0) & clean.finite_rows[..., None]
-        return token_choice_routing(
-            clean,
-            gates,
-            choice,
-            routed,
-            xp.take_along_axis(gates, choice, axis=-1),
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        weights = xp.take_along_axis(gates, choice, axis=-1)
+        return route_token_choice(
+            self, clean, gates, choice, routed, weights, capacity_factor=self.capacity_factor
         )
 
 

@@ -19,8 +19,8 @@ from moerouter.policies._token_choice import (
     choose,
     clean_token_choice_logits,
     renormalized_scores,
+    route_token_choice,
     softmax,
-    token_choice_routing,
 )
 from moerouter.routing import Routing
 
@@ -149,14 +149,6 @@ class TopP:
             weights = renormalized_scores(chosen_logits, routed, score="softmax", xp=xp)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-        return token_choice_routing(
-            clean,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        return route_token_choice(
+            self, clean, probs, choice, routed, weights, capacity_factor=self.capacity_factor
         )
