@@ -213,17 +213,23 @@ def class_labels(labels: Any, name: str, *, num_rows: int, xp: Namespace) -> Arr
     return labels
 
 
-def float_namespace(*named: tuple[str, Array]) -> Namespace:
-    """The namespace of ``(name, array)`` pairs that must all be real floating arrays of one
-    backend; the error names the offending parameter."""
+def same_backend(*named: tuple[str, Array]) -> Namespace:
+    """The namespace of ``(name, array)`` pairs that must all be arrays of one backend; the
+    error names the offending parameter."""
     for name, value in named:
         if not is_array_api_obj(value):
             raise TypeError(f"{name} must be an array, got {type(value).__name__}")
     try:
-        xp = array_namespace(*(value for _, value in named))
+        return array_namespace(*(value for _, value in named))
     except TypeError as error:
         names = " and ".join(name for name, _ in named)
         raise TypeError(f"{names} must be arrays of one backend") from error
+
+
+def float_namespace(*named: tuple[str, Array]) -> Namespace:
+    """The namespace of ``(name, array)`` pairs that must all be real floating arrays of one
+    backend; the error names the offending parameter."""
+    xp = same_backend(*named)
     for name, value in named:
         if not xp.isdtype(value.dtype, "real floating"):
             raise TypeError(f"{name} must be a real floating dtype, got {value.dtype}")

@@ -6,8 +6,7 @@ one, so both paths give the same module object. New code imports from
 :mod:`moerouter.methods.confidence`.
 """
 
-import sys
+from moerouter._moved import replace_module
+from moerouter.methods import confidence
 
-from moerouter.methods import confidence as _moved
-
-sys.modules[__name__] = _moved
+replace_module(__name__, confidence, deprecated=False)

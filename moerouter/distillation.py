@@ -6,8 +6,7 @@ new one, so both paths give the same module object. New code imports from
 :mod:`moerouter.methods.distillation`.
 """
 
-import sys
+from moerouter._moved import replace_module
+from moerouter.methods import distillation
 
-from moerouter.methods import distillation as _moved
-
-sys.modules[__name__] = _moved
+replace_module(__name__, distillation, deprecated=False)

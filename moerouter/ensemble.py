@@ -6,8 +6,7 @@ one, so both paths give the same module object. New code imports from
 :mod:`moerouter.methods.ensemble`.
 """
 
-import sys
+from moerouter._moved import replace_module
+from moerouter.methods import ensemble
 
-from moerouter.methods import ensemble as _moved
-
-sys.modules[__name__] = _moved
+replace_module(__name__, ensemble, deprecated=False)

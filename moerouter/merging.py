@@ -5,8 +5,7 @@ as an import) keep working without a warning: this module replaces itself with t
 both paths give the same module object. New code imports from :mod:`moerouter.methods.merging`.
 """
 
-import sys
+from moerouter._moved import replace_module
+from moerouter.methods import merging
 
-from moerouter.methods import merging as _moved
-
-sys.modules[__name__] = _moved
+replace_module(__name__, merging, deprecated=False)

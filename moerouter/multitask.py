@@ -6,8 +6,7 @@ one, so both paths give the same module object. New code imports from
 :mod:`moerouter.methods.multitask`.
 """
 
-import sys
+from moerouter._moved import replace_module
+from moerouter.methods import multitask
 
-from moerouter.methods import multitask as _moved
-
-sys.modules[__name__] = _moved
+replace_module(__name__, multitask, deprecated=False)

@@ -17,6 +17,7 @@ from array_api_compat import array_namespace
 
 from moerouter._agnostic.select import bincount
 from moerouter._arrays import check_index_bound, device_of
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import check_int, check_routing, valid_tokens
 from moerouter.routing import Routing
@@ -24,6 +25,7 @@ from moerouter.routing import Routing
 __all__ = ["co_occurrence", "processed_by_at_least", "summary"]
 
 
+@fill_doc
 def summary(routing: Routing) -> dict[str, Array]:
     r"""Diagnostics of one routing decision.
 
@@ -31,8 +33,7 @@ def summary(routing: Routing) -> dict[str, Array]:
 
     Parameters
     ----------
-    routing : Routing
-        Any policy's output.
+    %(routing)s
 
     Returns
     -------
@@ -133,6 +134,7 @@ def _at_least_from_histogram(histogram: Array, tokens: Array, xp: Any) -> Array:
     return xp.flip(reversed_cumsum) / tokens
 
 
+@fill_doc
 def co_occurrence(routing: Routing, *, mask: Array | None = None) -> Array:
     r"""How often each pair of real experts processes the same token.
 
@@ -149,10 +151,8 @@ def co_occurrence(routing: Routing, *, mask: Array | None = None) -> Array:
 
     Parameters
     ----------
-    routing : Routing
-        Any policy's output.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(routing)s
+    %(mask)s
 
     Returns
     -------
@@ -176,6 +176,7 @@ def co_occurrence(routing: Routing, *, mask: Array | None = None) -> Array:
     return xp.astype(xp.round(pairs), xp.int32)
 
 
+@fill_doc
 def processed_by_at_least(
     routing: Routing, *, thresholds: Sequence[int] | None = None, mask: Array | None = None
 ) -> Array:
@@ -195,13 +196,11 @@ def processed_by_at_least(
 
     Parameters
     ----------
-    routing : Routing
-        Any policy's output.
+    %(routing)s
     thresholds : sequence of int, optional
         The :math:`t` to report, each in ``[0, F]`` with ``F = routing.fan_in`` (``k``, or ``E``
         for expert choice). Default ``0, 1, ..., F``.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
 
     Returns
     -------

@@ -12,6 +12,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import check_positive_int, is_array
 
@@ -58,6 +59,7 @@ def grouped_average_pooling(x: Array, num_experts: int, *, xp: Any = None) -> Ar
     return xp.mean(blocks, axis=-1)
 
 
+@fill_doc
 def affinity_scores(x: Array, gate_weight: Array, *, xp: Any = None) -> Array:
     r"""LocMoE+'s token-expert affinity (UNVERIFIED): :math:`\delta_{t,i} = \cos(x_t, w_i)`.
 
@@ -67,8 +69,7 @@ def affinity_scores(x: Array, gate_weight: Array, *, xp: Any = None) -> Array:
         Token features.
     gate_weight : array (E, d)
         Router rows :math:`w_i`.
-    xp : namespace, optional
-        Inferred from the arrays.
+    %(xp)s
 
     Returns
     -------

@@ -36,6 +36,7 @@ def gaussian_noise(logits: Array, normal: Array, std: Array | float) -> Array:
     Returns
     -------
     array, float32, shape of ``logits``
+        The noisy logits :math:`\tilde\ell`.
 
     Examples
     --------
@@ -78,6 +79,7 @@ def vmoe_logit_noise(logits: Array, normal: Array, *, noise_std: float = 1.0) ->
     Returns
     -------
     array, float32, shape of ``logits``
+        The noisy logits :math:`\tilde\ell`, for a top-k without renormalisation.
 
     Examples
     --------
@@ -119,6 +121,7 @@ def noisy_top_k_std(noise_logits: Array, *, noise_epsilon: float = 1e-2) -> Arra
     Returns
     -------
     array, float32, shape of ``noise_logits``
+        :math:`\sigma(x)`, the ``std`` of :func:`gaussian_noise`.
 
     Examples
     --------
@@ -153,6 +156,7 @@ def multiplicative_jitter(values: Array, uniform: Array, *, epsilon: float = 1e-
     Returns
     -------
     array, float32, shape of ``values``
+        The jittered values :math:`\tilde v`.
 
     Examples
     --------

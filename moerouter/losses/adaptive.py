@@ -15,7 +15,8 @@ from array_api_compat import array_namespace
 from moerouter._agnostic.scores import softplus
 from moerouter._agnostic.select import bincount
 from moerouter._arrays import device_of
-from moerouter._validation import check_positive_int, check_routing, valid_tokens
+from moerouter._docs import fill_doc
+from moerouter._validation import check_floating, check_positive_int, check_routing, valid_tokens
 from moerouter.losses.regularisers import entropy
 from moerouter.policies.causal_expert_choice import expert_choice_targets
 from moerouter.routing import Routing
@@ -32,6 +33,7 @@ __all__ = [
 Array = Any
 
 
+@fill_doc
 def dynamic_loss(routing: Routing, *, mask: Array | None = None) -> Array:
     r"""The dynamic loss of top-p routing (Huang et al. 2024, arXiv:2403.07652, eq. 5).
 
@@ -49,13 +51,12 @@ def dynamic_loss(routing: Routing, *, mask: Array | None = None) -> Array:
     ----------
     routing : Routing
         Any policy's output (usually :class:`~moerouter.TopP`'s).
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
 
     Returns
     -------
     array ()
-        float32 scalar; 0 with no valid token.
+        float32 scalar :math:`L_d`, the mean router entropy; 0 with no valid token.
 
     Examples
     --------
@@ -76,6 +77,7 @@ def _routed_per_expert(routing: Routing, valid: Array, xp: Any) -> Array:
     return xp.astype(bincount(ids, routing.num_experts, xp=xp, device=where), xp.float32)
 
 
+@fill_doc
 def routed_load_balancing(routing: Routing, *, mask: Array | None = None) -> Array:
     r"""Switch balancing loss over the experts a token actually reaches.
 
@@ -94,10 +96,8 @@ def routed_load_balancing(routing: Routing, *, mask: Array | None = None) -> Arr
 
     Parameters
     ----------
-    routing : Routing
-        Any policy's output.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(routing)s
+    %(mask)s
 
     Returns
     -------
@@ -125,6 +125,7 @@ def _valid_gates(routing: Routing, mask: Array | None) -> tuple[Array, Array, An
     return xp.where(valid[:, None], gates, xp.zeros_like(gates)), valid, xp
 
 
+@fill_doc
 def relu_l1_loss(
     routing: Routing, *, target_k: int | None = None, mask: Array | None = None
 ) -> Array:
@@ -153,13 +154,12 @@ def relu_l1_loss(
         :class:`~moerouter.ReLURouting`'s output.
     target_k : int, optional
         ``k`` of the target sparsity ``1 - k/E``; turns load balancing on.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
 
     Returns
     -------
     array ()
-        float32 scalar; 0 with no valid token.
+        float32 scalar :math:`L_{\text{reg}}` (or :math:`L_{\text{reg,lb}}`); 0 with no valid token.
 
     Examples
     --------
@@ -181,6 +181,7 @@ def relu_l1_loss(
     return xp.sum(share * xp.sum(gates, axis=0)) / tokens
 
 
+@fill_doc
 def relu_sparsity(routing: Routing, *, mask: Array | None = None) -> Array:
     r"""Share of zero gates over valid tokens, :math:`S = 1 - \frac{1}{TE}\sum_{t,e}
     \mathbb{1}[R_{t,e} > 0]` (ReMoE's :math:`S_i`; 0.0 with no valid token, as every loss and stat).
@@ -193,8 +194,7 @@ def relu_sparsity(routing: Routing, *, mask: Array | None = None) -> Array:
     ----------
     routing : Routing
         :class:`~moerouter.ReLURouting`'s output.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
 
     Returns
     -------
@@ -208,6 +208,7 @@ def relu_sparsity(routing: Routing, *, mask: Array | None = None) -> Array:
     return zero / xp.clip(cells, min=1.0)
 
 
+@fill_doc
 def relu_cut_fraction(routing: Routing, *, mask: Array | None = None) -> Array:
     """Share of positive gates of valid tokens that got no slot because of the ``max_k`` cap.
 
@@ -218,8 +219,7 @@ def relu_cut_fraction(routing: Routing, *, mask: Array | None = None) -> Array:
     ----------
     routing : Routing
         :class:`~moerouter.ReLURouting`'s output (token layout).
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
 
     Returns
     -------
@@ -234,6 +234,7 @@ def relu_cut_fraction(routing: Routing, *, mask: Array | None = None) -> Array:
     return (positive - slotted) / xp.clip(positive, min=1.0)
 
 
+@fill_doc
 def causal_predictor_loss(
     predictor_logits: Array, routing: Routing, *, mask: Array | None = None
 ) -> Array:
@@ -257,8 +258,7 @@ def causal_predictor_loss(
         The predictor's outputs for the routing's tokens, real floating.
     routing : Routing
         ``router(logits, training=True)`` of a :class:`~moerouter.CausalExpertChoice`.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
 
     Returns
     -------
@@ -273,10 +273,7 @@ def causal_predictor_loss(
             f"predictor_logits must have shape (T, {routing.num_experts}) or "
             f"(G, S, {routing.num_experts}), got {tuple(predictor_logits.shape)}"
         )
-    if not xp.isdtype(predictor_logits.dtype, "real floating"):
-        raise TypeError(
-            f"predictor_logits must be a real floating dtype, got {predictor_logits.dtype}"
-        )
+    check_floating(predictor_logits, "predictor_logits")
     z = xp.reshape(xp.astype(predictor_logits, xp.float32), (-1, routing.num_experts))
     if int(z.shape[0]) != routing.num_tokens:
         raise ValueError(

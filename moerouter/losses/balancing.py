@@ -8,6 +8,7 @@ from typing import Literal
 
 from array_api_compat import array_namespace
 
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_choice,
@@ -109,6 +110,7 @@ def load_balancing(
     return _balance(routing, convention=convention, pool_null=False, mask=mask, count=count)
 
 
+@fill_doc
 def sequence_load_balancing(
     routing: Routing,
     *,
@@ -154,8 +156,7 @@ def sequence_load_balancing(
         A token-choice routing of (G, S, E') logits: one group per sequence.
     alpha : float
         Coefficient :math:`\alpha` the loss is multiplied by.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
     convention : {"deepseek", "megatron"}
         How sequences of different valid lengths are normalised.
     count : {"top_k", "choices"}
@@ -163,9 +164,7 @@ def sequence_load_balancing(
 
     Returns
     -------
-    array ()
-        float32 scalar.
-        0 when no token is valid (zero tokens: see the module docstring).
+    %(masked_scalar)s
 
     Examples
     --------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter.losses._shared import (
     Convention,
@@ -15,6 +16,7 @@ from moerouter.routing import Routing
 __all__ = ["null_load_balancing"]
 
 
+@fill_doc
 def null_load_balancing(
     routing: Routing,
     *,
@@ -43,17 +45,14 @@ def null_load_balancing(
         How null experts are counted.
     convention : {"megatron", "mixtral", "gshard"}
         As in :func:`load_balancing`.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
     count : {"top_k", "choices"}
         As in :func:`load_balancing`; the same for :class:`~moerouter.NullExperts` routings,
         which choose the top-k of their scores.
 
     Returns
     -------
-    array ()
-        float32 scalar.
-        0 when no token is valid (zero tokens: see the module docstring).
+    %(masked_scalar)s
 
     Examples
     --------

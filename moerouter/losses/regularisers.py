@@ -7,6 +7,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from moerouter._agnostic.scores import finite_rows
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_routing,
@@ -21,6 +22,7 @@ from moerouter.routing import Routing
 __all__ = ["entropy", "z_loss"]
 
 
+@fill_doc
 def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
     r"""Mean entropy (nats) of the router's per-token distribution.
 
@@ -42,10 +44,8 @@ def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
 
     Parameters
     ----------
-    routing : Routing
-        Any policy's output.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(routing)s
+    %(mask)s
 
     Returns
     -------
@@ -73,6 +73,7 @@ def entropy(routing: Routing, *, mask: Array | None = None) -> Array:
     return -xp.sum(plogp) / tokens
 
 
+@fill_doc
 def z_loss(logits: Array, *, mask: Array | None = None, xp: Any = None) -> Array:
     r"""Router z-loss (Zoph et al., ST-MoE, 2022).
 
@@ -95,9 +96,7 @@ def z_loss(logits: Array, *, mask: Array | None = None, xp: Any = None) -> Array
 
     Returns
     -------
-    array ()
-        float32 scalar.
-        0 when no token is valid (zero tokens: see the module docstring).
+    %(masked_scalar)s
 
     Examples
     --------

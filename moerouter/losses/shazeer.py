@@ -9,6 +9,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.scores import finite_rows
 from moerouter._arrays import device_of
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_choice,
@@ -25,6 +26,7 @@ from moerouter.routing import Routing
 __all__ = ["importance_loss", "load_loss"]
 
 
+@fill_doc
 def importance_loss(
     routing: Routing,
     *,
@@ -57,12 +59,10 @@ def importance_loss(
 
     Parameters
     ----------
-    routing : Routing
-        Any policy's output.
+    %(routing)s
     source : {"weights", "probs"}
         Which gate values make the importance.
-    mask : array (T,) or (G, S) bool, optional
-        Valid (non-padding) tokens.
+    %(mask)s
 
     Returns
     -------

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from moerouter._agnostic.scores import log_softmax, sigmoid
 from moerouter._agnostic.select import pick_columns
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_array,
@@ -102,6 +103,7 @@ def dispersion(weak_logits: Array, *, xp: Any = None) -> Array:
     return xp.stack([var_dispersion, ent_dispersion], axis=1)
 
 
+@fill_doc
 def power_confidence(
     weak_logits: Array,
     alpha: float | Array,
@@ -128,8 +130,7 @@ def power_confidence(
         Power :math:`\alpha > 0`.
     measure : {"variance", "entropy"}
         Which dispersion to raise to the power.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -166,6 +167,7 @@ def power_confidence(
     return xp.where(positive, xp.exp(power * log_column), xp.zeros_like(column))
 
 
+@fill_doc
 def mlp_confidence(
     weak_logits: Array,
     layers: Sequence[tuple[Array, Array]],
@@ -195,8 +197,7 @@ def mlp_confidence(
         ``F_in = 2 + node_features.shape[1]`` (or 2), the last ``F_out = 1``.
     node_features : array (N, F), optional
         Features appended after the dispersion.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -240,6 +241,7 @@ def mlp_confidence(
     return sigmoid(hidden[:, 0], xp=xp)
 
 
+@fill_doc
 def weighted_loss(
     weak_logits: Array,
     strong_logits: Array,
@@ -264,17 +266,15 @@ def weighted_loss(
     ----------
     weak_logits, strong_logits : array (N, K)
         Class logits of the weak and the strong expert.
-    labels : array (N,)
-        Integer classes in ``[0, K)``; one outside it makes the loss NaN.
+    %(labels)s
     confidence : array (N,)
         :math:`C`, from :func:`power_confidence` or :func:`mlp_confidence`.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
     array ()
-        float32 scalar.
+        float32 scalar :math:`L`, averaged over the ``N`` rows.
 
     Examples
     --------
@@ -293,6 +293,7 @@ def weighted_loss(
     return xp.mean(gate * weak_nll + (1.0 - gate) * strong_nll)
 
 
+@fill_doc
 def mixed_logits_loss(
     weak_logits: Array,
     strong_logits: Array,
@@ -311,17 +312,15 @@ def mixed_logits_loss(
     ----------
     weak_logits, strong_logits : array (N, K)
         Class logits of the weak and the strong expert.
-    labels : array (N,)
-        Integer classes in ``[0, K)``; one outside it makes the loss NaN.
+    %(labels)s
     confidence : array (N,)
         :math:`C`.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
     array ()
-        float32 scalar.
+        float32 scalar :math:`L`: one cross-entropy of the mixed logits per row, averaged.
 
     Examples
     --------
@@ -339,6 +338,7 @@ def mixed_logits_loss(
     return -xp.mean(pick_columns(log_softmax(mixed, xp=xp), labels, xp=xp))
 
 
+@fill_doc
 def predict(
     weak_logits: Array,
     strong_logits: Array,
@@ -373,8 +373,7 @@ def predict(
         Uniform draws in ``[0, 1)``, any real floating dtype.
     threshold : float, optional
         :math:`\tau \in [0, 1]`.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -413,6 +412,7 @@ def predict(
     return xp.astype(xp.argmax(chosen, axis=1), xp.int32), use_weak
 
 
+@fill_doc
 def predict_mixed(
     weak_logits: Array, strong_logits: Array, confidence: Array, *, xp: Any = None
 ) -> Array:
@@ -429,8 +429,7 @@ def predict_mixed(
         Class logits of the two experts.
     confidence : array (N,)
         :math:`C`.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------

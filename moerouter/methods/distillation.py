@@ -23,6 +23,7 @@ from typing import Any
 
 from moerouter._agnostic.scores import log_sigmoid, log_softmax
 from moerouter._agnostic.select import pick_columns
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import check_real, check_shape, class_labels, float_array, namespace
 
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 
+@fill_doc
 def cross_entropy(logits: Array, labels: Array, *, xp: Any = None) -> Array:
     r"""Mean cross-entropy of class logits against integer labels.
 
@@ -48,13 +50,12 @@ def cross_entropy(logits: Array, labels: Array, *, xp: Any = None) -> Array:
     labels : array (N,)
         Integer class of each row, in ``[0, K)``; a label outside it makes the loss NaN (a
         range check would cost a host synchronisation on every call).
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
     array ()
-        float32 scalar.
+        float32 scalar :math:`L`; NaN when a label is out of range.
 
     Examples
     --------
@@ -73,6 +74,7 @@ def cross_entropy(logits: Array, labels: Array, *, xp: Any = None) -> Array:
     return -xp.mean(pick_columns(log_softmax(values, xp=xp), labels, xp=xp))
 
 
+@fill_doc
 def binary_kl_norm(
     student_logits: Array, teacher_logits: Array, *, temperature: float = 2.0, xp: Any = None
 ) -> Array:
@@ -102,8 +104,7 @@ def binary_kl_norm(
         Teacher logits (pass them without a gradient).
     temperature : float
         :math:`T > 0`; the official CIFAR-100 recipe uses 2 (``--BinaryKL_T 2``), the default.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -128,6 +129,7 @@ def binary_kl_norm(
     return scale**2 * xp.sum(terms) / student.shape[0]
 
 
+@fill_doc
 def binary_kl(
     student_logits: Array, teacher_logits: Array, *, temperature: float = 2.0, xp: Any = None
 ) -> Array:
@@ -148,13 +150,12 @@ def binary_kl(
         As in :func:`binary_kl_norm`.
     temperature : float
         :math:`T > 0`.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
     array ()
-        float32 scalar.
+        float32 scalar :math:`L \geq 0`, the :math:`T^2` factor included.
 
     Examples
     --------
@@ -174,6 +175,7 @@ def binary_kl(
     return scale**2 * xp.sum(terms) / student.shape[0]
 
 
+@fill_doc
 def dual_head_loss(
     main_logits: Array,
     aux_logits: Array,
@@ -206,21 +208,19 @@ def dual_head_loss(
         Auxiliary head logits (trained against the teacher, discarded at inference).
     teacher_logits : array (N, K)
         Teacher logits, passed without a gradient.
-    labels : array (N,)
-        Integer classes in ``[0, K)``; one outside it makes the loss NaN.
+    %(labels)s
     ce_weight : float
         :math:`\gamma`; the CIFAR-100 recipe uses 1.
     kd_weight : float
         :math:`\alpha`; 1 on CIFAR-100, 0.1 on ImageNet in the official scripts.
     temperature : float
         :math:`T` of :func:`binary_kl_norm`.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
     array ()
-        float32 scalar.
+        float32 scalar :math:`L`, the weighted sum of the two heads' terms.
 
     Examples
     --------

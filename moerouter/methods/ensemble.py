@@ -37,6 +37,7 @@ from array_api_compat import array_namespace
 from moerouter._agnostic.scores import log_softmax
 from moerouter._agnostic.select import top_k
 from moerouter._arrays import check_concrete, device_of
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import check_choice, check_floating, check_positive_int, is_array
 
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 
+@fill_doc
 def domain_posterior(
     log_likelihoods: Array,
     prior: Array,
@@ -76,8 +78,7 @@ def domain_posterior(
     first_position : {"uniform", "prior"}
         The weights at ``t = 0``, where nothing has been seen: "uniform" over the experts the
         prior allows (the released code; uniform over all experts for a full prior), or the prior.
-    xp : namespace, optional
-        Inferred from the arrays.
+    %(xp)s
 
     Returns
     -------
@@ -135,6 +136,7 @@ def domain_posterior(
     return posterior
 
 
+@fill_doc
 def ensemble_log_likelihood(log_likelihoods: Array, weights: Array, *, xp: Any = None) -> Array:
     r"""Log-likelihood of the ensemble: :math:`\log \sum_j w_{j,t}\, p_j(x_t \mid x_{<t})`.
 
@@ -144,8 +146,7 @@ def ensemble_log_likelihood(log_likelihoods: Array, weights: Array, *, xp: Any =
         As in :func:`domain_posterior`.
     weights : array (..., T, J) or (J,)
         Mixture weights, e.g. :func:`domain_posterior` or a fixed prior.
-    xp : namespace, optional
-        Inferred from the arrays.
+    %(xp)s
 
     Returns
     -------
@@ -177,6 +178,7 @@ def ensemble_log_likelihood(log_likelihoods: Array, weights: Array, *, xp: Any =
     return xp.log(xp.sum(xp.exp(terms - peak), axis=-1)) + peak[..., 0]
 
 
+@fill_doc
 def update_prior(
     prior: Array | None, posteriors: Array, *, alpha: float = 0.3, xp: Any = None
 ) -> Array:
@@ -196,8 +198,7 @@ def update_prior(
         Posteriors of ``B`` sequences, in the order they arrive.
     alpha : float
         Smoothing, ``0 < alpha <= 1``.
-    xp : namespace, optional
-        Inferred from the arrays.
+    %(xp)s
 
     Returns
     -------

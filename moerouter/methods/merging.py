@@ -40,6 +40,7 @@ from array_api_compat import array_namespace
 
 from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import device_of, host_copy
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_choice,
@@ -256,6 +257,7 @@ def expert_similarity(statistics: RoutingStatistics, *, xp: Any = None) -> Array
     return (xp.clip(cosine, -1.0, 1.0) + 1.0) / 2.0
 
 
+@fill_doc
 def group_experts(
     frequencies: Array, similarity: Array, num_groups: int, *, xp: Any = None
 ) -> tuple[Array, Array]:
@@ -275,8 +277,7 @@ def group_experts(
         From :func:`expert_similarity` (larger means more similar).
     num_groups : int
         ``G``, ``1 <= G <= E``.
-    xp : namespace, optional
-        Inferred from the arrays.
+    %(xp)s
 
     Returns
     -------

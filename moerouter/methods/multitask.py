@@ -37,6 +37,7 @@ from array_api_compat import is_array_api_obj
 
 from moerouter._agnostic.scores import sigmoid, softmax
 from moerouter._arrays import device_of, host_copy
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     bool_array,
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 
+@fill_doc
 def multi_gate(
     gate_logits: Array,
     visible: Array | None = None,
@@ -91,8 +93,7 @@ def multi_gate(
         (not checked, to avoid a host synchronisation per call).
     single_expert : {"softmax", "sigmoid"}
         Weight of a task's only visible expert: 1, or the sigmoid of its logit.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -142,6 +143,7 @@ def multi_gate(
     return gates
 
 
+@fill_doc
 def mix(gates: Array, expert_outputs: Array, *, xp: Any = None) -> Array:
     r"""Each task's input: the gate-weighted sum of expert outputs.
 
@@ -154,8 +156,7 @@ def mix(gates: Array, expert_outputs: Array, *, xp: Any = None) -> Array:
         From :func:`multi_gate`.
     expert_outputs : array (N, E, d)
         Every expert's output for every row.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -268,6 +269,7 @@ def hierarchy_mask(
     return xp.asarray(visible, device=where), xp.asarray(specific, device=where)
 
 
+@fill_doc
 def feature_gate(features: Array, down: Array, up: Array, *, xp: Any = None) -> Array:
     r"""HoME's feature gate: a per-expert low-rank sigmoid gate on the input features.
 
@@ -291,8 +293,7 @@ def feature_gate(features: Array, down: Array, up: Array, *, xp: Any = None) -> 
         :math:`B`, for one expert or for each of ``E`` experts.
     up : array (r, d) or (E, r, d)
         :math:`A`, matching ``down``.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -325,6 +326,7 @@ def feature_gate(features: Array, down: Array, up: Array, *, xp: Any = None) -> 
     return gated
 
 
+@fill_doc
 def self_gate(
     expert_outputs: Array,
     gate_logits: Array,
@@ -356,8 +358,7 @@ def self_gate(
         Self-gate logits (typically :math:`x W`).
     residual : array (N, d), optional
         The upper level's output to add to.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -389,6 +390,7 @@ def self_gate(
     return upper + gated
 
 
+@fill_doc
 def expert_normalization(
     expert_outputs: Array,
     *,
@@ -428,8 +430,7 @@ def expert_normalization(
         :math:`\epsilon > 0`; 1e-5 as ``torch.nn.BatchNorm1d``.
     activation : {"swish", "relu", "identity"}
         Applied after normalisation: Swish (HoME), ReLU (the MMoE baseline), or none.
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------
@@ -582,6 +583,7 @@ def expert_degradation(gates: Array, *, xp: Any = None) -> dict[str, Array]:
     }
 
 
+@fill_doc
 def expert_underfitting(gates: Array, specific: Array, *, xp: Any = None) -> dict[str, Array]:
     r"""Diagnostics of expert underfitting: each task's gate mass on its own experts.
 
@@ -596,8 +598,7 @@ def expert_underfitting(gates: Array, specific: Array, *, xp: Any = None) -> dic
         Gate weights.
     specific : array (tasks, E) of bool
         Each task's own experts (the second output of :func:`hierarchy_mask`).
-    xp : namespace, optional
-        Array namespace; inferred from the arrays when None.
+    %(xp)s
 
     Returns
     -------

@@ -8,6 +8,7 @@ their names stay importable from here for code written against the earlier layou
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from moerouter._agnostic.scores import finite_rows, to_float32
 from moerouter._agnostic.select import position_in_bucket
@@ -23,6 +24,7 @@ from moerouter._validation import (
     check_k,
     check_positive_float,
     check_positive_int,
+    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
     concrete_all,
@@ -36,6 +38,8 @@ __all__ = [
     "capacity",
     "check_bool",
     "check_capacity_factor",
+    "check_capacity_options",
+    "check_capacity_policy_fields",
     "check_choice",
     "check_expert_layout_bounds",
     "check_fields",
@@ -47,6 +51,7 @@ __all__ = [
     "clean_logits",
     "concrete_all",
     "drop_over_capacity",
+    "expert_capacity",
     "finite_rows",
     "raise_if_unroutable",
     "to_float32",
@@ -80,6 +85,47 @@ def capacity(
         raw = math.ceil(round(capacity_factor * tokens * per_token / experts, 9))
     raw = max(raw, minimum)
     return max(multiple_of, -(-raw // multiple_of) * multiple_of)
+
+
+def check_capacity_options(policy: Any, drop_policies: tuple[str, ...]) -> None:
+    """The checks of a token-choice policy's optional capacity, for the fields it has.
+
+    ``capacity_factor`` None or > 0, ``capacity_multiple_of >= 1``, ``min_capacity >= 0``,
+    ``drop_policy`` one of ``drop_policies``, ``capacity_rounding`` one of
+    :data:`CAPACITY_ROUNDINGS`, in that order.
+    """
+    check_capacity_factor(policy.capacity_factor)
+    check_positive_int(policy.capacity_multiple_of, "capacity_multiple_of")
+    if hasattr(policy, "min_capacity"):
+        check_positive_int(policy.min_capacity, "min_capacity", minimum=0)
+    check_choice(policy.drop_policy, "drop_policy", drop_policies)
+    if hasattr(policy, "capacity_rounding"):
+        check_choice(policy.capacity_rounding, "capacity_rounding", CAPACITY_ROUNDINGS)
+
+
+def check_capacity_policy_fields(policy: Any) -> None:
+    """The checks that open ``__post_init__`` of every policy whose capacity is required.
+
+    Field types (:func:`check_fields`), ``num_experts >= 1``, a capacity factor that is a number
+    > 0, and ``capacity_multiple_of >= 1``; the policy checks its own other fields after.
+    """
+    check_fields(policy)
+    check_positive_int(policy.num_experts, "num_experts")
+    check_required_capacity_factor(policy.capacity_factor)
+    check_positive_int(policy.capacity_multiple_of, "capacity_multiple_of")
+
+
+def expert_capacity(policy: Any, group_size: int, capacity_factor: float | None = None) -> int:
+    """``C``, the tokens each expert of an expert-layout ``policy`` takes from a group.
+
+    ``ceil(cf * group_size / num_experts)`` rounded up to ``policy.capacity_multiple_of``, then
+    capped at ``group_size`` (an expert cannot take a token twice); ``capacity_factor``, when
+    given, replaces ``policy.capacity_factor``.
+    """
+    if capacity_factor is None:
+        capacity_factor = policy.capacity_factor
+    full = capacity(capacity_factor, group_size, 1, policy.num_experts, policy.capacity_multiple_of)
+    return min(full, group_size)
 
 
 def drop_over_capacity(

@@ -29,6 +29,7 @@ from array_api_compat import array_namespace
 from moerouter._agnostic.scores import to_float32
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import check_fields, check_positive_int, is_array
 from moerouter.routing import Routing
@@ -36,6 +37,7 @@ from moerouter.routing import Routing
 __all__ = ["AnchorRouting", "anchor_mean_logits", "anchor_router_input"]
 
 
+@fill_doc
 def anchor_router_input(
     tokens: Array, anchor_ids: Array, anchor_embeddings: Array, *, xp: Any = None
 ) -> Array:
@@ -49,8 +51,7 @@ def anchor_router_input(
         Anchor of each token in ``[0, A)``; -1 for a token without an anchor (it gets zeros).
     anchor_embeddings : array (A, a)
         One row per anchor.
-    xp : namespace, optional
-        Inferred from the arrays.
+    %(xp)s
 
     Returns
     -------
@@ -98,6 +99,7 @@ def _check_anchor_ids(anchor_ids: Array, num_tokens: int, *, xp: Any) -> Array:
     return xp.astype(anchor_ids, xp.int32)
 
 
+@fill_doc
 def anchor_mean_logits(
     logits: Array, anchor_ids: Array, *, num_anchors: int, xp: Any = None
 ) -> Array:
@@ -119,8 +121,7 @@ def anchor_mean_logits(
         the device (no host sync); an id outside the range counts as no anchor.
     num_anchors : int
         ``A``, a static bound on the anchor ids (shapes stay static under ``jax.jit``).
-    xp : namespace, optional
-        Inferred from the arrays.
+    %(xp)s
 
     Returns
     -------

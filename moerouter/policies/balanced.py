@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from moerouter._agnostic.scores import sigmoid, softmax
 from moerouter._agnostic.transport import balanced_rounds, sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_fields,
@@ -21,6 +22,7 @@ from moerouter.routing import Routing
 __all__ = ["BalancedAssignment"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("sigmoid",), capacity="exact")
 @dataclass(frozen=True)
 class BalancedAssignment:
@@ -75,8 +77,7 @@ class BalancedAssignment:
         Entropic regularisation of the Sinkhorn plan, in logit units.
     num_iters : int
         Sinkhorn iterations.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------

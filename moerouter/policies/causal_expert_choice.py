@@ -11,9 +11,10 @@ from array_api_compat import array_namespace, is_array_api_obj
 from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._capabilities import PolicyCapabilities
-from moerouter._validation import check_fields
+from moerouter._docs import fill_doc
+from moerouter._validation import check_floating
 from moerouter.policies._common import (
-    check_capacity_factor,
+    check_capacity_policy_fields,
     check_choice,
     check_positive_int,
     clean_logits,
@@ -35,6 +36,7 @@ Array = Any
 MODES = ("threshold", "predictor")
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always", causal=True)
 @dataclass(frozen=True)
 class CausalExpertChoice:
@@ -70,16 +72,14 @@ class CausalExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf`` > 0 of the training-time expert choice.
     mode : {"threshold", "predictor"}
         The inference rule.
     capacity_multiple_of : int
         As in :class:`ExpertChoice`.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------
@@ -100,13 +100,8 @@ class CausalExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_positive_int(self.num_experts, "num_experts")
-        if self.capacity_factor is None:
-            raise TypeError("capacity_factor must be a number, got None")
-        check_capacity_factor(self.capacity_factor)
+        check_capacity_policy_fields(self)
         check_choice(self.mode, "mode", MODES)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     @property
     def batch_policy(self) -> ExpertChoice:
@@ -174,9 +169,6 @@ class CausalExpertChoice:
             routed,
             xp.take_along_axis(probs, choice, axis=-1),
             num_experts=self.num_experts,
-            capacity_factor=None,
-            capacity_multiple_of=1,
-            drop_policy="position",
         )
 
 
@@ -200,10 +192,7 @@ def _checked_predictor(predictor_logits: Array, logits: Array, xp: Any) -> Array
             f"predictor_logits must have the logits' shape {tuple(logits.shape)}, got "
             f"{tuple(predictor_logits.shape)}"
         )
-    if not xp.isdtype(predictor_logits.dtype, "real floating"):
-        raise TypeError(
-            f"predictor_logits must be a real floating dtype, got {predictor_logits.dtype}"
-        )
+    check_floating(predictor_logits, "predictor_logits")
     values = xp.astype(predictor_logits, xp.float32)
     return values if values.ndim == 3 else values[None, ...]
 

@@ -5,14 +5,7 @@ moerouter.policies.cosine`` still works and gives the same module object (with a
 :class:`DeprecationWarning`); import from :mod:`moerouter.gates.cosine` instead.
 """
 
-import sys
-import warnings
+from moerouter._moved import replace_module
+from moerouter.gates import cosine
 
-from moerouter.gates import cosine as _moved
-
-warnings.warn(
-    "moerouter.policies.cosine moved to moerouter.gates.cosine; import it from there",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = _moved
+replace_module(__name__, cosine, deprecated=True)

@@ -13,7 +13,6 @@ from moerouter._agnostic.select import select_top_k
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._typing import Array
 from moerouter._validation import (
-    check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
@@ -23,8 +22,9 @@ from moerouter._validation import (
     check_token_layout_bounds,
     clean_logits,
     concrete_all,
+    same_backend,
 )
-from moerouter.policies._common import CAPACITY_ROUNDINGS
+from moerouter.policies._common import check_capacity_options
 from moerouter.policies._router import (
     RouterResult,
     biased_selection,
@@ -157,11 +157,7 @@ class DeepSeekTopK:
         check_choice(self.group_score, "group_score", ("top2_sum", "max", "topk_sum"))
         self._check_group_k(self.k)
         check_positive_float(self.routed_scaling_factor, "routed_scaling_factor")
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
-        check_choice(self.capacity_rounding, "capacity_rounding", CAPACITY_ROUNDINGS)
+        check_capacity_options(self, DROP_POLICIES)
 
     @property
     def eligible_experts(self) -> int:
@@ -255,12 +251,7 @@ class DeepSeekTopK:
         )
 
     def _check_bias(self, bias: Array, logits: Array) -> Array:
-        if not is_array_api_obj(bias):
-            raise TypeError(f"bias must be an array, got {type(bias).__name__}")
-        try:
-            xp = array_namespace(logits, bias)
-        except TypeError as error:
-            raise TypeError("bias and logits must be arrays of one backend") from error
+        xp = same_backend(("bias", bias), ("logits", logits))
         if tuple(bias.shape) != (self.num_experts,):
             raise ValueError(
                 f"bias must have shape (num_experts,) = ({self.num_experts},), "

@@ -6,22 +6,21 @@ from dataclasses import dataclass
 
 from moerouter._agnostic.scores import softmax
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_capacity_factor,
     check_expert_layout_bounds,
-    check_fields,
-    check_positive_int,
-    check_required_capacity_factor,
     clean_logits,
 )
-from moerouter.policies._common import capacity
+from moerouter.policies._common import check_capacity_policy_fields, expert_capacity
 from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["ExpertChoice"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class ExpertChoice:
@@ -50,14 +49,11 @@ class ExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf`` > 0, the mean number of experts per token (the paper's main setting is 2).
-    capacity_multiple_of : int
-        Round ``C`` up to a multiple of this before capping at ``S``.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(capacity_multiple_of_capped)s
+    %(strict)s
 
     Examples
     --------
@@ -75,22 +71,16 @@ class ExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_positive_int(self.num_experts, "num_experts")
-        check_required_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+        check_capacity_policy_fields(self)
 
     def capacity(self, group_size: int, capacity_factor: float | None = None) -> int:
         """Tokens each expert takes from a group of ``group_size`` tokens.
 
         ``capacity_factor``, when given, replaces the constructor's value.
         """
-        if capacity_factor is None:
-            capacity_factor = self.capacity_factor
-        else:
+        if capacity_factor is not None:
             check_capacity_factor(capacity_factor)
-        full = capacity(capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of)
-        return min(full, group_size)
+        return expert_capacity(self, group_size, capacity_factor)
 
     def __call__(self, logits: Array, *, capacity_factor: float | None = None) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring.

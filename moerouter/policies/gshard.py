@@ -5,18 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from array_api_compat import array_namespace, is_array_api_obj
-
 from moerouter._agnostic.scores import renormalize
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._typing import Array
 from moerouter._validation import (
-    check_capacity_factor,
     check_choice,
     check_fields,
     check_positive_float,
     check_positive_int,
+    same_backend,
 )
+from moerouter.policies._common import check_capacity_options
 from moerouter.policies._router import policy_router
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
@@ -96,10 +95,7 @@ class GShardTop2:
         check_choice(self.second_expert_policy, "second_expert_policy", ("random", "all"))
         threshold = self.second_expert_threshold
         check_positive_float(threshold, "second_expert_threshold")
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+        check_capacity_options(self, DROP_POLICIES)
 
     def __call__(
         self,
@@ -148,12 +144,7 @@ class GShardTop2:
                 'second_expert_policy="random" needs uniform: one U[0, 1) draw per token'
             )
         uniform: Array = given
-        if not is_array_api_obj(uniform):
-            raise TypeError(f"uniform must be an array, got {type(uniform).__name__}")
-        try:
-            xp = array_namespace(logits, uniform)
-        except TypeError as error:
-            raise TypeError("uniform and logits must be arrays of one backend") from error
+        xp = same_backend(("uniform", uniform), ("logits", logits))
         if tuple(uniform.shape) != tuple(logits.shape[:-1]):
             raise ValueError(
                 f"uniform must have shape {tuple(logits.shape[:-1])} (one draw per token), "

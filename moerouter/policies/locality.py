@@ -38,21 +38,24 @@ from typing import Literal
 from moerouter._agnostic.scores import masked_softmax, softmax
 from moerouter._agnostic.select import descending_rank, top_k
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     CleanLogits,
-    check_capacity_factor,
-    check_choice,
     check_fields,
     check_positive_int,
-    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
     is_array,
 )
 from moerouter.gates.locality import affinity_scores, grouped_average_pooling
 from moerouter.losses.locality import locality_loss
-from moerouter.policies._common import capacity, drop_over_capacity
+from moerouter.policies._common import (
+    capacity,
+    check_capacity_options,
+    check_capacity_policy_fields,
+    drop_over_capacity,
+)
 from moerouter.policies._token_choice import (
     choose,
     clean_token_choice_logits,
@@ -157,9 +160,7 @@ class LocalityTopK:
             raise ValueError(
                 f"k must be <= max_nodes * experts per node = {reachable}, got {self.k}"
             )
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+        check_capacity_options(self, ("position", "probs"))
 
     def __call__(self, logits: Array, token_nodes: Array) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E) of tokens on nodes ``token_nodes`` (T,).
@@ -205,6 +206,7 @@ class LocalityTopK:
         )
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class AffinityRouting:
@@ -229,8 +231,7 @@ class AffinityRouting:
         ``cf`` > 0.
     capacity_multiple_of : int
         Round ``C`` up to a multiple of this.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------
@@ -249,10 +250,7 @@ class AffinityRouting:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_positive_int(self.num_experts, "num_experts")
-        check_required_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
+        check_capacity_policy_fields(self)
 
     def __call__(self, logits: Array, affinity: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), ranking tokens by ``affinity`` (same shape)."""

@@ -5,14 +5,7 @@ moerouter.policies.noise`` still works and gives the same module object (with a
 :class:`DeprecationWarning`); import from :mod:`moerouter.gates.noise` instead.
 """
 
-import sys
-import warnings
+from moerouter._moved import replace_module
+from moerouter.gates import noise
 
-from moerouter.gates import noise as _moved
-
-warnings.warn(
-    "moerouter.policies.noise moved to moerouter.gates.noise; import it from there",
-    DeprecationWarning,
-    stacklevel=2,
-)
-sys.modules[__name__] = _moved
+replace_module(__name__, noise, deprecated=True)

@@ -8,12 +8,11 @@ from typing import Literal
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._typing import Array
 from moerouter._validation import (
-    check_capacity_factor,
-    check_choice,
     check_fields,
     check_k,
     check_positive_int,
 )
+from moerouter.policies._common import check_capacity_options
 from moerouter.policies._router import policy_router
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
@@ -86,10 +85,7 @@ class NullExperts:
         check_positive_int(self.num_experts, "num_experts")
         check_positive_int(self.num_null, "num_null", minimum=0)
         check_k(self.k, self.num_experts + self.num_null, "num_experts + num_null")
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+        check_capacity_options(self, DROP_POLICIES)
 
     def __call__(
         self, logits: Array, *, k: int | None = None, capacity_factor: float | None = None

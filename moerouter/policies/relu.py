@@ -9,17 +9,17 @@ from typing import Any, Literal, NamedTuple
 from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._validation import check_fields
 from moerouter.policies._common import (
-    check_capacity_factor,
-    check_choice,
+    check_capacity_options,
     check_positive_int,
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
     choose,
     clean_token_choice_logits,
-    token_choice_routing,
+    route_token_choice,
 )
 from moerouter.policies.top_p import check_max_k
 from moerouter.routing import Routing
@@ -29,6 +29,7 @@ __all__ = ["ReLURouting", "ReLURoutingState", "relu_state_init", "update_l1_coef
 Array = Any
 
 
+@fill_doc
 @PolicyCapabilities(scores=("relu",), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class ReLURouting:
@@ -62,8 +63,7 @@ class ReLURouting:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     max_k : int
         Most experts per token, ``1 <= max_k <= E``.
     capacity_factor, capacity_multiple_of, drop_policy, strict
@@ -91,9 +91,7 @@ class ReLURouting:
         check_fields(self)
         check_positive_int(self.num_experts, "num_experts")
         check_max_k(self.max_k, self.num_experts)
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+        check_capacity_options(self, DROP_POLICIES)
 
     def __call__(self, logits: Array) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring."""
@@ -102,16 +100,9 @@ class ReLURouting:
         gates = xp.maximum(clean.values, xp.zeros_like(clean.values))
         choice, chosen_logits = choose(clean, self.max_k)
         routed = (chosen_logits > 0) & clean.finite_rows[..., None]
-        return token_choice_routing(
-            clean,
-            gates,
-            choice,
-            routed,
-            xp.take_along_axis(gates, choice, axis=-1),
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        weights = xp.take_along_axis(gates, choice, axis=-1)
+        return route_token_choice(
+            self, clean, gates, choice, routed, weights, capacity_factor=self.capacity_factor
         )
 
 

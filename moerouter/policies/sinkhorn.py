@@ -13,20 +13,22 @@ from typing import Any
 from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sinkhorn_potentials
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     CleanLogits,
-    check_capacity_factor,
-    check_choice,
     check_expert_layout_bounds,
     check_fields,
     check_positive_float,
     check_positive_int,
-    check_required_capacity_factor,
     check_token_layout_bounds,
     clean_logits,
 )
-from moerouter.policies._common import capacity
+from moerouter.policies._common import (
+    check_capacity_options,
+    check_capacity_policy_fields,
+    expert_capacity,
+)
 from moerouter.policies._token_choice import (
     renormalized_scores,
     route_token_choice,
@@ -102,6 +104,7 @@ def _check_common(policy: Any) -> None:
     check_positive_int(policy.num_iters, "num_iters")
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="optional")
 @dataclass(frozen=True)
 class SinkhornTokenChoice:
@@ -139,8 +142,7 @@ class SinkhornTokenChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     k : int
         Experts per token, ``1 <= k <= E``.
     epsilon : float
@@ -157,8 +159,7 @@ class SinkhornTokenChoice:
         Round the capacity up to a multiple of this.
     drop_policy : {"position", "probs"}
         Who keeps their slot when an expert is full.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------
@@ -187,9 +188,7 @@ class SinkhornTokenChoice:
         check_positive_int(self.k, "k")
         if self.k > self.num_experts:
             raise ValueError(f"k must be <= num_experts = {self.num_experts}, got {self.k}")
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", ("position", "probs"))
+        check_capacity_options(self, ("position", "probs"))
 
     def __call__(self, logits: Array, noise: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), optionally perturbed by ``noise`` (same shape)."""
@@ -221,6 +220,7 @@ class SinkhornTokenChoice:
         )
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SinkhornExpertChoice:
@@ -244,8 +244,7 @@ class SinkhornExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf > 0``, the mean number of experts per token.
     epsilon : float
@@ -254,10 +253,8 @@ class SinkhornExpertChoice:
         Sinkhorn iterations (vmoe: 20).
     noisy_combine : bool
         Combine weights from the noisy (True) or clean (False) logits.
-    capacity_multiple_of : int
-        Round ``C`` up to a multiple of this before capping at ``S``.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(capacity_multiple_of_capped)s
+    %(strict)s
 
     Examples
     --------
@@ -278,17 +275,12 @@ class SinkhornExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_capacity_policy_fields(self)
         _check_common(self)
-        check_required_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def capacity(self, group_size: int) -> int:
         """Tokens each expert takes from a group of ``group_size`` tokens."""
-        full = capacity(
-            self.capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of
-        )
-        return min(full, group_size)
+        return expert_capacity(self, group_size)
 
     def __call__(self, logits: Array, noise: Array | None = None) -> Routing:
         """Route ``logits`` (T, E) or (G, S, E), optionally perturbed by ``noise`` (same shape)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from moerouter._agnostic.scores import masked_softmax
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import check_fields, check_positive_int, clean_logits
 from moerouter.routing import SoftRouting
@@ -13,6 +14,7 @@ from moerouter.routing import SoftRouting
 __all__ = ["SoftMoE"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="exact")
 @dataclass(frozen=True)
 class SoftMoE:
@@ -48,8 +50,7 @@ class SoftMoE:
         ``E``.
     slots_per_expert : int
         ``P``; the logits' last dimension is ``E * P``.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(strict)s
 
     Examples
     --------

@@ -9,22 +9,22 @@ from moerouter._agnostic.scores import softmax
 from moerouter._agnostic.transport import sparse_transport_plan
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_expert_layout_bounds,
-    check_fields,
     check_positive_float,
     check_positive_int,
-    check_required_capacity_factor,
     clean_logits,
 )
-from moerouter.policies._common import capacity
+from moerouter.policies._common import check_capacity_policy_fields, expert_capacity
 from moerouter.policies._transport import expert_layout_routing
 from moerouter.routing import Routing
 
 __all__ = ["SparsityConstrainedExpertChoice"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="always")
 @dataclass(frozen=True)
 class SparsityConstrainedExpertChoice:
@@ -60,8 +60,7 @@ class SparsityConstrainedExpertChoice:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     capacity_factor : float
         ``cf > 0``; ``C`` is both the sparsity bound of a column and the tokens an expert takes.
     gamma : float
@@ -70,10 +69,8 @@ class SparsityConstrainedExpertChoice:
         Adam steps on the semi-dual.
     learning_rate : float
         Adam's step size.
-    capacity_multiple_of : int
-        Round ``C`` up to a multiple of this before capping at ``S``.
-    strict : bool
-        Raise on non-finite logits rows (concrete values only).
+    %(capacity_multiple_of_capped)s
+    %(strict)s
 
     Examples
     --------
@@ -94,20 +91,14 @@ class SparsityConstrainedExpertChoice:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_positive_int(self.num_experts, "num_experts")
-        check_required_capacity_factor(self.capacity_factor)
+        check_capacity_policy_fields(self)
         check_positive_float(self.gamma, "gamma")
         check_positive_int(self.num_steps, "num_steps", minimum=0)
         check_positive_float(self.learning_rate, "learning_rate")
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
 
     def capacity(self, group_size: int) -> int:
         """Tokens each expert takes from a group of ``group_size`` tokens."""
-        full = capacity(
-            self.capacity_factor, group_size, 1, self.num_experts, self.capacity_multiple_of
-        )
-        return min(full, group_size)
+        return expert_capacity(self, group_size)
 
     def plan(self, logits: Array) -> Array:
         """The sparse transport plan, (T, E) or (G, S, E) float32; zero on non-finite rows."""

@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._validation import check_fields
 from moerouter.policies._common import (
-    check_capacity_factor,
-    check_choice,
+    check_capacity_options,
     check_positive_int,
 )
 from moerouter.policies._token_choice import (
@@ -19,8 +19,8 @@ from moerouter.policies._token_choice import (
     choose,
     clean_token_choice_logits,
     renormalized_scores,
+    route_token_choice,
     softmax,
-    token_choice_routing,
 )
 from moerouter.routing import Routing
 
@@ -61,6 +61,7 @@ def top_p_keep(chosen_probs: Array, p: float, *, xp: Any) -> Array:
     return first | (before < p)
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax",), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class TopP:
@@ -96,8 +97,7 @@ class TopP:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     p : float
         Probability threshold in ``[0, 1]`` (the paper uses 0.4).
     max_k : int
@@ -131,9 +131,7 @@ class TopP:
         check_positive_int(self.num_experts, "num_experts")
         check_p(self.p)
         check_max_k(self.max_k, self.num_experts)
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
+        check_capacity_options(self, DROP_POLICIES)
 
     def __call__(self, logits: Array, *, p: float | None = None) -> Routing:
         """Route ``logits`` of shape (T, E) or (G, S, E); see the class docstring.
@@ -151,14 +149,6 @@ class TopP:
             weights = renormalized_scores(chosen_logits, routed, score="softmax", xp=xp)
         else:
             weights = xp.take_along_axis(probs, choice, axis=-1)
-        return token_choice_routing(
-            clean,
-            probs,
-            choice,
-            routed,
-            weights,
-            num_experts=self.num_experts,
-            capacity_factor=self.capacity_factor,
-            capacity_multiple_of=self.capacity_multiple_of,
-            drop_policy=self.drop_policy,
+        return route_token_choice(
+            self, clean, probs, choice, routed, weights, capacity_factor=self.capacity_factor
         )

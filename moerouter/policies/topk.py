@@ -6,15 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from moerouter._capabilities import PolicyCapabilities
+from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
-    check_capacity_factor,
     check_choice,
     check_fields,
     check_k,
     check_positive_int,
 )
-from moerouter.policies._common import CAPACITY_ROUNDINGS
+from moerouter.policies._common import check_capacity_options
 from moerouter.policies._router import policy_router
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
@@ -26,6 +26,7 @@ from moerouter.routing import Routing
 __all__ = ["TopK"]
 
 
+@fill_doc
 @PolicyCapabilities(scores=("softmax", "sigmoid"), capacity="optional", causal=True)
 @dataclass(frozen=True)
 class TopK:
@@ -68,8 +69,7 @@ class TopK:
 
     Parameters
     ----------
-    num_experts : int
-        ``E``; the logits' last dimension.
+    %(num_experts_logits)s
     k : int
         Experts per token, ``1 <= k <= E``.
     score : {"softmax", "sigmoid"}
@@ -123,11 +123,7 @@ class TopK:
         check_positive_int(self.num_experts, "num_experts")
         check_k(self.k, self.num_experts)
         check_choice(self.score, "score", ("softmax", "sigmoid"))
-        check_capacity_factor(self.capacity_factor)
-        check_positive_int(self.capacity_multiple_of, "capacity_multiple_of")
-        check_positive_int(self.min_capacity, "min_capacity", minimum=0)
-        check_choice(self.drop_policy, "drop_policy", DROP_POLICIES)
-        check_choice(self.capacity_rounding, "capacity_rounding", CAPACITY_ROUNDINGS)
+        check_capacity_options(self, DROP_POLICIES)
 
     def __call__(
         self, logits: Array, *, k: int | None = None, capacity_factor: float | None = None

@@ -74,13 +74,21 @@ def _(token_ids, expert_ids, num_tokens, num_experts, fan_in, token_layout):  # 
     )
 
 
+def _gather_reduce(
+    rows: torch.Tensor, combine_rows: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """The gather-reduce of :func:`combine` (``weights=None``: unweighted, for
+    :func:`gather_sum`) on the Triton kernel where it runs, else the eager one."""
+    triton = _triton_for(rows)
+    if triton is not None:
+        return triton.combine(rows, combine_rows, weights)
+    return _kernels.gather_reduce(rows, combine_rows, weights)
+
+
 @torch.library.custom_op(f"{_LIB}::gather_sum", mutates_args=())
 def gather_sum(rows: torch.Tensor, combine_rows: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_f rows[combine_rows[t, f]]`` over real entries: the gradient of dispatch."""
-    triton = _triton_for(rows)
-    if triton is not None:
-        return triton.combine(rows, combine_rows, None)
-    return _kernels.gather_reduce(rows, combine_rows, None)
+    return _gather_reduce(rows, combine_rows, None)
 
 
 @gather_sum.register_fake
@@ -134,10 +142,7 @@ def combine(
 
     ``source_tokens`` and ``num_valid`` are not read: the backward needs them.
     """
-    triton = _triton_for(ye)
-    if triton is not None:
-        return triton.combine(ye, combine_rows, combine_weights)
-    return _kernels.gather_reduce(ye, combine_rows, combine_weights)
+    return _gather_reduce(ye, combine_rows, combine_weights)
 
 
 @combine.register_fake

@@ -94,6 +94,22 @@ def _softmax_list(row: list[float]) -> list[float]:
     return [e / total for e in exps]
 
 
+def place_choices(
+    expert: np.ndarray,
+    weights: np.ndarray,
+    cell: tuple[int, int],
+    picked: list[int],
+    routed: list[bool],
+    slot_weights: list[float],
+) -> None:
+    """Write token ``cell = (g, s)``'s routed choices into (G, S, k) ``expert`` and ``weights``,
+    in place; a slot that is not routed keeps what it had (expert -1, weight 0)."""
+    for slot, column in enumerate(picked):
+        if routed[slot]:
+            expert[(*cell, slot)] = column
+            weights[(*cell, slot)] = slot_weights[slot]
+
+
 def token_routing(
     choice: np.ndarray,
     expert: np.ndarray,

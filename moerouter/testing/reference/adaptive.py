@@ -19,8 +19,8 @@ from moerouter.testing.reference._common import (
     _ranked_columns,
     _row_is_finite,
     _softmax,
+    place_choices,
     token_arrays,
-    token_routing,
 )
 from moerouter.testing.reference.capacity import Capacity
 
@@ -56,13 +56,9 @@ def _token_routing(
             finite[g, s] = True
             probs[g, s], picked, routed, row_weights = decide(row)
             choice[g, s] = picked
-            for slot, column in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = column
-                    weights[g, s, slot] = row_weights[slot]
+            place_choices(expert, weights, (g, s), picked, routed, row_weights)
     capacity = Capacity(capacity_factor, drop_policy)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def reference_top_p(

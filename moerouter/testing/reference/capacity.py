@@ -11,10 +11,11 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
-from moerouter.testing.reference._common import _descending
+from moerouter.testing.reference._common import _descending, token_routing
 
 __all__ = ["Capacity", "drop_over_capacity", "reference_capacity"]
 
@@ -96,3 +97,13 @@ class Capacity:
         )
         drop_over_capacity(expert, weights, probs, choice, per_expert, self.drop_policy)
         return per_expert
+
+    def routing(self, num_experts: int, *arrays: np.ndarray) -> dict[str, Any]:
+        """The routing dict of :func:`token_routing` after :meth:`drop`.
+
+        ``arrays`` are ``choice, expert, weights, probs, finite`` of :func:`token_routing`;
+        ``expert`` and ``weights`` are edited in place.
+        """
+        choice, expert, weights, probs, finite = arrays
+        per_expert = self.drop(num_experts, expert, weights, probs, choice)
+        return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)

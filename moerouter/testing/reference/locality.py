@@ -16,6 +16,7 @@ from moerouter.testing.reference._common import (
     _descending,
     _row_is_finite,
     _softmax_list,
+    place_choices,
     token_arrays,
     token_routing,
 )
@@ -81,13 +82,9 @@ def reference_locality_topk(
                 ]
             else:
                 w = [p[e] if r else 0.0 for e, r in zip(picked, routed, strict=True)]
-            for slot, e in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = e
-                    weights[g, s, slot] = w[slot]
+            place_choices(expert, weights, (g, s), picked, routed, w)
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def reference_affinity_routing(

@@ -24,8 +24,8 @@ from moerouter.testing.reference._common import (
     _row_is_finite,
     _sigmoid,
     _softmax,
+    place_choices,
     token_arrays,
-    token_routing,
 )
 from moerouter.testing.reference.capacity import Capacity
 
@@ -74,8 +74,7 @@ def _token_choice(
                     weights[g, s, slot] = 0.0
 
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def _softmax_of_routed(row: np.ndarray, picked: list[int], routed: list[bool]) -> list[float]:
@@ -246,13 +245,16 @@ def reference_deepseek(
             if normalize and total > 0:
                 chosen = [w / total for w in chosen]
             choice[g, s] = picked
-            for slot, column in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = column
-                    weights[g, s, slot] = chosen[slot] * routed_scaling_factor
+            place_choices(
+                expert,
+                weights,
+                (g, s),
+                picked,
+                routed,
+                [weight * routed_scaling_factor for weight in chosen],
+            )
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def _selection(row: np.ndarray, bias32: np.ndarray, score: str) -> list[float]:
@@ -363,13 +365,9 @@ def reference_gshard_top2(
                 if not draws[g, s] < ratio:
                     routed[1] = False
             choice[g, s] = picked
-            for slot, column in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = column
-                    weights[g, s, slot] = gates[slot]
+            place_choices(expert, weights, (g, s), picked, routed, gates)
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of, min_capacity)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def reference_hash(token_ids: Any, num_experts: int, table: Any = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from moerouter.testing.backends import to_numpy
-from moerouter.testing.reference._common import _descending, _row_is_finite, token_routing
+from moerouter.testing.reference._common import _descending, _row_is_finite, place_choices
 from moerouter.testing.reference.capacity import Capacity, reference_capacity
 from moerouter.testing.reference.expert_choice import _expert_layout
 
@@ -158,13 +158,9 @@ def reference_sinkhorn_token_choice(
             total = sum(chosen)
             if normalize and total > 0:
                 chosen = [w / total for w in chosen]
-            for slot, e in enumerate(picked):
-                if routed[slot]:
-                    expert[g, s, slot] = e
-                    weights[g, s, slot] = chosen[slot]
+            place_choices(expert, weights, (g, s), picked, routed, chosen)
     capacity = Capacity(capacity_factor, drop_policy, capacity_multiple_of)
-    per_expert = capacity.drop(num_experts, expert, weights, probs, choice)
-    return token_routing(choice, expert, weights, probs, finite, num_experts, per_expert)
+    return capacity.routing(num_experts, choice, expert, weights, probs, finite)
 
 
 def reference_sinkhorn_expert_choice(

@@ -39,6 +39,14 @@ __device__ __forceinline__ void store(T* __restrict__ out, long long token, int 
   *reinterpret_cast<Pack<T, kVec>*>(out + token * features + column) = pack;
 }
 
+template <int kVec>
+__device__ __forceinline__ void zero(float (&total)[kVec]) {
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    total[e] = 0.0f;
+  }
+}
+
 template <typename T, int kVec>
 __global__ void combine_padded(const T* __restrict__ ye, const int* __restrict__ combine_rows,
                                const float* __restrict__ combine_weights, int num_tokens,
@@ -52,10 +60,7 @@ __global__ void combine_padded(const T* __restrict__ ye, const int* __restrict__
   for (int column = static_cast<int>(threadIdx.x) * kVec; column < features;
        column += static_cast<int>(blockDim.x) * kVec) {
     float total[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      total[e] = 0.0f;
-    }
+    zero<kVec>(total);
     for (int slot = 0; slot < fan_in; ++slot) {
       const int row = rows[slot];
       if (row >= 0) {  // -1: no entry, contributes exactly nothing
@@ -79,10 +84,7 @@ __global__ void combine_csr(const T* __restrict__ ye, const int* __restrict__ in
   for (int column = static_cast<int>(threadIdx.x) * kVec; column < features;
        column += static_cast<int>(blockDim.x) * kVec) {
     float total[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      total[e] = 0.0f;
-    }
+    zero<kVec>(total);
     for (int entry = begin; entry < end; ++entry) {
       accumulate<T, kVec>(ye, rows[entry], features, column, weights[entry], total);
     }

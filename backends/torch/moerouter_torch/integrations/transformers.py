@@ -30,6 +30,14 @@ or whose forward needs more than the hidden states (HY-V3, MiniMax-M2: a per-cal
 :func:`to_adamoe` turns the model into AdaMoE (null experts, Zeng et al. 2024) and
 :func:`from_adamoe` back; :func:`routing_statistics` collects :func:`moerouter.stats.summary`
 per layer from forward passes.
+
+**Size.** Over 1000 lines, kept as one module: every public function here works through the one
+piece of state :func:`route_with_moerouter` attaches to the model (``_Model``, its ``_Block``
+entries and the forwards it patched). Removing the routing, converting to and from AdaMoE,
+saving and loading it and collecting statistics all find that state and restore or re-patch the
+same forwards, so a reader following a patched forward back to where it was installed and
+where it is undone stays in one file. What varies per model family is a table of its own
+(:mod:`moerouter_torch.integrations.transformers_families`).
 """
 
 from __future__ import annotations
