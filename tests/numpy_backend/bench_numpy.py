@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     os.environ.pop("MOEROUTER_BACKEND", None)
-    _registry._loaded.clear()
+    _registry.reset()
 
     T, d, E, k = args.tokens, args.features, args.experts, args.k
     dtype = np.dtype(args.dtype)

@@ -7,32 +7,27 @@ from typing import Any
 
 import pytest
 
-from moerouter import _numpy_backend, _registry
+from moerouter import _numpy_backend
+from moerouter.testing import use_backend
 
 
 @pytest.fixture(autouse=True)
 def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # The registry caches the plugin per array library; every test starts and ends without it,
-    # and without an inherited MOEROUTER_BACKEND or cache/thread settings.
-    for name in ("MOEROUTER_BACKEND", "MOEROUTER_NUMPY_CACHE_MB", "MOEROUTER_NUM_THREADS"):
+    # Every test starts on the NumPy kernels with an empty registry cache, without inherited
+    # cache/thread settings, and ends with the registry and the plan cache emptied.
+    for name in ("MOEROUTER_NUMPY_CACHE_MB", "MOEROUTER_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
-    _registry._loaded.clear()
-    yield
-    _registry._loaded.clear()
+    with use_backend():
+        yield
     _numpy_backend.clear_cache()
 
 
 @pytest.fixture
-def on_reference(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], Any]], Any]:
-    """Run a callable with ``MOEROUTER_BACKEND=reference`` (the agnostic path), then restore."""
+def on_reference() -> Callable[[Callable[[], Any]], Any]:
+    """Run a callable on the agnostic path (``use_backend("reference")``), then switch back."""
 
     def run(fn: Callable[[], Any]) -> Any:
-        with monkeypatch.context() as patch:
-            patch.setenv("MOEROUTER_BACKEND", "reference")
-            _registry._loaded.clear()
-            try:
-                return fn()
-            finally:
-                _registry._loaded.clear()
+        with use_backend("reference"):
+            return fn()
 
     return run
