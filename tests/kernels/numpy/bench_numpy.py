@@ -1,6 +1,6 @@
 """Benchmark the NumPy kernels against the same run's ``np.copyto`` and the agnostic path.
 
-Run ``python tests/numpy_backend/bench_numpy.py`` (default: the OLMoE-like shape T=4096, d=2048,
+Run ``python tests/kernels/numpy/bench_numpy.py`` (default: the OLMoE-like shape T=4096, d=2048,
 E=64, k=8, float32). Not collected by pytest: timings are benchmarks, never test assertions.
 
 Metric (DESIGN.md): ``bw_efficiency = (minimal_bytes / time) / copy_bandwidth``. Minimal bytes
