@@ -22,19 +22,12 @@ from typing import Any
 import numpy as np
 
 import moerouter as mr
-from moerouter import _numpy_backend, _registry
+from moerouter import _benchlib, _numpy_backend, _registry
 from moerouter._agnostic import plan as agnostic
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()  # the result is dropped at once, as a caller that is done with it would
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return _benchlib.median_seconds(fn, repeat=repeats, warmup=warmup)
 
 
 def copy_seconds(shape: tuple[int, int], dtype: np.dtype[Any], repeats: int) -> float:
