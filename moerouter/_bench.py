@@ -23,10 +23,8 @@ import importlib
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,15 @@ import numpy as np
 
 import moerouter as mr
 from moerouter import _registry
+from moerouter._benchlib import (
+    INDEX_BYTES,
+    WEIGHT_BYTES,
+    combine_backward_bytes,
+    combine_bytes,
+    dispatch_backward_bytes,
+    dispatch_bytes,
+)
+from moerouter._benchlib import median_seconds as _median_seconds
 from moerouter._typing import Array
 
 __all__ = [
@@ -48,11 +55,6 @@ __all__ = [
     "dispatch_bytes",
     "main",
 ]
-
-
-#: Bytes of one index (int32) and one routing weight (float32).
-INDEX_BYTES = 4
-WEIGHT_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -72,33 +74,6 @@ SHAPES: dict[str, Shape] = {
     "mixtral": Shape("mixtral", tokens=4096, dim=4096, experts=8, k=2),
     "olmoe": Shape("olmoe", tokens=4096, dim=2048, experts=64, k=8),
 }
-
-
-def dispatch_bytes(*, tokens_read: int, rows: int, dim: int, itemsize: int) -> int:
-    """Minimal traffic of dispatch: each routed token read once, ``R`` rows written, ``R`` indices.
-
-    ``tokens_read`` is the number of distinct tokens with at least one real expert (``T`` for
-    top-k without drops): a token-centric kernel reads a token once and writes its copies.
-    """
-    return (tokens_read + rows) * dim * itemsize + rows * INDEX_BYTES
-
-
-def combine_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
-    """Minimal traffic of combine: ``R`` rows read, ``T`` rows written, ``R`` indices, weights."""
-    return (rows + tokens) * dim * itemsize + rows * (INDEX_BYTES + WEIGHT_BYTES)
-
-
-def dispatch_backward_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
-    """Minimal traffic of dispatch's gradient (a gather-sum): ``R`` rows read, ``T`` rows
-    written, ``R`` indices read."""
-    return (rows + tokens) * dim * itemsize + rows * INDEX_BYTES
-
-
-def combine_backward_bytes(*, tokens: int, rows: int, dim: int, itemsize: int) -> int:
-    """Minimal traffic of combine's gradients: the ``T`` output-gradient rows read once, ``R``
-    expert rows read (for the weight gradient), ``R`` row gradients written; indices and weights
-    read, weight gradients written."""
-    return (tokens + 2 * rows) * dim * itemsize + rows * (INDEX_BYTES + 2 * WEIGHT_BYTES)
 
 
 def plan_bytes(*, tokens: int, rows: int, fan_in: int) -> int:
@@ -214,20 +189,6 @@ def _libraries(choice: str, device: str) -> tuple[list[_Library], list[str]]:
 
 
 # -------------------------------------------------------------------------------------- timing
-
-
-def _median_seconds(
-    run: Callable[[], Any], sync: Callable[[Any], None], repeat: int, warmup: int = 1
-) -> float:
-    """Median wall time of ``run()`` (synchronised), after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        sync(run())
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        sync(run())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 @dataclass(frozen=True)

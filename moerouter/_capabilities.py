@@ -3,7 +3,7 @@
 As SciPy's ``xp_capabilities`` decorator sits on each function, a :class:`PolicyCapabilities`
 decorates each policy class (``@PolicyCapabilities(scores=..., capacity=...)``), so a change to
 a policy and to what it claims land in the same place. The docs' support table is rendered from
-these declarations (``docs/_ext/moerouter_tables.py``) and ``tests/core/test_capabilities.py``
+these declarations (``docs/_ext/moerouter_tables.py``) and ``tests/contract/test_capabilities.py``
 checks each claim against the policy's behaviour, so the table cannot drift from the code. What
 the signature already says (per-call overrides, extra inputs) is read from the signature, not
 declared again.

@@ -37,6 +37,7 @@ __all__ = [
     "kernel_set_enabled",
     "known_plugins",
     "register",
+    "reset",
 ]
 
 ENTRY_POINT_GROUP = "moerouter.backends"
@@ -279,6 +280,16 @@ def register(info: BackendInfo) -> BackendInfo:
         raise TypeError(f"info must be a moerouter.BackendInfo, got {type(info).__name__}")
     _loaded[info.array_library] = info
     return info
+
+
+def reset() -> None:
+    """Forget every loaded plugin: the next array of each library looks its plugin up again.
+
+    The registry caches one answer per array library (the plugin, or None for the agnostic path),
+    so a change of ``MOEROUTER_BACKEND`` after a plugin was looked up needs this to be seen.
+    :func:`moerouter.testing.use_backend` calls it on entry and exit.
+    """
+    _loaded.clear()
 
 
 def backend_for(array: object) -> BackendInfo | None:

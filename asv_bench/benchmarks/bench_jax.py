@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 import moerouter as mr
+from moerouter import _benchlib
 
 from . import common
 
@@ -44,14 +43,7 @@ def _ready(result: Any) -> Any:
 
 
 def median_seconds(run: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        _ready(run())
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        _ready(run())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return _benchlib.median_seconds(run, _ready, repeat, warmup)
 
 
 def copy_bandwidth(nbytes: int = common.COPY_ROOF_BYTES, repeat: int = 5) -> float:
@@ -61,7 +53,7 @@ def copy_bandwidth(nbytes: int = common.COPY_ROOF_BYTES, repeat: int = 5) -> flo
 
     source = jnp.ones(nbytes // 4, jnp.float32)
     add = jax.jit(lambda a: a + 1.0)
-    return 2 * nbytes / median_seconds(lambda: add(source), repeat=repeat)
+    return _benchlib.copy_bandwidth(lambda: add(source), nbytes, _ready, repeat)
 
 
 class _Problem:

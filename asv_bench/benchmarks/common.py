@@ -4,18 +4,16 @@ Everything is measured against a copy on the same device in the same process::
 
     bw_efficiency = (minimal_bytes / time) / copy_bandwidth
 
-(DESIGN.md "Performance yardsticks", reference/performance.md §1.1 and §10). This module uses only
-moerouter's public API and is self-contained on purpose: asv benchmarks outlive the code they
-measure, so they must not import private helpers (``moerouter._bench`` computes the same numbers
-for ``python -m moerouter bench``).
+(DESIGN.md "Performance yardsticks", reference/performance.md §1.1 and §10). The timing loop,
+the roof and the minimal byte counts are ``moerouter._benchlib``'s, the one harness that
+``python -m moerouter bench`` and the plugins' benchmark scripts use too; this module adds only
+what asv needs (shapes, parameters, inputs built outside the timed region).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +21,8 @@ from typing import Any
 import numpy as np
 
 import moerouter as mr
-
-#: Bytes of one index (int32) and one routing weight (float32).
-INDEX_BYTES = 4
-WEIGHT_BYTES = 4
+from moerouter import _benchlib
+from moerouter._bench import router_bytes as _router_bytes
 
 #: The copy roof's buffer: far larger than any cache (the CPU boxes have 24 GiB).
 COPY_ROOF_BYTES = 256 * 2**20
@@ -60,17 +56,17 @@ SHAPE_NAMES = list(SHAPES)
 
 def dispatch_bytes(tokens_read: int, rows: int, dim: int, itemsize: int) -> int:
     """Each routed token read once, ``R`` rows written, ``R`` source indices read."""
-    return (tokens_read + rows) * dim * itemsize + rows * INDEX_BYTES
+    return _benchlib.dispatch_bytes(tokens_read=tokens_read, rows=rows, dim=dim, itemsize=itemsize)
 
 
 def combine_bytes(tokens: int, rows: int, dim: int, itemsize: int) -> int:
     """``R`` rows read, ``T`` rows written, ``R`` indices and weights read."""
-    return (rows + tokens) * dim * itemsize + rows * (INDEX_BYTES + WEIGHT_BYTES)
+    return _benchlib.combine_bytes(tokens=tokens, rows=rows, dim=dim, itemsize=itemsize)
 
 
 def router_bytes(tokens: int, columns: int, rows: int) -> int:
     """float32 logits read once, ``R`` expert ids and weights written."""
-    return tokens * columns * 4 + rows * (INDEX_BYTES + WEIGHT_BYTES)
+    return _router_bytes(tokens=tokens, columns=columns, rows=rows)
 
 
 # ------------------------------------------------------------------------------- backends
@@ -114,14 +110,7 @@ def sync(array: Any) -> None:
 
 def median_seconds(run: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
     """Median wall time of ``run()`` including a device sync, after untimed warm-up calls."""
-    for _ in range(warmup):
-        sync(run())
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        sync(run())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return _benchlib.median_seconds(run, sync, repeat, warmup)
 
 
 def copy_bandwidth(backend: str, nbytes: int = COPY_ROOF_BYTES, repeat: int = 3) -> float:
@@ -142,7 +131,7 @@ def copy_bandwidth(backend: str, nbytes: int = COPY_ROOF_BYTES, repeat: int = 3)
         def run() -> Any:
             return target.copy_(source)
 
-    return 2 * nbytes / median_seconds(run, repeat=repeat)
+    return _benchlib.copy_bandwidth(run, nbytes, sync, repeat)
 
 
 def naive_dispatch(x: Any, sources: Any) -> Any:
@@ -220,4 +209,4 @@ class Problem:
 def bw_efficiency(backend: str, run: Callable[[], Any], nbytes: int, repeat: int = 3) -> float:
     """``(nbytes / time) / copy bandwidth``, both measured now, in this process."""
     roof = copy_bandwidth(backend)
-    return nbytes / median_seconds(run, repeat=repeat) / roof
+    return _benchlib.bw_efficiency(nbytes, median_seconds(run, repeat=repeat), roof)

@@ -1,7 +1,8 @@
 """moerouter's public conformance kit: float64 references, assertion helpers, the backend enum.
 
 Backend plugins test themselves with it: ``pytest_plugins = ["moerouter.testing.fixtures"]``
-gives the ``backend`` and ``xp`` fixtures; :mod:`moerouter.testing.reference` holds the float64
+gives the ``backend``, ``xp`` and ``use_backend`` fixtures; :func:`use_backend` switches between
+the agnostic path and the plugins' kernels; :mod:`moerouter.testing.reference` holds the float64
 loop references every kernel is compared with, and :mod:`moerouter.testing.asserts` the
 comparisons (integers identical, floats within derived tolerances).
 """
@@ -51,6 +52,7 @@ from moerouter.testing.reference.transport import (
     reference_sinkhorn_token_choice,
     reference_sparsity_constrained_expert_choice,
 )
+from moerouter.testing.switching import use_backend
 
 __all__ = [
     "ROUTER_ATOL",
@@ -88,4 +90,5 @@ __all__ = [
     "reference_topk",
     "reference_z_loss",
     "to_numpy",
+    "use_backend",
 ]

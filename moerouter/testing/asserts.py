@@ -11,7 +11,7 @@ a correct float32 implementation strays by rounding only:
   ``u = 2**-24``. For the test inputs (``n <= 64`` columns, logit spreads below 30) that is
   below ``100 u = 6e-6``; :data:`ROUTER_RTOL` is ``2**-16`` (1.5e-5), the flash-attention
   rule's factor of two over the worst naive same-precision error with a little headroom. A
-  test (``tests/equivalence/test_tolerances.py``) checks that a naive float32 NumPy softmax indeed
+  test (``tests/contract/test_tolerances.py``) checks that a naive float32 NumPy softmax indeed
   stays within half of it.
 * :data:`ROUTER_ATOL` (``2**-24``) covers probabilities so small that their relative error is
   dominated by float32 underflow.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 import warnings
@@ -269,3 +270,42 @@ def test_info_shows_each_kernel_set(monkeypatch, capsys):
     monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "all")
     __main__.main(["info"])
     assert "kernel set fake-gpu: on, unverified" in capsys.readouterr().out
+
+
+def test_use_backend_switches_paths_and_restores_the_environment(monkeypatch):
+    from moerouter.testing import use_backend
+
+    info = _registry.register(
+        mr.BackendInfo(name="fakenumpy", array_library="numpy", kernels={"dispatch": noop})
+    )
+    array = np.zeros(3)
+    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "earlier")
+    with use_backend("reference"):
+        assert _registry.kernel_for("dispatch", array) is None
+        assert _registry._loaded == {}  # reset on entry
+        assert os.environ["MOEROUTER_BACKEND"] == "reference"
+        assert os.environ[_registry.UNVERIFIED_KERNELS_VARIABLE] == "earlier"  # left alone
+    assert "MOEROUTER_BACKEND" not in os.environ
+    assert _registry._loaded == {}  # reset on exit: plugins are looked up again
+    _registry.register(info)
+    with use_backend(unverified=("a", "b")):
+        assert _registry.kernel_for("dispatch", array) is not noop  # the real NumPy plugin
+        assert os.environ[_registry.UNVERIFIED_KERNELS_VARIABLE] == "a,b"
+        with use_backend(unverified=()):
+            assert _registry.UNVERIFIED_KERNELS_VARIABLE not in os.environ
+        assert os.environ[_registry.UNVERIFIED_KERNELS_VARIABLE] == "a,b"
+    assert os.environ[_registry.UNVERIFIED_KERNELS_VARIABLE] == "earlier"
+    with pytest.raises(RuntimeError), use_backend("numpy"):
+        assert os.environ["MOEROUTER_BACKEND"] == "numpy"
+        raise RuntimeError
+    assert "MOEROUTER_BACKEND" not in os.environ
+    with pytest.raises(ValueError, match="non-empty string"), use_backend(""):
+        pass
+
+
+def test_use_backend_fixture_switches_back_and_forth(use_backend):
+    use_backend("reference")
+    assert os.environ["MOEROUTER_BACKEND"] == "reference"
+    use_backend()
+    assert "MOEROUTER_BACKEND" not in os.environ
+    use_backend("reference")

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 
 import moerouter as mr
-from moerouter import _numpy_backend, _registry
-from moerouter.testing import to_numpy
+from moerouter import _numpy_backend
+from moerouter.testing import to_numpy, use_backend
 
 # Triton's interpreter must be chosen before Triton is first imported (as in test_triton.py).
 if "triton" not in sys.modules and importlib.util.find_spec("torch") is not None:
@@ -250,11 +250,9 @@ CASES = [
 
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
-    for name in ("MOEROUTER_BACKEND", "MOEROUTER_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    _registry._loaded.clear()
-    yield
-    _registry._loaded.clear()
+    monkeypatch.delenv("MOEROUTER_NUM_THREADS", raising=False)
+    with use_backend():
+        yield
 
 
 @pytest.mark.parametrize(("library", "dtype", "setup", "combine", "layout"), CASES)

@@ -38,8 +38,7 @@ from public_calls import (  # noqa: E402
 )
 
 import moerouter as mr  # noqa: E402
-from moerouter import _registry  # noqa: E402
-from moerouter.testing import Backend  # noqa: E402
+from moerouter.testing import Backend, use_backend  # noqa: E402
 
 META = torch.device("meta")
 CPU = torch.device("cpu")
@@ -51,15 +50,10 @@ def _inputs(device: Any) -> Inputs:
 
 
 @pytest.fixture(params=["plugin", "reference"])
-def path(request, monkeypatch):
+def path(request):
     """The torch plugin's kernels, or the agnostic path (MOEROUTER_BACKEND=reference)."""
-    if request.param == "reference":
-        monkeypatch.setenv("MOEROUTER_BACKEND", "reference")
-    else:
-        monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
-    _registry._loaded.clear()
-    yield request.param
-    _registry._loaded.clear()
+    with use_backend("reference" if request.param == "reference" else "kernels"):
+        yield request.param
 
 
 def _check_on_meta(reference: Any, on_meta: Any) -> None:

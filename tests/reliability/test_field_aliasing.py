@@ -17,8 +17,7 @@ import pytest
 from public_calls import POLICIES, Inputs
 
 import moerouter as mr
-from moerouter import _registry
-from moerouter.testing import Backend
+from moerouter.testing import Backend, use_backend
 
 CALLS = {
     f"{name}{variant}": call
@@ -28,14 +27,9 @@ CALLS = {
 
 
 @pytest.fixture(params=["own kernels", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setenv("MOEROUTER_BACKEND", "reference")
-    else:
-        monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
-    _registry._loaded.clear()
-    yield request.param
-    _registry._loaded.clear()
+def path(request):
+    with use_backend("reference" if request.param == "reference" else "kernels"):
+        yield request.param
 
 
 def _shares_memory(a, b) -> bool:

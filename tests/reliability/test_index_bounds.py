@@ -22,6 +22,7 @@ import pytest
 from public_calls import POLICIES, public_policies
 
 import moerouter as mr
+from moerouter.testing import use_backend
 
 INDEX_LIMIT = 2**31 - 1  # int32 indices: the largest count and the largest index + 1
 
@@ -174,19 +175,12 @@ def _meta_routing(torch, tokens, slots, *, capacity=None):
 
 
 @pytest.mark.parametrize("path", ["plugin", "reference"])
-def test_make_plan_past_int32_rows_raises_on_torch(path, monkeypatch, torch):
-    from moerouter import _registry
-
-    if path == "reference":
-        monkeypatch.setenv("MOEROUTER_BACKEND", "reference")
-    _registry._loaded.clear()
-    try:
+def test_make_plan_past_int32_rows_raises_on_torch(path, torch):
+    with use_backend("reference" if path == "reference" else "kernels"):
         with pytest.raises(ValueError, match=r"R = 2147483648 plan rows"):
             mr.make_plan(_meta_routing(torch, 2**30, 2))
         with pytest.raises(ValueError, match=r"T = 2147483648 tokens"):
             mr.make_plan(_meta_routing(torch, 2**31, 1))
-    finally:
-        _registry._loaded.clear()
 
 
 def test_padded_plan_past_int32_rows_raises(torch):

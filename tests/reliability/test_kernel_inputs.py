@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 import moerouter as mr
-from moerouter import _registry
-from moerouter.testing import Backend, to_numpy
+from moerouter.testing import Backend, to_numpy, use_backend
 
 # Each refused kind: what a weighted float32 sum would silently mangle.
 BAD_DTYPES = [
@@ -30,15 +29,10 @@ GOOD_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
 @pytest.fixture(params=["kernels", "reference"])
-def path(request, monkeypatch):
+def path(request):
     """The backend's own kernels, and the agnostic path (MOEROUTER_BACKEND=reference)."""
-    if request.param == "reference":
-        monkeypatch.setenv("MOEROUTER_BACKEND", "reference")
-    else:
-        monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
-    _registry._loaded.clear()
-    yield request.param
-    _registry._loaded.clear()
+    with use_backend("reference" if request.param == "reference" else "kernels"):
+        yield request.param
 
 
 def _plan(backend: Backend) -> mr.Plan:

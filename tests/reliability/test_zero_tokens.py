@@ -22,8 +22,7 @@ import pytest
 from public_calls import NULL, TOKEN_WISE, D, E, Inputs, K, leaves
 
 import moerouter as mr
-from moerouter import _registry
-from moerouter.testing import Backend, to_numpy
+from moerouter.testing import Backend, to_numpy, use_backend
 
 # (T,) with T = 0; (G, S) with no groups; (G, S) with empty groups.
 EMPTY = {"T=0": (0,), "G=0": (0, 8), "S=0": (2, 0)}
@@ -34,15 +33,10 @@ def _inputs(backend: Backend) -> Inputs:
 
 
 @pytest.fixture(params=["own kernels", "reference"])
-def path(request, monkeypatch):
+def path(request):
     """The backend's plugin kernels (NumPy, torch, JAX), or MOEROUTER_BACKEND=reference."""
-    if request.param == "reference":
-        monkeypatch.setenv("MOEROUTER_BACKEND", "reference")
-    else:
-        monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
-    _registry._loaded.clear()
-    yield request.param
-    _registry._loaded.clear()
+    with use_backend("reference" if request.param == "reference" else "kernels"):
+        yield request.param
 
 
 @pytest.mark.parametrize("lead", list(EMPTY.values()), ids=list(EMPTY))

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import numpy as np
 import pytest
 
 import moerouter as mr
-from moerouter import _registry
-from moerouter.testing import Backend
+from moerouter.testing import Backend, use_backend
 
 _reason = Backend.CUPY.unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=str(_reason))]
@@ -26,28 +24,16 @@ PLAN_INTEGERS = ("group_sizes", "order", "inverse", "source_tokens", "num_valid"
 
 
 @pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
+def clean_registry():
     # The kernel set is off until it has passed here: switch it on by name.
-    monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
-    monkeypatch.setenv(_registry.UNVERIFIED_KERNELS_VARIABLE, "cupy-cuda")
-    _registry._loaded.clear()
-    yield
-    _registry._loaded.clear()
+    with use_backend(unverified="cupy-cuda"):
+        yield
 
 
 def reference(fn):
     """Run ``fn`` on the agnostic path."""
-    previous = os.environ.get("MOEROUTER_BACKEND")
-    os.environ["MOEROUTER_BACKEND"] = "reference"
-    _registry._loaded.clear()
-    try:
+    with use_backend("reference"):
         return fn()
-    finally:
-        if previous is None:
-            del os.environ["MOEROUTER_BACKEND"]
-        else:
-            os.environ["MOEROUTER_BACKEND"] = previous
-        _registry._loaded.clear()
 
 
 def host(array):

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
 
 import torch
 
 import moerouter as mr
+from moerouter import _benchlib
 
 SHAPES = {
     "olmoe": (4096, 2048, 64, 8),
@@ -39,21 +38,18 @@ PROBE_TOKENS = 8
 
 def median_seconds(fn, reps: int, warmup: int = 5) -> float:
     # The first few calls of a process pay one-off costs (thread pools, allocator growth).
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _benchlib.median_seconds(fn, repeat=reps, warmup=warmup)
 
 
 def copy_gbps(reps: int) -> float:
     source = torch.empty(1 << 29, dtype=torch.uint8).fill_(1)
     target = torch.empty_like(source).fill_(0)
-    seconds = median_seconds(lambda: target.copy_(source), reps)
-    return 2 * source.numel() / seconds / 1e9
+    return (
+        _benchlib.copy_bandwidth(
+            lambda: target.copy_(source), source.numel(), repeat=reps, warmup=5
+        )
+        / 1e9
+    )
 
 
 def naive(x, ye, token_ids, weights, expert_ids):

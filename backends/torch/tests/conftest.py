@@ -1,21 +1,16 @@
+from collections.abc import Callable, Iterator
+
 import pytest
 
-from moerouter import _registry
+from moerouter.testing.switching import backend_switch
 
 
 @pytest.fixture
-def use_backend(monkeypatch):
+def use_backend() -> Iterator[Callable[..., None]]:
     """Call ``use_backend("reference")`` for the agnostic path, ``use_backend("torch")`` for ours.
 
-    The registry caches the loaded plugin per array library, so it is cleared on every switch.
+    The environment and the registry's cache are restored when the test ends. (The same fixture
+    as ``moerouter.testing.fixtures``' one, defined here so that these tests run on their own.)
     """
-
-    def switch(name: str) -> None:
-        if name == "reference":
-            monkeypatch.setenv("MOEROUTER_BACKEND", "reference")
-        else:
-            monkeypatch.delenv("MOEROUTER_BACKEND", raising=False)
-        _registry._loaded.clear()
-
-    yield switch
-    _registry._loaded.clear()
+    with backend_switch() as switch:
+        yield switch

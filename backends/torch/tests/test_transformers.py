@@ -361,7 +361,7 @@ def test_adamoe_fine_tuning_lowers_the_loss_and_changes_experts_per_token():
 )
 def test_real_experts_right_after_the_conversion(num_null, k, fewest, most):
     # docs/integrations/transformers.rst: ceil(k / (1 + m / E)) only when E divides m, else a
-    # range [n_min, n_max] (tests/core/test_adamoe_tiling.py checks its formula on a sweep with
+    # range [n_min, n_max] (tests/methods/test_adamoe_tiling.py checks its formula on a sweep with
     # exact ties). The router's float32 matmul can round a copy one ulp above its original:
     # a token may then reach one real expert fewer than n_min.
     model = to_adamoe(_build("mixtral"), num_null=num_null, k=k)

@@ -1,6 +1,6 @@
 """Benchmark the NumPy kernels against the same run's ``np.copyto`` and the agnostic path.
 
-Run ``python tests/numpy_backend/bench_numpy.py`` (default: the OLMoE-like shape T=4096, d=2048,
+Run ``python tests/kernels/numpy/bench_numpy.py`` (default: the OLMoE-like shape T=4096, d=2048,
 E=64, k=8, float32). Not collected by pytest: timings are benchmarks, never test assertions.
 
 Metric (DESIGN.md): ``bw_efficiency = (minimal_bytes / time) / copy_bandwidth``. Minimal bytes
@@ -22,19 +22,12 @@ from typing import Any
 import numpy as np
 
 import moerouter as mr
-from moerouter import _numpy_backend, _registry
+from moerouter import _benchlib, _numpy_backend, _registry
 from moerouter._agnostic import plan as agnostic
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()  # the result is dropped at once, as a caller that is done with it would
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return _benchlib.median_seconds(fn, repeat=repeats, warmup=warmup)
 
 
 def copy_seconds(shape: tuple[int, int], dtype: np.dtype[Any], repeats: int) -> float:
@@ -89,7 +82,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     os.environ.pop("MOEROUTER_BACKEND", None)
-    _registry._loaded.clear()
+    _registry.reset()
 
     T, d, E, k = args.tokens, args.features, args.experts, args.k
     dtype = np.dtype(args.dtype)

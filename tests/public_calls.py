@@ -1,12 +1,13 @@
 """One call of every public array function of the core, and the policy registry, shared by
-the reliability tests.
+the reliability tests and ``contract/test_capabilities.py``.
 
 ``POLICIES`` holds one :class:`PolicyCase` per public policy class: its smallest constructor
 arguments (``test_bad_input``), its token-wise calls (``test_devices``, ``test_zero_tokens``),
 its settings builder for random ``-inf`` masks (``test_neg_inf``) and its batch past int32
-indices (``test_index_bounds``), each with the reason where a test does not apply. Adding a
-policy means one entry there; every test above fails while a policy of ``mr.policies`` lacks
-one.
+indices (``test_index_bounds``), each with the reason where a test does not apply.
+``EXAMPLES`` holds one :class:`Example` per policy class: how to build and call it, so that
+``test_capabilities`` checks its declared capabilities. Adding a policy means one entry in each,
+both in this file; every test above fails while a policy of ``mr.policies`` lacks one.
 
 ``CALLS`` maps a public name (``"losses.z_loss"``, ``"TopK[capacity]"`` for a variant) to a
 function of an :class:`Inputs` factory and the token shape ``lead`` ((T,) or (G, S)); it returns
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import numpy as np
@@ -596,6 +597,77 @@ POLICIES: dict[str, PolicyCase] = {
         # Its anchor means are computed before the inner policy checks: a huge batch would
         # allocate them, so there is no shapes-only case (a known gap).
         huge="known gap: averages the logits per anchor before its inner policy checks sizes",
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# How test_capabilities builds and calls each policy
+
+
+@dataclass(frozen=True)
+class Example:
+    """How to build and call one policy on small inputs."""
+
+    make: Callable[..., Any]  # make(**field_overrides) -> policy
+    columns: int | None = E  # logits columns E'; None: the policy reads token ids
+    # Inputs after the logits, in call order: name -> (rng, G, S) -> NumPy array.
+    extra: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = field(
+        default_factory=dict
+    )
+    # The policy with every token limited to one group of experts, and the number of groups.
+    one_group: Callable[[], Any] | None = None
+    expert_blocks: int = 1
+    # How test_capacity calls the policy (CausalExpertChoice: its training rule has the capacity).
+    capacity_call: Callable[[Any, list[np.ndarray]], Any] = lambda policy, arrays: policy(*arrays)
+
+
+def tokens_on(blocks):
+    return lambda rng, g, s: (np.arange(g * s) % blocks).astype(np.int32)
+
+
+EXAMPLES: dict[type, Example] = {
+    mr.TopK: Example(lambda **kw: mr.TopK(E, 2, **kw)),
+    mr.TopP: Example(lambda **kw: mr.TopP(E, p=0.6, max_k=2, **kw)),
+    mr.ReLURouting: Example(lambda **kw: mr.ReLURouting(E, max_k=3, **kw)),
+    mr.CausalExpertChoice: Example(
+        lambda **kw: mr.CausalExpertChoice(E, **kw),
+        extra={"thresholds": lambda rng, g, s: rng.uniform(0.1, 0.4, E).astype(np.float32)},
+        capacity_call=lambda policy, arrays: policy(arrays[0], training=True),
+    ),
+    mr.NullExperts: Example(lambda **kw: mr.NullExperts(E, 3, 2, **kw), columns=E + 3),
+    mr.ExpertChoice: Example(lambda **kw: mr.ExpertChoice(E, **kw)),
+    mr.SinkhornTokenChoice: Example(lambda **kw: mr.SinkhornTokenChoice(E, k=2, num_iters=3, **kw)),
+    mr.SinkhornExpertChoice: Example(lambda **kw: mr.SinkhornExpertChoice(E, num_iters=3, **kw)),
+    mr.BalancedAssignment: Example(lambda **kw: mr.BalancedAssignment(E, num_iters=20, **kw)),
+    mr.SparsityConstrainedExpertChoice: Example(
+        lambda **kw: mr.SparsityConstrainedExpertChoice(E, num_steps=3, **kw)
+    ),
+    mr.SoftMoE: Example(lambda **kw: mr.SoftMoE(E, slots_per_expert=2, **kw), columns=2 * E),
+    mr.DeepSeekTopK: Example(
+        lambda **kw: mr.DeepSeekTopK(E, 2, **kw),
+        extra={"bias": lambda rng, g, s: (0.1 * rng.standard_normal(E)).astype(np.float32)},
+        one_group=lambda: mr.DeepSeekTopK(E, 2, num_groups=2, topk_groups=1),
+        expert_blocks=2,
+    ),
+    mr.GShardTop2: Example(
+        lambda **kw: mr.GShardTop2(E, **kw),
+        extra={"uniform": lambda rng, g, s: rng.random((g, s), dtype=np.float32)},
+    ),
+    mr.HashRouter: Example(lambda **kw: mr.HashRouter(E, **kw), columns=None),
+    mr.LocalityTopK: Example(
+        lambda **kw: mr.LocalityTopK(E, 2, num_nodes=2, max_nodes=2, **kw),
+        extra={"token_nodes": tokens_on(2)},
+        one_group=lambda: mr.LocalityTopK(E, 1, num_nodes=2, max_nodes=1),
+        expert_blocks=2,
+    ),
+    mr.AffinityRouting: Example(
+        lambda **kw: mr.AffinityRouting(E, **{"capacity_factor": 1.0, **kw}),
+        extra={"affinity": lambda rng, g, s: rng.random((g, s, E), dtype=np.float32)},
+    ),
+    mr.AnchorRouting: Example(
+        lambda **kw: mr.AnchorRouting(mr.TopK(E, 1), num_anchors=3, **kw),
+        extra={"anchor_ids": tokens_on(3)},
     ),
 }
 

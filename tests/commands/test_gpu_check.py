@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KIT = REPO / "tools" / "gpu-check"
 BENCH = REPO / "tools" / "gpu_bench.py"
 

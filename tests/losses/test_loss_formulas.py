@@ -1,7 +1,7 @@
 """Losses and statistics against hand-computed values, padding, gradients, tracing and errors.
 
 The cross-backend comparison with the float64 references is in
-``tests/equivalence/test_losses_stats.py``; here each formula is checked on cases small enough to
+``tests/losses/test_losses_stats.py``; here each formula is checked on cases small enough to
 work out by hand, a padded batch is compared with the same batch unpadded, gradients are compared
 with central finite differences of dense float64 formulas (the routing decision held fixed), and
 every function runs under ``jax.jit`` and ``torch.compile``.
@@ -224,7 +224,7 @@ def test_global_loss_takes_local_probabilities():
 
 # JAX is left out here: its eager mode compiles every operation once per shape (a minute of this
 # test on a busy 2-core machine); its masked values are checked against the references in
-# tests/equivalence/test_losses_stats.py and under jax.jit below.
+# tests/losses/test_losses_stats.py and under jax.jit below.
 EAGER_BACKENDS = [
     # The agnostic path on NumPy arrays.
     pytest.param(Backend.NUMPY, id="numpy"),
