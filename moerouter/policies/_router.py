@@ -54,6 +54,8 @@ class RouterResult:
     expert with a finite logit in a finite row), ``weights`` (float32, the weight rule's, not yet
     zeroed where not routed), ``probs`` (float32 scores over all E' columns, zero on non-finite
     rows) and ``finite_rows`` (bool). ``probs`` is what the losses and ``Routing.probs`` use.
+    ``all_routed``: the kernel found every choice routed (every row finite, no ``-inf`` and no
+    null expert chosen), so the passes that mask with ``routed`` can be skipped.
     """
 
     choice: Array
@@ -62,6 +64,7 @@ class RouterResult:
     probs: Array
     finite_rows: Array
     xp: Namespace
+    all_routed: bool = False
 
     @property
     def device(self) -> Any:
@@ -82,7 +85,7 @@ def biased_selection(values: Array, probs: Array, bias: Array | float, *, xp: Na
 
 def chosen_weights(
     chosen_logits: Array,
-    routed: Array,
+    routed: Array | None,
     probs: Array,
     choice: Array,
     *,
@@ -90,7 +93,10 @@ def chosen_weights(
     weights: str,
     xp: Namespace,
 ) -> Array:
-    """The weight rule applied to the k chosen columns (shared by the reference and kernels)."""
+    """The weight rule applied to the k chosen columns (shared by the reference and kernels).
+
+    ``routed=None``: every choice is routed; the same values, without the masking passes.
+    """
     if weights == "softmax_after_topk":
         return masked_softmax(chosen_logits, routed, xp=xp, device=device_of(chosen_logits))
     if weights == "renormalize":

@@ -223,6 +223,7 @@ class DeepSeekTopK:
             weights,
             capacity_factor=capacity_factor,
             probs_masked=True,
+            all_routed=decision.all_routed,
         )
 
     def _group_limited(self, logits: Array, k: int, bias: Array | None, rule: str) -> RouterResult:

@@ -227,3 +227,30 @@ def test_torch_router_gradient_equals_reference():
             (routing.weights.square().sum() + routing.probs.square().sum()).backward()
             grads.append(logits.grad)
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64], ids=["float16", "float64"])
+def test_numpy_top_k_other_dtypes_equal_stable_sort(dtype):
+    # float16 takes the unique-key partition like float32; float64 (no spare mantissa bits)
+    # keeps argpartition with the tie check.
+    from moerouter._numpy_backend import top_k
+
+    rng = np.random.default_rng(5)
+    logits = rng.choice(np.asarray(TIE_VALUES + BAD_VALUES), (40, 13)).astype(dtype)
+    for k in (1, 4, 12):
+        np.testing.assert_array_equal(top_k(logits, k), reference_top_k(logits, k))
+
+
+def test_torch_router_weights_do_not_depend_on_requires_grad():
+    # Without a gradient the CPU router reads the chosen logits back from its keys instead of
+    # gathering them: the weights must be the same bits, -0.0 logits included.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    logits = rng.choice(np.asarray([-1.5, -0.0, 0.0, 0.25, 2.0]), (32, 8)).astype(np.float32)
+    for policy in (mr.TopK(8, 3), mr.TopK(8, 3, score="sigmoid"), mr.NullExperts(4, 4, 3)):
+        plain = policy(torch.from_numpy(logits))
+        tracked = policy(torch.from_numpy(logits).requires_grad_(True))
+        for name in ("weights", "probs", "expert_ids"):
+            np.testing.assert_array_equal(
+                getattr(plain, name).numpy(), getattr(tracked, name).detach().numpy(), name
+            )
