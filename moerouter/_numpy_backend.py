@@ -58,7 +58,6 @@ import numpy as np
 import numpy.typing as npt
 from array_api_compat import array_namespace
 
-from moerouter._agnostic.scores import sigmoid
 from moerouter._buffers import BufferPool, numpy_empty
 from moerouter._registry import BackendInfo
 from moerouter.policies._router import RouterResult, biased_selection, chosen_weights
@@ -503,6 +502,22 @@ def top_k(scores: npt.NDArray[Any], k: int, *, nan_free: bool = False) -> npt.ND
     return columns
 
 
+def _sigmoid(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The agnostic :func:`~moerouter._agnostic.scores.sigmoid` of NaN-free values, same bits.
+
+    ``where(x >= 0, 1, z) / (1 + z)`` with ``z = exp(-|x|)``, written without ``where``: NumPy's
+    ``where`` on a mask of random signs is several times slower than an arithmetic pass. ``-|x|``
+    is ``where(x >= 0, -x, x)`` up to the sign of a zero (``exp`` of either is 1), and
+    ``maximum(z, x >= 0)`` is 1 for ``x >= 0`` and ``z`` otherwise, since ``0 <= z <= 1``.
+    """
+    z = np.abs(values)
+    np.negative(z, out=z)
+    np.exp(z, out=z)
+    numerator = np.maximum(z, values >= 0)
+    numerator /= 1.0 + z
+    return numerator
+
+
 def router(
     values: npt.NDArray[np.float32],
     k: int,
@@ -511,11 +526,13 @@ def router(
     weights: str,
     num_real: int,
     bias: Any = None,
+    eligible: Any = None,
 ) -> Any:
     """The ``router`` slot for NumPy (see :mod:`moerouter.policies._router`).
 
     One pass finds the row maxima: a row is routable iff its maximum is finite, and the softmax
-    shifts by it. A batch with a non-finite row goes to the reference (returns None).
+    shifts by it. A batch with a non-finite row goes to the reference (returns None). Sigmoid
+    scores take :func:`_sigmoid` (the reference's bits without its ``where`` passes).
     """
     if values.size == 0:
         return None
@@ -528,8 +545,10 @@ def router(
         probs = np.exp(values - row_max)
         probs /= probs.sum(axis=-1, keepdims=True)
     else:
-        probs = sigmoid(values, xp=xp)
+        probs = _sigmoid(values)
     selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
+    if eligible is not None:
+        selection = eligible(selection)
     choice = top_k(selection, k)
     chosen = np.take_along_axis(selection, choice, axis=-1)
     chosen_logits = chosen if bias is None else np.take_along_axis(values, choice, axis=-1)

@@ -6,14 +6,17 @@ kernel when its plugin registers one (and the kernel set it belongs to is on), a
 :func:`reference_router`, written once against the array API, otherwise. Every kernel has one
 signature::
 
-    kernel(values, k, *, score, weights, num_real, bias) -> RouterResult | None
+    kernel(values, k, *, score, weights, num_real, bias[, eligible]) -> RouterResult | None
 
 ``values`` are the float32 logits ``(G, S, E')``, not cleaned: the kernel finds the non-finite
 rows itself (one pass: a row is routable iff its maximum is finite). ``score`` is ``"softmax"``
 or ``"sigmoid"``; ``weights`` one of :data:`WEIGHT_RULES`; columns ``>= num_real`` are null
 experts (chosen, never routed); ``bias``, when given (a float32 ``(E',)`` array, or ``0.0``),
 moves the selection from the logits to ``scores + bias`` (DeepSeek's selection on the scores,
-with V3's selection-only bias; ``-inf`` logits stay unchosen). A kernel
+with V3's selection-only bias; ``-inf`` logits stay unchosen). ``eligible``, passed only when
+a policy limits the choice (``DeepSeekTopK``'s groups, always with a bias), is a function of the
+selection ``(G, S, E')`` that returns it with every ineligible entry at ``-inf``; a kernel applies
+it to its selection before choosing, or returns None. A kernel
 returns None to hand a call it does not cover to the reference. Its result must equal the
 reference's: the same ``choice`` and ``routed`` (ties to the lower column, slots best first),
 ``weights`` and ``probs`` within float32 rounding.
@@ -21,6 +24,7 @@ reference's: the same ``choice`` and ``routed`` (ties to the lower column, slots
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,11 +116,14 @@ def reference_router(
     weights: str,
     num_real: int,
     bias: Array | float | None = None,
+    eligible: Callable[[Array], Array] | None = None,
 ) -> RouterResult:
     """The agnostic router on cleaned logits: the reference every kernel must equal."""
     xp, values = clean.xp, clean.values
     probs = scores_of(values, score, xp=xp)
     selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
+    if eligible is not None:
+        selection = eligible(selection)
     # Cleaned logits hold no NaN; scores plus an unchecked (traced) bias may.
     choice = select_top_k(selection, k, xp=xp, nan_free=bias is None)
     chosen = xp.take_along_axis(selection, choice, axis=-1)
@@ -147,10 +154,13 @@ def run_router(
     weights: str = "renormalize",
     num_real: int | None = None,
     bias: Array | float | None = None,
+    eligible: Callable[[Array], Array] | None = None,
 ) -> RouterResult:
     """Check ``logits`` (T, E') or (G, S, E') and route them through the router slot.
 
     ``bias`` must already be checked and float32 ``(E',)``, or ``0.0`` to select on the scores.
+    ``eligible`` (with a bias only) masks the selection; kernels receive it only when given, so
+    a plugin kernel written before it existed still serves every other call.
     ``strict=True`` raises on non-finite rows (concrete values only), as
     :func:`~moerouter._validation.clean_logits` does.
     """
@@ -161,15 +171,18 @@ def run_router(
         values = logits if logits.dtype == xp.float32 else to_float32(logits, xp=xp)
         if values.ndim == 2:
             values = values[None, ...]
+        limit = {} if eligible is None else {"eligible": eligible}
         result: RouterResult | None = kernel(
-            values, k, score=score, weights=weights, num_real=num_real, bias=bias
+            values, k, score=score, weights=weights, num_real=num_real, bias=bias, **limit
         )
         if result is not None:
             if strict:
                 raise_if_unroutable(logits, result.finite_rows, xp=xp)
             return result
     clean = clean_logits(logits, num_columns, columns_name=columns_name, strict=strict)
-    return reference_router(clean, k, score=score, weights=weights, num_real=num_real, bias=bias)
+    return reference_router(
+        clean, k, score=score, weights=weights, num_real=num_real, bias=bias, eligible=eligible
+    )
 
 
 def policy_router(

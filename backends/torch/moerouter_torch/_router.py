@@ -112,18 +112,21 @@ def router(
     weights: str,
     num_real: int,
     bias: Any = None,
+    eligible: Any = None,
 ) -> RouterResult | None:
     """The ``router`` slot for torch (see :mod:`moerouter.policies._router`)."""
     if values.numel() == 0 or torch.compiler.is_compiling():
         return None
     xp = array_namespace(values)
-    if values.device.type == "cpu":
+    if values.device.type == "cpu" and eligible is None:
         keyed = _keyed_router(values, k, score=score, weights=weights, num_real=num_real, bias=bias)
         if keyed is not None:
             return keyed
     finite_rows = torch.isfinite(torch.amax(values, dim=-1))
     if values.device.type != "cpu":
         triton = _triton_for(values, weights=weights, num_real=num_real, bias=bias)
+        if eligible is not None:
+            triton = None
         # The fused kernel assumes finite logits (no -inf masks, no bad rows): one sync checks.
         if triton is None or not bool(torch.isfinite(values).all()):
             return None
@@ -149,6 +152,8 @@ def router(
         values = torch.where(finite_rows[..., None], values, 0.0)
     probs = _scores(values, score)
     selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
+    if eligible is not None:
+        selection = eligible(selection)
     choice = top_k(selection, k)
     chosen = torch.gather(selection, -1, choice)
     chosen_logits = chosen if bias is None else torch.gather(values, -1, choice)
