@@ -82,9 +82,16 @@ def scores_of(values: Array, score: str, *, xp: Namespace) -> Array:
 
 
 def biased_selection(values: Array, probs: Array, bias: Array | float, *, xp: Namespace) -> Array:
-    """``probs + bias`` where the logit is above ``-inf``, ``-inf`` elsewhere (never chosen)."""
+    """``probs + bias`` where the logit is above ``-inf``, ``-inf`` elsewhere (never chosen).
+
+    A NaN sum (only from a NaN bias, which is refused when its values can be read, so under
+    ``jax.jit`` or ``torch.compile``) is ``-inf`` too: that expert is never chosen, and the
+    selection holds no NaN, so the top-k takes its NaN-free path (one ``lax.top_k`` on JAX
+    rather than two).
+    """
     lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device_of(values))
-    return xp.where(values > -xp.inf, probs + bias, lowest)
+    biased = probs + bias
+    return xp.where((values > -xp.inf) & (biased == biased), biased, lowest)
 
 
 def chosen_weights(
@@ -124,8 +131,8 @@ def reference_router(
     selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
     if eligible is not None:
         selection = eligible(selection)
-    # Cleaned logits hold no NaN; scores plus an unchecked (traced) bias may.
-    choice = select_top_k(selection, k, xp=xp, nan_free=bias is None)
+    # Cleaned logits hold no NaN, and biased_selection turns a NaN sum into -inf.
+    choice = select_top_k(selection, k, xp=xp, nan_free=True)
     chosen = xp.take_along_axis(selection, choice, axis=-1)
     chosen_logits = chosen if bias is None else xp.take_along_axis(values, choice, axis=-1)
     routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
