@@ -16,7 +16,8 @@ moves the selection from the logits to ``scores + bias`` (DeepSeek's selection o
 with V3's selection-only bias; ``-inf`` logits stay unchosen). ``eligible``, passed only when
 a policy limits the choice (``DeepSeekTopK``'s groups, always with a bias), is a function of the
 selection ``(G, S, E')`` that returns it with every ineligible entry at ``-inf``; a kernel applies
-it to its selection before choosing, or returns None. A kernel
+it to its selection before choosing, or returns None (a kernel that does not take the keyword
+is not asked). A kernel
 returns None to hand a call it does not cover to the reference. Its result must equal the
 reference's: the same ``choice`` and ``routed`` (ties to the lower column, slots best first),
 ``weights`` and ``probs`` within float32 rounding.
@@ -24,6 +25,8 @@ reference's: the same ``choice`` and ``routed`` (ties to the lower column, slots
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +153,16 @@ def reference_router(
     )
 
 
+@functools.cache
+def _takes_eligible(kernel: Any) -> bool:
+    """Whether a router kernel accepts the ``eligible`` keyword (read once per kernel)."""
+    try:
+        parameters = inspect.signature(kernel).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "eligible" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def run_router(
     logits: Array,
     k: int,
@@ -166,14 +179,14 @@ def run_router(
     """Check ``logits`` (T, E') or (G, S, E') and route them through the router slot.
 
     ``bias`` must already be checked and float32 ``(E',)``, or ``0.0`` to select on the scores.
-    ``eligible`` (with a bias only) masks the selection; kernels receive it only when given, so
-    a plugin kernel written before it existed still serves every other call.
+    ``eligible`` (with a bias only) masks the selection; kernels receive it only when given, and
+    a kernel whose signature does not take it leaves those calls to the reference.
     ``strict=True`` raises on non-finite rows (concrete values only), as
     :func:`~moerouter._validation.clean_logits` does.
     """
     num_real = num_columns if num_real is None else num_real
     kernel = _registry.kernel_for("router", logits)
-    if kernel is not None:
+    if kernel is not None and (eligible is None or _takes_eligible(kernel)):
         xp = check_logits(logits, num_columns, columns_name=columns_name)
         values = logits if logits.dtype == xp.float32 else to_float32(logits, xp=xp)
         if values.ndim == 2:

@@ -320,3 +320,20 @@ def test_torch_router_weights_are_the_reference_bits():
         np.testing.assert_array_equal(
             got.weights.numpy().view(np.int32), expected.weights.numpy().view(np.int32)
         )
+
+
+def test_router_kernels_without_eligible_are_not_asked_for_group_limits():
+    # A plugin router kernel written before the eligible keyword keeps serving plain calls and
+    # is skipped (reference path) for DeepSeekTopK's group-limited ones.
+    from moerouter import _numpy_backend
+    from moerouter.policies._router import _takes_eligible
+
+    def old_kernel(values, k, *, score, weights, num_real, bias=None):
+        return None
+
+    def open_kernel(values, k, **options):
+        return None
+
+    assert _takes_eligible(_numpy_backend.router)
+    assert _takes_eligible(open_kernel)
+    assert not _takes_eligible(old_kernel)
