@@ -91,18 +91,24 @@ def renormalize(weights: Array, mask: Array, *, xp: Namespace) -> Array:
     return weights / xp.where(total > 0, total, xp.ones_like(total))
 
 
-def masked_softmax(values: Array, mask: Array, *, xp: Namespace, device: Device) -> Array:
+def masked_softmax(values: Array, mask: Array | None, *, xp: Namespace, device: Device) -> Array:
     """Softmax over the masked-in entries of each row; all-zero for a row with none.
 
     Masked-out entries never reach ``exp``, so they get no gradient (AdaMoE's null logits).
+    ``mask=None`` (every entry in) skips the masking pass; the values are the same bits.
     """
     if values.shape[-1] == 0:  # rows of no entries (Soft MoE's slots over zero tokens)
         return xp.zeros_like(values)
     lowest = xp.asarray(-xp.inf, dtype=values.dtype, device=device)
-    row_max = xp.max(xp.where(mask, values, lowest), axis=-1, keepdims=True)
+    masked = values if mask is None else xp.where(mask, values, lowest)
+    row_max = xp.max(masked, axis=-1, keepdims=True)
     row_max = xp.where(row_max > -xp.inf, row_max, xp.zeros_like(row_max))
-    exp = xp.where(mask, xp.exp(xp.where(mask, values, row_max) - row_max), xp.zeros_like(values))
-    return renormalize(exp, mask, xp=xp)
+    # exp(-inf - row_max) is exactly 0 (and so is its gradient): no second mask is needed, and
+    # the values equal those of masking after exp, bit for bit. The sum is at least 1 (the
+    # maximum's term) unless the row has no finite entry.
+    exp = xp.exp(masked - row_max)
+    total = xp.sum(exp, axis=-1, keepdims=True)
+    return exp / xp.where(total > 0, total, xp.ones_like(total))
 
 
 def _exp_minus_abs(values: Array, *, xp: Namespace) -> Array:
@@ -139,4 +145,6 @@ def sigmoid(values: Array, *, xp: Namespace) -> Array:
     where ``exp(-x)`` is ``inf``); :math:`\sigma(\pm\infty)` is 1 and 0 with slope 0.
     """
     z = _exp_minus_abs(values, xp=xp)
-    return xp.where(values >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+    # One division: ``where(x >= 0, 1, z) / (1 + z)`` is, entry by entry, the same correctly
+    # rounded quotient as ``1 / (1 + z)`` or ``z / (1 + z)`` (the same bits), in fewer passes.
+    return xp.where(values >= 0, xp.ones_like(z), z) / (1.0 + z)

@@ -6,14 +6,18 @@ kernel when its plugin registers one (and the kernel set it belongs to is on), a
 :func:`reference_router`, written once against the array API, otherwise. Every kernel has one
 signature::
 
-    kernel(values, k, *, score, weights, num_real, bias) -> RouterResult | None
+    kernel(values, k, *, score, weights, num_real, bias[, eligible]) -> RouterResult | None
 
 ``values`` are the float32 logits ``(G, S, E')``, not cleaned: the kernel finds the non-finite
 rows itself (one pass: a row is routable iff its maximum is finite). ``score`` is ``"softmax"``
 or ``"sigmoid"``; ``weights`` one of :data:`WEIGHT_RULES`; columns ``>= num_real`` are null
 experts (chosen, never routed); ``bias``, when given (a float32 ``(E',)`` array, or ``0.0``),
 moves the selection from the logits to ``scores + bias`` (DeepSeek's selection on the scores,
-with V3's selection-only bias; ``-inf`` logits stay unchosen). A kernel
+with V3's selection-only bias; ``-inf`` logits stay unchosen). ``eligible``, passed only when
+a policy limits the choice (``DeepSeekTopK``'s groups, always with a bias), is a function of the
+selection ``(G, S, E')`` that returns it with every ineligible entry at ``-inf``; a kernel applies
+it to its selection before choosing, or returns None (a kernel that does not take the keyword
+is not asked). A kernel
 returns None to hand a call it does not cover to the reference. Its result must equal the
 reference's: the same ``choice`` and ``routed`` (ties to the lower column, slots best first),
 ``weights`` and ``probs`` within float32 rounding.
@@ -21,6 +25,9 @@ reference's: the same ``choice`` and ``routed`` (ties to the lower column, slots
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +61,8 @@ class RouterResult:
     expert with a finite logit in a finite row), ``weights`` (float32, the weight rule's, not yet
     zeroed where not routed), ``probs`` (float32 scores over all E' columns, zero on non-finite
     rows) and ``finite_rows`` (bool). ``probs`` is what the losses and ``Routing.probs`` use.
+    ``all_routed``: the kernel found every choice routed (every row finite, no ``-inf`` and no
+    null expert chosen), so the passes that mask with ``routed`` can be skipped.
     """
 
     choice: Array
@@ -62,6 +71,7 @@ class RouterResult:
     probs: Array
     finite_rows: Array
     xp: Namespace
+    all_routed: bool = False
 
     @property
     def device(self) -> Any:
@@ -75,14 +85,21 @@ def scores_of(values: Array, score: str, *, xp: Namespace) -> Array:
 
 
 def biased_selection(values: Array, probs: Array, bias: Array | float, *, xp: Namespace) -> Array:
-    """``probs + bias`` where the logit is above ``-inf``, ``-inf`` elsewhere (never chosen)."""
+    """``probs + bias`` where the logit is above ``-inf``, ``-inf`` elsewhere (never chosen).
+
+    A NaN sum (only from a NaN bias, which is refused when its values can be read, so under
+    ``jax.jit`` or ``torch.compile``) is ``-inf`` too: that expert is never chosen, and the
+    selection holds no NaN, so the top-k takes its NaN-free path (one ``lax.top_k`` on JAX
+    rather than two).
+    """
     lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device_of(values))
-    return xp.where(values > -xp.inf, probs + bias, lowest)
+    biased = probs + bias
+    return xp.where((values > -xp.inf) & (biased == biased), biased, lowest)
 
 
 def chosen_weights(
     chosen_logits: Array,
-    routed: Array,
+    routed: Array | None,
     probs: Array,
     choice: Array,
     *,
@@ -90,7 +107,10 @@ def chosen_weights(
     weights: str,
     xp: Namespace,
 ) -> Array:
-    """The weight rule applied to the k chosen columns (shared by the reference and kernels)."""
+    """The weight rule applied to the k chosen columns (shared by the reference and kernels).
+
+    ``routed=None``: every choice is routed; the same values, without the masking passes.
+    """
     if weights == "softmax_after_topk":
         return masked_softmax(chosen_logits, routed, xp=xp, device=device_of(chosen_logits))
     if weights == "renormalize":
@@ -106,13 +126,16 @@ def reference_router(
     weights: str,
     num_real: int,
     bias: Array | float | None = None,
+    eligible: Callable[[Array], Array] | None = None,
 ) -> RouterResult:
     """The agnostic router on cleaned logits: the reference every kernel must equal."""
     xp, values = clean.xp, clean.values
     probs = scores_of(values, score, xp=xp)
     selection = values if bias is None else biased_selection(values, probs, bias, xp=xp)
-    # Cleaned logits hold no NaN; scores plus an unchecked (traced) bias may.
-    choice = select_top_k(selection, k, xp=xp, nan_free=bias is None)
+    if eligible is not None:
+        selection = eligible(selection)
+    # Cleaned logits hold no NaN, and biased_selection turns a NaN sum into -inf.
+    choice = select_top_k(selection, k, xp=xp, nan_free=True)
     chosen = xp.take_along_axis(selection, choice, axis=-1)
     chosen_logits = chosen if bias is None else xp.take_along_axis(values, choice, axis=-1)
     routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
@@ -130,6 +153,16 @@ def reference_router(
     )
 
 
+@functools.cache
+def _takes_eligible(kernel: Any) -> bool:
+    """Whether a router kernel accepts the ``eligible`` keyword (read once per kernel)."""
+    try:
+        parameters = inspect.signature(kernel).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "eligible" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def run_router(
     logits: Array,
     k: int,
@@ -141,29 +174,35 @@ def run_router(
     weights: str = "renormalize",
     num_real: int | None = None,
     bias: Array | float | None = None,
+    eligible: Callable[[Array], Array] | None = None,
 ) -> RouterResult:
     """Check ``logits`` (T, E') or (G, S, E') and route them through the router slot.
 
     ``bias`` must already be checked and float32 ``(E',)``, or ``0.0`` to select on the scores.
+    ``eligible`` (with a bias only) masks the selection; kernels receive it only when given, and
+    a kernel whose signature does not take it leaves those calls to the reference.
     ``strict=True`` raises on non-finite rows (concrete values only), as
     :func:`~moerouter._validation.clean_logits` does.
     """
     num_real = num_columns if num_real is None else num_real
     kernel = _registry.kernel_for("router", logits)
-    if kernel is not None:
+    if kernel is not None and (eligible is None or _takes_eligible(kernel)):
         xp = check_logits(logits, num_columns, columns_name=columns_name)
         values = logits if logits.dtype == xp.float32 else to_float32(logits, xp=xp)
         if values.ndim == 2:
             values = values[None, ...]
+        limit = {} if eligible is None else {"eligible": eligible}
         result: RouterResult | None = kernel(
-            values, k, score=score, weights=weights, num_real=num_real, bias=bias
+            values, k, score=score, weights=weights, num_real=num_real, bias=bias, **limit
         )
         if result is not None:
             if strict:
                 raise_if_unroutable(logits, result.finite_rows, xp=xp)
             return result
     clean = clean_logits(logits, num_columns, columns_name=columns_name, strict=strict)
-    return reference_router(clean, k, score=score, weights=weights, num_real=num_real, bias=bias)
+    return reference_router(
+        clean, k, score=score, weights=weights, num_real=num_real, bias=bias, eligible=eligible
+    )
 
 
 def policy_router(

@@ -62,7 +62,9 @@ def choose(clean: CleanLogits, k: int) -> tuple[Array, Array]:
     return choice, xp.take_along_axis(clean.values, choice, axis=-1)
 
 
-def renormalized_scores(chosen_logits: Array, routed: Array, *, score: str, xp: Any) -> Array:
+def renormalized_scores(
+    chosen_logits: Array, routed: Array | None, *, score: str, xp: Any
+) -> Array:
     """Scores of the chosen columns renormalised to sum 1 over the routed ones.
 
     ``softmax(l)_j / sum softmax(l)_i`` and ``sigmoid(l)_j / sum sigmoid(l)_i`` over the chosen
@@ -73,6 +75,7 @@ def renormalized_scores(chosen_logits: Array, routed: Array, *, score: str, xp: 
     is finite for every finite logit.
     """
     log_scores = chosen_logits if score == "softmax" else log_sigmoid(chosen_logits, xp=xp)
+    # routed=None: every choice is routed (masked_softmax skips its mask).
     return masked_softmax(log_scores, routed, xp=xp, device=device_of(chosen_logits))
 
 
@@ -90,6 +93,7 @@ def token_choice_routing(
     min_capacity: int = 0,
     capacity_rounding: str = "exact",
     probs_masked: bool = False,
+    all_routed: bool = False,
 ) -> Routing:
     """Apply capacity and flatten a token-choice decision into a token-layout Routing.
 
@@ -98,12 +102,17 @@ def token_choice_routing(
     ("position"), the probability of that choice ("probs"), or the probability of the token's
     first choice, the same for all its k choices ("batch_priority", V-MoE's BPR).
     ``probs_masked``: ``probs`` are already zero on non-finite rows (a router's result), so the
-    pass that zeroes them is skipped.
+    pass that zeroes them is skipped. ``all_routed``: the caller checked that ``routed`` is all
+    True (a router's result), so the passes that mask with it are skipped.
     """
     xp, device = clean.xp, clean.device
     num_groups, group_size, k = choice.shape
     choice_ids = xp.astype(choice, xp.int32)
-    expert_ids = xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32, device=device))
+    expert_ids = (
+        xp.asarray(choice_ids, copy=True)  # not a view of choice_ids: a caller may edit one
+        if all_routed
+        else xp.where(routed, choice_ids, xp.asarray(-1, dtype=xp.int32, device=device))
+    )
     if not probs_masked:
         probs = xp.where(clean.finite_rows[..., None], probs, xp.zeros_like(probs))
     per_expert = None
@@ -138,7 +147,8 @@ def token_choice_routing(
             ),
             choice.shape,
         )
-    weights = xp.where(expert_ids >= 0, weights, xp.zeros_like(weights))
+    if per_expert is not None or not all_routed:
+        weights = xp.where(expert_ids >= 0, weights, xp.zeros_like(weights))
     num_tokens = num_groups * group_size
     tokens = xp.arange(num_tokens, dtype=xp.int32, device=device)
     return Routing(
@@ -194,6 +204,7 @@ def route_token_choice(
     *,
     capacity_factor: float | None,
     probs_masked: bool = False,
+    all_routed: bool = False,
 ) -> Routing:
     """:func:`token_choice_routing` with the capacity options of ``policy``: its
     ``num_experts``, ``capacity_multiple_of`` and ``drop_policy``, and its ``min_capacity`` and
@@ -211,4 +222,5 @@ def route_token_choice(
         min_capacity=getattr(policy, "min_capacity", 0),
         capacity_rounding=getattr(policy, "capacity_rounding", "exact"),
         probs_masked=probs_masked,
+        all_routed=all_routed,
     )

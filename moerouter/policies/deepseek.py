@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -10,6 +11,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 
 from moerouter._agnostic.scores import to_float32
 from moerouter._agnostic.select import select_top_k
+from moerouter._arrays import device_of
 from moerouter._capabilities import PolicyCapabilities
 from moerouter._typing import Array
 from moerouter._validation import (
@@ -20,17 +22,13 @@ from moerouter._validation import (
     check_positive_float,
     check_positive_int,
     check_token_layout_bounds,
-    clean_logits,
     concrete_all,
     same_backend,
 )
 from moerouter.policies._common import check_capacity_options
 from moerouter.policies._router import (
     RouterResult,
-    biased_selection,
-    chosen_weights,
     run_router,
-    scores_of,
 )
 from moerouter.policies._token_choice import (
     DROP_POLICIES,
@@ -197,20 +195,20 @@ class DeepSeekTopK:
             bias = bias.bias
         checked_bias = None if bias is None else self._check_bias(bias, logits)
         rule = "renormalize" if self.normalize else "raw"
-        if self.topk_groups is None or self.topk_groups == self.num_groups:
-            # Selection on the scores (plus the bias): 0.0 when there is no bias.
-            decision: RouterResult = run_router(
-                logits,
-                k,
-                num_columns=self.num_experts,
-                columns_name="num_experts",
-                strict=self.strict,
-                score=self.score,
-                weights=rule,
-                bias=0.0 if checked_bias is None else checked_bias,
-            )
-        else:
-            decision = self._group_limited(logits, k, checked_bias, rule)
+        limited = self.topk_groups is not None and self.topk_groups < self.num_groups
+        # Selection on the scores (plus the bias, 0.0 when there is none), limited to the best
+        # groups' experts when topk_groups < num_groups.
+        decision: RouterResult = run_router(
+            logits,
+            k,
+            num_columns=self.num_experts,
+            columns_name="num_experts",
+            strict=self.strict,
+            score=self.score,
+            weights=rule,
+            bias=0.0 if checked_bias is None else checked_bias,
+            eligible=functools.partial(self._eligible, k=k) if limited else None,
+        )
         weights = decision.weights
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
@@ -223,31 +221,7 @@ class DeepSeekTopK:
             weights,
             capacity_factor=capacity_factor,
             probs_masked=True,
-        )
-
-    def _group_limited(self, logits: Array, k: int, bias: Array | None, rule: str) -> RouterResult:
-        """The router's result when only the ``topk_groups`` best groups are eligible."""
-        clean = clean_logits(
-            logits, self.num_experts, columns_name="num_experts", strict=self.strict
-        )
-        xp, device, values = clean.xp, clean.device, clean.values
-        scores = scores_of(values, self.score, xp=xp)
-        selection = biased_selection(values, scores, 0.0 if bias is None else bias, xp=xp)
-        lowest = xp.asarray(-xp.inf, dtype=xp.float32, device=device)
-        selection = xp.where(self._eligible(selection, k, xp=xp, device=device), selection, lowest)
-        choice = select_top_k(selection, k, xp=xp)
-        chosen = xp.take_along_axis(selection, choice, axis=-1)
-        routed = (chosen > -xp.inf) & clean.finite_rows[..., None]
-        chosen_logits = xp.take_along_axis(values, choice, axis=-1)
-        return RouterResult(
-            choice=choice,
-            routed=routed,
-            weights=chosen_weights(
-                chosen_logits, routed, scores, choice, score=self.score, weights=rule, xp=xp
-            ),
-            probs=xp.where(clean.finite_rows[..., None], scores, xp.zeros_like(scores)),
-            finite_rows=clean.finite_rows,
-            xp=xp,
+            all_routed=decision.all_routed,
         )
 
     def _check_bias(self, bias: Array, logits: Array) -> Array:
@@ -277,9 +251,11 @@ class DeepSeekTopK:
             )
         return k
 
-    def _eligible(self, selection: Array, k: int, *, xp: Any, device: Any) -> Array:
-        """(G, S, E) bool: the experts of each token's ``topk_groups`` best groups."""
+    def _eligible(self, selection: Array, *, k: int) -> Array:
+        """``selection`` with every expert outside each token's ``topk_groups`` best groups at
+        ``-inf`` (never chosen), same shape: the router slot's ``eligible``."""
         assert self.topk_groups is not None
+        xp, device = array_namespace(selection), device_of(selection)
         num_groups = self.num_groups
         per_group = self.num_experts // num_groups
         grouped = xp.reshape(selection, (*selection.shape[:-1], num_groups, per_group))
@@ -287,16 +263,51 @@ class DeepSeekTopK:
             # Megatron-Core's group_limited_topk: the top k // topk_groups scores of the group.
             ascending = xp.sort(grouped, axis=-1)
             group_scores = xp.sum(ascending[..., per_group - k // self.topk_groups :], axis=-1)
-        elif self.group_score == "max" or per_group == 1:
-            group_scores = xp.max(grouped, axis=-1)
         else:
-            ascending = xp.sort(grouped, axis=-1)
-            group_scores = ascending[..., -1] + ascending[..., -2]
+            first, second = _top_two(grouped, xp=xp)
+            group_scores = first if self.group_score == "max" or per_group == 1 else first + second
         best = select_top_k(group_scores, self.topk_groups, xp=xp)  # (G, S, topk_groups)
         group_ids = xp.arange(num_groups, dtype=best.dtype, device=device)
-        kept = xp.any(best[..., :, None] == group_ids, axis=-2)  # (G, S, num_groups)
-        kept = xp.broadcast_to(kept[..., None], grouped.shape)
-        return xp.reshape(kept, selection.shape)
+        # One comparison per kept group (topk_groups is small): no reduction over a short axis.
+        kept = best[..., 0:1] == group_ids
+        for rank in range(1, self.topk_groups):
+            kept = kept | (best[..., rank : rank + 1] == group_ids)  # (G, S, num_groups)
+        lowest = xp.asarray(-xp.inf, dtype=selection.dtype, device=device)
+        return xp.reshape(xp.where(kept[..., None], grouped, lowest), selection.shape)
+
+
+def _top_two(grouped: Array, *, xp: Any) -> tuple[Array, Array]:
+    """The largest and the second largest entry along the last axis (``-inf`` when it has one).
+
+    A tree of elementwise ``maximum`` / ``minimum`` over halves of that axis, moved first and
+    made contiguous (one copy): no sort, and no reduction or slice along a short axis, both slow
+    on NumPy. Equal to ``sorted[-1]`` and ``sorted[-2]`` of an ascending sort (a tied maximum is
+    its own second; a NaN makes the first NaN), except that of two equal zeros either sign may
+    come out, which no group order can tell apart.
+    """
+    *outer, size = grouped.shape
+    axes = (grouped.ndim - 1, *range(grouped.ndim - 1))
+    first = xp.reshape(xp.permute_dims(grouped, axes), (size, math.prod(outer)))
+    second = None
+    while first.shape[0] > 1:
+        size = first.shape[0]
+        half = size // 2
+        left, right = first[:half, ...], first[half : 2 * half, ...]
+        merged_first = xp.maximum(left, right)
+        merged_second = xp.minimum(left, right)
+        if second is not None:
+            merged_second = xp.maximum(
+                merged_second, xp.maximum(second[:half, ...], second[half : 2 * half, ...])
+            )
+        if size % 2:  # the odd last entry carries over unmerged
+            last = first[2 * half :, ...]
+            carried = xp.full_like(last, -xp.inf) if second is None else second[2 * half :, ...]
+            merged_first = xp.concat([merged_first, last], axis=0)
+            merged_second = xp.concat([merged_second, carried], axis=0)
+        first, second = merged_first, merged_second
+    if second is None:
+        second = xp.full_like(first, -xp.inf)
+    return xp.reshape(first, tuple(outer)), xp.reshape(second, tuple(outer))
 
 
 class ExpertBiasState(NamedTuple):

@@ -134,6 +134,8 @@ class GShardTop2:
             weights,
             capacity_factor=capacity_factor,
             probs_masked=True,
+            # The random policy drops second choices: routed is no longer the router's.
+            all_routed=decision.all_routed and self.second_expert_policy != "random",
         )
 
     def _check_uniform(

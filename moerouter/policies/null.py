@@ -120,4 +120,5 @@ class NullExperts:
             decision.weights,
             capacity_factor=capacity_factor,
             probs_masked=True,
+            all_routed=decision.all_routed,
         )

@@ -148,4 +148,5 @@ class TopK:
             decision.weights,
             capacity_factor=capacity_factor,
             probs_masked=True,
+            all_routed=decision.all_routed,
         )

@@ -227,3 +227,113 @@ def test_torch_router_gradient_equals_reference():
             (routing.weights.square().sum() + routing.probs.square().sum()).backward()
             grads.append(logits.grad)
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64], ids=["float16", "float64"])
+def test_numpy_top_k_other_dtypes_equal_stable_sort(dtype):
+    # float16 takes the unique-key partition like float32; float64 (no spare mantissa bits)
+    # keeps argpartition with the tie check.
+    from moerouter._numpy_backend import top_k
+
+    rng = np.random.default_rng(5)
+    logits = rng.choice(np.asarray(TIE_VALUES + BAD_VALUES), (40, 13)).astype(dtype)
+    for k in (1, 4, 12):
+        np.testing.assert_array_equal(top_k(logits, k), reference_top_k(logits, k))
+
+
+def test_torch_router_weights_do_not_depend_on_requires_grad():
+    # Without a gradient the CPU router reads the chosen logits back from its keys instead of
+    # gathering them: the weights must be the same bits, -0.0 logits included.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    logits = rng.choice(np.asarray([-1.5, -0.0, 0.0, 0.25, 2.0]), (32, 8)).astype(np.float32)
+    for policy in (mr.TopK(8, 3), mr.TopK(8, 3, score="sigmoid"), mr.NullExperts(4, 4, 3)):
+        plain = policy(torch.from_numpy(logits))
+        tracked = policy(torch.from_numpy(logits).requires_grad_(True))
+        for name in ("weights", "probs", "expert_ids"):
+            np.testing.assert_array_equal(
+                getattr(plain, name).numpy(), getattr(tracked, name).detach().numpy(), name
+            )
+
+
+def test_numpy_router_sigmoid_is_the_agnostic_sigmoid():
+    # The NumPy router's where-free sigmoid must give the agnostic sigmoid's bits.
+    import array_api_compat.numpy as np_xp
+
+    from moerouter._agnostic.scores import sigmoid
+    from moerouter._numpy_backend import _sigmoid
+
+    rng = np.random.default_rng(6)
+    edges = [0.0, -0.0, -np.inf, np.inf, 1e-45, -1e-45, 16.0, -16.0, 88.7, -88.7, -104.0, 1e30]
+    values = np.concatenate([rng.standard_normal(4000) * 30, edges]).astype(np.float32)
+    np.testing.assert_array_equal(
+        _sigmoid(values).view(np.int32), sigmoid(values, xp=np_xp).view(np.int32)
+    )
+
+
+@SETTINGS
+@given(data=st.data())
+def test_group_top_two_equals_sorted(data):
+    # DeepSeekTopK's group scores come from a max/min tree, not a sort: the same two largest
+    # (NaN and -inf included; equal zeros may differ in sign only, which == ignores).
+    import array_api_compat.numpy as np_xp
+
+    from moerouter.policies.deepseek import _top_two
+
+    size = data.draw(st.integers(1, 11))
+    flat = data.draw(
+        st.lists(st.sampled_from([*TIE_VALUES, np.nan]), min_size=3 * size, max_size=3 * size)
+    )
+    grouped = np.asarray(flat, dtype=np.float32).reshape(1, 3, size)
+    first, second = _top_two(grouped, xp=np_xp)
+    ascending = np.sort(grouped, axis=-1)
+    np.testing.assert_array_equal(first, ascending[..., -1])
+    if size > 1:  # the top2_sum score: the same sums (NaN wherever the group holds one)
+        np.testing.assert_array_equal(first + second, ascending[..., -1] + ascending[..., -2])
+        finite = ~np.isnan(first)
+        np.testing.assert_array_equal(second[finite], ascending[..., -2][finite])
+    else:
+        np.testing.assert_array_equal(second, np.full_like(first, -np.inf))
+
+
+def test_torch_router_weights_are_the_reference_bits():
+    # The torch CPU router computes the weights with the reference's formula: bit-equal, not
+    # merely close (a fused softmax over the k chosen differed by one ulp and failed CI).
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((64, 16)).astype(np.float32)
+    logits[:8] = rng.choice(np.asarray(TIE_VALUES[1:]), (8, 16))
+    bias = torch.from_numpy(rng.choice([-0.5, 0.0, 0.5], 16).astype(np.float32))
+    calls = [
+        (mr.TopK(16, 4), ()),
+        (mr.TopK(16, 4, score="sigmoid"), ()),
+        (mr.TopK(16, 4, softmax_after_topk=True), ()),
+        (mr.NullExperts(8, 8, 4), ()),
+        (mr.DeepSeekTopK(16, 4), (bias,)),
+        (mr.DeepSeekTopK(16, 4, num_groups=4, topk_groups=2), (bias,)),
+    ]
+    for policy, extra in calls:
+        got = policy(torch.from_numpy(logits), *extra)
+        with reference_backend():
+            expected = policy(torch.from_numpy(logits), *extra)
+        np.testing.assert_array_equal(got.expert_ids.numpy(), expected.expert_ids.numpy())
+        np.testing.assert_array_equal(
+            got.weights.numpy().view(np.int32), expected.weights.numpy().view(np.int32)
+        )
+
+
+def test_router_kernels_without_eligible_are_not_asked_for_group_limits():
+    # A plugin router kernel written before the eligible keyword keeps serving plain calls and
+    # is skipped (reference path) for DeepSeekTopK's group-limited ones.
+    from moerouter import _numpy_backend
+    from moerouter.policies._router import _takes_eligible
+
+    def old_kernel(values, k, *, score, weights, num_real, bias=None):
+        return None
+
+    def open_kernel(values, k, **options):
+        return None
+
+    assert _takes_eligible(_numpy_backend.router)
+    assert _takes_eligible(open_kernel)
+    assert not _takes_eligible(old_kernel)

@@ -238,7 +238,14 @@ def topk_router(
 
 
 def router(
-    values: Any, k: int, *, score: str, weights: str, num_real: int, bias: Any = None
+    values: Any,
+    k: int,
+    *,
+    score: str,
+    weights: str,
+    num_real: int,
+    bias: Any = None,
+    eligible: Any = None,
 ) -> Any:
     """The ``router`` slot (:mod:`moerouter.policies._router`) on :func:`topk_router`.
 
@@ -252,6 +259,7 @@ def router(
     num_groups, group_size, num_columns = (int(size) for size in values.shape)
     if (
         bias is not None
+        or eligible is not None
         or num_real != num_columns
         or num_columns > 32 * ROUTER_PER_LANE[-1]
         or k > ROUTER_MAX_K
