@@ -15,7 +15,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from moerouter._agnostic.select import bincount
+from moerouter._agnostic.count import bincount
 from moerouter._arrays import check_index_bound, device_of
 from moerouter._typing import Array
 from moerouter._validation import check_int, check_routing, valid_tokens
@@ -89,11 +89,8 @@ def summary(routing: Routing) -> dict[str, Array]:
     scores = routing.probs
     total = xp.sum(scores, axis=-1, keepdims=True)
     normalised = scores / xp.where(total > 0, total, xp.ones_like(total))
-    plogp = xp.where(
-        normalised > 0,
-        normalised * xp.log(xp.where(normalised > 0, normalised, xp.ones_like(normalised))),
-        xp.zeros_like(normalised),
-    )
+    # 0 log 0 = 0: a zero entry reads log(1) = 0 (scores are never negative or NaN).
+    plogp = normalised * xp.log(xp.where(normalised > 0, normalised, xp.ones_like(normalised)))
     entropy = -xp.sum(plogp, axis=-1)
 
     return {
