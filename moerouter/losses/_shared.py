@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from moerouter._agnostic.count import bincount
 from moerouter._agnostic.select import top_k
-from moerouter._arrays import check_index_bound, device_of
+from moerouter._arrays import check_index_bound, device_of, on_cpu
 from moerouter._typing import Array
 from moerouter._validation import (
     check_choice,
@@ -103,7 +103,7 @@ def _choices_are_top_k(routing: Routing, valid: Array | None, xp: Any) -> bool:
     Read on the host, so only where that is free: concrete CPU arrays (False while traced or on
     an accelerator, where the sorts run instead; the count is the same either way).
     """
-    if valid is None or not _on_cpu(routing.probs):
+    if valid is None or not on_cpu(routing.probs):
         return False
     if routing.num_tokens * routing.num_choices >= 2**31 or routing.num_tokens == 0:
         return False  # flat int32 indices would overflow; nothing to count anyway
@@ -126,15 +126,6 @@ def _choices_are_top_k(routing: Routing, valid: Array | None, xp: Any) -> bool:
     chosen_above = xp.count_nonzero(chosen > lowest, axis=-1)
     top = in_range & distinct & (above == chosen_above) & ~xp.isnan(lowest[:, 0])
     return concrete_all(top | ~valid, xp=xp) is True
-
-
-def _on_cpu(array: Array) -> bool:
-    """Whether reading ``array`` on the host costs no device synchronisation."""
-    device = device_of(array)
-    kind = getattr(device, "type", None) or getattr(device, "platform", None)
-    if isinstance(kind, str):
-        return kind == "cpu"  # torch, JAX
-    return "cpu" in str(device).lower()  # NumPy ("cpu"), array-api-strict; not CuPy
 
 
 def _choice_counts(

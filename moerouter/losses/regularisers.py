@@ -6,6 +6,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from moerouter._arrays import on_cpu
 from moerouter._typing import Array
 from moerouter._validation import (
     check_routing,
@@ -15,7 +16,6 @@ from moerouter._validation import (
 )
 from moerouter.losses._shared import (
     _normalised_scores,
-    _on_cpu,
 )
 from moerouter.routing import Routing
 
@@ -123,7 +123,7 @@ def z_loss(logits: Array, *, mask: Array | None = None, xp: Any = None) -> Array
     row_max = xp.max(values, axis=-1, keepdims=True)
     finite = xp.isfinite(row_max[:, 0])
     finite = finite if flat is None else finite & flat
-    if not (_on_cpu(values) and concrete_all(finite, xp=xp)):
+    if not (on_cpu(values) and concrete_all(finite, xp=xp)):
         # Rows left out read zeros: no inf or NaN reaches the sum, or the gradient.
         # (The maximum is taken again: the raw one's gradient is NaN on a NaN row.)
         values = xp.where(finite[:, None], values, xp.zeros_like(values))
