@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import device, is_jax_array
 
-__all__ = ["INDEX_LIMIT", "check_concrete", "check_index_bound", "device_of", "host_copy"]
+__all__ = ["INDEX_LIMIT", "check_concrete", "check_index_bound", "device_of", "host_copy", "on_cpu"]
 
 #: The largest count int32 indices can hold (row numbers ``0 .. INDEX_LIMIT - 1`` and the count
 #: of rows itself, e.g. ``Plan.num_valid``).
@@ -86,3 +86,12 @@ def check_index_bound(what: str, **sizes: int) -> None:
             f"{names} = {product} {what} exceed the int32 index range "
             f"(2**31 - 1 = {INDEX_LIMIT}): split the batch into smaller calls"
         )
+
+
+def on_cpu(array: Any) -> bool:
+    """Whether reading ``array`` on the host costs no device synchronisation (a CPU array)."""
+    device = device_of(array)
+    kind = getattr(device, "type", None) or getattr(device, "platform", None)
+    if isinstance(kind, str):
+        return kind == "cpu"  # torch, JAX
+    return "cpu" in str(device).lower()  # NumPy ("cpu"), array-api-strict; not CuPy

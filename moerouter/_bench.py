@@ -548,6 +548,13 @@ def _parser() -> argparse.ArgumentParser:
         "(numpy, torch, jax under jit); --shape all: T,E,k = 4096,8,2 / 4096,64,8 / "
         "16384,64,8 / 65536,64,8",
     )
+    parser.add_argument(
+        "--step",
+        action="store_true",
+        help="a whole MoE routing step (router, losses, plan, dispatch, combine; identity "
+        "experts) on torch CPU against transformers' OLMoE block; --shape all ends at "
+        "T,E,k,d = 16384,64,8,2048 (also --shape olmoe)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return parser
@@ -582,6 +589,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--json {args.json!r} cannot be written: {problem}")
     if args.router:
         return _router_main(args)
+    if args.step:
+        from moerouter._bench_step import step_main
+
+        return step_main(args)
     shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
     libraries, skipped = _libraries(args.backend, args.device)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")

@@ -10,16 +10,17 @@ micro-batch without tokens can be logged and reduced like any other.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from array_api_compat import array_namespace
 
-from moerouter._agnostic.select import bincount
-from moerouter._arrays import check_index_bound, device_of
+from moerouter._agnostic.count import bincount
+from moerouter._arrays import check_index_bound, device_of, on_cpu
 from moerouter._docs import fill_doc
 from moerouter._typing import Array
-from moerouter._validation import check_int, check_routing, valid_tokens
+from moerouter._validation import check_int, check_routing, concrete_all, valid_tokens
 from moerouter.routing import Routing
 
 __all__ = ["co_occurrence", "processed_by_at_least", "summary"]
@@ -90,11 +91,14 @@ def summary(routing: Routing) -> dict[str, Array]:
     scores = routing.probs
     total = xp.sum(scores, axis=-1, keepdims=True)
     normalised = scores / xp.where(total > 0, total, xp.ones_like(total))
-    plogp = xp.where(
-        normalised > 0,
-        normalised * xp.log(xp.where(normalised > 0, normalised, xp.ones_like(normalised))),
-        xp.zeros_like(normalised),
-    )
+    # 0 log 0 = 0: a zero entry reads log(1) = 0 (scores are never negative or NaN). Where every
+    # entry is positive (softmax scores, as a rule) the guard is skipped, read on the host where
+    # that is free: two fewer passes over (T, E'), the same values.
+    if _positiveon_cpu(normalised, xp):
+        plogp = normalised * xp.log(normalised)
+    else:
+        positive = normalised > 0
+        plogp = normalised * xp.log(xp.where(positive, normalised, xp.ones_like(normalised)))
     entropy = -xp.sum(plogp, axis=-1)
 
     return {
@@ -109,6 +113,14 @@ def summary(routing: Routing) -> dict[str, Array]:
         "nonfinite_rows": xp.astype(xp.sum(xp.astype(~finite, xp.int32)), xp.int32),
         "processed_by_at_least": at_least,
     }
+
+
+def _positiveon_cpu(values: Array, xp: Any) -> bool:
+    """Whether every entry of ``values`` is known to be above 0 (False when NaN, traced or on an
+    accelerator, where reading it would cost a device synchronisation)."""
+    if math.prod(values.shape) == 0 or not on_cpu(values):
+        return False
+    return concrete_all(xp.min(values) > 0, xp=xp) is True
 
 
 def _reached(routing: Routing, valid: Array, xp: Any) -> Array:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from moerouter._agnostic.select import bincount, top_k
-from moerouter._arrays import check_index_bound, device_of
+from moerouter._agnostic.count import bincount
+from moerouter._agnostic.select import top_k
+from moerouter._arrays import check_index_bound, device_of, on_cpu
 from moerouter._typing import Array
 from moerouter._validation import (
     check_choice,
+    concrete_all,
 )
 from moerouter.routing import Routing
 
@@ -51,7 +53,9 @@ def _cv_squared(values: Array, xp: Any) -> Array:
     return variance / (mean**2 + _CV_EPSILON)
 
 
-def _counted_choices(routing: Routing, count: str, xp: Any) -> tuple[Array, Array]:
+def _counted_choices(
+    routing: Routing, count: str, xp: Any, valid: Array | None = None
+) -> tuple[Array, Array]:
     """(token_ids, column_ids) of the (token, column) pairs :math:`c_e` counts.
 
     ``"top_k"``: each token's ``k`` best columns by router score, as Megatron-Core and
@@ -62,9 +66,15 @@ def _counted_choices(routing: Routing, count: str, xp: Any) -> tuple[Array, Arra
     equal scores is a top-k; this one makes the count exactly the routing's choices for every
     policy that chose the top-k of its scores, even where scores underflow to equal values on
     one backend and not on another (XLA flushes denormals to zero).
+
+    With ``valid`` given, only the pairs of valid tokens have to be right (the others are not
+    counted), which lets a routing whose choices already are that top-k skip the sorts.
     """
     check_choice(count, "count", _COUNTS)
     if count == "choices" or routing.layout != "token":
+        return routing.token_ids, routing.choice_ids
+    if _choices_are_top_k(routing, valid, xp):
+        # The same pairs, found in O(T k) (order aside, which no count sees).
         return routing.token_ids, routing.choice_ids
     k, num_columns = routing.slots, routing.num_choices
     device = device_of(routing.probs)
@@ -84,6 +94,40 @@ def _counted_choices(routing: Routing, count: str, xp: Any) -> tuple[Array, Arra
     return xp.reshape(tokens, (-1,)), xp.reshape(columns, (-1,))
 
 
+def _choices_are_top_k(routing: Routing, valid: Array | None, xp: Any) -> bool:
+    """True when every valid token's ``k`` choices are ``k`` distinct columns holding its ``k``
+    largest scores (ties with unchosen columns allowed): then they are exactly the pairs the
+    ``"top_k"`` count ranks, chosen columns winning ties. TopK, NullExperts and every policy that
+    picks the top-k of its scores pass; biased, group-limited or random choices fail.
+
+    Read on the host, so only where that is free: concrete CPU arrays (False while traced or on
+    an accelerator, where the sorts run instead; the count is the same either way).
+    """
+    if valid is None or not on_cpu(routing.probs):
+        return False
+    if routing.num_tokens * routing.num_choices >= 2**31 or routing.num_tokens == 0:
+        return False  # flat int32 indices would overflow; nothing to count anyway
+    k, num_columns = routing.slots, routing.num_choices
+    slots = xp.reshape(routing.choice_ids, (routing.num_tokens, k))
+    in_range = xp.all((slots >= 0) & (slots < num_columns), axis=-1)
+    safe = xp.where(in_range[:, None], slots, xp.zeros_like(slots))
+    if k * k <= 4 * num_columns:  # (T, k, k) equalities: no sort, O(T E') work
+        equal = safe[:, :, None] == safe[:, None, :]
+        distinct = xp.count_nonzero(equal, axis=(1, 2)) == k
+    else:  # an unstable sort: the stable one is slow on torch CPU (moerouter._agnostic.count)
+        ordered = xp.sort(safe, axis=-1, stable=False)
+        distinct = xp.all(ordered[:, 1:] != ordered[:, :-1], axis=-1)
+    row_start = xp.arange(routing.num_tokens, dtype=slots.dtype, device=device_of(slots))
+    flat = xp.reshape(row_start[:, None] * num_columns + safe, (-1,))
+    chosen = xp.reshape(xp.take(xp.reshape(routing.probs, (-1,)), flat), (routing.num_tokens, k))
+    lowest = xp.min(chosen, axis=-1, keepdims=True)
+    # No unchosen column above the lowest chosen score: as many columns above it as choices.
+    above = xp.count_nonzero(routing.probs > lowest, axis=-1)
+    chosen_above = xp.count_nonzero(chosen > lowest, axis=-1)
+    top = in_range & distinct & (above == chosen_above) & ~xp.isnan(lowest[:, 0])
+    return concrete_all(top | ~valid, xp=xp) is True
+
+
 def _choice_counts(
     routing: Routing, valid: Array, num_groups: int, xp: Any, count: str = "top_k"
 ) -> Array:
@@ -93,7 +137,7 @@ def _choice_counts(
     device = device_of(routing.choice_ids)
     # At least 1: with zero tokens there is no token id to divide.
     tokens_per_group = max(routing.num_tokens // max(num_groups, 1), 1)
-    token_ids, column_ids = _counted_choices(routing, count, xp)
+    token_ids, column_ids = _counted_choices(routing, count, xp, valid)
     chose = xp.take(valid, token_ids)
     group = token_ids // tokens_per_group
     # Choices of invalid tokens are not choices: give them an out-of-range id.

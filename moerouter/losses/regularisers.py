@@ -6,11 +6,12 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from moerouter._agnostic.scores import finite_rows
+from moerouter._arrays import on_cpu
 from moerouter._docs import fill_doc
 from moerouter._typing import Array
 from moerouter._validation import (
     check_routing,
+    concrete_all,
     flat_mask,
     valid_tokens,
 )
@@ -113,13 +114,19 @@ def z_loss(logits: Array, *, mask: Array | None = None, xp: Any = None) -> Array
         )
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"logits must be a real floating dtype, got {logits.dtype}")
-    values = xp.reshape(xp.astype(logits, xp.float32), (-1, logits.shape[-1]))
+    values = xp.reshape(xp.astype(logits, xp.float32, copy=False), (-1, logits.shape[-1]))
     shapes = (tuple(logits.shape[:-1]), (int(values.shape[0]),))
     flat = flat_mask(mask, shapes, xp)
-    finite = finite_rows(values, xp=xp)
-    finite = finite if flat is None else finite & flat
-    values = xp.where(finite[:, None], values, xp.zeros_like(values))
+    # finite_rows in one pass: the maximum is finite iff the row holds no NaN (maxima propagate
+    # NaN), no +inf, and an entry above -inf.
     row_max = xp.max(values, axis=-1, keepdims=True)
+    finite = xp.isfinite(row_max[:, 0])
+    finite = finite if flat is None else finite & flat
+    if not (on_cpu(values) and concrete_all(finite, xp=xp)):
+        # Rows left out read zeros: no inf or NaN reaches the sum, or the gradient.
+        # (The maximum is taken again: the raw one's gradient is NaN on a NaN row.)
+        values = xp.where(finite[:, None], values, xp.zeros_like(values))
+        row_max = xp.max(values, axis=-1, keepdims=True)
     logsumexp = xp.log(xp.sum(xp.exp(values - row_max), axis=-1)) + row_max[:, 0]
     squares = xp.where(finite, logsumexp**2, xp.zeros_like(logsumexp))
     count = xp.clip(xp.sum(xp.astype(finite, xp.float32)), min=1.0)

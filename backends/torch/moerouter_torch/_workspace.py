@@ -7,7 +7,8 @@ one 16.5 GB/s; reference/performance.md §5.2). Large outputs therefore come fro
 the tensor's storage holds a reference to its buffer until the storage itself is freed, so a
 buffer is reused only once no tensor, view, ``UntypedStorage``, autograd-saved tensor or
 ``.grad`` can reach it. The pool keeps at most ``MOEROUTER_TORCH_CACHE_MB`` megabytes (default
-1024; 0 turns it off), least recently used out.
+2048: a 1 GiB dispatch output, T*k = 131072 rows of 2048 float32, plus its alignment fits; 0
+turns it off), least recently used out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from moerouter._buffers import BufferPool
 
 __all__ = ["pool", "release_workspaces", "workspace"]
 
-pool = BufferPool("MOEROUTER_TORCH_CACHE_MB")
+pool = BufferPool("MOEROUTER_TORCH_CACHE_MB", default_megabytes=2048)
 
 
 def workspace(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
