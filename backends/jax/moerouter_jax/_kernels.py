@@ -331,7 +331,7 @@ def top_k(scores: Array, k: int, *, nan_free: bool = False) -> Array:
     """The ``k`` best columns of each row, best first, ties to the lower column (int32).
 
     ``jax.lax.top_k`` already returns equal values lower index first (XLA's TopK breaks ties by
-    index, ``-inf`` included; ``tests/core/test_fast_selection.py`` checks it), so it equals the
+    index, ``-inf`` included; ``tests/kernels/test_fast_selection.py`` checks it), so it equals the
     reference ``argsort(-scores, stable=True)`` with no per-row fallback, under ``jax.jit`` too.
     Two differences are fixed: ``-0.0`` is made ``0.0``, and NaN, which ``lax.top_k`` ranks
     first and the reference last, is ranked as ``-inf`` by a first ``top_k`` while a second one,
