@@ -67,6 +67,32 @@ def median_seconds(
     return statistics.median(times)
 
 
+def paired_median_seconds(
+    first: Callable[[], Any],
+    second: Callable[[], Any],
+    sync: Callable[[Any], None] = _no_sync,
+    repeat: int = 5,
+    warmup: int = 2,
+) -> tuple[float, float]:
+    """Median times of two calls timed in alternation, after ``warmup`` untimed rounds of each.
+
+    Alternating (first, second, then second, first, ...) gives both the same machine: a load that
+    drifts during the run, or the page faults of a first call on fresh memory, cannot favour the
+    one timed earlier. Use it for a ratio of two ways to do the same work.
+    """
+    for _ in range(warmup):
+        sync(first())
+        sync(second())
+    times: tuple[list[float], list[float]] = ([], [])
+    for round_ in range(repeat):
+        order = ((0, first), (1, second)) if round_ % 2 == 0 else ((1, second), (0, first))
+        for index, run in order:
+            started = time.perf_counter()
+            sync(run())
+            times[index].append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def copy_bandwidth(
     copy: Callable[[], Any],
     nbytes: int,
