@@ -283,14 +283,22 @@ def test_supported_family_matches_the_original(family):
     assert _relative_error(actual, expected) <= 1e-5
     _weighted_sum(expected).backward()
     _weighted_sum(actual).backward()
-    checked = 0
-    for (name, param), (_, routed_param) in zip(
-        reference.named_parameters(), routed.named_parameters(), strict=True
-    ):
-        if param.grad is not None and param.grad.abs().max() > 0:
-            assert _relative_error(routed_param.grad, param.grad) <= 1e-5, name
-            checked += 1
-    assert checked > 0
+    pairs = [
+        (name, param.grad, routed_param.grad)
+        for (name, param), (_, routed_param) in zip(
+            reference.named_parameters(), routed.named_parameters(), strict=True
+        )
+        if param.grad is not None and param.grad.abs().max() > 0
+    ]
+    assert pairs
+    # A gradient many orders of magnitude below the model's largest is mostly the rounding of
+    # terms that cancel in it (hy_v4's attn_hc.scale: 1.6e-5 against 37, off by 2e-10 = 1.3e-5
+    # of itself on one machine, within 1e-5 on another): the error is measured against its own
+    # scale, with a floor of a tenth of float32's epsilon times the largest gradient.
+    floor = 1e-8 * max(float(expected_grad.abs().max()) for _, expected_grad, _ in pairs)
+    for name, expected_grad, actual_grad in pairs:
+        error = float((actual_grad - expected_grad).abs().max())
+        assert error <= 1e-5 * float(expected_grad.abs().max()) + floor, name
 
 
 @pytest.mark.parametrize("family", _families("refused"))
