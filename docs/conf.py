@@ -30,6 +30,7 @@ extensions = [
     "numpydoc",
     "moerouter_tables",  # docs/_ext: support tables rendered from the code
     "moerouter_transformers_table",  # docs/_ext: transformers families, from the code
+    "moerouter_policy_pages",  # docs/_ext: the policies index and API list, from pages and code
     "sphinx_gallery.gen_gallery",
 ]
 

@@ -9,9 +9,9 @@
 ``.. moerouter-policy-table::``
     One row per policy class of :mod:`moerouter.policies` that declares its capabilities
     (``moerouter._capabilities``); the per-call overrides and extra inputs are read from the
-    signature of its ``__call__``. The directive's content lists the classes in display order;
-    a declared policy missing from it, or a listed name that declares nothing, is a build warning
-    (an error under ``-W``).
+    signature of its ``__call__``. The directive's content lists classes in display order; every
+    other declared policy follows in name order, so a new policy needs no line here. A listed name
+    that declares nothing is a build warning (an error under ``-W``).
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def _call_parameters(cls: type) -> tuple[list[str], list[str]]:
     return inputs, overrides
 
 
-def _declared_policies() -> dict[str, tuple[type, PolicyCapabilities]]:
+def declared_policies() -> dict[str, tuple[type, PolicyCapabilities]]:
+    """The policy classes of ``moerouter.policies.__all__`` that declare their capabilities."""
     found = {}
     for name in moerouter.policies.__all__:
         obj = getattr(moerouter.policies, name)
@@ -164,6 +165,11 @@ def _declared_policies() -> dict[str, tuple[type, PolicyCapabilities]]:
         if declared is not None:
             found[name] = (obj, declared)
     return found
+
+
+def display_order(names: Mapping[str, Any], order: list[str]) -> list[str]:
+    """``names`` in display order: those of ``order`` first, then the others sorted."""
+    return [name for name in order if name in names] + sorted(set(names) - set(order))
 
 
 def _code(names: list[str] | tuple[str, ...]) -> str:
@@ -174,14 +180,8 @@ class PolicyTable(_TableDirective):
     """``.. moerouter-policy-table::`` with one policy class name per content line."""
 
     def run(self) -> list[nodes.Node]:
-        declared = _declared_policies()
+        declared = declared_policies()
         order = [line.strip() for line in self.content if line.strip()]
-        for name in sorted(set(declared) - set(order)):
-            logger.warning(
-                "moerouter-policy-table: %s declares capabilities but is not listed",
-                name,
-                location=self.get_location(),
-            )
         for name in order:
             if name not in declared:
                 logger.warning(
@@ -201,9 +201,7 @@ class PolicyTable(_TableDirective):
                 "``torch.compile``",
             ]
         ]
-        for name in order:
-            if name not in declared:
-                continue
+        for name in display_order(declared, order):
             cls, caps = declared[name]
             inputs, overrides = _call_parameters(cls)
             inherited = "the wrapped policy's"
