@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from moerouter_jax._kernels import platforms
+
 __all__ = ["grouped_matmul"]
 
 Array = Any
@@ -37,14 +39,6 @@ _ZERO = np.int32(0)  # an int32 slice index, also in float64 mode (a bare 0 beco
 
 #: Rows per tile of the "tiled" implementation: each tile wastes at most this many rows per expert.
 TILE_ROWS = 64
-
-
-def _on_cpu(array: Array) -> bool:
-    try:
-        platforms = {device.platform for device in array.devices()}
-    except (AttributeError, jax.errors.ConcretizationTypeError):  # a tracer
-        platforms = {jax.default_backend()}
-    return platforms == {"cpu"}
 
 
 def grouped_matmul(
@@ -103,7 +97,7 @@ def grouped_matmul(
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
     if implementation == "auto":
-        implementation = "tiled" if _on_cpu(x) else "ragged_dot"
+        implementation = "tiled" if platforms(x) == {"cpu"} else "ragged_dot"
     if implementation == "ragged_dot":
         return _ragged(x, weight, group_sizes)
     return _tiled(x, weight, group_sizes, tile_rows)

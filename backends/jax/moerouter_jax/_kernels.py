@@ -159,14 +159,16 @@ def _xla_gather_reduce(rows_in: Array, combine_rows: Array, weights: Array | Non
     return total.astype(rows_in.dtype)
 
 
-def _use_pallas(array: Array) -> bool:
-    if not _registry.kernel_set_enabled(PALLAS):
-        return False
+def platforms(array: Array) -> set[str]:
+    """The platforms an array lives on; under tracing (no device yet), JAX's default one."""
     try:
-        platforms = {device.platform for device in array.devices()}
-    except (AttributeError, jax.errors.ConcretizationTypeError):  # a tracer: no device yet
-        platforms = {jax.default_backend()}
-    return platforms == {"gpu"}
+        return {device.platform for device in array.devices()}
+    except (AttributeError, jax.errors.ConcretizationTypeError):
+        return {jax.default_backend()}
+
+
+def _use_pallas(array: Array) -> bool:
+    return _registry.kernel_set_enabled(PALLAS) and platforms(array) == {"gpu"}
 
 
 def router(
