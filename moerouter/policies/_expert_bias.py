@@ -13,9 +13,8 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from moerouter._agnostic.scores import masked_softmax, renormalize
-from moerouter._arrays import device_of
 from moerouter._typing import Array
+from moerouter.policies._router import chosen_weights
 from moerouter.policies.deepseek import DeepSeekTopK
 from moerouter.policies.topk import TopK
 from moerouter.routing import Routing
@@ -57,12 +56,16 @@ def route_with_expert_bias(router: Any, logits: Array, expert_bias: Array) -> Ro
     values = xp.reshape(logits32, (unbiased.probs.shape[0], num_experts))
     chosen = xp.take_along_axis(values, index, axis=-1)
     routed = (chosen > -xp.inf) & biased.finite_rows[:, None]
-    if router.softmax_after_topk or (router.score == "softmax" and router.normalize):
-        weights = masked_softmax(chosen, routed, xp=xp, device=device_of(chosen))
-    else:
-        weights = xp.take_along_axis(unbiased.probs, index, axis=-1)
-        if router.normalize:
-            weights = renormalize(weights, routed, xp=xp)
+    # TopK's own weight rule at the biased choice (renormalised sigmoid scores in log space).
+    weights = chosen_weights(
+        chosen,
+        routed,
+        unbiased.probs,
+        index,
+        score=router.score,
+        weights=router._weight_rule,
+        xp=xp,
+    )
     kept = xp.reshape(biased.expert_ids, choice.shape) >= 0
     weights = xp.where(kept, weights, xp.zeros_like(weights))
     return Routing(

@@ -125,6 +125,13 @@ class TopK:
         check_choice(self.score, "score", ("softmax", "sigmoid"))
         check_capacity_options(self, DROP_POLICIES)
 
+    @property
+    def _weight_rule(self) -> str:
+        """The router slot's weight rule for these options (``_router.WEIGHT_RULES``)."""
+        if self.softmax_after_topk:
+            return "softmax_after_topk"
+        return "renormalize" if self.normalize else "raw"
+
     def __call__(
         self, logits: Array, *, k: int | None = None, capacity_factor: float | None = None
     ) -> Routing:
@@ -134,11 +141,9 @@ class TopK:
         """
         k = self.k if k is None else check_k(k, self.num_experts)
         capacity_factor = call_capacity_factor(self, capacity_factor)
-        if self.softmax_after_topk:
-            rule = "softmax_after_topk"
-        else:
-            rule = "renormalize" if self.normalize else "raw"
-        decision = policy_router(self, logits, k, capacity_factor, score=self.score, weights=rule)
+        decision = policy_router(
+            self, logits, k, capacity_factor, score=self.score, weights=self._weight_rule
+        )
         return route_token_choice(
             self,
             decision,
