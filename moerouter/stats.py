@@ -16,7 +16,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from moerouter._agnostic.count import bincount
+from moerouter._agnostic.select import bincount
 from moerouter._arrays import check_index_bound, device_of, on_cpu
 from moerouter._docs import fill_doc
 from moerouter._typing import Array

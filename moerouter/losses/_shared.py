@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from moerouter._agnostic.count import bincount
-from moerouter._agnostic.select import top_k
+from moerouter._agnostic.select import bincount, top_k
 from moerouter._arrays import check_index_bound, device_of, on_cpu
 from moerouter._typing import Array
 from moerouter._validation import (
@@ -114,7 +113,7 @@ def _choices_are_top_k(routing: Routing, valid: Array | None, xp: Any) -> bool:
     if k * k <= 4 * num_columns:  # (T, k, k) equalities: no sort, O(T E') work
         equal = safe[:, :, None] == safe[:, None, :]
         distinct = xp.count_nonzero(equal, axis=(1, 2)) == k
-    else:  # an unstable sort: the stable one is slow on torch CPU (moerouter._agnostic.count)
+    else:  # an unstable sort: the stable one is slow on torch CPU (see select.bincount)
         ordered = xp.sort(safe, axis=-1, stable=False)
         distinct = xp.all(ordered[:, 1:] != ordered[:, :-1], axis=-1)
     row_start = xp.arange(routing.num_tokens, dtype=slots.dtype, device=device_of(slots))

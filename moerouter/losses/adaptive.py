@@ -12,8 +12,8 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from moerouter._agnostic.count import bincount
 from moerouter._agnostic.scores import softplus
+from moerouter._agnostic.select import bincount
 from moerouter._arrays import device_of
 from moerouter._docs import fill_doc
 from moerouter._validation import check_floating, check_positive_int, check_routing, valid_tokens
